@@ -1,0 +1,75 @@
+"""The merge-rule interface and its registry.
+
+A merge rule maps the node's own flat vector and the vectors it received to a new vector::
+
+    rule(own: Tensor[P], received: Tensor[k, P], weights: Tensor[k], ctx: MergeContext) -> Tensor[P]
+
+``weights`` are non-negative per-input weights chosen by the protocol (the senders' sample
+counts by default); ``ctx.own_weight`` is the own model's. Rules never mutate their inputs,
+work on float32 CPU tensors of any P, and exclude non-finite inputs rather than propagate them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from p2pfl.errors import ConfigError
+from p2pfl.identity import NodeId
+from p2pfl.params import ParamLayout
+
+
+@dataclass(frozen=True, slots=True)
+class MergeContext:
+    """What a rule may know beyond the vectors themselves."""
+
+    senders: tuple[NodeId, ...] = ()
+    rounds: tuple[int, ...] = ()
+    own_round: int = 0
+    own_weight: float = 1.0
+    layout: ParamLayout | None = None
+    state: MutableMapping[str, Any] = field(default_factory=dict)
+
+
+class MergeRule(Protocol):
+    """A named aggregation rule; see the module docstring for the contract."""
+
+    name: str
+
+    def __call__(
+        self, own: torch.Tensor, received: torch.Tensor, weights: torch.Tensor, ctx: MergeContext
+    ) -> torch.Tensor: ...
+
+
+MergeRuleFactory = Callable[..., MergeRule]
+MERGE_RULES: dict[str, MergeRuleFactory] = {}
+
+
+def register_merge_rule(name: str) -> Callable[[MergeRuleFactory], MergeRuleFactory]:
+    """Class or function decorator adding a rule factory to the registry under ``name``."""
+
+    def add(factory: MergeRuleFactory) -> MergeRuleFactory:
+        if name in MERGE_RULES:
+            raise ValueError(f"merge rule {name!r} is already registered")
+        MERGE_RULES[name] = factory
+        return factory
+
+    return add
+
+
+def make_merge_rule(name: str, *, key: str = "merge.rule", **params: Any) -> MergeRule:
+    """Build a registered rule by name.
+
+    Raises:
+        ConfigError: unknown name, or parameters the rule does not take.
+    """
+    factory = MERGE_RULES.get(name)
+    if factory is None:
+        raise ConfigError(key, name, f"one of {', '.join(sorted(MERGE_RULES))}")
+    try:
+        return factory(**params)
+    except TypeError as exc:
+        raise ConfigError(key, params, f"parameters accepted by {name!r}: {exc}") from exc

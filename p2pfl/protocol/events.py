@@ -1,0 +1,58 @@
+"""Events: past-tense facts a driver reports to a protocol core."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from p2pfl.identity import NodeId
+from p2pfl.wire import Envelope
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """The driver is ready; the core may begin its first round."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerConnected:
+    """An authenticated connection to ``peer`` is up (handshake done)."""
+
+    peer: NodeId
+
+
+@dataclass(frozen=True, slots=True)
+class PeerDisconnected:
+    """The connection to ``peer`` is gone."""
+
+    peer: NodeId
+
+
+@dataclass(frozen=True, slots=True)
+class MessageReceived:
+    """A frame from ``peer`` parsed and its signature verified by ``p2pfl.wire``.
+
+    ``peer`` is who the transport authenticated; the core checks it against the envelope's
+    sender.
+    """
+
+    peer: NodeId
+    envelope: Envelope
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingFinished:
+    """The training asked for by the last ``StartTraining`` is done."""
+
+    vector: torch.Tensor
+    loss: float
+    steps: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadlineReached:
+    """The time the core gave in ``next_deadline()`` has come."""
+
+
+Event = Started | PeerConnected | PeerDisconnected | MessageReceived | TrainingFinished | DeadlineReached

@@ -1,0 +1,411 @@
+"""Frames and envelopes: the only bytes p2pfl exchanges.
+
+Theory of operation
+-------------------
+A frame is ``u32 total | u32 header_len | header | payload`` (big-endian lengths).
+``total`` counts every byte after itself, so a reader learns the whole frame size from the
+first four bytes and refuses an oversized frame before reading or allocating it.
+
+The header is one msgpack map with short keys (see ``_FIELDS``). Its ``sig`` entry is an
+Ed25519 signature, by the sender, over ``SIGNING_CONTEXT`` followed by the *canonical*
+msgpack encoding of every other entry (keys sorted, shortest integer forms). The payload is
+bound through its SHA-256 digest ``h``. A receiver accepts a header only if its bytes are
+exactly the canonical encoding, so a frame has one valid byte form and any altered byte is
+rejected. Checks run cheapest first and before anything else is interpreted: sizes, msgpack
+shape and limits, version, kind, signature, digest. Nothing is ever unpickled and msgpack
+extension types are refused.
+
+Payload bytes stay outside msgpack so a sender can write them straight from a tensor's
+memory and a receiver can view them with ``torch.frombuffer`` (see ``p2pfl.codec``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+import msgpack
+
+from p2pfl.errors import (
+    BadSignature,
+    DecodeError,
+    FrameTooLarge,
+    Replayed,
+    UnknownKind,
+    UnsupportedVersion,
+)
+from p2pfl.identity import NODE_ID_BYTES, SIGNATURE_BYTES, Identity, NodeId
+
+PROTOCOL_VERSION = 1
+SIGNING_CONTEXT = b"p2pfl/frame/v1\x00"
+LENGTH_PREFIX = struct.Struct(">I")
+DIGEST_BYTES = 32
+MAX_SEQ = 2**63 - 1
+MAX_ROUND = 2**63 - 1
+
+
+class MessageKind(IntEnum):
+    """The registry of message kinds; numbers are fixed forever once released."""
+
+    HELLO = 1
+    """Handshake opener; payload is the sender's fresh nonce."""
+    HELLO_PROOF = 2
+    """Handshake answer; payload is the *peer's* nonce, so the signature proves the key."""
+    MODEL_UPDATE = 10
+    """A model (flat parameter vector) for a round; payload is tensor bytes."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds checked before allocation; a frame exceeding any is refused."""
+
+    max_frame_bytes: int = 64 * 1024 * 1024
+    max_header_bytes: int = 64 * 1024
+    max_elements: int = 16 * 1024 * 1024
+    max_container_len: int = 1024
+    max_depth: int = 6
+    max_shape_dims: int = 8
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True, slots=True)
+class PayloadSpec:
+    """What the payload bytes are: codec, element dtype, shape and the samples behind them."""
+
+    codec: str = "raw"
+    dtype: str = ""
+    shape: tuple[int, ...] = ()
+    samples: int = 0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"c": self.codec, "d": self.dtype, "n": self.samples, "s": list(self.shape)}
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A signed message: the header fields, the payload, and the proof that binds them.
+
+    Instances made by :func:`seal` or :func:`decode_frame` are signed and verified; build
+    them any other way only in tests.
+    """
+
+    kind: MessageKind
+    sender: NodeId
+    seq: int
+    round: int
+    spec: PayloadSpec
+    payload: bytes | bytearray | memoryview
+    digest: bytes
+    signature: bytes
+    meta: Mapping[str, Any] = field(default_factory=dict)
+    version: int = PROTOCOL_VERSION
+
+    def header_fields(self) -> dict[str, Any]:
+        """Every header entry except the signature, as it is signed."""
+        return {
+            "h": self.digest,
+            "k": int(self.kind),
+            "m": dict(self.meta),
+            "p": self.spec.to_wire(),
+            "q": self.seq,
+            "r": self.round,
+            "s": self.sender.raw,
+            "v": self.version,
+        }
+
+    @property
+    def payload_bytes(self) -> int:
+        return memoryview(self.payload).nbytes
+
+
+def _canonical(obj: Any) -> bytes:
+    return msgpack.packb(_sorted(obj), use_bin_type=True)
+
+
+def _sorted(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {key: _sorted(obj[key]) for key in sorted(obj)}
+    if isinstance(obj, list | tuple):
+        return [_sorted(item) for item in obj]
+    return obj
+
+
+def signed_bytes(fields: Mapping[str, Any]) -> bytes:
+    """The exact bytes a header signature covers."""
+    return SIGNING_CONTEXT + _canonical(dict(fields))
+
+
+def seal(
+    identity: Identity,
+    kind: MessageKind,
+    *,
+    seq: int,
+    round: int,
+    payload: bytes | bytearray | memoryview,
+    spec: PayloadSpec | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> Envelope:
+    """Sign a message as ``identity``.
+
+    Raises:
+        ValueError: ``seq`` or ``round`` is negative or too large, or ``meta`` has a non-str key.
+    """
+    if not 0 <= seq <= MAX_SEQ:
+        raise ValueError(f"seq {seq} outside 0..{MAX_SEQ}")
+    if not 0 <= round <= MAX_ROUND:
+        raise ValueError(f"round {round} outside 0..{MAX_ROUND}")
+    meta_dict = dict(meta or {})
+    if any(not isinstance(key, str) for key in meta_dict):
+        raise ValueError("meta keys must be strings")
+    unsigned = Envelope(
+        kind=MessageKind(kind),
+        sender=identity.node_id,
+        seq=seq,
+        round=round,
+        spec=spec or PayloadSpec(),
+        payload=payload,
+        digest=hashlib.sha256(payload).digest(),
+        signature=b"",
+        meta=meta_dict,
+    )
+    signature = identity.sign(signed_bytes(unsigned.header_fields()))
+    return Envelope(
+        kind=unsigned.kind,
+        sender=unsigned.sender,
+        seq=seq,
+        round=round,
+        spec=unsigned.spec,
+        payload=payload,
+        digest=unsigned.digest,
+        signature=signature,
+        meta=meta_dict,
+    )
+
+
+def encode_header(envelope: Envelope) -> bytes:
+    fields = envelope.header_fields()
+    fields["sig"] = envelope.signature
+    return _canonical(fields)
+
+
+def frame_parts(envelope: Envelope) -> tuple[bytes, memoryview]:
+    """The frame as (prefix and header, payload view), for writing without copying the payload."""
+    header = encode_header(envelope)
+    payload = memoryview(envelope.payload).cast("B")
+    total = 4 + len(header) + payload.nbytes
+    return LENGTH_PREFIX.pack(total) + LENGTH_PREFIX.pack(len(header)) + header, payload
+
+
+def encode_frame(envelope: Envelope) -> bytes:
+    """The whole frame as one bytes object (copies the payload once)."""
+    head, payload = frame_parts(envelope)
+    return head + payload.tobytes()
+
+
+def read_length(prefix: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> int:
+    """Parse the 4-byte total-length prefix and check it against ``limits``.
+
+    Returns the number of frame bytes that follow the prefix.
+
+    Raises:
+        DecodeError: the prefix is not 4 bytes, or declares a frame too short to hold a header.
+        FrameTooLarge: the declared frame exceeds ``limits.max_frame_bytes``.
+    """
+    if len(prefix) != 4:
+        raise DecodeError("a frame starts with a 4-byte length")
+    (total,) = LENGTH_PREFIX.unpack(prefix)
+    if total + 4 > limits.max_frame_bytes:
+        raise FrameTooLarge(f"frame of {total + 4} bytes exceeds limit {limits.max_frame_bytes}")
+    if total < 4:
+        raise DecodeError(f"frame length {total} too short")
+    return int(total)
+
+
+def decode_frame(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> Envelope:
+    """Parse and verify a whole frame, length prefix included.
+
+    Raises:
+        WireError: any subclass, for any defect; nothing else escapes.
+    """
+    view = memoryview(data).cast("B")
+    total = read_length(view[:4], limits)
+    if view.nbytes != total + 4:
+        raise DecodeError(f"frame declares {total + 4} bytes but holds {view.nbytes}")
+    return decode_body(view[4:], limits)
+
+
+def decode_body(body: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> Envelope:
+    """Parse and verify the frame bytes that follow the length prefix.
+
+    The returned envelope's payload is a view into ``body`` (no copy).
+
+    Raises:
+        WireError: any subclass, for any defect; nothing else escapes.
+    """
+    view = memoryview(body).cast("B")
+    if view.nbytes < 4:
+        raise DecodeError("frame too short for a header length")
+    (header_len,) = LENGTH_PREFIX.unpack(view[:4])
+    if header_len > limits.max_header_bytes:
+        raise FrameTooLarge(f"header of {header_len} bytes exceeds limit {limits.max_header_bytes}")
+    if 4 + header_len > view.nbytes:
+        raise DecodeError(f"header length {header_len} exceeds the frame")
+    header_bytes = view[4 : 4 + header_len]
+    payload = view[4 + header_len :]
+    header = _unpack_header(header_bytes, limits)
+    envelope = _envelope_from_header(header, payload, limits)
+    if _canonical(header) != header_bytes:
+        raise DecodeError("header is not in canonical encoding")
+    envelope.sender.verify(envelope.signature, signed_bytes(envelope.header_fields()))
+    if hashlib.sha256(payload).digest() != envelope.digest:
+        raise BadSignature("payload does not match the signed digest")
+    return envelope
+
+
+def _unpack_header(header_bytes: memoryview, limits: Limits) -> dict[str, Any]:
+    cap = limits.max_container_len
+    try:
+        header = msgpack.unpackb(
+            header_bytes,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            max_bin_len=limits.max_header_bytes,
+            max_str_len=limits.max_header_bytes,
+            max_array_len=cap,
+            max_map_len=cap,
+            max_ext_len=0,
+        )
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.UnpackException) as exc:
+        raise DecodeError(f"header is not valid msgpack: {exc}") from exc
+    except RecursionError as exc:
+        raise DecodeError("header nests too deeply") from exc
+    if not isinstance(header, dict):
+        raise DecodeError("header is not a map")
+    _check_depth(header, limits.max_depth)
+    return header
+
+
+def _check_depth(obj: Any, budget: int) -> None:
+    if budget < 0:
+        raise DecodeError("header nests too deeply")
+    if isinstance(obj, dict):
+        for value in obj.values():
+            _check_depth(value, budget - 1)
+    elif isinstance(obj, list):
+        for item in obj:
+            _check_depth(item, budget - 1)
+
+
+_FIELDS = frozenset({"h", "k", "m", "p", "q", "r", "s", "sig", "v"})
+_SPEC_FIELDS = frozenset({"c", "d", "n", "s"})
+
+
+def _field(header: Mapping[str, Any], key: str, kind: type) -> Any:
+    value = header.get(key)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise DecodeError(f"header field {key!r} missing or not {kind.__name__}")
+    return value
+
+
+def _envelope_from_header(header: dict[str, Any], payload: memoryview, limits: Limits) -> Envelope:
+    version = _field(header, "v", int)
+    if version != PROTOCOL_VERSION:
+        raise UnsupportedVersion(f"protocol version {version}; this node speaks {PROTOCOL_VERSION}")
+    if set(header) != _FIELDS:
+        raise DecodeError(f"header fields {sorted(header)} != {sorted(_FIELDS)}")
+    kind_number = _field(header, "k", int)
+    try:
+        kind = MessageKind(kind_number)
+    except ValueError as exc:
+        raise UnknownKind(f"message kind {kind_number} is not in the registry") from exc
+    sender_raw = _field(header, "s", bytes)
+    signature = _field(header, "sig", bytes)
+    digest = _field(header, "h", bytes)
+    if len(sender_raw) != NODE_ID_BYTES:
+        raise DecodeError("sender is not a 32-byte key")
+    if len(signature) != SIGNATURE_BYTES:
+        raise DecodeError("signature is not 64 bytes")
+    if len(digest) != DIGEST_BYTES:
+        raise DecodeError("digest is not 32 bytes")
+    seq = _field(header, "q", int)
+    round_ = _field(header, "r", int)
+    if not 0 <= seq <= MAX_SEQ or not 0 <= round_ <= MAX_ROUND:
+        raise DecodeError("seq or round out of range")
+    meta = _field(header, "m", dict)
+    spec = _spec_from_wire(_field(header, "p", dict), limits)
+    return Envelope(
+        kind=kind,
+        sender=NodeId(sender_raw),
+        seq=seq,
+        round=round_,
+        spec=spec,
+        payload=payload,
+        digest=digest,
+        signature=signature,
+        meta=meta,
+        version=version,
+    )
+
+
+def _spec_from_wire(raw: dict[str, Any], limits: Limits) -> PayloadSpec:
+    if set(raw) != _SPEC_FIELDS:
+        raise DecodeError(f"payload spec fields {sorted(raw)} != {sorted(_SPEC_FIELDS)}")
+    codec = _field(raw, "c", str)
+    dtype = _field(raw, "d", str)
+    samples = _field(raw, "n", int)
+    shape_raw = _field(raw, "s", list)
+    if len(shape_raw) > limits.max_shape_dims:
+        raise DecodeError(f"shape has {len(shape_raw)} dims, limit {limits.max_shape_dims}")
+    if not all(isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in shape_raw):
+        raise DecodeError("shape entries must be non-negative integers")
+    if samples < 0:
+        raise DecodeError("sample count is negative")
+    elements = 1
+    for dim in shape_raw:
+        elements *= dim
+        if elements > limits.max_elements:
+            raise FrameTooLarge(f"payload shape {shape_raw} exceeds {limits.max_elements} elements")
+    return PayloadSpec(codec=codec, dtype=dtype, shape=tuple(shape_raw), samples=samples)
+
+
+class ReplayWindow:
+    """Accepts each sequence number of one sender at most once, within a sliding window.
+
+    Like IPsec's anti-replay window: numbers above the highest seen always pass; numbers up
+    to ``size - 1`` below it pass once; older ones are refused.
+    """
+
+    __slots__ = ("_highest", "_seen", "size")
+
+    def __init__(self, size: int = 1024) -> None:
+        if size < 1:
+            raise ValueError("replay window size must be >= 1")
+        self.size = size
+        self._highest = -1
+        self._seen = 0
+
+    def check(self, seq: int) -> None:
+        """Record ``seq``.
+
+        Raises:
+            Replayed: ``seq`` was seen already or lies below the window.
+        """
+        if seq > self._highest:
+            shift = seq - self._highest
+            self._seen = ((self._seen << shift) | 1) & ((1 << self.size) - 1) if shift < self.size else 1
+            self._highest = seq
+            return
+        offset = self._highest - seq
+        if offset >= self.size:
+            raise Replayed(f"sequence {seq} is below the replay window (highest {self._highest})")
+        bit = 1 << offset
+        if self._seen & bit:
+            raise Replayed(f"sequence {seq} was already received")
+        self._seen |= bit

@@ -9,7 +9,7 @@ writable buffer) and always hands the caller float32, the dtype merge rules work
 from __future__ import annotations
 
 import sys
-from typing import Final
+from typing import Any, Final
 
 import torch
 
@@ -37,12 +37,14 @@ def encode_vector(
         raise ValueError(f"dtype {dtype!r} not in {sorted(WIRE_DTYPES)}")
     if not vector.is_floating_point():
         raise ValueError(f"cannot encode a {vector.dtype} tensor as model parameters")
-    wire = vector.detach().to(device="cpu", dtype=WIRE_DTYPES[dtype]).contiguous()
+    # reshape(-1): a 0-dim tensor cannot be viewed as bytes; the shape travels in the spec.
+    wire = vector.detach().to(device="cpu", dtype=WIRE_DTYPES[dtype]).contiguous().reshape(-1)
     raw = wire.view(torch.uint8) if wire.numel() else torch.empty(0, dtype=torch.uint8)
     if not _LITTLE_ENDIAN:
         raw = _swap_bytes(wire).view(torch.uint8)
     spec = PayloadSpec(codec=DENSE, dtype=dtype, shape=tuple(vector.shape), samples=samples)
-    return spec, memoryview(raw.numpy()).cast("B")
+    array: Any = raw.numpy()
+    return spec, memoryview(array).cast("B")
 
 
 def decode_vector(

@@ -125,7 +125,8 @@ class Envelope:
 
 
 def _canonical(obj: Any) -> bytes:
-    return msgpack.packb(_sorted(obj), use_bin_type=True)
+    packed: bytes = msgpack.packb(_sorted(obj), use_bin_type=True)
+    return packed
 
 
 def _sorted(obj: Any) -> Any:
@@ -260,7 +261,11 @@ def decode_body(body: bytes | bytearray | memoryview, limits: Limits = DEFAULT_L
     payload = view[4 + header_len :]
     header = _unpack_header(header_bytes, limits)
     envelope = _envelope_from_header(header, payload, limits)
-    if _canonical(header) != header_bytes:
+    try:
+        canonical = _canonical(header)
+    except TypeError as exc:  # a map mixing str and bytes keys has no sorted order
+        raise DecodeError("header map keys cannot be put in canonical order") from exc
+    if canonical != header_bytes:
         raise DecodeError("header is not in canonical encoding")
     envelope.sender.verify(envelope.signature, signed_bytes(envelope.header_fields()))
     if hashlib.sha256(payload).digest() != envelope.digest:
@@ -319,7 +324,7 @@ def _envelope_from_header(header: dict[str, Any], payload: memoryview, limits: L
     if version != PROTOCOL_VERSION:
         raise UnsupportedVersion(f"protocol version {version}; this node speaks {PROTOCOL_VERSION}")
     if set(header) != _FIELDS:
-        raise DecodeError(f"header fields {sorted(header)} != {sorted(_FIELDS)}")
+        raise DecodeError(f"header fields {sorted(header, key=repr)} != {sorted(_FIELDS)}")
     kind_number = _field(header, "k", int)
     try:
         kind = MessageKind(kind_number)
@@ -356,7 +361,7 @@ def _envelope_from_header(header: dict[str, Any], payload: memoryview, limits: L
 
 def _spec_from_wire(raw: dict[str, Any], limits: Limits) -> PayloadSpec:
     if set(raw) != _SPEC_FIELDS:
-        raise DecodeError(f"payload spec fields {sorted(raw)} != {sorted(_SPEC_FIELDS)}")
+        raise DecodeError(f"payload spec fields {sorted(raw, key=repr)} != {sorted(_SPEC_FIELDS)}")
     codec = _field(raw, "c", str)
     dtype = _field(raw, "d", str)
     samples = _field(raw, "n", int)

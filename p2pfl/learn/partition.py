@@ -1,0 +1,164 @@
+"""Partitions of a training set across nodes: IID and the usual non-IID families.
+
+Every partition takes the labels of the training set, the number of nodes ``n`` and a
+``seed``, and returns ``n`` arrays of int64 indices into the labels, one per node, sorted.
+Every index appears in exactly one array; node ``i`` gets ``result[i]``. All randomness comes
+from ``numpy.random.default_rng(seed)``, so a seed fixes the partition on every host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from p2pfl.errors import ConfigError
+from p2pfl.learn._config import call_with_params, check_int, check_positive, check_seed
+
+Partition = list[npt.NDArray[np.int64]]
+DEFAULT_MAX_ATTEMPTS = 100
+
+
+def iid(labels: npt.ArrayLike, n: int, *, seed: int) -> Partition:
+    """Shuffle and deal out evenly: node sizes differ by at most one.
+
+    Raises:
+        ConfigError: ``n`` is not in ``[1, len(labels)]`` or ``seed`` is negative.
+    """
+    y = _check_common(labels, n, seed)
+    rng = np.random.default_rng(seed)
+    return _sorted(np.array_split(rng.permutation(len(y)), n))
+
+
+def dirichlet(
+    labels: npt.ArrayLike,
+    n: int,
+    alpha: float,
+    *,
+    seed: int,
+    min_size: int = 1,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+) -> Partition:
+    """Label skew: each class is spread over the nodes by proportions drawn from Dirichlet(alpha).
+
+    Small ``alpha`` (0.1) gives each node few classes; large ``alpha`` (100) approaches IID.
+    The whole draw is repeated until every node holds at least ``min_size`` examples.
+
+    Args:
+        labels: class label of every training example.
+        n: number of nodes.
+        alpha: Dirichlet concentration, > 0.
+        seed: seed of the numpy generator (non-negative).
+        min_size: smallest acceptable node size; 0 accepts the first draw.
+        max_attempts: how many draws to try before giving up.
+
+    Raises:
+        ConfigError: an argument is out of range, ``n * min_size`` exceeds the number of
+            examples, or no draw within ``max_attempts`` met ``min_size`` (raise ``alpha``,
+            lower ``min_size`` or use fewer nodes).
+    """
+    y = _check_common(labels, n, seed)
+    check_positive("alpha", alpha)
+    check_int("min_size", min_size, 0)
+    check_int("max_attempts", max_attempts, 1)
+    if n * min_size > len(y):
+        raise ConfigError(
+            "min_size", min_size, f"at most {len(y) // n} for {n} nodes and {len(y)} examples"
+        )
+    rng = np.random.default_rng(seed)
+    by_class = [np.flatnonzero(y == c) for c in np.unique(y)]
+    for _ in range(max_attempts):
+        parts: list[list[npt.NDArray[np.int64]]] = [[] for _ in range(n)]
+        for members in by_class:
+            counts = rng.multinomial(len(members), rng.dirichlet(np.full(n, float(alpha))))
+            chunks = np.split(rng.permutation(members), np.cumsum(counts)[:-1])
+            for part, chunk in zip(parts, chunks, strict=True):
+                part.append(chunk)
+        nodes = [np.concatenate(p) for p in parts]
+        if min(len(node) for node in nodes) >= min_size:
+            return _sorted(nodes)
+    raise ConfigError(
+        "alpha",
+        alpha,
+        f"no draw in {max_attempts} attempts gave all {n} nodes >= {min_size} examples; "
+        "raise alpha, lower min_size or use fewer nodes",
+    )
+
+
+def shards(labels: npt.ArrayLike, n: int, k: int, *, seed: int) -> Partition:
+    """Pathological label skew (McMahan et al.): sort by label, cut ``n * k`` shards, ``k`` per node.
+
+    Ties within a label are broken at random, shard sizes differ by at most one, and shards
+    are dealt to nodes at random.
+
+    Raises:
+        ConfigError: ``k < 1``, ``n * k`` exceeds the number of examples, or another
+            argument is out of range.
+    """
+    y = _check_common(labels, n, seed)
+    check_int("k", k, 1)
+    if n * k > len(y):
+        raise ConfigError("k", k, f"at most {len(y) // n} for {n} nodes and {len(y)} examples")
+    rng = np.random.default_rng(seed)
+    shuffled = rng.permutation(len(y))
+    by_label = shuffled[np.argsort(y[shuffled], kind="stable")]
+    cut = np.array_split(by_label, n * k)
+    order = rng.permutation(n * k)
+    return _sorted([np.concatenate([cut[s] for s in order[i * k : (i + 1) * k]]) for i in range(n)])
+
+
+def quantity_skew(labels: npt.ArrayLike, n: int, alpha: float, *, seed: int) -> Partition:
+    """Size skew: node shares drawn from Dirichlet(alpha) over nodes, every node >= 1 example.
+
+    Examples are assigned at random, so label proportions stay roughly IID.
+
+    Raises:
+        ConfigError: ``alpha <= 0`` or another argument is out of range.
+    """
+    y = _check_common(labels, n, seed)
+    check_positive("alpha", alpha)
+    rng = np.random.default_rng(seed)
+    sizes = 1 + rng.multinomial(len(y) - n, rng.dirichlet(np.full(n, float(alpha))))
+    return _sorted(np.split(rng.permutation(len(y)), np.cumsum(sizes)[:-1]))
+
+
+PARTITIONS: dict[str, Callable[..., Partition]] = {
+    "iid": iid,
+    "dirichlet": dirichlet,
+    "shards": shards,
+    "quantity_skew": quantity_skew,
+}
+"""Partition functions by name; each is ``fn(labels, n, *, seed, **params)``."""
+
+
+def make_partition(
+    name: str, labels: npt.ArrayLike, n: int, /, *, seed: int, **params: Any
+) -> Partition:
+    """Partition ``labels`` over ``n`` nodes with the registered function ``name``.
+
+    Raises:
+        ConfigError: ``name`` is not in :data:`PARTITIONS`, a parameter is unknown, missing
+            or out of range.
+    """
+    if name not in PARTITIONS:
+        raise ConfigError("partition", name, f"one of {', '.join(sorted(PARTITIONS))}")
+    fixed = {"labels": labels, "n": n, "seed": seed}
+    partition: Partition = call_with_params("partition", name, PARTITIONS[name], params, fixed)
+    return partition
+
+
+def _check_common(labels: npt.ArrayLike, n: int, seed: int) -> npt.NDArray[np.int64]:
+    y = np.asarray(labels)
+    if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or y.size == 0):
+        raise ConfigError("labels", f"array of {y.dtype} {y.shape}", "a 1-D array of int labels")
+    check_int("n", n, 1)
+    if n > len(y):
+        raise ConfigError("n", n, f"at most the number of examples ({len(y)})")
+    check_seed(seed)
+    return y.astype(np.int64, copy=False)
+
+
+def _sorted(parts: list[npt.NDArray[Any]]) -> Partition:
+    return [np.sort(p).astype(np.int64, copy=False) for p in parts]

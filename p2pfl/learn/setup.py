@@ -1,0 +1,224 @@
+"""Share one dataset out over a run's nodes: test split, partition, model, minibatch streams.
+
+:func:`build_federation` does it once for all nodes (the simulator); every live node calls
+:func:`build_node_learner` with the same arguments except ``node_index`` and gets its own
+share of the same data. The run ``seed`` is spread into
+independent streams (test split, partition, model initialisation, each node's minibatches)
+with ``numpy.random.SeedSequence``, so no two of them are correlated and every host derives
+the same ones.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from p2pfl.errors import ConfigError
+from p2pfl.learn._config import check_int, check_seed
+from p2pfl.learn.datasets import DATASETS, ArrayDataset, make_dataset, train_test_split
+from p2pfl.learn.models import mlp
+from p2pfl.learn.partition import make_partition
+from p2pfl.learn.sampling import MinibatchSampler
+from p2pfl.learn.torch_learner import TorchLearner
+from p2pfl.params import ParamLayout, flatten, layout_of
+
+_STREAM_DATASET = 0
+_STREAM_SPLIT = 1
+_STREAM_PARTITION = 2
+_STREAM_INIT = 3
+_STREAM_BATCHES = 4
+
+
+def derive_seed(seed: int, *path: int) -> int:
+    """An independent 63-bit seed for the stream named by ``path`` under the run ``seed``.
+
+    Raises:
+        ConfigError: ``seed`` or an element of ``path`` is negative.
+    """
+    check_seed(seed)
+    if any(p < 0 for p in path):
+        raise ConfigError("seed path", path, "non-negative ints")
+    # The length goes first because SeedSequence pads its input with zeros: without it,
+    # paths (1,) and (1, 0) would give the same stream.
+    sequence = np.random.SeedSequence(seed, spawn_key=(len(path), *path))
+    state = sequence.generate_state(1, dtype=np.uint64)
+    return int(state[0]) >> 1
+
+
+@dataclass(frozen=True, slots=True)
+class Federation:
+    """Every node's share of one run's data, the common test set and the initial model.
+
+    Built once per run by :func:`build_federation`; ``p2pfl node`` takes one node's learner
+    from it, the simulator takes all of them.
+    """
+
+    train_parts: tuple[ArrayDataset, ...]
+    test: ArrayDataset
+    layer_sizes: tuple[int, ...]
+    init_seed: int
+    seed: int
+    layout: ParamLayout
+    init_vector: Tensor
+
+    @property
+    def num_nodes(self) -> int:
+        """Number of nodes sharing the training set."""
+        return len(self.train_parts)
+
+    def batch_seed(self, node_index: int) -> int:
+        """The seed of node ``node_index``'s minibatch stream."""
+        return derive_seed(self.seed, _STREAM_BATCHES, node_index)
+
+    def sampler(self, node_index: int, *, batch_size: int) -> MinibatchSampler:
+        """A fresh minibatch sampler over node ``node_index``'s share.
+
+        Raises:
+            ConfigError: ``batch_size`` below 1.
+        """
+        part = self.train_parts[node_index]
+        return MinibatchSampler(len(part), batch_size, seed=self.batch_seed(node_index))
+
+    def learner(
+        self,
+        node_index: int,
+        *,
+        lr: float,
+        batch_size: int,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+    ) -> TorchLearner:
+        """The :class:`TorchLearner` of node ``node_index``.
+
+        Raises:
+            ConfigError: ``node_index`` out of range or a hyper-parameter out of range.
+        """
+        check_int("node_index", node_index, 0)
+        if node_index >= self.num_nodes:
+            raise ConfigError("node_index", node_index, f"an int in [0, {self.num_nodes})")
+        return TorchLearner(
+            mlp(list(self.layer_sizes), seed=self.init_seed),
+            self.train_parts[node_index],
+            self.test,
+            lr=lr,
+            batch_size=batch_size,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            seed=self.batch_seed(node_index),
+        )
+
+
+def build_federation(
+    dataset: str,
+    dataset_params: Mapping[str, Any],
+    partition: str,
+    partition_params: Mapping[str, Any],
+    *,
+    num_nodes: int,
+    model: Sequence[int],
+    seed: int,
+    test_fraction: float = 0.2,
+    init_seed: int | None = None,
+) -> Federation:
+    """Load a dataset once and share it out over ``num_nodes`` nodes.
+
+    Steps: build the dataset (if its builder takes a ``seed`` and ``dataset_params`` gives
+    none, one derived from ``seed``); split off a stratified test set, common to all nodes;
+    partition the rest; fix an MLP ``[features, *model, classes]`` and its initialisation.
+
+    Args:
+        dataset: a name in :data:`~p2pfl.learn.datasets.DATASETS`.
+        dataset_params: keyword arguments of that dataset builder.
+        partition: a name in :data:`~p2pfl.learn.partition.PARTITIONS`.
+        partition_params: keyword arguments of that partition, besides labels, n and seed.
+        num_nodes: number of nodes sharing the training set, >= 1.
+        model: hidden layer sizes only (``[]`` gives a linear model).
+        seed: the run seed (non-negative).
+        test_fraction: share of the dataset held out as the common test set.
+        init_seed: seed of the model initialisation; by default one derived from ``seed``,
+            so all nodes start from the same parameters.
+
+    Raises:
+        ConfigError: any argument is out of range or names an unknown dataset, partition or
+            parameter (the message names the key).
+        ImportError: the dataset needs an optional dependency that is not installed.
+    """
+    check_seed(seed)
+    check_int("num_nodes", num_nodes, 1)
+    hidden = list(model)
+    if any(not isinstance(h, int) or isinstance(h, bool) or h < 1 for h in hidden):
+        raise ConfigError("model", hidden, "a list of hidden layer sizes, each an int >= 1")
+    params = dict(dataset_params)
+    builder = DATASETS.get(dataset)
+    if builder is not None and "seed" in inspect.signature(builder).parameters:
+        params.setdefault("seed", derive_seed(seed, _STREAM_DATASET))
+    data = make_dataset(dataset, **params)
+    train, test = train_test_split(data, test_fraction, seed=derive_seed(seed, _STREAM_SPLIT))
+    parts = make_partition(
+        partition,
+        train.labels(),
+        num_nodes,
+        seed=derive_seed(seed, _STREAM_PARTITION),
+        **partition_params,
+    )
+    sizes = (data.dim, *hidden, data.num_classes)
+    chosen_init = derive_seed(seed, _STREAM_INIT) if init_seed is None else init_seed
+    module = mlp(list(sizes), seed=chosen_init)
+    return Federation(
+        train_parts=tuple(train.subset(part) for part in parts),
+        test=test,
+        layer_sizes=sizes,
+        init_seed=chosen_init,
+        seed=seed,
+        layout=layout_of(module),
+        init_vector=flatten(module),
+    )
+
+
+def build_node_learner(
+    dataset: str,
+    dataset_params: Mapping[str, Any],
+    partition: str,
+    partition_params: Mapping[str, Any],
+    num_nodes: int,
+    node_index: int,
+    model: Sequence[int],
+    lr: float,
+    batch_size: int,
+    seed: int,
+    test_fraction: float = 0.2,
+    *,
+    init_seed: int | None = None,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+) -> TorchLearner:
+    """The learner of node ``node_index`` out of ``num_nodes``: see :func:`build_federation`.
+
+    Raises:
+        ConfigError: any argument is out of range or names an unknown dataset, partition or
+            parameter (the message names the key).
+        ImportError: the dataset needs an optional dependency that is not installed.
+    """
+    check_int("num_nodes", num_nodes, 1)
+    check_int("node_index", node_index, 0)
+    if node_index >= num_nodes:
+        raise ConfigError("node_index", node_index, f"an int in [0, {num_nodes})")
+    federation = build_federation(
+        dataset,
+        dataset_params,
+        partition,
+        partition_params,
+        num_nodes=num_nodes,
+        model=model,
+        seed=seed,
+        test_fraction=test_fraction,
+        init_seed=init_seed,
+    )
+    return federation.learner(
+        node_index, lr=lr, batch_size=batch_size, momentum=momentum, weight_decay=weight_decay
+    )

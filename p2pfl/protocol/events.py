@@ -55,4 +55,11 @@ class DeadlineReached:
     """The time the core gave in ``next_deadline()`` has come."""
 
 
-Event = Started | PeerConnected | PeerDisconnected | MessageReceived | TrainingFinished | DeadlineReached
+Event = (
+    Started
+    | PeerConnected
+    | PeerDisconnected
+    | MessageReceived
+    | TrainingFinished
+    | DeadlineReached
+)

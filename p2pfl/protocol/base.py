@@ -1,0 +1,222 @@
+"""What every protocol mode shares: construction checks, the clock, event dispatch.
+
+Theory of operation
+-------------------
+:class:`BaseCore.handle` is the single entry point. It checks ``now`` (finite, never
+decreasing), then dispatches the event with ``match``:
+
+- ``PeerConnected`` / ``PeerDisconnected`` update the :class:`~p2pfl.protocol.peers.PeerSet`
+  (a connection from someone who is not a neighbour is answered with ``Disconnect``), then
+  tell the mode;
+- ``MessageReceived`` goes through :func:`~p2pfl.protocol.messages.parse_model_update`; a
+  peer's fault becomes ``PeerMisbehaved`` here and nowhere else, so no mode can let one
+  escape; a valid update is handed to the mode;
+- ``Started``, ``TrainingFinished`` are checked against the phase (misuse raises
+  :class:`~p2pfl.errors.LocalProtocolError` before any state changes) and handed to the mode;
+- ``DeadlineReached`` is handed to the mode, which acts only on timers that are due, so an
+  early or repeated wake-up is harmless.
+
+Modes implement the ``_on_*`` hooks and ``_deadline``; they own their buffers and timers and
+move their :class:`~p2pfl.protocol.phases.PhaseMachine` along their table.
+
+The driver learns its neighbours' reachability only through events: every configured
+neighbour starts *not connected*, and a driver reports ``PeerConnected`` for each neighbour it
+reaches (the simulator does so for every neighbour before ``Started``). Tensors in actions
+are shared with the core: a driver must treat them as read-only.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import operator
+from collections.abc import Collection
+from typing import ClassVar, assert_never
+
+import numpy as np
+import torch
+
+from p2pfl.errors import ConfigError, LocalProtocolError, RemoteProtocolError
+from p2pfl.identity import Identity, NodeId
+from p2pfl.merge.base import MergeRule
+from p2pfl.params import ParamLayout
+from p2pfl.protocol.actions import Action, Disconnect, PeerMisbehaved, Stop
+from p2pfl.protocol.config import CoreConfig
+from p2pfl.protocol.events import (
+    DeadlineReached,
+    Event,
+    MessageReceived,
+    PeerConnected,
+    PeerDisconnected,
+    Started,
+    TrainingFinished,
+)
+from p2pfl.protocol.merging import Merger
+from p2pfl.protocol.messages import ModelUpdate, Sealer, parse_model_update
+from p2pfl.protocol.peers import PeerSet
+from p2pfl.protocol.phases import Phase, PhaseMachine, Transitions
+
+
+class BaseCore(abc.ABC):
+    """Shared state and dispatch; a mode subclasses it and fills in the hooks."""
+
+    TRANSITIONS: ClassVar[Transitions]
+
+    def __init__(
+        self,
+        config: CoreConfig,
+        *,
+        identity: Identity,
+        neighbours: Collection[NodeId],
+        vector: torch.Tensor,
+        samples: int,
+        merge: MergeRule,
+        rng: np.random.Generator,
+        start_round: int = 0,
+        seq_start: int = 0,
+        layout: ParamLayout | None = None,
+    ) -> None:
+        """Build the core; :func:`p2pfl.protocol.make_core` documents the arguments.
+
+        Raises:
+            ConfigError: a config field or argument is invalid (the message names it).
+        """
+        config.validate()
+        if vector.ndim != 1 or not vector.is_floating_point():
+            raise ConfigError("vector", tuple(vector.shape), "a 1-D floating-point tensor")
+        if layout is not None and layout.size != vector.numel():
+            raise ConfigError("layout", layout.size, f"a layout of {vector.numel()} elements")
+        samples = _count("samples", samples)
+        start_round = _count("start_round", start_round)
+        seq_start = _count("seq_start", seq_start)
+        self.config = config
+        self.node_id = identity.node_id
+        self.round = start_round
+        self.vector = vector.detach().to(device="cpu", dtype=torch.float32).clone()
+        self.samples = samples
+        self._rng = rng
+        self._peers = PeerSet(identity.node_id, neighbours, window_size=config.replay_window)
+        self._sealer = Sealer(
+            identity, wire_dtype=config.wire_dtype, samples=samples, seq_start=seq_start
+        )
+        self._merger = Merger(merge, own_weight=float(samples), layout=layout)
+        self._machine = PhaseMachine(self.TRANSITIONS)
+        self._now = -math.inf
+        self._init_mode()
+
+    # -- the Core interface -------------------------------------------------------------
+
+    @property
+    def finished(self) -> bool:
+        return self._machine.phase is Phase.DONE
+
+    @property
+    def phase(self) -> Phase:
+        return self._machine.phase
+
+    def handle(self, event: Event, *, now: float) -> list[Action]:
+        """Feed one event that happened at ``now``.
+
+        Raises:
+            LocalProtocolError: ``now`` went backwards or is not finite; ``Started`` twice;
+                ``TrainingFinished`` with no training outstanding or a vector of another
+                shape; ``PeerConnected`` for this node itself. A peer's fault never raises.
+        """
+        if not math.isfinite(now) or now < self._now:
+            raise LocalProtocolError(f"now = {now!r} is not finite or before {self._now!r}")
+        self._now = now
+        match event:
+            case Started():
+                self._machine.expect(Phase.IDLE, "Started")
+                if self.round >= self.config.rounds:
+                    self._machine.goto(Phase.DONE)
+                    return [Stop(f"start round {self.round} >= rounds {self.config.rounds}")]
+                return self._on_started()
+            case PeerConnected(peer=peer):
+                if peer == self.node_id:
+                    raise LocalProtocolError("PeerConnected for this node itself")
+                if not self._peers.is_neighbour(peer):
+                    return [Disconnect(peer, "not a configured neighbour")]
+                self._peers.connect(peer)
+                return [] if self.finished else self._on_connected(peer)
+            case PeerDisconnected(peer=peer):
+                if not self._peers.is_connected(peer):
+                    return []
+                self._peers.disconnect(peer)
+                return [] if self.finished else self._on_disconnected(peer)
+            case MessageReceived():
+                if self.finished:
+                    return []
+                try:
+                    update = parse_model_update(event, self._peers, self.vector.shape)
+                except RemoteProtocolError as exc:
+                    return [PeerMisbehaved(event.peer, str(exc))]
+                return self._on_update(update)
+            case TrainingFinished(vector=trained, loss=loss, steps=steps):
+                self._machine.expect(Phase.TRAINING, "TrainingFinished")
+                if trained.shape != self.vector.shape or not trained.is_floating_point():
+                    raise LocalProtocolError(
+                        f"trained vector {trained.dtype} {list(trained.shape)}, expected a "
+                        f"float vector of shape {list(self.vector.shape)}"
+                    )
+                own = trained.detach().to(device="cpu", dtype=torch.float32).clone()
+                return self._on_trained(own, float(loss), int(steps))
+            case DeadlineReached():
+                return [] if self.finished else self._on_deadline()
+            case _:
+                assert_never(event)
+
+    def next_deadline(self) -> float | None:
+        """When to deliver ``DeadlineReached``; a timer already due is reported as the last
+        ``now``, so the answer is never in the past."""
+        deadline = None if self.finished else self._deadline()
+        return None if deadline is None else max(deadline, self._now)
+
+    # -- mode hooks ---------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _init_mode(self) -> None:
+        """Set up the mode's own state (buffers, timers); called at the end of ``__init__``."""
+
+    @abc.abstractmethod
+    def _on_started(self) -> list[Action]:
+        """Begin: the core is IDLE and has rounds left to run."""
+
+    def _on_connected(self, peer: NodeId) -> list[Action]:
+        """A neighbour (re)connected; the PeerSet already counts it as connected."""
+        return []
+
+    def _on_disconnected(self, peer: NodeId) -> list[Action]:
+        """A neighbour went away; the PeerSet no longer counts it as connected."""
+        return []
+
+    @abc.abstractmethod
+    def _on_update(self, update: ModelUpdate) -> list[Action]:
+        """A neighbour's model passed every check (the core is not DONE)."""
+
+    @abc.abstractmethod
+    def _on_trained(self, trained: torch.Tensor, loss: float, steps: int) -> list[Action]:
+        """The outstanding training finished; ``trained`` is a float32 copy the core owns."""
+
+    @abc.abstractmethod
+    def _on_deadline(self) -> list[Action]:
+        """The driver woke the core; act on every timer due at ``self._now``."""
+
+    @abc.abstractmethod
+    def _deadline(self) -> float | None:
+        """The earliest armed timer, or None (may lie before ``self._now`` if overdue)."""
+
+
+def _count(key: str, value: int) -> int:
+    """``value`` as a non-negative int (numpy integers welcome).
+
+    Raises:
+        ConfigError: not an integer, or negative.
+    """
+    try:
+        number = operator.index(value)
+    except TypeError:
+        number = -1
+    if isinstance(value, bool) or number < 0:
+        raise ConfigError(key, value, "an integer >= 0")
+    return number

@@ -1,0 +1,88 @@
+"""Where received models wait to be merged: per round (dsgd) or latest per sender (gossip).
+
+Both buffers bound their memory by construction: dsgd keeps at most one model per neighbour
+for each of ``max_rounds_ahead + 1`` rounds, gossip at most one model per neighbour. Taking
+models out returns them in neighbour-key order, so the merge sees the same input order in
+every process.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+
+from p2pfl.identity import NodeId
+from p2pfl.protocol.messages import ModelUpdate
+
+
+class Offer(enum.Enum):
+    """What a buffer did with an offered model."""
+
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    """The same model was already held; nothing changed."""
+    STALE = "stale"
+    """Older than what the buffer still wants; dropped."""
+    TOO_FAR = "too_far"
+    """dsgd: more than ``max_rounds_ahead`` rounds ahead; dropped."""
+    CONFLICT = "conflict"
+    """dsgd: a different model from the same sender for the same round; the first is kept."""
+
+
+class RoundBuffer:
+    """dsgd: at most one model per (round, sender), for rounds ``current .. current + ahead``."""
+
+    __slots__ = ("_rounds", "ahead")
+
+    def __init__(self, ahead: int) -> None:
+        self.ahead = ahead
+        self._rounds: dict[int, dict[NodeId, ModelUpdate]] = {}
+
+    def offer(self, update: ModelUpdate, current_round: int) -> Offer:
+        if update.round < current_round:
+            return Offer.STALE
+        if update.round > current_round + self.ahead:
+            return Offer.TOO_FAR
+        held = self._rounds.setdefault(update.round, {})
+        previous = held.get(update.sender)
+        if previous is None:
+            held[update.sender] = update
+            return Offer.ACCEPTED
+        return Offer.DUPLICATE if previous.same_model(update) else Offer.CONFLICT
+
+    def senders(self, round: int) -> frozenset[NodeId]:
+        return frozenset(self._rounds.get(round, ()))
+
+    def take(self, round: int, order: Sequence[NodeId]) -> list[ModelUpdate]:
+        """Remove and return the models of ``round`` in ``order``; forget older rounds too."""
+        held = self._rounds.pop(round, {})
+        for old in [r for r in self._rounds if r < round]:
+            del self._rounds[old]
+        return [held[peer] for peer in order if peer in held]
+
+    def __len__(self) -> int:
+        return sum(len(held) for held in self._rounds.values())
+
+
+class LatestBuffer:
+    """gossip: the newest model (highest sequence number) of each sender since the last take."""
+
+    __slots__ = ("_held",)
+
+    def __init__(self) -> None:
+        self._held: dict[NodeId, ModelUpdate] = {}
+
+    def offer(self, update: ModelUpdate) -> Offer:
+        previous = self._held.get(update.sender)
+        if previous is not None and previous.seq > update.seq:
+            return Offer.STALE
+        self._held[update.sender] = update
+        return Offer.ACCEPTED
+
+    def take(self, order: Sequence[NodeId]) -> list[ModelUpdate]:
+        """Remove and return every held model, in ``order``."""
+        held, self._held = self._held, {}
+        return [held[peer] for peer in order if peer in held]
+
+    def __len__(self) -> int:
+        return len(self._held)

@@ -1,0 +1,103 @@
+"""The interface every protocol mode implements, and the registry of modes.
+
+A core is driven only through :meth:`Core.handle` (an event plus the current time in, a list
+of actions out) and asked when to wake it next with :meth:`Core.next_deadline`, as aioquic's
+drivers ask ``get_timer()``. A mode is a class implementing :class:`Core` whose constructor has
+the :class:`CoreFactory` signature; it adds itself to ``PROTOCOL_MODES`` with
+:func:`register_protocol_mode`, and :func:`p2pfl.protocol.make_core` builds it by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+import numpy as np
+import torch
+
+from p2pfl.identity import Identity, NodeId
+from p2pfl.merge.base import MergeRule
+from p2pfl.params import ParamLayout
+from p2pfl.protocol.actions import Action
+from p2pfl.protocol.events import Event
+
+if TYPE_CHECKING:
+    from p2pfl.protocol.config import CoreConfig
+
+
+class Core(Protocol):
+    """A sans-IO protocol state machine: events in, actions out, no clock, no I/O."""
+
+    @property
+    def node_id(self) -> NodeId:
+        """This node's identity."""
+        ...
+
+    @property
+    def round(self) -> int:
+        """The round being run, i.e. the number of completed rounds (trainings)."""
+        ...
+
+    @property
+    def vector(self) -> torch.Tensor:
+        """The model the node stands on now (see each mode for exactly when it changes)."""
+        ...
+
+    @property
+    def finished(self) -> bool:
+        """True once ``Stop`` was returned."""
+        ...
+
+    def handle(self, event: Event, *, now: float) -> list[Action]:
+        """Feed one event that happened at ``now`` (seconds, never decreasing).
+
+        Raises:
+            LocalProtocolError: the caller misused the core; a peer's fault never raises.
+        """
+        ...
+
+    def next_deadline(self) -> float | None:
+        """When to deliver ``DeadlineReached`` (absolute seconds, never before the last
+        ``now``), or None if no timer is armed."""
+        ...
+
+
+class CoreFactory(Protocol):
+    """The constructor signature of a protocol mode."""
+
+    def __call__(
+        self,
+        config: CoreConfig,
+        *,
+        identity: Identity,
+        neighbours: Collection[NodeId],
+        vector: torch.Tensor,
+        samples: int,
+        merge: MergeRule,
+        rng: np.random.Generator,
+        start_round: int = 0,
+        seq_start: int = 0,
+        layout: ParamLayout | None = None,
+    ) -> Core: ...
+
+
+F = TypeVar("F", bound=CoreFactory)
+
+PROTOCOL_MODES: dict[str, CoreFactory] = {}
+"""Protocol modes by name, as a scenario's ``protocol.mode`` names them."""
+
+
+def register_protocol_mode(name: str) -> Callable[[F], F]:
+    """Class decorator adding a protocol mode to ``PROTOCOL_MODES`` under ``name``.
+
+    Raises:
+        ValueError: ``name`` is already registered.
+    """
+
+    def add(factory: F) -> F:
+        if name in PROTOCOL_MODES:
+            raise ValueError(f"protocol mode {name!r} is already registered")
+        PROTOCOL_MODES[name] = factory
+        return factory
+
+    return add

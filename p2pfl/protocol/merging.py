@@ -1,0 +1,54 @@
+"""Calling the merge rule: stacking buffered updates into its inputs and checking its output."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from p2pfl.errors import LocalProtocolError
+from p2pfl.merge.base import MergeContext, MergeRule
+from p2pfl.params import ParamLayout
+from p2pfl.protocol.messages import ModelUpdate
+
+
+class Merger:
+    """One node's merge rule, own weight, parameter layout and the rule's private state."""
+
+    __slots__ = ("layout", "own_weight", "rule", "state")
+
+    def __init__(self, rule: MergeRule, *, own_weight: float, layout: ParamLayout | None) -> None:
+        self.rule = rule
+        self.own_weight = own_weight
+        self.layout = layout
+        self.state: dict[str, Any] = {}
+
+    def merge(
+        self, own: torch.Tensor, updates: Sequence[ModelUpdate], *, own_round: int
+    ) -> torch.Tensor:
+        """Merge ``own`` with ``updates``; weights are the senders' sample counts.
+
+        Raises:
+            LocalProtocolError: the rule returned a tensor of another shape than ``own``.
+        """
+        if updates:
+            received = torch.stack([update.vector for update in updates])
+        else:
+            received = own.new_empty((0, *own.shape))
+        weights = torch.tensor([float(update.samples) for update in updates], dtype=torch.float32)
+        context = MergeContext(
+            senders=tuple(update.sender for update in updates),
+            rounds=tuple(update.round for update in updates),
+            own_round=own_round,
+            own_weight=self.own_weight,
+            layout=self.layout,
+            state=self.state,
+        )
+        merged = self.rule(own, received, weights, context)
+        if merged.shape != own.shape:
+            raise LocalProtocolError(
+                f"merge rule {self.rule.name!r} returned shape {list(merged.shape)}, "
+                f"expected {list(own.shape)}"
+            )
+        return merged.to(torch.float32)

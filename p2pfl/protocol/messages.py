@@ -1,0 +1,112 @@
+"""``ModelUpdate``, the one message the dsgd and gossip modes exchange: sealing and checking.
+
+Theory of operation
+-------------------
+Outgoing, :class:`Sealer` turns a model into one signed ``MODEL_UPDATE`` envelope: the payload
+is the vector in the configured wire dtype, the header carries the round (dsgd) or age
+(gossip), this node's sample count, and the next number of a per-node sequence that never
+repeats. One envelope is sealed per model and the same object is sent to every recipient.
+
+Incoming, :func:`parse_model_update` turns a ``MessageReceived`` whose signature the driver
+already verified into a :class:`ModelUpdate`, cheapest checks first: the transport peer is a
+neighbour, the envelope's sender is that peer, the sequence number is fresh, the kind is
+``MODEL_UPDATE``, the declared shape matches the own model, the payload decodes, and every
+value is finite. Any failure raises :class:`~p2pfl.errors.RemoteProtocolError`, which the core
+turns into a ``PeerMisbehaved`` action. The vector of an accepted update is a copy the core
+owns, never a view of the driver's receive buffer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from p2pfl.codec import decode_vector, encode_vector
+from p2pfl.errors import RemoteProtocolError, WireError
+from p2pfl.identity import Identity, NodeId
+from p2pfl.protocol.events import MessageReceived
+from p2pfl.protocol.peers import PeerSet
+from p2pfl.wire import Envelope, MessageKind, seal
+
+
+@dataclass(frozen=True, slots=True)
+class ModelUpdate:
+    """A neighbour's model that passed every check."""
+
+    sender: NodeId
+    seq: int
+    round: int
+    """The dsgd round it was trained in, or its gossip age (trainings behind it)."""
+    samples: int
+    vector: torch.Tensor
+    digest: bytes
+    """SHA-256 of the payload: two updates with equal digest and samples are the same model."""
+
+    def same_model(self, other: ModelUpdate) -> bool:
+        return self.digest == other.digest and self.samples == other.samples
+
+
+class Sealer:
+    """Signs this node's models as ``MODEL_UPDATE`` envelopes with increasing sequence numbers."""
+
+    __slots__ = ("_identity", "next_seq", "samples", "wire_dtype")
+
+    def __init__(
+        self, identity: Identity, *, wire_dtype: str, samples: int, seq_start: int
+    ) -> None:
+        self._identity = identity
+        self.wire_dtype = wire_dtype
+        self.samples = samples
+        self.next_seq = seq_start
+
+    def seal(self, vector: torch.Tensor, round: int) -> Envelope:
+        """One signed envelope for ``vector``; it may share ``vector``'s memory (no copy)."""
+        spec, payload = encode_vector(vector, dtype=self.wire_dtype, samples=self.samples)
+        envelope = seal(
+            self._identity,
+            MessageKind.MODEL_UPDATE,
+            seq=self.next_seq,
+            round=round,
+            payload=payload,
+            spec=spec,
+        )
+        self.next_seq += 1
+        return envelope
+
+
+def parse_model_update(event: MessageReceived, peers: PeerSet, shape: torch.Size) -> ModelUpdate:
+    """Check a received message and take its model.
+
+    Raises:
+        RemoteProtocolError: any defect; the message names it.
+    """
+    peer, envelope = event.peer, event.envelope
+    if not peers.is_neighbour(peer):
+        raise RemoteProtocolError("message from a peer that is not a configured neighbour")
+    if envelope.sender != peer:
+        raise RemoteProtocolError(f"envelope signed by {envelope.sender}, not by the peer {peer}")
+    try:
+        peers.check_seq(peer, envelope.seq)
+    except WireError as exc:
+        raise RemoteProtocolError(f"replayed message: {exc}") from exc
+    if envelope.kind is not MessageKind.MODEL_UPDATE:
+        raise RemoteProtocolError(f"unexpected message kind {envelope.kind.name}")
+    if tuple(envelope.spec.shape) != tuple(shape):
+        raise RemoteProtocolError(
+            f"model of shape {list(envelope.spec.shape)}, this node's is {list(shape)}"
+        )
+    try:
+        decoded = decode_vector(envelope.spec, envelope.payload)
+    except WireError as exc:
+        raise RemoteProtocolError(f"undecodable model: {exc}") from exc
+    if not bool(torch.isfinite(decoded).all()):
+        raise RemoteProtocolError("model holds NaN or infinite values")
+    return ModelUpdate(
+        sender=peer,
+        seq=envelope.seq,
+        round=envelope.round,
+        samples=envelope.spec.samples,
+        vector=decoded.clone(),
+        digest=bytes(envelope.digest),
+    )

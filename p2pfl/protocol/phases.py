@@ -1,0 +1,100 @@
+"""Phases of a protocol core and, for every mode, the table of allowed transitions.
+
+Theory of operation
+-------------------
+A core is always in exactly one :class:`Phase`. The phase answers the two questions every
+event raises: *is a training outstanding?* (only in ``TRAINING``) and *is the core still
+running?* (not in ``DONE``). Everything else a mode remembers (buffers, timers, counters)
+lives next to the phase, not in it.
+
+Each mode moves between phases only along the edges of its table below, as h11's
+``_state.py`` does for HTTP. The value of each edge says what triggers it; the code that
+takes an edge calls :meth:`PhaseMachine.goto`, which refuses an edge that is not in the table,
+so this file is the whole picture of a mode's life cycle.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+
+from p2pfl.errors import LocalProtocolError
+
+
+class Phase(enum.Enum):
+    """Where a core is in its life cycle."""
+
+    IDLE = "idle"
+    """Built, waiting for ``Started``."""
+    TRAINING = "training"
+    """A ``StartTraining`` is outstanding; the next ``TrainingFinished`` answers it."""
+    COLLECTING = "collecting"
+    """dsgd: own model trained and sent; waiting for the neighbours' models of this round."""
+    WAITING = "waiting"
+    """gossip: no training outstanding, nothing buffered; waiting for a model or a push tick."""
+    DONE = "done"
+    """``Stop`` was returned; later events change nothing."""
+
+
+Transitions = Mapping[Phase, Mapping[Phase, str]]
+"""``table[from_phase][to_phase]`` = what triggers that edge."""
+
+DSGD_TRANSITIONS: Transitions = {
+    Phase.IDLE: {
+        Phase.TRAINING: "Started",
+        Phase.DONE: "Started with start_round >= rounds",
+    },
+    Phase.TRAINING: {
+        Phase.COLLECTING: "TrainingFinished (own model sealed and sent)",
+    },
+    Phase.COLLECTING: {
+        Phase.TRAINING: "round-r models from every connected neighbour, or round_timeout; merged",
+        Phase.DONE: "the last round merged",
+    },
+    Phase.DONE: {},
+}
+
+GOSSIP_TRANSITIONS: Transitions = {
+    Phase.IDLE: {
+        Phase.TRAINING: "Started",
+        Phase.DONE: "Started with start_round >= rounds",
+    },
+    Phase.TRAINING: {
+        Phase.TRAINING: "TrainingFinished with models buffered; merged and training again",
+        Phase.WAITING: "TrainingFinished with nothing buffered",
+        Phase.DONE: "TrainingFinished of the last round",
+    },
+    Phase.WAITING: {
+        Phase.TRAINING: "a model arrived (merged), or a push tick with nothing received",
+    },
+    Phase.DONE: {},
+}
+
+
+class PhaseMachine:
+    """The current phase, moved only along the edges of one transitions table."""
+
+    __slots__ = ("phase", "table")
+
+    def __init__(self, table: Transitions) -> None:
+        self.table = table
+        self.phase = Phase.IDLE
+
+    def goto(self, new: Phase) -> None:
+        """Take the edge to ``new``.
+
+        Raises:
+            RuntimeError: the edge is not in the table (a bug in the core, not in its caller).
+        """
+        if new not in self.table[self.phase]:
+            raise RuntimeError(f"no transition {self.phase.name} -> {new.name} in this mode")
+        self.phase = new
+
+    def expect(self, phase: Phase, event: str) -> None:
+        """Check that the caller's ``event`` is legal now.
+
+        Raises:
+            LocalProtocolError: the core is not in ``phase``.
+        """
+        if self.phase is not phase:
+            raise LocalProtocolError(f"{event} is not allowed in phase {self.phase.name}")

@@ -30,6 +30,14 @@ class NodeId:
 
     raw: bytes
 
+    # Hand-written because ids are dictionary keys on every message path: the generated
+    # versions build a tuple per call, these reuse the hash that ``bytes`` caches.
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, NodeId) and self.raw == other.raw
+
+    def __hash__(self) -> int:
+        return hash(self.raw)
+
     def __post_init__(self) -> None:
         if not isinstance(self.raw, bytes) or len(self.raw) != NODE_ID_BYTES:
             raise ValueError(f"NodeId needs exactly {NODE_ID_BYTES} bytes")
@@ -134,7 +142,9 @@ class Identity:
         try:
             mode = source.stat().st_mode
         except FileNotFoundError as exc:
-            raise IdentityError(f"key file {source} does not exist (create one with `p2pfl keygen --out {source}`)") from exc
+            raise IdentityError(
+                f"key file {source} does not exist (create one with `p2pfl keygen --out {source}`)"
+            ) from exc
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise IdentityError(
                 f"key file {source} has mode {stat.S_IMODE(mode):04o}, readable by others; "
@@ -145,7 +155,9 @@ class Identity:
         except (ValueError, TypeError) as exc:
             raise IdentityError(f"key file {source} is not an unencrypted PEM private key") from exc
         if not isinstance(key, Ed25519PrivateKey):
-            raise IdentityError(f"key file {source} holds a {type(key).__name__}, not an Ed25519 key")
+            raise IdentityError(
+                f"key file {source} holds a {type(key).__name__}, not an Ed25519 key"
+            )
         return cls(key)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from p2pfl.merge.base import MergeContext, register_merge_rule
+from p2pfl.numerics import all_finite, finite_rows
 
 
 def _finite_inputs(
@@ -37,12 +38,12 @@ def _finite_inputs(
     rows = received.reshape(k, size).to(dtype=own.dtype)
     if tuple(weights.shape) != (k,):
         raise ValueError(f"weights have shape {tuple(weights.shape)}, expected ({k},)")
-    keep = torch.isfinite(rows).all(dim=1)
+    keep = finite_rows(rows)
     if weighted:
         keep = keep & torch.isfinite(weights) & (weights >= 0)
     if not bool(keep.all()):
         rows = rows[keep]
-    own_ok = bool(torch.isfinite(own_flat).all())
+    own_ok = all_finite(own_flat)
     return own_flat, rows, own_ok, keep
 
 

@@ -25,6 +25,7 @@ import torch
 from p2pfl.codec import decode_vector, encode_vector
 from p2pfl.errors import RemoteProtocolError, WireError
 from p2pfl.identity import Identity, NodeId
+from p2pfl.numerics import all_finite
 from p2pfl.protocol.events import MessageReceived
 from p2pfl.protocol.peers import PeerSet
 from p2pfl.wire import Envelope, MessageKind, seal
@@ -100,7 +101,7 @@ def parse_model_update(event: MessageReceived, peers: PeerSet, shape: torch.Size
         decoded = decode_vector(envelope.spec, envelope.payload)
     except WireError as exc:
         raise RemoteProtocolError(f"undecodable model: {exc}") from exc
-    if not bool(torch.isfinite(decoded).all()):
+    if not all_finite(decoded):
         raise RemoteProtocolError("model holds NaN or infinite values")
     return ModelUpdate(
         sender=peer,

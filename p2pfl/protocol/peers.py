@@ -19,7 +19,7 @@ from p2pfl.wire import ReplayWindow
 class PeerSet:
     """Neighbour membership, connection state and per-neighbour replay protection."""
 
-    __slots__ = ("_connected", "_window_size", "_windows", "neighbours")
+    __slots__ = ("_connected", "_connected_in_order", "_window_size", "_windows", "neighbours")
 
     def __init__(self, own: NodeId, neighbours: Collection[NodeId], *, window_size: int) -> None:
         """Remember ``neighbours`` (duplicates collapse), none of them connected yet.
@@ -38,6 +38,7 @@ class PeerSet:
             peer: ReplayWindow(window_size) for peer in self.neighbours
         }
         self._connected: set[NodeId] = set()
+        self._connected_in_order: tuple[NodeId, ...] = ()
 
     def is_neighbour(self, peer: NodeId) -> bool:
         return peer in self._windows
@@ -49,13 +50,18 @@ class PeerSet:
         """Mark a neighbour connected and give it a fresh replay window."""
         self._connected.add(peer)
         self._windows[peer] = ReplayWindow(self._window_size)
+        self._refresh()
 
     def disconnect(self, peer: NodeId) -> None:
         self._connected.discard(peer)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self._connected_in_order = tuple(p for p in self.neighbours if p in self._connected)
 
     def connected(self) -> tuple[NodeId, ...]:
         """The connected neighbours, in key order."""
-        return tuple(peer for peer in self.neighbours if peer in self._connected)
+        return self._connected_in_order
 
     def check_seq(self, peer: NodeId, seq: int) -> None:
         """Record a neighbour's sequence number.

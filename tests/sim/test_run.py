@@ -1,0 +1,108 @@
+"""A simulation run: its directory, its determinism, its CLI."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sim.cli import main
+from sim.run import run_scenario
+from sim.scenario import Scenario, parse_scenario, read_document
+
+SmallDocument = Callable[..., dict[str, Any]]
+
+
+def test_run_directory_holds_scenario_metrics_and_summary(
+    small_scenario: Scenario, tmp_path: Path
+) -> None:
+    result = run_scenario(small_scenario, tmp_path / "run")
+    files = {path.name for path in result.directory.iterdir()}
+    assert {"scenario.toml", "metrics.csv", "summary.json"} <= files
+    rows = (result.directory / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + 8 * 3
+    summary = json.loads((result.directory / "summary.json").read_text())
+    for key in ("nodes", "rounds", "mean_test_accuracy", "virtual_seconds", "wall_seconds", "seed"):
+        assert key in summary
+    assert summary["nodes"] == 8 and summary["rounds"] == 3 and summary["seed"] == 5
+    resolved, _ = read_document(str(result.directory / "scenario.toml"))
+    assert parse_scenario(resolved) == small_scenario
+
+
+def test_same_seed_gives_identical_metrics_bytes_and_another_seed_differs(
+    small_document: SmallDocument, tmp_path: Path
+) -> None:
+    first = run_scenario(parse_scenario(small_document()), tmp_path / "a")
+    second = run_scenario(parse_scenario(small_document()), tmp_path / "b")
+    other = run_scenario(parse_scenario(small_document(seed=6)), tmp_path / "c")
+    metrics = [(run.directory / "metrics.csv").read_bytes() for run in (first, second, other)]
+    assert metrics[0] == metrics[1]
+    assert metrics[0] != metrics[2]
+
+
+def test_gossip_mode_runs_its_rounds(small_document: SmallDocument, tmp_path: Path) -> None:
+    document = small_document(protocol={"mode": "gossip", "period": 0.1, "fanout": 2})
+    result = run_scenario(parse_scenario(document), tmp_path / "gossip")
+    assert result.summary["rounds"] == 3
+    assert result.summary["messages_sent"] > 0
+
+
+def test_training_improves_accuracy(small_document: SmallDocument, tmp_path: Path) -> None:
+    before = run_scenario(parse_scenario(small_document(rounds=1)), tmp_path / "one")
+    after = run_scenario(parse_scenario(small_document(rounds=8)), tmp_path / "eight")
+    assert after.summary["mean_test_accuracy"] > before.summary["mean_test_accuracy"] + 0.05
+
+
+def test_cli_scenarios_lists_the_default_first(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["scenarios"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "default"
+
+
+def test_cli_bad_override_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "default", "--set", "learner.lr=-1", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "learner.lr" in err
+
+
+def test_cli_run_with_overrides_writes_run_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "small.toml"
+    path.write_text(
+        "\n".join(
+            [
+                'name = "cli"',
+                "rounds = 2",
+                "[topology]",
+                'kind = "ring"',
+                "n = 6",
+                "[data]",
+                'dataset = "gaussian_mixture"',
+                "params = { n_samples = 300, dim = 6, num_classes = 3 }",
+                'partition = "iid"',
+                "partition_params = {}",
+            ]
+        )
+    )
+    out = tmp_path / "run"
+    code = main(
+        [
+            "run",
+            str(path),
+            "--set",
+            "learner.local_steps=2",
+            "--seed",
+            "9",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seed"] == 9 and summary["nodes"] == 6
+    assert "mean_test_accuracy" in capsys.readouterr().out

@@ -368,7 +368,9 @@ def _spec_from_wire(raw: dict[str, Any], limits: Limits) -> PayloadSpec:
     shape_raw = _field(raw, "s", list)
     if len(shape_raw) > limits.max_shape_dims:
         raise DecodeError(f"shape has {len(shape_raw)} dims, limit {limits.max_shape_dims}")
-    if not all(isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in shape_raw):
+    if not all(
+        isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in shape_raw
+    ):
         raise DecodeError("shape entries must be non-negative integers")
     if samples < 0:
         raise DecodeError("sample count is negative")
@@ -404,7 +406,9 @@ class ReplayWindow:
         """
         if seq > self._highest:
             shift = seq - self._highest
-            self._seen = ((self._seen << shift) | 1) & ((1 << self.size) - 1) if shift < self.size else 1
+            self._seen = (
+                ((self._seen << shift) | 1) & ((1 << self.size) - 1) if shift < self.size else 1
+            )
             self._highest = seq
             return
         offset = self._highest - seq

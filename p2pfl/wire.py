@@ -129,7 +129,12 @@ def _canonical(obj: Any) -> bytes:
     return packed
 
 
+_SCALARS = (bytes, str, int, float, bool, type(None))
+
+
 def _sorted(obj: Any) -> Any:
+    if isinstance(obj, _SCALARS):
+        return obj
     if isinstance(obj, dict):
         return {key: _sorted(obj[key]) for key in sorted(obj)}
     if isinstance(obj, list | tuple):

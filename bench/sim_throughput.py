@@ -1,0 +1,93 @@
+"""Simulator throughput on the standard workload, as a ratio to a floor measured in-process.
+
+Workload: 1,000 nodes on a random 6-regular graph, MLP 64-32-10, 64 generated samples per
+node, dsgd, 2 local steps of batch 32, signatures on, 20 rounds.
+
+Floor: what any faithful simulation of that workload must spend, measured here in the same
+process right after the run: one Ed25519 sign and one verify per sealed model (one per
+node-round; the engine verifies each envelope once however many neighbours receive it) plus
+the batched training of every node-round alone. The ratio wall / floor is the engine's
+overhead factor; absolute times drift with machine load, the ratio much less.
+
+    .venv/bin/python bench/sim_throughput.py [--nodes 1000] [--rounds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from p2pfl.identity import Identity
+from sim.run import build_engine
+from sim.scenario import parse_scenario
+
+SAMPLES_PER_NODE = 64
+TEST_SAMPLES = 1000
+
+
+def workload(nodes: int, rounds: int) -> dict[str, object]:
+    total = nodes * SAMPLES_PER_NODE + TEST_SAMPLES
+    return {
+        "name": "sim-throughput",
+        "seed": 1,
+        "rounds": rounds,
+        "topology": {"kind": "random_regular", "n": nodes, "d": 6},
+        "data": {
+            "dataset": "gaussian_mixture",
+            "params": {"n_samples": total, "dim": 64, "num_classes": 10},
+            "partition": "iid",
+            "partition_params": {},
+            "test_fraction": TEST_SAMPLES / total,
+        },
+        "learner": {"hidden": [32], "lr": 0.1, "batch_size": 32, "local_steps": 2},
+        "protocol": {"mode": "dsgd"},
+    }
+
+
+def measure_floor(engine_nodes: int, rounds: int, scenario_doc: dict[str, object]) -> float:
+    scenario = parse_scenario(scenario_doc)
+    engine = build_engine(scenario)
+    population = engine.population
+    identity = Identity.generate()
+    header = os.urandom(200)
+    signature = identity.sign(header)
+    started = time.perf_counter()
+    for _ in range(engine_nodes * rounds):
+        identity.sign(header)
+        identity.node_id.verify(signature, header)
+    vectors = population.federation.init_vector.repeat(engine_nodes, 1)
+    datasets = population.train_sets
+    for _ in range(rounds):
+        vectors, _ = engine.trainer.train(vectors, datasets, population.samplers, 2)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=20)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    document = workload(args.nodes, args.rounds)
+    build_started = time.perf_counter()
+    engine = build_engine(parse_scenario(document))
+    build_seconds = time.perf_counter() - build_started
+    started = time.perf_counter()
+    engine.run()
+    wall = time.perf_counter() - started
+    node_rounds = len(engine.recorder.rows)
+    floor = measure_floor(args.nodes, args.rounds, document)
+    final = engine.recorder.rounds[-1]
+    print(f"workload: {args.nodes} nodes, random 6-regular, MLP 64-32-10, dsgd, {args.rounds} rounds")
+    print(f"setup (data, keys, cores): {build_seconds:.2f} s")
+    print(f"run: {wall:.2f} s wall, {node_rounds} node-rounds, {node_rounds / wall:.0f} node-rounds/s")
+    print(f"floor (sign+verify per model, batched training): {floor:.2f} s")
+    print(f"ratio wall/floor: {wall / floor:.2f}")
+    print(f"final mean test accuracy: {final.mean_test_accuracy:.3f}")
+
+
+if __name__ == "__main__":
+    main()

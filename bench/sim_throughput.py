@@ -81,9 +81,13 @@ def main() -> None:
     node_rounds = len(engine.recorder.rows)
     floor = measure_floor(args.nodes, args.rounds, document)
     final = engine.recorder.rounds[-1]
-    print(f"workload: {args.nodes} nodes, random 6-regular, MLP 64-32-10, dsgd, {args.rounds} rounds")
+    print(
+        f"workload: {args.nodes} nodes, random 6-regular, MLP 64-32-10, dsgd, {args.rounds} rounds"
+    )
     print(f"setup (data, keys, cores): {build_seconds:.2f} s")
-    print(f"run: {wall:.2f} s wall, {node_rounds} node-rounds, {node_rounds / wall:.0f} node-rounds/s")
+    print(
+        f"run: {wall:.2f} s wall, {node_rounds} node-rounds, {node_rounds / wall:.0f} node-rounds/s"
+    )
     print(f"floor (sign+verify per model, batched training): {floor:.2f} s")
     print(f"ratio wall/floor: {wall / floor:.2f}")
     print(f"final mean test accuracy: {final.mean_test_accuracy:.3f}")

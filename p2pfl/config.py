@@ -1,0 +1,507 @@
+"""A node's configuration: one TOML file, checked key by key.
+
+Schema (every relative path is relative to the directory of the config file)::
+
+    [node]
+    listen = "127.0.0.1:7101"        # required; host:port to accept peers on ("[::1]:7101" for IPv6)
+    key_file = "node1.key"           # required; private key made by `p2pfl keygen --out node1.key`
+    checkpoint_dir = "state/node1"   # optional; where the model is checkpointed after every round
+    startup_timeout = 30.0           # seconds to wait for all peers before the first round
+    send_queue = 16                  # frames queued per peer before the oldest is dropped
+    handshake_timeout = 10.0         # seconds a peer has to complete the handshake
+
+    [[peers]]                        # one table per neighbour
+    address = "127.0.0.1:7102"       # required
+    public_key_file = "node2.pub"    # the neighbour's key, as `p2pfl keygen` writes it,
+    # public_key = "<64 hex>"        #   or inline; exactly one of the two
+
+    [data]
+    dataset = "digits"               # a name in p2pfl.learn.DATASETS: digits | gaussian_mixture
+    partition = "dirichlet"          # a name in p2pfl.learn.PARTITIONS: iid | dirichlet | shards | quantity_skew
+    num_nodes = 3                    # nodes sharing the training set
+    node_index = 0                   # this node's share, in [0, num_nodes)
+    seed = 1                         # the run seed; the same on every node
+    test_fraction = 0.2              # share held out as the common test set
+    [data.params]                    # keyword arguments of the dataset builder (gaussian_mixture:
+                                     #   n_samples, dim, num_classes, separation)
+    [data.partition_params]          # keyword arguments of the partition (dirichlet: alpha, ...)
+    alpha = 0.5
+
+    [learner]
+    hidden = [32]                    # hidden layer sizes of the MLP ([] is a linear model)
+    lr = 0.1
+    batch_size = 32
+    momentum = 0.0
+    weight_decay = 0.0
+
+    [protocol]                       # the fields of p2pfl.protocol.CoreConfig
+    mode = "dsgd"                    # dsgd | gossip
+    rounds = 20
+    local_steps = 20
+    round_timeout = 10.0
+    # period, period_jitter, fanout, wire_dtype, max_rounds_ahead, replay_window
+
+    [merge]
+    rule = "weighted"                # a name in p2pfl.merge.MERGE_RULES
+    [merge.params]                   # keyword arguments of the rule
+
+Every mistake (unknown key, wrong type, bad value, missing file) raises
+:class:`~p2pfl.errors.ConfigError` whose one-line message names the dotted key, e.g.
+``protocol.mode = 'gosip': one of dsgd, gossip``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from p2pfl.errors import ConfigError
+from p2pfl.identity import NodeId
+from p2pfl.protocol.config import CoreConfig
+
+if TYPE_CHECKING:
+    from p2pfl.learn import TorchLearner
+    from p2pfl.merge import MergeRule
+
+_MISSING: Any = object()
+_TABLES = ("node", "peers", "data", "learner", "protocol", "merge")
+
+
+@dataclass(frozen=True, slots=True)
+class PeerConfig:
+    """A configured neighbour: where to reach it and the key it must prove."""
+
+    host: str
+    port: int
+    node_id: NodeId
+
+    @property
+    def address(self) -> str:
+        return _format_address(self.host, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class DataConfig:
+    """The ``[data]`` table: dataset, partition and this node's share."""
+
+    dataset: str = "digits"
+    params: Mapping[str, Any] = field(default_factory=dict)
+    partition: str = "iid"
+    partition_params: Mapping[str, Any] = field(default_factory=dict)
+    num_nodes: int = 1
+    node_index: int = 0
+    seed: int = 0
+    test_fraction: float = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class LearnerConfig:
+    """The ``[learner]`` table: the MLP and its optimiser."""
+
+    hidden: tuple[int, ...] = (32,)
+    lr: float = 0.1
+    batch_size: int = 32
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class MergeConfig:
+    """The ``[merge]`` table: a merge rule by name and its parameters."""
+
+    rule: str = "weighted"
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """Everything one ``p2pfl node`` needs; see the module docstring for the file format."""
+
+    listen_host: str
+    listen_port: int
+    key_file: Path
+    checkpoint_dir: Path | None = None
+    startup_timeout: float = 30.0
+    send_queue: int = 16
+    handshake_timeout: float = 10.0
+    peers: tuple[PeerConfig, ...] = ()
+    data: DataConfig = field(default_factory=DataConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    protocol: CoreConfig = field(default_factory=CoreConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    source: Path | None = None
+
+    @property
+    def listen(self) -> str:
+        return _format_address(self.listen_host, self.listen_port)
+
+    def build_learner(self) -> TorchLearner:
+        """This node's learner (dataset, partition, model) as the config describes it.
+
+        Raises:
+            ConfigError: a value is out of range; the key is named as in the config file.
+            ImportError: the dataset needs an optional dependency that is missing.
+        """
+        from p2pfl.learn import build_node_learner
+
+        data, learner = self.data, self.learner
+        try:
+            return build_node_learner(
+                data.dataset,
+                data.params,
+                data.partition,
+                data.partition_params,
+                data.num_nodes,
+                data.node_index,
+                list(learner.hidden),
+                learner.lr,
+                learner.batch_size,
+                data.seed,
+                data.test_fraction,
+                momentum=learner.momentum,
+                weight_decay=learner.weight_decay,
+            )
+        except ConfigError as exc:
+            raise ConfigError(_learner_key(exc.key, data), exc.value, exc.allowed) from exc
+
+    def build_merge(self) -> MergeRule:
+        """The configured merge rule.
+
+        Raises:
+            ConfigError: unknown rule or parameters it does not take.
+        """
+        from p2pfl.merge import make_merge_rule
+
+        return make_merge_rule(self.merge.rule, key="merge.rule", **dict(self.merge.params))
+
+
+def load_config(path: str | os.PathLike[str]) -> NodeConfig:
+    """Read and check a node's TOML config.
+
+    Raises:
+        ConfigError: the file is missing or not TOML, or any key is unknown, of the wrong
+            type or out of range (the message names the dotted key).
+    """
+    source = Path(path)
+    try:
+        with source.open("rb") as handle:
+            document = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError("config", str(source), "an existing TOML file") from None
+    except OSError as exc:
+        raise ConfigError("config", str(source), f"a readable file ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", str(source), f"valid TOML ({exc})") from None
+    return config_from_dict(document, base_dir=source.parent, source=source)
+
+
+def config_from_dict(
+    document: Mapping[str, Any], *, base_dir: Path, source: Path | None = None
+) -> NodeConfig:
+    """Check a parsed config document; relative paths are taken from ``base_dir``.
+
+    Raises:
+        ConfigError: as :func:`load_config`.
+    """
+    for key in document:
+        if key not in _TABLES:
+            _fail(key, document[key], f"not a section; sections are {', '.join(_TABLES)}")
+    node = _Table(document, "node", required=True)
+    listen_host, listen_port = _parse_address("node.listen", node.get("listen", str))
+    key_file = base_dir / node.get("key_file", str)
+    checkpoint_raw = node.get("checkpoint_dir", str, None)
+    checkpoint_dir = None if checkpoint_raw is None else base_dir / checkpoint_raw
+    startup_timeout = node.seconds("startup_timeout", 30.0)
+    send_queue = node.integer("send_queue", 16, minimum=1)
+    handshake_timeout = node.seconds("handshake_timeout", 10.0)
+    node.finish()
+
+    peers = _parse_peers(document.get("peers", []), base_dir)
+    data = _parse_data(_Table(document, "data", required=True))
+    learner = _parse_learner(_Table(document, "learner"))
+    protocol = _parse_protocol(_Table(document, "protocol"))
+    merge_table = _Table(document, "merge")
+    merge = MergeConfig(
+        rule=merge_table.get("rule", str, "weighted"),
+        params=merge_table.table("params"),
+    )
+    merge_table.finish()
+    config = NodeConfig(
+        listen_host=listen_host,
+        listen_port=listen_port,
+        key_file=key_file,
+        checkpoint_dir=checkpoint_dir,
+        startup_timeout=startup_timeout,
+        send_queue=send_queue,
+        handshake_timeout=handshake_timeout,
+        peers=peers,
+        data=data,
+        learner=learner,
+        protocol=protocol,
+        merge=merge,
+        source=source,
+    )
+    config.build_merge()
+    return config
+
+
+class _Table:
+    """One TOML table being read: typed getters that name ``prefix.key`` in errors."""
+
+    def __init__(self, document: Mapping[str, Any], name: str, *, required: bool = False) -> None:
+        raw = document.get(name, _MISSING)
+        if raw is _MISSING:
+            if required:
+                _fail(name, None, f"a [{name}] section (required)")
+            raw = {}
+        if not isinstance(raw, dict):
+            _fail(name, raw, f"a [{name}] table")
+        self.name = name
+        self.raw: dict[str, Any] = raw
+        self.used: list[str] = []
+
+    def key(self, key: str) -> str:
+        return f"{self.name}.{key}"
+
+    def get(self, key: str, kind: type, default: Any = _MISSING) -> Any:
+        self.used.append(key)
+        value = self.raw.get(key, _MISSING)
+        if value is _MISSING:
+            if default is _MISSING:
+                _fail(self.key(key), None, f"a {_type_name(kind)} (required)")
+            return default
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            _fail(self.key(key), value, f"a {_type_name(kind)}")
+        return value
+
+    def integer(self, key: str, default: Any = _MISSING, *, minimum: int = 0) -> int:
+        value: int = self.get(key, int, default)
+        if value < minimum:
+            _fail(self.key(key), value, f"an integer >= {minimum}")
+        return value
+
+    def number(self, key: str, default: Any = _MISSING) -> float:
+        self.used.append(key)
+        value = self.raw.get(key, _MISSING)
+        if value is _MISSING:
+            if default is _MISSING:
+                _fail(self.key(key), None, "a number (required)")
+            return float(default)
+        if (
+            not isinstance(value, int | float)
+            or isinstance(value, bool)
+            or not math.isfinite(value)
+        ):
+            _fail(self.key(key), value, "a finite number")
+        return float(value)
+
+    def seconds(self, key: str, default: float) -> float:
+        value = self.number(key, default)
+        if value <= 0:
+            _fail(self.key(key), value, "a number of seconds > 0")
+        return value
+
+    def table(self, key: str) -> dict[str, Any]:
+        value: dict[str, Any] = self.get(key, dict, {})
+        return dict(value)
+
+    def finish(self, allowed: tuple[str, ...] | None = None) -> None:
+        names = tuple(self.used) if allowed is None else allowed
+        for key, value in self.raw.items():
+            if key not in names:
+                _fail(
+                    self.key(key), value, f"not a key of [{self.name}]; keys are {', '.join(names)}"
+                )
+
+
+def _parse_peers(raw: object, base_dir: Path) -> tuple[PeerConfig, ...]:
+    if not isinstance(raw, list):
+        _fail("peers", raw, "an array of [[peers]] tables")
+    peers: list[PeerConfig] = []
+    for index, entry in enumerate(raw):
+        name = f"peers[{index}]"
+        table = _Table({name: entry}, name)
+        host, port = _parse_address(table.key("address"), table.get("address", str))
+        key_hex = table.get("public_key", str, None)
+        key_file = table.get("public_key_file", str, None)
+        table.finish()
+        if (key_hex is None) == (key_file is None):
+            _fail(
+                table.key("public_key"),
+                key_hex,
+                "exactly one of public_key (64 hex characters) or public_key_file",
+            )
+        if key_file is not None:
+            path = base_dir / key_file
+            try:
+                key_hex = path.read_text(encoding="ascii").strip()
+            except (OSError, UnicodeDecodeError):
+                _fail(
+                    table.key("public_key_file"),
+                    str(path),
+                    "a readable file holding a hex public key (made by `p2pfl keygen`)",
+                )
+            node_id = NodeId.from_hex(key_hex, key=table.key("public_key_file"))
+        else:
+            node_id = NodeId.from_hex(key_hex, key=table.key("public_key"))
+        if any(p.node_id == node_id for p in peers):
+            _fail(table.key("public_key"), node_id.hex(), "a key no other [[peers]] entry has")
+        peers.append(PeerConfig(host=host, port=port, node_id=node_id))
+    return tuple(peers)
+
+
+def _parse_data(table: _Table) -> DataConfig:
+    from p2pfl.learn import DATASETS, PARTITIONS
+
+    dataset = table.get("dataset", str)
+    if dataset not in DATASETS:
+        _fail(table.key("dataset"), dataset, f"one of {', '.join(sorted(DATASETS))}")
+    partition = table.get("partition", str, "iid")
+    if partition not in PARTITIONS:
+        _fail(table.key("partition"), partition, f"one of {', '.join(sorted(PARTITIONS))}")
+    params = table.table("params")
+    partition_params = table.table("partition_params")
+    _check_params("data.params", params, DATASETS[dataset], fixed=())
+    _check_params(
+        "data.partition_params",
+        partition_params,
+        PARTITIONS[partition],
+        fixed=("labels", "n", "seed"),
+    )
+    num_nodes = table.integer("num_nodes", 1, minimum=1)
+    node_index = table.integer("node_index", 0, minimum=0)
+    if node_index >= num_nodes:
+        _fail(
+            table.key("node_index"), node_index, f"an integer in [0, {num_nodes}) (data.num_nodes)"
+        )
+    seed = table.integer("seed", 0, minimum=0)
+    test_fraction = table.number("test_fraction", 0.2)
+    if not 0 < test_fraction < 1:
+        _fail(table.key("test_fraction"), test_fraction, "a number strictly between 0 and 1")
+    table.finish()
+    return DataConfig(
+        dataset=dataset,
+        params=params,
+        partition=partition,
+        partition_params=partition_params,
+        num_nodes=num_nodes,
+        node_index=node_index,
+        seed=seed,
+        test_fraction=test_fraction,
+    )
+
+
+def _check_params(prefix: str, params: Mapping[str, Any], fn: Any, fixed: tuple[str, ...]) -> None:
+    signature = inspect.signature(fn)
+    accepted = [
+        p.name
+        for p in signature.parameters.values()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in fixed
+    ]
+    for key, value in params.items():
+        if key not in accepted:
+            allowed = ", ".join(accepted) if accepted else "none"
+            _fail(f"{prefix}.{key}", value, f"not a parameter; parameters are {allowed}")
+
+
+def _parse_learner(table: _Table) -> LearnerConfig:
+    hidden = table.get("hidden", list, [32])
+    if any(not isinstance(h, int) or isinstance(h, bool) or h < 1 for h in hidden):
+        _fail(table.key("hidden"), hidden, "a list of hidden layer sizes, each an integer >= 1")
+    lr = table.number("lr", 0.1)
+    if lr <= 0:
+        _fail(table.key("lr"), lr, "a number > 0")
+    batch_size = table.integer("batch_size", 32, minimum=1)
+    momentum = table.number("momentum", 0.0)
+    if not 0 <= momentum < 1:
+        _fail(table.key("momentum"), momentum, "a number in [0, 1)")
+    weight_decay = table.number("weight_decay", 0.0)
+    if weight_decay < 0:
+        _fail(table.key("weight_decay"), weight_decay, "a number >= 0")
+    table.finish()
+    return LearnerConfig(
+        hidden=tuple(hidden),
+        lr=lr,
+        batch_size=batch_size,
+        momentum=momentum,
+        weight_decay=weight_decay,
+    )
+
+
+def _parse_protocol(table: _Table) -> CoreConfig:
+    import p2pfl.protocol  # noqa: F401  (registers the protocol modes)
+
+    fields = {f.name: f.default for f in dataclasses.fields(CoreConfig)}
+    table.finish(tuple(fields))
+    values: dict[str, Any] = {}
+    for key, value in table.raw.items():
+        default = fields[key]
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        values[key] = value
+    config = CoreConfig(**values)
+    try:
+        config.validate()
+    except ConfigError as exc:
+        key = exc.key if exc.key.startswith("protocol.") else f"protocol.{exc.key}"
+        raise ConfigError(key, exc.value, exc.allowed) from None
+    return config
+
+
+_LEARNER_KEYS = {
+    "dataset": "data.dataset",
+    "partition": "data.partition",
+    "num_nodes": "data.num_nodes",
+    "n": "data.num_nodes",
+    "node_index": "data.node_index",
+    "seed": "data.seed",
+    "test_fraction": "data.test_fraction",
+    "model": "learner.hidden",
+    "lr": "learner.lr",
+    "batch_size": "learner.batch_size",
+    "momentum": "learner.momentum",
+    "weight_decay": "learner.weight_decay",
+}
+
+
+def _learner_key(key: str, data: DataConfig) -> str:
+    """Name a key reported by ``p2pfl.learn`` as it is spelled in the config file."""
+    head, _, rest = key.partition(".")
+    if head == "dataset_params" and rest:
+        return f"data.params.{rest}"
+    if head == "partition_params" and rest:
+        return f"data.partition_params.{rest}"
+    if key in data.partition_params:
+        return f"data.partition_params.{key}"
+    if key in data.params:
+        return f"data.params.{key}"
+    return _LEARNER_KEYS.get(key, f"data.{key}")
+
+
+def _parse_address(key: str, text: str) -> tuple[str, int]:
+    host, sep, port_text = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        _fail(key, text, "host:port with a port in 0..65535 (e.g. '127.0.0.1:7101')")
+    return host, int(port_text)
+
+
+def _format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _type_name(kind: type) -> str:
+    return {str: "string", int: "integer", float: "number", list: "list", dict: "table"}.get(
+        kind, kind.__name__
+    )
+
+
+def _fail(key: str, value: object, allowed: str) -> NoReturn:
+    raise ConfigError(key, value, allowed)

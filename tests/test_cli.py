@@ -1,0 +1,145 @@
+"""The ``p2pfl`` command line: keygen, inspect, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from p2pfl.checkpoint import save_checkpoint
+from p2pfl.cli import main
+from p2pfl.codec import encode_vector
+from p2pfl.identity import Identity
+from p2pfl.wire import MessageKind, encode_frame, seal
+
+SIGNER = Identity.from_seed(bytes([42]) * 32)
+
+
+def model_frame(tmp_path: Path, *, tamper: bool = False) -> Path:
+    vector = torch.tensor([-2.0, 0.5, 1.0, 4.5])
+    spec, payload = encode_vector(vector, samples=17)
+    envelope = seal(SIGNER, MessageKind.MODEL_UPDATE, seq=9, round=3, payload=payload, spec=spec)
+    frame = bytearray(encode_frame(envelope))
+    if tamper:
+        frame[-1] ^= 0x01
+    path = tmp_path / "update.frame"
+    path.write_bytes(bytes(frame))
+    return path
+
+
+def test_keygen_writes_private_and_public_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = tmp_path / "node1.key"
+    assert main(["keygen", "--out", str(key)]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert re.fullmatch(r"[0-9a-f]{64}", printed)
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "node1.pub").read_text().strip() == printed
+    assert Identity.load(key).node_id.hex() == printed
+
+
+def test_keygen_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    key = tmp_path / "node1.key"
+    assert main(["keygen", "--out", str(key)]) == 0
+    before = key.read_bytes()
+    capsys.readouterr()
+    assert main(["keygen", "--out", str(key)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("p2pfl: error: ") and "refusing to overwrite" in err
+    assert err.count("\n") == 1
+    assert key.read_bytes() == before
+    # An orphan public key blocks too, so a key and its .pub never disagree.
+    other = tmp_path / "node2.key"
+    (tmp_path / "node2.pub").write_text("x")
+    assert main(["keygen", "--out", str(other)]) == 2
+    assert not other.exists()
+
+
+def test_inspect_model_frame(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", str(model_frame(tmp_path))]) == 0
+    out = capsys.readouterr().out
+    assert "kind:    10 (MODEL_UPDATE)" in out
+    assert f"sender:  {SIGNER.node_id.short()}" in out
+    assert "seq:     9" in out
+    assert "round:   3" in out
+    assert "dtype 'float32' shape [4] samples 17" in out
+    assert "min -2 max 4.5 mean 1" in out
+    assert "matches payload" in out
+    assert "signature: valid" in out
+
+
+def test_inspect_tampered_frame_reports_bad_signature(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["inspect", str(model_frame(tmp_path, tamper=True))]) == 1
+    out = capsys.readouterr().out
+    assert "DOES NOT match payload" in out
+    assert "signature: INVALID (BadSignature" in out
+
+
+def test_inspect_handshake_frame_shows_the_nonce(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "hello.frame"
+    nonce = bytes(range(32))
+    path.write_bytes(encode_frame(seal(SIGNER, MessageKind.HELLO, seq=1, round=0, payload=nonce)))
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "(HELLO)" in out and f"nonce:   {nonce.hex()}" in out
+
+
+def test_inspect_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "model.ckpt"
+    save_checkpoint(path, round=5, vector=torch.tensor([1.0, 3.0]), node=SIGNER.node_id.hex())
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "round:   5" in out and "shape:   [2]" in out and "(verified)" in out
+    assert f"node:    {SIGNER.node_id.hex()}" in out
+    assert "min 1 max 3 mean 2" in out
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage that is no frame", b"\x00\x00\x00\x05abcde"])
+def test_inspect_garbage_is_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes
+) -> None:
+    path = tmp_path / "junk"
+    path.write_bytes(content)
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("p2pfl: error: ") and err.count("\n") == 1
+
+
+def test_missing_key_file_is_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(
+        '[node]\nlisten = "127.0.0.1:0"\nkey_file = "absent.key"\n[data]\ndataset = "digits"\n'
+    )
+    assert main(["node", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("p2pfl: error: key file ") and err.count("\n") == 1
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["keygen"])
+    assert info.value.code == 2
+    assert "p2pfl: error:" in capsys.readouterr().err
+
+
+def test_console_entry_point_runs_as_a_module(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "p2pfl.cli", "keygen", "--out", str(tmp_path / "k.key")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "k.pub").read_text().strip() == result.stdout.strip()

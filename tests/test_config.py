@@ -1,0 +1,211 @@
+"""Node configs: the loopback example loads, and every mistake names its dotted key in one line."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from p2pfl.cli import main
+from p2pfl.config import load_config
+from p2pfl.errors import ConfigError
+from p2pfl.identity import Identity
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "loopback"
+
+
+@pytest.fixture
+def example(tmp_path: Path) -> Path:
+    """The loopback example with fresh keys, in a temporary directory."""
+    work = tmp_path / "loopback"
+    shutil.copytree(EXAMPLE, work, ignore=shutil.ignore_patterns("*.key", "*.pub", "state"))
+    for index in (1, 2, 3):
+        Identity.generate().save(work / f"node{index}.key")
+        (work / f"node{index}.pub").write_text(
+            Identity.load(work / f"node{index}.key").node_id.hex() + "\n"
+        )
+    return work
+
+
+def test_loopback_example_loads_with_paths_relative_to_the_file(example: Path) -> None:
+    config = load_config(example / "node2.toml")
+    assert (config.listen_host, config.listen_port) == ("127.0.0.1", 7102)
+    assert config.key_file == example / "node2.key"
+    assert config.checkpoint_dir == example / "state" / "node2"
+    assert config.startup_timeout == 30.0
+    assert [p.address for p in config.peers] == ["127.0.0.1:7101", "127.0.0.1:7103"]
+    assert config.peers[0].node_id == Identity.load(example / "node1.key").node_id
+    assert config.data.dataset == "digits"
+    assert config.data.partition == "dirichlet"
+    assert config.data.partition_params == {"alpha": 0.5}
+    assert (config.data.num_nodes, config.data.node_index) == (3, 1)
+    assert config.learner.hidden == (32,)
+    assert config.protocol.mode == "dsgd"
+    assert config.protocol.rounds == 20
+    assert config.merge.rule == "weighted"
+    config.build_merge()
+
+
+def test_inline_public_key_and_defaults(example: Path) -> None:
+    key = Identity.load(example / "node1.key").node_id.hex()
+    path = example / "minimal.toml"
+    path.write_text(
+        f"""
+[node]
+listen = "[::1]:0"
+key_file = "keys/me.key"
+[[peers]]
+address = "10.0.0.1:7000"
+public_key = "{key}"
+[data]
+dataset = "gaussian_mixture"
+[data.params]
+n_samples = 100
+dim = 4
+num_classes = 2
+"""
+    )
+    config = load_config(path)
+    assert (config.listen_host, config.listen_port) == ("::1", 0)
+    assert config.key_file == example / "keys" / "me.key"
+    assert config.checkpoint_dir is None
+    assert config.peers[0].node_id.hex() == key
+    assert config.protocol.mode == "dsgd"
+    learner = config.build_learner()
+    assert learner.num_samples > 0
+
+
+# (description, regex on node1.toml, replacement, expected message start)
+BAD_CASES = [
+    (
+        "misspelt mode",
+        r'mode = "dsgd"',
+        'mode = "gosip"',
+        "protocol.mode = 'gosip': one of dsgd, gossip",
+    ),
+    ("zero rounds", r"rounds = 20", "rounds = 0", "protocol.rounds = 0:"),
+    ("rounds as text", r"rounds = 20", 'rounds = "ten"', "protocol.rounds = 'ten':"),
+    (
+        "unknown protocol key",
+        r"round_timeout = 10.0",
+        "round_timeout = 10.0\nfanuot = 2",
+        "protocol.fanuot = 2:",
+    ),
+    (
+        "listen without port",
+        r'listen = "127.0.0.1:7101"',
+        'listen = "localhost"',
+        "node.listen = 'localhost':",
+    ),
+    (
+        "port out of range",
+        r'listen = "127.0.0.1:7101"',
+        'listen = "127.0.0.1:70000"',
+        "node.listen =",
+    ),
+    ("missing listen", r'listen = "127.0.0.1:7101"\n', "", "node.listen = None:"),
+    (
+        "negative startup timeout",
+        r"startup_timeout = 30.0",
+        "startup_timeout = -1",
+        "node.startup_timeout = -1.0:",
+    ),
+    (
+        "unknown node key",
+        r'key_file = "node1.key"',
+        'key_file = "node1.key"\nkeyfile = "x"',
+        "node.keyfile = 'x':",
+    ),
+    ("unknown section", r"\[merge\]", "[bogus]\nx = 1\n[merge]", "bogus = {'x': 1}:"),
+    (
+        "bad inline key",
+        r'public_key_file = "node2.pub"',
+        'public_key = "abc"',
+        "peers[0].public_key = 'abc':",
+    ),
+    (
+        "missing key file",
+        r'public_key_file = "node3.pub"',
+        'public_key_file = "nope.pub"',
+        "peers[1].public_key_file =",
+    ),
+    (
+        "both keys",
+        r'public_key_file = "node2.pub"',
+        'public_key_file = "node2.pub"\npublic_key = "00"',
+        "peers[0].public_key = '00':",
+    ),
+    (
+        "unknown dataset",
+        r'dataset = "digits"',
+        'dataset = "mnist"',
+        "data.dataset = 'mnist': one of digits, gaussian_mixture",
+    ),
+    (
+        "unknown partition",
+        r'partition = "dirichlet"',
+        'partition = "pathological"',
+        "data.partition = 'pathological':",
+    ),
+    ("unknown partition param", r"alpha = 0.5", "beta = 0.5", "data.partition_params.beta = 0.5:"),
+    ("node index out of range", r"node_index = 0", "node_index = 3", "data.node_index = 3:"),
+    ("zero hidden units", r"hidden = \[32\]", "hidden = [0]", "learner.hidden = [0]:"),
+    ("lr as text", r"lr = 0.1", 'lr = "fast"', "learner.lr = 'fast':"),
+    ("unknown merge rule", r'rule = "weighted"', 'rule = "averge"', "merge.rule = 'averge':"),
+    ("not toml", r"\[learner\]", "[learner", "config = "),
+]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "replacement", "expected"),
+    [case[1:] for case in BAD_CASES],
+    ids=[case[0] for case in BAD_CASES],
+)
+def test_bad_config_names_the_key_in_one_line(
+    example: Path, capsys: pytest.CaptureFixture[str], pattern: str, replacement: str, expected: str
+) -> None:
+    path = example / "node1.toml"
+    text, count = re.subn(pattern, replacement, path.read_text(), count=1)
+    assert count == 1, pattern
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(expected), message
+
+    assert main(["node", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"p2pfl: error: {message}\n"
+
+
+def test_value_out_of_range_found_when_building_the_learner_names_the_key(
+    example: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = example / "node1.toml"
+    path.write_text(path.read_text().replace("alpha = 0.5", "alpha = -1.0"))
+    config = load_config(path)
+    with pytest.raises(ConfigError, match=r"^data\.partition_params\.alpha = -1\.0: "):
+        config.build_learner()
+    assert main(["node", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("p2pfl: error: data.partition_params.alpha = -1.0: ")
+    assert err.count("\n") == 1
+
+
+def test_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["node", "--config", str(tmp_path / "none.toml")]) == 2
+    assert capsys.readouterr().err.startswith("p2pfl: error: config = ")
+
+
+def test_peer_with_the_nodes_own_key_is_refused(
+    example: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = example / "node1.toml"
+    path.write_text(path.read_text().replace('"node2.pub"', '"node1.pub"'))
+    assert main(["node", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("p2pfl: error: peers[0].public_key = ")
+    assert err.count("\n") == 1

@@ -21,10 +21,26 @@ from p2pfl.errors import ConfigError
 from p2pfl.identity import NodeId
 from p2pfl.params import ParamLayout
 
+Probe = Callable[[torch.Tensor], torch.Tensor]
+"""Per-class recall ``[C]`` of a flat vector on the node's local held-out data."""
+
 
 @dataclass(frozen=True, slots=True)
 class MergeContext:
-    """What a rule may know beyond the vectors themselves."""
+    """What a rule may know beyond the vectors themselves.
+
+    Attributes:
+        senders: who sent each received row, in row order.
+        rounds: the round (dsgd) or age (gossip) of each received row.
+        own_round: the round the own vector was trained in.
+        own_weight: the own vector's weight (its sample count by default).
+        layout: where each named tensor lives in the flat vector, if the driver knows it.
+        state: the node's private, persistent state for rules that keep history.
+        degree: the node's own number of neighbours.
+        peer_degrees: each sender's declared number of neighbours (0 = unknown).
+        total_rounds: the number of rounds the node will run (schedules such as BALANCE's).
+        probe: per-class recall on local held-out data, where the node has such data.
+    """
 
     senders: tuple[NodeId, ...] = ()
     rounds: tuple[int, ...] = ()
@@ -32,6 +48,10 @@ class MergeContext:
     own_weight: float = 1.0
     layout: ParamLayout | None = None
     state: MutableMapping[str, Any] = field(default_factory=dict)
+    degree: int = 0
+    peer_degrees: tuple[int, ...] = ()
+    total_rounds: int = 0
+    probe: Probe | None = None
 
 
 class MergeRule(Protocol):

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from p2pfl.identity import Identity, NodeId
-from p2pfl.merge.base import MergeRule
+from p2pfl.merge.base import MergeRule, Probe
 from p2pfl.params import ParamLayout
 from p2pfl.protocol import dsgd as dsgd
 from p2pfl.protocol import gossip as gossip
@@ -62,6 +62,7 @@ def make_core(
     start_round: int = 0,
     seq_start: int = 0,
     layout: ParamLayout | None = None,
+    probe: Probe | None = None,
 ) -> Core:
     """Build the core of the mode ``config.mode``.
 
@@ -78,6 +79,8 @@ def make_core(
         seq_start: the first sequence number to use; a resumed node must pass a number above
             every one it sent before, or its neighbours reject its models as replays.
         layout: the parameter layout, handed to merge rules that work per tensor.
+        probe: per-class recall of a vector on local held-out data, for merge rules that
+            judge updates by performance (Bristle); None where no such data exists.
 
     Raises:
         ConfigError: a config field or argument is invalid; the message names it.
@@ -95,6 +98,7 @@ def make_core(
         start_round=start_round,
         seq_start=seq_start,
         layout=layout,
+        probe=probe,
     )
 
 

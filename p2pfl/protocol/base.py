@@ -38,7 +38,7 @@ import torch
 
 from p2pfl.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 from p2pfl.identity import Identity, NodeId
-from p2pfl.merge.base import MergeRule
+from p2pfl.merge.base import MergeRule, Probe
 from p2pfl.params import ParamLayout
 from p2pfl.protocol.actions import Action, Disconnect, PeerMisbehaved, Stop
 from p2pfl.protocol.config import CoreConfig
@@ -75,6 +75,7 @@ class BaseCore(abc.ABC):
         start_round: int = 0,
         seq_start: int = 0,
         layout: ParamLayout | None = None,
+        probe: Probe | None = None,
     ) -> None:
         """Build the core; :func:`p2pfl.protocol.make_core` documents the arguments.
 
@@ -96,10 +97,22 @@ class BaseCore(abc.ABC):
         self.samples = samples
         self._rng = rng
         self._peers = PeerSet(identity.node_id, neighbours, window_size=config.replay_window)
+        degree = len(self._peers.neighbours)
         self._sealer = Sealer(
-            identity, wire_dtype=config.wire_dtype, samples=samples, seq_start=seq_start
+            identity,
+            wire_dtype=config.wire_dtype,
+            samples=samples,
+            seq_start=seq_start,
+            degree=degree,
         )
-        self._merger = Merger(merge, own_weight=float(samples), layout=layout)
+        self._merger = Merger(
+            merge,
+            own_weight=float(samples),
+            layout=layout,
+            degree=degree,
+            total_rounds=config.rounds,
+            probe=probe,
+        )
         self._machine = PhaseMachine(self.TRANSITIONS)
         self._now = -math.inf
         self._init_mode()

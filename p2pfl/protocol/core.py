@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from p2pfl.identity import Identity, NodeId
-from p2pfl.merge.base import MergeRule
+from p2pfl.merge.base import MergeRule, Probe
 from p2pfl.params import ParamLayout
 from p2pfl.protocol.actions import Action
 from p2pfl.protocol.events import Event
@@ -78,6 +78,7 @@ class CoreFactory(Protocol):
         start_round: int = 0,
         seq_start: int = 0,
         layout: ParamLayout | None = None,
+        probe: Probe | None = None,
     ) -> Core: ...
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from p2pfl.errors import LocalProtocolError
-from p2pfl.merge.base import MergeContext, MergeRule
+from p2pfl.merge.base import MergeContext, MergeRule, Probe
 from p2pfl.params import ParamLayout
 from p2pfl.protocol.messages import ModelUpdate
 
@@ -16,12 +16,24 @@ from p2pfl.protocol.messages import ModelUpdate
 class Merger:
     """One node's merge rule, own weight, parameter layout and the rule's private state."""
 
-    __slots__ = ("layout", "own_weight", "rule", "state")
+    __slots__ = ("degree", "layout", "own_weight", "probe", "rule", "state", "total_rounds")
 
-    def __init__(self, rule: MergeRule, *, own_weight: float, layout: ParamLayout | None) -> None:
+    def __init__(
+        self,
+        rule: MergeRule,
+        *,
+        own_weight: float,
+        layout: ParamLayout | None,
+        degree: int = 0,
+        total_rounds: int = 0,
+        probe: Probe | None = None,
+    ) -> None:
         self.rule = rule
         self.own_weight = own_weight
         self.layout = layout
+        self.degree = degree
+        self.total_rounds = total_rounds
+        self.probe = probe
         self.state: dict[str, Any] = {}
 
     def merge(
@@ -44,6 +56,10 @@ class Merger:
             own_weight=self.own_weight,
             layout=self.layout,
             state=self.state,
+            degree=self.degree,
+            peer_degrees=tuple(update.degree for update in updates),
+            total_rounds=self.total_rounds,
+            probe=self.probe,
         )
         merged = self.rule(own, received, weights, context)
         if merged.shape != own.shape:

@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 Outgoing, :class:`Sealer` turns a model into one signed ``MODEL_UPDATE`` envelope: the payload
 is the vector in the configured wire dtype, the header carries the round (dsgd) or age
-(gossip), this node's sample count, and the next number of a per-node sequence that never
+(gossip), this node's sample count and number of neighbours (``meta["deg"]``), and the next number of a per-node sequence that never
 repeats. One envelope is sealed per model and the same object is sent to every recipient.
 
 Incoming, :func:`parse_model_update` turns a ``MessageReceived`` whose signature the driver
@@ -40,6 +40,8 @@ class ModelUpdate:
     round: int
     """The dsgd round it was trained in, or its gossip age (trainings behind it)."""
     samples: int
+    degree: int
+    """How many neighbours the sender has (merge rules with Metropolis-Hastings weights use it)."""
     vector: torch.Tensor
     digest: bytes
     """SHA-256 of the payload: two updates with equal digest and samples are the same model."""
@@ -48,16 +50,20 @@ class ModelUpdate:
         return self.digest == other.digest and self.samples == other.samples
 
 
+MAX_DEGREE = 1 << 20
+
+
 class Sealer:
     """Signs this node's models as ``MODEL_UPDATE`` envelopes with increasing sequence numbers."""
 
-    __slots__ = ("_identity", "next_seq", "samples", "wire_dtype")
+    __slots__ = ("_identity", "degree", "next_seq", "samples", "wire_dtype")
 
     def __init__(
-        self, identity: Identity, *, wire_dtype: str, samples: int, seq_start: int
+        self, identity: Identity, *, wire_dtype: str, samples: int, seq_start: int, degree: int = 0
     ) -> None:
         self._identity = identity
         self.wire_dtype = wire_dtype
+        self.degree = degree
         self.samples = samples
         self.next_seq = seq_start
 
@@ -71,6 +77,7 @@ class Sealer:
             round=round,
             payload=payload,
             spec=spec,
+            meta={"deg": self.degree},
         )
         self.next_seq += 1
         return envelope
@@ -103,11 +110,15 @@ def parse_model_update(event: MessageReceived, peers: PeerSet, shape: torch.Size
         raise RemoteProtocolError(f"undecodable model: {exc}") from exc
     if not all_finite(decoded):
         raise RemoteProtocolError("model holds NaN or infinite values")
+    degree = envelope.meta.get("deg", 0)
+    if not isinstance(degree, int) or isinstance(degree, bool) or not 0 <= degree <= MAX_DEGREE:
+        raise RemoteProtocolError(f"declared degree {degree!r} is not an int in 0..{MAX_DEGREE}")
     return ModelUpdate(
         sender=peer,
         seq=envelope.seq,
         round=envelope.round,
         samples=envelope.spec.samples,
+        degree=degree,
         vector=decoded.clone(),
         digest=bytes(envelope.digest),
     )

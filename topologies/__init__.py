@@ -1,0 +1,72 @@
+"""Named topology generators on networkx, topology files, and spectral facts of a graph.
+
+Every generator labels nodes ``0..n-1``, returns an undirected :class:`networkx.Graph`, and
+raises :class:`~p2pfl.errors.TopologyError` naming the parameter, its value and the allowed
+range when an argument is invalid. Random generators take a networkx-style ``seed``.
+
+    >>> import topologies
+    >>> G = topologies.build("barabasi_albert:n=64,m=2,seed=1")
+    >>> topologies.facts(G).connected
+    True
+
+Note: ``topologies.facts`` is the function :func:`topologies.facts.facts`; import names from
+the module with ``from topologies.facts import ...``.
+"""
+
+from topologies.classic import complete, line, ring, star
+from topologies.facts import (
+    DegreeStats,
+    GraphFacts,
+    degree_stats,
+    diameter,
+    facts,
+    metropolis_hastings_weights,
+    spectral_gap,
+)
+from topologies.io import load, load_edgelist, load_graphml, save, save_edgelist, save_graphml
+from topologies.lattice import grid, torus
+from topologies.random_graphs import (
+    barabasi_albert,
+    erdos_renyi,
+    random_geometric,
+    random_regular,
+    watts_strogatz,
+)
+from topologies.registry import Generator, Param, ParamRow, build, describe, kinds, register
+from topologies.structured import exponential, two_cliques
+
+__all__ = [
+    "DegreeStats",
+    "Generator",
+    "GraphFacts",
+    "Param",
+    "ParamRow",
+    "barabasi_albert",
+    "build",
+    "complete",
+    "degree_stats",
+    "describe",
+    "diameter",
+    "erdos_renyi",
+    "exponential",
+    "facts",
+    "grid",
+    "kinds",
+    "line",
+    "load",
+    "load_edgelist",
+    "load_graphml",
+    "metropolis_hastings_weights",
+    "random_geometric",
+    "random_regular",
+    "register",
+    "ring",
+    "save",
+    "save_edgelist",
+    "save_graphml",
+    "spectral_gap",
+    "star",
+    "torus",
+    "two_cliques",
+    "watts_strogatz",
+]

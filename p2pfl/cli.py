@@ -1,7 +1,8 @@
-"""The ``p2pfl`` command: ``keygen``, ``node`` and ``inspect``.
+"""The ``p2pfl`` command: ``keygen``, ``node``, ``status`` and ``inspect``.
 
 Exit codes: 0 success; 1 ``inspect`` found a frame whose signature does not verify;
-2 a usage, configuration, key or file error (one line ``p2pfl: error: <message>`` on stderr).
+2 a usage, configuration, key or file error, or ``status`` cannot reach the node (one line
+``p2pfl: error: <message>`` on stderr).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import argparse
 import gc
 import hashlib
-import logging
+import math
 import struct
 import sys
 from collections.abc import Sequence
@@ -25,6 +26,8 @@ EXIT_OK = 0
 EXIT_UNVERIFIED = 1
 EXIT_ERROR = 2
 MAX_INSPECT_BYTES = 256 * 1024 * 1024
+STATUS_TIMEOUT = 5.0
+MAX_STATUS_BYTES = 1024 * 1024
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,10 +53,27 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--config", required=True, type=Path, help="the node's TOML config file")
     node.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     node.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="text (default) or json: one object per line with time, level, event, fields",
+    )
+    node.add_argument(
         "--torch-threads",
         type=int,
         default=1,
         help="intra-op threads for training (default 1: small models, several nodes per host)",
+    )
+
+    status = commands.add_parser(
+        "status", help="print a running node's status (from its node.status_listen endpoint)"
+    )
+    where = status.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", type=Path, help="the node's TOML config (uses status_listen)")
+    where.add_argument("--address", help="host:port of the status endpoint")
+    status.add_argument("--raw", action="store_true", help="print the Prometheus text as is")
+    status.add_argument(
+        "--timeout", type=float, default=STATUS_TIMEOUT, help="seconds to wait for the node"
     )
 
     inspect = commands.add_parser("inspect", help="decode a frame file or a checkpoint")
@@ -68,7 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "keygen":
             return _keygen(args.out)
         if args.command == "node":
-            return _node(args.config, args.log_level, args.torch_threads)
+            return _node(args.config, args.log_level, args.torch_threads, args.log_format)
+        if args.command == "status":
+            return _status(args.config, args.address, args.raw, args.timeout)
         if args.command == "inspect":
             return _inspect(args.file)
     except (ConfigError, IdentityError) as exc:
@@ -108,19 +130,16 @@ def _keygen(out: Path) -> int:
 # -- node -----------------------------------------------------------------------------------
 
 
-def _node(config_file: Path, log_level: str, torch_threads: int) -> int:
+def _node(config_file: Path, log_level: str, torch_threads: int, log_format: str = "text") -> int:
     import torch
     import trio
 
     from p2pfl.config import load_config
+    from p2pfl.runtime.logs import configure_logging
     from p2pfl.runtime.node import Node, run_until_signalled
 
     config = load_config(config_file)
-    logging.basicConfig(
-        level=getattr(logging, log_level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(log_level, log_format)
     if torch_threads < 1:
         raise ConfigError("--torch-threads", torch_threads, "an integer >= 1")
     torch.set_num_threads(torch_threads)
@@ -134,8 +153,90 @@ def _node(config_file: Path, log_level: str, torch_threads: int) -> int:
     try:
         trio.run(run_until_signalled, node)
     except OSError as exc:
-        return _error(f"node.listen = {config.listen!r}: cannot listen ({exc.strerror or exc})")
+        return _error(
+            f"node.listen = {config.listen!r} or node.status_listen = {config.status_listen!r}: "
+            f"cannot listen ({exc.strerror or exc})"
+        )
     return EXIT_OK
+
+
+# -- status ---------------------------------------------------------------------------------
+
+
+def _status(config_file: Path | None, address: str | None, raw: bool, timeout: float) -> int:
+    from p2pfl.config import load_config
+    from p2pfl.runtime.peerx import parse_address
+
+    if config_file is not None:
+        config = load_config(config_file)
+        if config.status_listen is None:
+            raise ConfigError("node.status_listen", None, "set, to query the node's status")
+        target = config.status_listen
+    else:
+        assert address is not None
+        target = address
+    parsed = parse_address(target)
+    if parsed is None:
+        raise ConfigError("--address", target, "host:port, e.g. 127.0.0.1:9101")
+    host, port = parsed
+    try:
+        text = _fetch_metrics(host, port, timeout)
+    except OSError as exc:
+        return _error(f"cannot reach the node's status at {target}: {exc.strerror or exc}")
+    except ValueError as exc:
+        return _error(f"bad answer from {target}: {exc}")
+    if raw:
+        sys.stdout.write(text)
+    else:
+        print(format_status(text), end="")
+    return EXIT_OK
+
+
+def _fetch_metrics(host: str, port: int, timeout: float) -> str:
+    """GET /metrics over HTTP/1.0.
+
+    Raises:
+        OSError: the node cannot be reached or does not answer in time.
+        ValueError: the answer is not a 200 response with a text body.
+    """
+    import socket
+
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.settimeout(timeout)
+        sock.sendall(f"GET /metrics HTTP/1.0\r\nHost: {host}\r\n\r\n".encode("ascii"))
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_STATUS_BYTES:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    data = b"".join(chunks)
+    head, sep, body = data.partition(b"\r\n\r\n")
+    status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    if not sep or status_line.split(" ")[1:2] != ["200"]:
+        raise ValueError(status_line or "empty response")
+    return body.decode("utf-8", errors="replace")
+
+
+def format_status(text: str) -> str:
+    """The metrics of one node as aligned ``name  value`` lines, grouped and readable."""
+    from p2pfl.runtime.status import parse_metrics
+
+    lines: list[str] = []
+    node = ""
+    for name, labels, value in parse_metrics(text):
+        node = labels.get("node", node)
+        short = name.removeprefix("p2pfl_")
+        extra = [f"{k}={v}" for k, v in labels.items() if k != "node"]
+        if extra and value == 0:
+            continue  # all-zero labelled series (rejection reasons, bans) are noise
+        label = f"{short}{{{','.join(extra)}}}" if extra else short
+        whole = math.isfinite(value) and value == int(value)
+        shown = str(int(value)) if whole else f"{value:.4f}"
+        lines.append(f"  {label:<40} {shown}")
+    return f"node {node or '?'}\n" + "\n".join(lines) + "\n"
 
 
 # -- inspect --------------------------------------------------------------------------------

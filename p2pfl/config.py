@@ -9,6 +9,28 @@ Schema (every relative path is relative to the directory of the config file)::
     startup_timeout = 30.0           # seconds to wait for all peers before the first round
     send_queue = 16                  # frames queued per peer before the oldest is dropped
     handshake_timeout = 10.0         # seconds a peer has to complete the handshake
+    status_listen = "127.0.0.1:9101" # optional; Prometheus text on GET /metrics (`p2pfl status`)
+    status_allow_remote = false      # status_listen may name a non-loopback address only if true
+
+    # limits (see README, "Operate a node"); the defaults suit a handful of peers
+    max_peers = 32                   # authenticated connections; >= the number of [[peers]]
+    max_handshakes = 16              # unauthenticated connections at once; more are closed at once
+    max_frame_bytes = 67108864       # largest frame read from a peer (64 MiB)
+    peer_message_rate = 20.0         # frames per second per peer (token bucket) ...
+    peer_message_burst = 40          # ... with this burst; each frame over it is a strike
+    idle_timeout = 60.0              # no frame for this long drops a peer (keep-alives at 1/3)
+    strikes_to_ban = 3               # strikes within 10 minutes that ban a peer's key
+    ban_interval = 300.0             # seconds a ban lasts (bans are kept in memory only)
+    ip_failures_to_ban = 10          # failed handshakes from one IP within ip_failure_window
+    ip_failure_window = 60.0         #   that ban the IP; 0 never bans an IP
+    max_bans = 1024                  # bans remembered per kind (key, IP); soonest-ending evicted
+
+    # peer exchange (see p2pfl/runtime/peerx.py)
+    peer_exchange = true             # advertise connected peers to neighbours, learn theirs
+    peer_exchange_interval = 30.0    # seconds between advertisements
+    peer_exchange_max_per_message = 32
+    max_known_peers = 256            # learned peers remembered (oldest forgotten)
+    accept_unknown_peers = false     # connect to learned peers and accept peers not in [[peers]]
 
     [[peers]]                        # one table per neighbour
     address = "127.0.0.1:7102"       # required
@@ -54,6 +76,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import ipaddress
 import math
 import os
 import tomllib
@@ -121,6 +144,34 @@ class MergeConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """Bounds that keep a node alive under hostile traffic (keys of ``[node]``)."""
+
+    max_peers: int = 32
+    max_handshakes: int = 16
+    max_frame_bytes: int = 64 * 1024 * 1024
+    peer_message_rate: float = 20.0
+    peer_message_burst: int = 40
+    idle_timeout: float = 60.0
+    strikes_to_ban: int = 3
+    ban_interval: float = 300.0
+    ip_failures_to_ban: int = 10
+    ip_failure_window: float = 60.0
+    max_bans: int = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class PeerExchangeConfig:
+    """Peer exchange settings (keys of ``[node]``)."""
+
+    enabled: bool = True
+    interval: float = 30.0
+    max_per_message: int = 32
+    max_known_peers: int = 256
+    accept_unknown_peers: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     """Everything one ``p2pfl node`` needs; see the module docstring for the file format."""
 
@@ -131,6 +182,10 @@ class NodeConfig:
     startup_timeout: float = 30.0
     send_queue: int = 16
     handshake_timeout: float = 10.0
+    status_host: str | None = None
+    status_port: int = 0
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    peer_exchange: PeerExchangeConfig = field(default_factory=PeerExchangeConfig)
     peers: tuple[PeerConfig, ...] = ()
     data: DataConfig = field(default_factory=DataConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
@@ -141,6 +196,13 @@ class NodeConfig:
     @property
     def listen(self) -> str:
         return _format_address(self.listen_host, self.listen_port)
+
+    @property
+    def status_listen(self) -> str | None:
+        """``host:port`` of the status endpoint, or ``None`` when it is off."""
+        if self.status_host is None:
+            return None
+        return _format_address(self.status_host, self.status_port)
 
     def build_learner(self) -> TorchLearner:
         """This node's learner (dataset, partition, model) as the config describes it.
@@ -221,9 +283,36 @@ def config_from_dict(
     startup_timeout = node.seconds("startup_timeout", 30.0)
     send_queue = node.integer("send_queue", 16, minimum=1)
     handshake_timeout = node.seconds("handshake_timeout", 10.0)
+    status_raw = node.get("status_listen", str, None)
+    status_remote = node.get("status_allow_remote", bool, False)
+    status_host: str | None = None
+    status_port = 0
+    if status_raw is not None:
+        status_host, status_port = _parse_address("node.status_listen", status_raw)
+        if not status_remote and not _is_loopback(status_host):
+            _fail(
+                "node.status_listen",
+                status_raw,
+                "a loopback address such as '127.0.0.1:9101' "
+                "(or set node.status_allow_remote = true)",
+            )
+    limits = _parse_limits(node)
+    exchange = PeerExchangeConfig(
+        enabled=node.get("peer_exchange", bool, True),
+        interval=node.seconds("peer_exchange_interval", 30.0),
+        max_per_message=node.integer("peer_exchange_max_per_message", 32, minimum=1),
+        max_known_peers=node.integer("max_known_peers", 256, minimum=0),
+        accept_unknown_peers=node.get("accept_unknown_peers", bool, False),
+    )
     node.finish()
 
     peers = _parse_peers(document.get("peers", []), base_dir)
+    if limits.max_peers < len(peers):
+        _fail(
+            "node.max_peers",
+            limits.max_peers,
+            f"an integer >= the number of [[peers]] ({len(peers)})",
+        )
     data = _parse_data(_Table(document, "data", required=True))
     learner = _parse_learner(_Table(document, "learner"))
     protocol = _parse_protocol(_Table(document, "protocol"))
@@ -241,6 +330,10 @@ def config_from_dict(
         startup_timeout=startup_timeout,
         send_queue=send_queue,
         handshake_timeout=handshake_timeout,
+        status_host=status_host,
+        status_port=status_port,
+        limits=limits,
+        peer_exchange=exchange,
         peers=peers,
         data=data,
         learner=learner,
@@ -250,6 +343,34 @@ def config_from_dict(
     )
     config.build_merge()
     return config
+
+
+def _parse_limits(node: _Table) -> LimitsConfig:
+    rate = node.number("peer_message_rate", 20.0)
+    if rate <= 0:
+        _fail(node.key("peer_message_rate"), rate, "a number of frames per second > 0")
+    return LimitsConfig(
+        max_peers=node.integer("max_peers", 32, minimum=1),
+        max_handshakes=node.integer("max_handshakes", 16, minimum=1),
+        max_frame_bytes=node.integer("max_frame_bytes", 64 * 1024 * 1024, minimum=4096),
+        peer_message_rate=rate,
+        peer_message_burst=node.integer("peer_message_burst", 40, minimum=1),
+        idle_timeout=node.seconds("idle_timeout", 60.0),
+        strikes_to_ban=node.integer("strikes_to_ban", 3, minimum=1),
+        ban_interval=node.seconds("ban_interval", 300.0),
+        ip_failures_to_ban=node.integer("ip_failures_to_ban", 10, minimum=0),
+        ip_failure_window=node.seconds("ip_failure_window", 60.0),
+        max_bans=node.integer("max_bans", 1024, minimum=1),
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class _Table:
@@ -498,9 +619,14 @@ def _format_address(host: str, port: int) -> str:
 
 
 def _type_name(kind: type) -> str:
-    return {str: "string", int: "integer", float: "number", list: "list", dict: "table"}.get(
-        kind, kind.__name__
-    )
+    return {
+        str: "string",
+        int: "integer",
+        float: "number",
+        list: "list",
+        dict: "table",
+        bool: "boolean (true or false)",
+    }.get(kind, kind.__name__)
 
 
 def _fail(key: str, value: object, allowed: str) -> NoReturn:

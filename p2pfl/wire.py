@@ -55,8 +55,30 @@ class MessageKind(IntEnum):
     """Handshake opener; payload is the sender's fresh nonce."""
     HELLO_PROOF = 2
     """Handshake answer; payload is the *peer's* nonce, so the signature proves the key."""
+    KEEPALIVE = 3
+    """Runtime-level liveness frame on an idle connection; empty payload, never reaches a core."""
+    PEER_EXCHANGE = 4
+    """Runtime-level peer advertisement: payload is a msgpack array of ``[address, key]``
+    pairs (``"host:port"``, 32-byte public key), signed by the neighbour that advertises
+    them (see ``p2pfl.runtime.peerx``); never reaches a core."""
     MODEL_UPDATE = 10
     """A model (flat parameter vector) for a round; payload is tensor bytes."""
+    # 20-29: the ``modest`` mode (sampled committees, p2pfl.protocol.modest). Every one may
+    # carry ``meta["view"]``: membership records, each signed by the peer it concerns.
+    MODEST_PING = 20
+    """Availability ping for sample index ``round``; empty payload."""
+    MODEST_PONG = 21
+    """Answer to a ping: ``round`` echoes the ping's; ``meta["ping"]`` its sequence number."""
+    MODEST_TRAINED = 22
+    """A model trained in ``round``, sent to an aggregator of sample ``round + 1``."""
+    MODEST_AGGREGATE = 23
+    """The aggregated model that starts ``round``, sent to the trainers of that sample."""
+    MODEST_ACK = 24
+    """An aggregator took (or no longer needs) the sender's model of ``round``."""
+    MODEST_NACK = 25
+    """An aggregator will not aggregate the model of ``round``: send it elsewhere."""
+    MODEST_MEMBERSHIP = 26
+    """A join or leave announcement: ``meta["view"]`` holds the signed records."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -143,3 +143,80 @@ def test_console_entry_point_runs_as_a_module(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "k.pub").read_text().strip() == result.stdout.strip()
+
+
+def test_status_from_a_config_without_status_listen_is_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = tmp_path / "node.key"
+    Identity.generate().save(key)
+    config = tmp_path / "node.toml"
+    config.write_text(
+        '[node]\nlisten = "127.0.0.1:0"\nkey_file = "node.key"\n[data]\ndataset = "digits"\n'
+    )
+    assert main(["status", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("p2pfl: error: node.status_listen = None:")
+    assert err.count("\n") == 1
+
+
+def test_status_of_a_running_node(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`p2pfl status --config` against a node process started with JSON logs."""
+    import json
+    import socket
+    import time
+
+    key = tmp_path / "node.key"
+    Identity.generate().save(key)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        status_port = probe.getsockname()[1]
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f"""[node]
+listen = "127.0.0.1:0"
+key_file = "node.key"
+status_listen = "127.0.0.1:{status_port}"
+[data]
+dataset = "digits"
+[protocol]
+rounds = 1000000
+local_steps = 1
+"""
+    )
+    log = tmp_path / "node.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "p2pfl.cli",
+                "node",
+                "--config",
+                str(config),
+                "--log-format",
+                "json",
+            ],
+            stderr=sink,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        code = 2
+        while time.monotonic() < deadline and proc.poll() is None:
+            capsys.readouterr()
+            code = main(["status", "--config", str(config), "--timeout", "2"])
+            if code == 0:
+                break
+            time.sleep(0.2)  # polling a starting process: there is nothing to wait on
+        assert code == 0, log.read_text()
+        out = capsys.readouterr().out
+        assert out.startswith("node ")
+        assert re.search(r"^  round +\d+$", out, re.M)
+        assert re.search(r"^  peers_configured +0$", out, re.M)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    events = {record["event"] for record in records}
+    assert {"status_listening", "stopped"} <= events, events
+    assert all({"time", "level", "event", "fields"} <= set(record) for record in records)

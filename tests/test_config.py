@@ -155,7 +155,104 @@ BAD_CASES = [
     ("lr as text", r"lr = 0.1", 'lr = "fast"', "learner.lr = 'fast':"),
     ("unknown merge rule", r'rule = "weighted"', 'rule = "averge"', "merge.rule = 'averge':"),
     ("not toml", r"\[learner\]", "[learner", "config = "),
+    (
+        "status on a public address",
+        r"startup_timeout = 30.0",
+        'startup_timeout = 30.0\nstatus_listen = "0.0.0.0:9101"',
+        "node.status_listen = '0.0.0.0:9101': a loopback address",
+    ),
+    (
+        "status without a port",
+        r"startup_timeout = 30.0",
+        'startup_timeout = 30.0\nstatus_listen = "127.0.0.1"',
+        "node.status_listen = '127.0.0.1':",
+    ),
+    (
+        "fewer max_peers than peers",
+        r"startup_timeout = 30.0",
+        "startup_timeout = 30.0\nmax_peers = 1",
+        "node.max_peers = 1: an integer >= the number of [[peers]] (2)",
+    ),
+    (
+        "accept_unknown_peers as text",
+        r"startup_timeout = 30.0",
+        'startup_timeout = 30.0\naccept_unknown_peers = "yes"',
+        "node.accept_unknown_peers = 'yes': a boolean",
+    ),
+    (
+        "zero message rate",
+        r"startup_timeout = 30.0",
+        "startup_timeout = 30.0\npeer_message_rate = 0",
+        "node.peer_message_rate = 0.0:",
+    ),
+    (
+        "zero idle timeout",
+        r"startup_timeout = 30.0",
+        "startup_timeout = 30.0\nidle_timeout = 0",
+        "node.idle_timeout = 0.0:",
+    ),
+    (
+        "zero handshakes",
+        r"startup_timeout = 30.0",
+        "startup_timeout = 30.0\nmax_handshakes = 0",
+        "node.max_handshakes = 0: an integer >= 1",
+    ),
 ]
+
+
+def test_limits_status_and_peer_exchange_keys(example: Path) -> None:
+    path = example / "node1.toml"
+    path.write_text(
+        path.read_text().replace(
+            "startup_timeout = 30.0",
+            """startup_timeout = 30.0
+status_listen = "127.0.0.1:9101"
+max_peers = 8
+max_handshakes = 4
+max_frame_bytes = 1048576
+peer_message_rate = 5
+peer_message_burst = 10
+idle_timeout = 20
+strikes_to_ban = 2
+ban_interval = 60
+ip_failures_to_ban = 0
+ip_failure_window = 30
+max_bans = 64
+peer_exchange = false
+peer_exchange_interval = 10
+peer_exchange_max_per_message = 4
+max_known_peers = 16
+accept_unknown_peers = true""",
+        )
+    )
+    config = load_config(path)
+    assert config.status_listen == "127.0.0.1:9101"
+    limits = config.limits
+    assert (limits.max_peers, limits.max_handshakes, limits.max_frame_bytes) == (8, 4, 1 << 20)
+    assert (limits.peer_message_rate, limits.peer_message_burst) == (5.0, 10)
+    assert (limits.idle_timeout, limits.strikes_to_ban, limits.ban_interval) == (20.0, 2, 60.0)
+    assert (limits.ip_failures_to_ban, limits.ip_failure_window, limits.max_bans) == (0, 30.0, 64)
+    exchange = config.peer_exchange
+    assert not exchange.enabled and exchange.accept_unknown_peers
+    assert (exchange.interval, exchange.max_per_message, exchange.max_known_peers) == (10.0, 4, 16)
+
+
+def test_limits_defaults(example: Path) -> None:
+    config = load_config(example / "node1.toml")
+    assert config.status_listen is None
+    assert config.limits.max_peers == 32 and config.limits.strikes_to_ban == 3
+    assert config.peer_exchange.enabled and not config.peer_exchange.accept_unknown_peers
+
+
+def test_status_may_listen_remotely_when_allowed(example: Path) -> None:
+    path = example / "node1.toml"
+    path.write_text(
+        path.read_text().replace(
+            "startup_timeout = 30.0",
+            'startup_timeout = 30.0\nstatus_listen = "0.0.0.0:9101"\nstatus_allow_remote = true',
+        )
+    )
+    assert load_config(path).status_listen == "0.0.0.0:9101"
 
 
 @pytest.mark.parametrize(

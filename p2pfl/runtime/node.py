@@ -14,7 +14,7 @@ actions, none of which blocks it for long:
 ``StartTraining``  ``learner.train`` in a worker thread; its result comes back as an event
 ``SaveCheckpoint`` atomic checkpoint file, then evaluation (worker thread) and a round log line
 ``Disconnect``     close that peer's connection
-``PeerMisbehaved`` log and count; the third strike closes the connection and bans the peer
+``PeerMisbehaved`` log and count a strike; ``strikes_to_ban`` strikes ban the peer's key
 ``Emit``           one JSON log line
 ``Stop``           leave the loop, flush the send queues (bounded), close everything
 =================  ==========================================================================
@@ -24,10 +24,25 @@ accepts, and only from configured peers with a smaller key, so two nodes never h
 connections. ``Started`` is delivered once every configured peer is connected, or after
 ``startup_timeout``, so the first rounds are not run alone. A node restarts from its
 checkpoint (round and model) when one exists.
+
+Defences (see README, "Operate a node"). Before a handshake: a banned remote IP is closed at
+once; so is every accepted socket beyond ``max_handshakes`` concurrent handshakes; a failed
+handshake counts against the remote IP (``ip_failures_to_ban`` within ``ip_failure_window``
+bans it). After it: a banned key is refused; each connection has a token bucket
+(``peer_message_rate``, ``peer_message_burst``) whose every refused frame is a strike, and an
+idle watchdog; unusable frames and the core's ``PeerMisbehaved`` are strikes too;
+``strikes_to_ban`` strikes ban the key for ``ban_interval`` seconds and close the connection.
+Runtime-level kinds (``KEEPALIVE``, ``PEER_EXCHANGE``) are handled here and never reach the
+core; learned peers (:mod:`p2pfl.runtime.peerx`) are dialled only when
+``accept_unknown_peers`` is set, and since the core's neighbours are fixed when it is built,
+a learned peer's connection carries keep-alives and peer exchange but no models. Every table
+is bounded (bans, failure counters, strikes, the peer book), so bad traffic costs bounded
+memory. ``status_listen`` serves :class:`~p2pfl.runtime.status.Metrics` as Prometheus text.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -43,7 +58,14 @@ import trio
 
 from p2pfl.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, vector_digest
 from p2pfl.config import NodeConfig, PeerConfig
-from p2pfl.errors import ConfigError, HandshakeFailed, NodeClosedError, WireError
+from p2pfl.errors import (
+    BadSignature,
+    ConfigError,
+    FrameTooLarge,
+    HandshakeFailed,
+    NodeClosedError,
+    WireError,
+)
 from p2pfl.identity import Identity, NodeId
 from p2pfl.learn.base import Learner
 from p2pfl.merge.base import MergeRule
@@ -67,15 +89,29 @@ from p2pfl.protocol.events import (
     Started,
     TrainingFinished,
 )
+from p2pfl.runtime.limits import BanList, FailureCounter, TokenBucket
+from p2pfl.runtime.logs import log_event
 from p2pfl.runtime.peer import Backoff, PeerConnection
+from p2pfl.runtime.peerx import PeerAd, PeerBook, decode_ads, parse_address, seal_ads
+from p2pfl.runtime.status import Metrics, serve_status
 from p2pfl.runtime.transport import FrameStream, handshake
-from p2pfl.wire import Envelope
+from p2pfl.wire import Envelope, Limits, MessageKind, seal
 
 log = logging.getLogger("p2pfl.node")
 
 EVENT_QUEUE = 256
 STRIKES_TO_DISCONNECT = 3
-BAN_INTERVAL = 60.0
+"""The default of ``node.strikes_to_ban``."""
+STRIKE_WINDOW = 600.0
+"""Strikes older than this (seconds) are forgotten."""
+MAX_STRIKE_ENTRIES = 1024
+MAX_IP_ENTRIES = 4096
+"""Remote IPs whose handshake failures are counted at once (least recent forgotten)."""
+LEARNED_DIAL_ATTEMPTS = 3
+RUNTIME_KINDS = frozenset(
+    {MessageKind.HELLO, MessageKind.HELLO_PROOF, MessageKind.KEEPALIVE, MessageKind.PEER_EXCHANGE}
+)
+"""Kinds the runtime consumes itself; every other kind goes to the protocol core."""
 FLUSH_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 5.0
 
@@ -142,6 +178,7 @@ class Node:
         self._backoff = backoff or Backoff()
         self._jitter = random.Random()
         self.port: int | None = None
+        self.status_port: int | None = None
         self.history: list[dict[str, Any]] = []
         self.stats: dict[str, int] = {
             "messages_received": 0,
@@ -186,8 +223,21 @@ class Node:
 
         self._peers_by_id: dict[NodeId, PeerConfig] = {p.node_id: p for p in config.peers}
         self._connections: dict[NodeId, PeerConnection] = {}
-        self._strikes: dict[NodeId, int] = {}
-        self._banned_until: dict[NodeId, float] = {}
+        limits = config.limits
+        self.limits = limits
+        self._frame_limits = Limits(max_frame_bytes=limits.max_frame_bytes)
+        self._strikes = FailureCounter[NodeId](MAX_STRIKE_ENTRIES, STRIKE_WINDOW)
+        self.key_bans = BanList[NodeId](limits.max_bans)
+        self.ip_bans = BanList[str](limits.max_bans)
+        self._ip_failures = FailureCounter[str](MAX_IP_ENTRIES, limits.ip_failure_window)
+        self._buckets: dict[NodeId, TokenBucket] = {}
+        self._exchange_buckets: dict[NodeId, TokenBucket] = {}
+        self._handshakes = 0
+        self.peer_book = PeerBook(config.peer_exchange.max_known_peers)
+        self._learned_dials: set[NodeId] = set()
+        self._learned_addresses: dict[NodeId, str] = {}
+        self.metrics = Metrics()
+        self._bind_metrics()
         self._train_loss: dict[int, float] = {}
         self._events_send, self._events_receive = trio.open_memory_channel[Event](EVENT_QUEUE)
         self._evals_send, self._evals_receive = trio.open_memory_channel[
@@ -207,6 +257,15 @@ class Node:
     def connected_peers(self) -> list[NodeId]:
         """Peers with an authenticated connection now."""
         return list(self._connections)
+
+    @property
+    def handshakes_in_progress(self) -> int:
+        """Accepted connections still in their handshake."""
+        return self._handshakes
+
+    def render_metrics(self) -> str:
+        """The status endpoint's body: every metric in the Prometheus text format."""
+        return self.metrics.render(node=self.node_id.short())
 
     async def wait_rounds(self, count: int) -> None:
         """Return once :attr:`history` holds at least ``count`` rounds (or the node stopped)."""
@@ -249,9 +308,28 @@ class Node:
             len(self.config.peers),
             self.start_round,
         )
+        status_listeners: list[trio.SocketListener] = []
         try:
             async with trio.open_nursery() as nursery:
+                if self.config.status_host is not None:
+                    status_listeners = await trio.open_tcp_listeners(
+                        self.config.status_port, host=self.config.status_host
+                    )
+                    self.status_port = int(status_listeners[0].socket.getsockname()[1])
+                    await nursery.start(serve_status, status_listeners, self.render_metrics)
+                    log_event(
+                        log,
+                        logging.INFO,
+                        "status_listening",
+                        "status endpoint on http://%s:%d/metrics",
+                        self.config.status_host,
+                        self.status_port,
+                        host=self.config.status_host,
+                        port=self.status_port,
+                    )
                 await nursery.start(trio.serve_listeners, self._accept, listeners)
+                if self.config.peer_exchange.enabled:
+                    nursery.start_soon(self._exchange_peers)
                 for peer in self.config.peers:
                     if self.node_id < peer.node_id:
                         nursery.start_soon(self._dial, peer, name=f"dial {peer.address}")
@@ -275,16 +353,22 @@ class Node:
             for connection in list(self._connections.values()):
                 connection.close()
             with trio.CancelScope(shield=True):
-                for listener in listeners:
+                for listener in [*listeners, *status_listeners]:
                     await listener.aclose()
             self.finished.set()
             self._history_changed.set()
-            log.info(
+            log_event(
+                log,
+                logging.INFO,
+                "stopped",
                 "node %s stopped (%s) at round %d; stats %s",
                 self.node_id,
                 self.stop_reason or "cancelled",
                 self.core.round,
                 json.dumps(self.stats, sort_keys=True),
+                reason=self.stop_reason or "cancelled",
+                round=self.core.round,
+                **self.stats,
             )
 
     # -- the pump -------------------------------------------------------------------------
@@ -309,17 +393,36 @@ class Node:
             case SaveCheckpoint(round=round_, vector=vector):
                 await self._save(round_, vector)
             case Disconnect(peer=peer, reason=reason):
-                log.info("disconnecting %s: %s", peer, reason)
+                log_event(
+                    log,
+                    logging.INFO,
+                    "disconnect",
+                    "disconnecting %s: %s",
+                    peer,
+                    reason,
+                    peer=peer.hex(),
+                    reason=reason,
+                )
                 connection = self._connections.get(peer)
                 if connection is not None:
                     connection.close()
             case PeerMisbehaved(peer=peer, reason=reason):
+                self.metrics.inc("frames_rejected_total", label="protocol")
                 self._strike(peer, reason)
             case Emit(name=name, fields=fields):
-                log.info(json.dumps({"event": name, "node": self.node_id.short(), **fields}))
+                record = {"event": name, "node": self.node_id.short(), **fields}
+                log_event(log, logging.INFO, name, "%s", json.dumps(record), **fields)
             case Stop(reason=reason):
                 self.stop_reason = reason
-                log.info("node %s finished: %s", self.node_id, reason)
+                log_event(
+                    log,
+                    logging.INFO,
+                    "finished",
+                    "node %s finished: %s",
+                    self.node_id,
+                    reason,
+                    reason=reason,
+                )
             case _:
                 assert_never(action)
 
@@ -330,6 +433,7 @@ class Node:
             return
         if not connection.enqueue(envelope):
             self.stats["frames_dropped"] += 1
+            self.metrics.inc("queue_drops_total")
             log.debug("send queue to %s full; dropped the oldest frame", peer)
 
     async def _train(self, action: StartTraining) -> None:
@@ -364,7 +468,13 @@ class Node:
                 self.history.append(entry)
                 self._history_changed.set()
                 self._history_changed = trio.Event()
-                log.info(
+                self.metrics.set("last_train_loss", entry["loss"])
+                self.metrics.set("last_test_loss", result.loss)
+                self.metrics.set("last_test_accuracy", result.accuracy)
+                log_event(
+                    log,
+                    logging.INFO,
+                    "round",
                     "node %s round=%d loss=%.4f test_loss=%.4f test_accuracy=%.4f peers=%d",
                     self.node_id,
                     completed,
@@ -372,6 +482,8 @@ class Node:
                     result.loss,
                     result.accuracy,
                     peers,
+                    node=self.node_id.short(),
+                    **entry,
                 )
         finally:
             done.set()
@@ -385,90 +497,244 @@ class Node:
             await self._all_connected.wait()
         missing = [p.address for p in self.config.peers if p.node_id not in self._connections]
         if missing:
-            log.warning(
+            log_event(
+                log,
+                logging.WARNING,
+                "startup_incomplete",
                 "starting without %d peers after %gs: %s",
                 len(missing),
                 self.config.startup_timeout,
                 ", ".join(missing),
+                missing=missing,
             )
         await self._events_send.send(Started())
 
-    def _is_banned(self, peer: NodeId) -> bool:
-        return self._banned_until.get(peer, -math.inf) > trio.current_time()
+    def _bind_metrics(self) -> None:
+        metrics = self.metrics
+        metrics.bind("round", lambda: float(self.core.round))
+        metrics.bind("rounds_total", lambda: float(self.config.protocol.rounds))
+        metrics.bind("peers_connected", lambda: float(len(self._connections)))
+        metrics.bind("peers_configured", lambda: float(len(self._peers_by_id)))
+        metrics.bind("peers_known", lambda: float(len(self.peer_book)))
+        metrics.bind("handshakes_in_progress", lambda: float(self._handshakes))
+        metrics.bind("bans_active", lambda: float(self.key_bans.active(trio.current_time())), "key")
+        metrics.bind("bans_active", lambda: float(self.ip_bans.active(trio.current_time())), "ip")
+        for name in ("last_train_loss", "last_test_loss", "last_test_accuracy"):
+            metrics.set(name, math.nan)
 
-    def _may_accept(self, peer: NodeId) -> bool:
-        # Only peers with a smaller key dial us; refusing the others keeps one connection
+    def _is_banned(self, peer: NodeId) -> bool:
+        return self.key_bans.is_banned(peer, trio.current_time())
+
+    def _learned_connections(self) -> int:
+        return sum(1 for peer in self._connections if peer not in self._peers_by_id)
+
+    def _learned_slots(self) -> int:
+        """Connections to non-configured peers still allowed (configured peers keep theirs)."""
+        allowed = self.limits.max_peers - len(self._peers_by_id)
+        return allowed - self._learned_connections() - len(self._learned_dials)
+
+    def _refusal(self, peer: NodeId) -> str | None:
+        """Why an accepted connection from ``peer`` is refused, or ``None`` to accept it."""
+        if self._is_banned(peer):
+            return "banned_key"
+        # Only the peer with the smaller key dials; refusing the others keeps one connection
         # per pair even if a peer is misconfigured.
-        return peer in self._peers_by_id and peer < self.node_id and not self._is_banned(peer)
+        if not peer < self.node_id:
+            return "handshake"
+        if peer in self._peers_by_id:
+            return None
+        if not self.config.peer_exchange.accept_unknown_peers:
+            return "handshake"
+        if peer in self._connections:
+            return None  # a reconnect replaces the old connection
+        return None if self._learned_slots() > 0 else "peer_limit"
+
+    def _reject(self, reason: str) -> None:
+        self.metrics.inc("frames_rejected_total", label=reason)
 
     async def _accept(self, stream: trio.SocketStream) -> None:
-        frames = FrameStream(stream)
+        self.metrics.inc("connections_accepted_total")
+        frames = FrameStream(stream, self._frame_limits)
         try:
             address = _format_sockname(stream)
+            ip = _remote_ip(stream)
+            if ip is not None and self.ip_bans.is_banned(ip, trio.current_time()):
+                self._reject("banned_ip")
+                return
+            if self._handshakes >= self.limits.max_handshakes:
+                self._reject("handshake_limit")
+                return
+            refusals: list[str] = []
+
+            def known(peer: NodeId) -> bool:
+                reason = self._refusal(peer)
+                if reason is not None:
+                    refusals.append(reason)
+                return reason is None
+
+            self._handshakes += 1
             try:
                 result = await handshake(
                     frames,
                     self.identity,
-                    known=self._may_accept,
+                    known=known,
                     timeout=self.config.handshake_timeout,
                 )
             except HandshakeFailed as exc:
-                self.stats["handshakes_failed"] += 1
-                log.warning("refused connection from %s: %s", address, exc)
+                self._handshake_failed(exc, refusals[0] if refusals else None, address, ip)
                 return
             except NodeClosedError:
                 return
+            finally:
+                self._handshakes -= 1
             await self._serve(frames, result.peer, address)
         finally:
             await frames.aclose()
 
+    def _handshake_failed(
+        self, exc: HandshakeFailed, refusal: str | None, address: str, ip: str | None
+    ) -> None:
+        self.stats["handshakes_failed"] += 1
+        self.metrics.inc("handshakes_failed_total")
+        self._reject(refusal or _wire_reason(exc.__cause__, default="handshake"))
+        log_event(
+            log,
+            logging.INFO,
+            "handshake_failed",
+            "refused connection from %s: %s",
+            address,
+            exc,
+            address=address,
+            reason=str(exc),
+        )
+        threshold = self.limits.ip_failures_to_ban
+        if ip is None or threshold == 0:
+            return
+        now = trio.current_time()
+        if self._ip_failures.record(ip, now) >= threshold:
+            self._ip_failures.forget(ip)
+            self.ip_bans.ban(ip, now + self.limits.ban_interval, now=now)
+            self.metrics.inc("bans_total", label="ip")
+            log_event(
+                log,
+                logging.WARNING,
+                "banned",
+                "banned IP %s for %g s after %d failed handshakes",
+                ip,
+                self.limits.ban_interval,
+                threshold,
+                ip=ip,
+                kind="ip",
+                seconds=self.limits.ban_interval,
+            )
+
     async def _dial(self, peer: PeerConfig) -> None:
         attempt = 0
         while True:
-            ban_ends = self._banned_until.get(peer.node_id, -math.inf)
-            if ban_ends > trio.current_time():
+            ban_ends = self.key_bans.banned_until(peer.node_id, trio.current_time())
+            if ban_ends is not None:
                 await trio.sleep_until(ban_ends)
-            stream: trio.SocketStream | None = None
-            with trio.move_on_after(CONNECT_TIMEOUT):
-                try:
-                    stream = await trio.open_tcp_stream(peer.host, peer.port)
-                except OSError as exc:
-                    log.debug("connecting to %s failed: %s", peer.address, exc)
-            if stream is not None:
-                frames = FrameStream(stream)
-                try:
-                    try:
-                        await handshake(
-                            frames,
-                            self.identity,
-                            expected=peer.node_id,
-                            timeout=self.config.handshake_timeout,
-                        )
-                    except HandshakeFailed as exc:
-                        self.stats["handshakes_failed"] += 1
-                        log.warning("handshake with %s failed: %s", peer.address, exc)
-                    else:
-                        attempt = 0
-                        await self._serve(frames, peer.node_id, peer.address)
-                finally:
-                    await frames.aclose()
+            if await self._dial_once(peer.node_id, peer.host, peer.port, peer.address):
+                attempt = 0
             await trio.sleep(self._backoff.delay(attempt, self._jitter))
             attempt += 1
 
+    async def _dial_once(self, peer: NodeId, host: str, port: int, address: str) -> bool:
+        """Connect, authenticate and serve ``peer`` until the connection ends.
+
+        Returns:
+            whether the handshake succeeded.
+        """
+        stream: trio.SocketStream | None = None
+        with trio.move_on_after(CONNECT_TIMEOUT):
+            try:
+                stream = await trio.open_tcp_stream(host, port)
+            except OSError as exc:
+                log.debug("connecting to %s failed: %s", address, exc)
+        if stream is None:
+            return False
+        frames = FrameStream(stream, self._frame_limits)
+        try:
+            try:
+                await handshake(
+                    frames,
+                    self.identity,
+                    expected=peer,
+                    timeout=self.config.handshake_timeout,
+                )
+            except HandshakeFailed as exc:
+                self.stats["handshakes_failed"] += 1
+                self.metrics.inc("handshakes_failed_total")
+                log_event(
+                    log,
+                    logging.WARNING,
+                    "handshake_failed",
+                    "handshake with %s failed: %s",
+                    address,
+                    exc,
+                    address=address,
+                    reason=str(exc),
+                )
+                return False
+            await self._serve(frames, peer, address)
+            return True
+        finally:
+            await frames.aclose()
+
+    async def _dial_learned(self, ad: PeerAd) -> None:
+        """Try a learned peer a few times; forget it if it never answers as itself."""
+        host, port = ad.host_port
+        try:
+            for attempt in range(LEARNED_DIAL_ATTEMPTS):
+                if self._is_banned(ad.node_id) or ad.node_id in self._connections:
+                    return
+                if await self._dial_once(ad.node_id, host, port, ad.address):
+                    return
+                await trio.sleep(self._backoff.delay(attempt, self._jitter))
+            self.peer_book.forget(ad.node_id)
+        finally:
+            self._learned_dials.discard(ad.node_id)
+
     async def _serve(self, frames: FrameStream, peer: NodeId, address: str) -> None:
         """Register an authenticated connection, run it, and report its end."""
+        now = trio.current_time()
+        limits = self.limits
         connection = PeerConnection(
-            peer, frames, queue_capacity=self.config.send_queue, address=address
+            peer,
+            frames,
+            queue_capacity=self.config.send_queue,
+            address=address,
+            idle_timeout=limits.idle_timeout,
+            keepalive=self._keepalive,
+            metrics=self.metrics,
         )
+        configured = peer in self._peers_by_id
         previous = self._connections.get(peer)
         self._connections[peer] = connection
+        self._buckets[peer] = TokenBucket(
+            limits.peer_message_rate, limits.peer_message_burst, now=now
+        )
+        interval = self.config.peer_exchange.interval
+        self._exchange_buckets[peer] = TokenBucket(2.0 / interval, 2.0, now=now)
         if previous is not None:
             log.info("%s reconnected; replacing the old connection", peer)
             previous.close()
-            await self._events_send.send(PeerDisconnected(peer))
-        log.info("connected to %s at %s", peer, address)
-        await self._events_send.send(PeerConnected(peer))
-        if len(self._connections) == len(self._peers_by_id):
+            if configured:
+                await self._events_send.send(PeerDisconnected(peer))
+        log_event(
+            log,
+            logging.INFO,
+            "peer_connected",
+            "connected to %s at %s",
+            peer,
+            address,
+            peer=peer.hex(),
+            address=address,
+            configured=configured,
+        )
+        if configured:
+            await self._events_send.send(PeerConnected(peer))
+        if all(p in self._connections for p in self._peers_by_id):
             self._all_connected.set()
         gone = False
         try:
@@ -476,32 +742,192 @@ class Node:
         finally:
             if self._connections.get(peer) is connection:
                 del self._connections[peer]
+                self._buckets.pop(peer, None)
+                self._exchange_buckets.pop(peer, None)
                 gone = True
+        if connection.timed_out:
+            self._reject("idle")
         if gone:
-            log.info("disconnected from %s", peer)
-            await self._events_send.send(PeerDisconnected(peer))
+            log_event(
+                log,
+                logging.INFO,
+                "peer_disconnected",
+                "disconnected from %s%s",
+                peer,
+                " (idle)" if connection.timed_out else "",
+                peer=peer.hex(),
+                idle=connection.timed_out,
+            )
+            if configured:
+                await self._events_send.send(PeerDisconnected(peer))
+
+    def _keepalive(self) -> Envelope:
+        return seal(
+            self.identity, MessageKind.KEEPALIVE, seq=time.time_ns() // 1000, round=0, payload=b""
+        )
 
     async def _on_message(self, peer: NodeId, envelope: Envelope) -> None:
-        self.stats["messages_received"] += 1
-        await self._events_send.send(MessageReceived(peer, envelope))
+        bucket = self._buckets.get(peer)
+        if bucket is not None and not bucket.take(trio.current_time()):
+            self._reject("rate")
+            self._strike(peer, f"more than {self.limits.peer_message_rate:g} frames/s")
+            return
+        kind = envelope.kind
+        if kind not in RUNTIME_KINDS:
+            # Everything else belongs to the protocol core, which judges it; learned peers
+            # are not its neighbours, so their protocol messages are dropped here.
+            if peer not in self._peers_by_id:
+                self._reject("unexpected_kind")
+                return
+            self.stats["messages_received"] += 1
+            await self._events_send.send(MessageReceived(peer, envelope))
+            return
+        if envelope.sender != peer:
+            self._reject("protocol")
+            self._strike(peer, f"{kind.name} signed by {envelope.sender}, not by the peer")
+            return
+        if kind is MessageKind.KEEPALIVE:
+            return
+        if kind is MessageKind.PEER_EXCHANGE:
+            self._on_peer_exchange(peer, envelope)
+            return
+        self._reject("unexpected_kind")  # a handshake frame after the handshake
+        self._strike(peer, f"unexpected {kind.name} after the handshake")
+
+    def _on_peer_exchange(self, peer: NodeId, envelope: Envelope) -> None:
+        settings = self.config.peer_exchange
+        now = trio.current_time()
+        bucket = self._exchange_buckets.get(peer)
+        if bucket is not None and not bucket.take(now):
+            self._reject("rate")
+            return
+        try:
+            ads = decode_ads(
+                envelope.payload,
+                max_per_message=settings.max_per_message,
+                max_payload_bytes=settings.max_per_message * 320 + 16,
+            )
+        except WireError as exc:
+            self._reject("malformed")
+            self._strike(peer, f"bad peer list: {exc}")
+            return
+        new = self.peer_book.learn(
+            ads,
+            advertiser=peer,
+            own=self.node_id,
+            now=now,
+            skip=lambda key: key in self._peers_by_id or self._is_banned(key),
+        )
+        if not new:
+            return
+        self.metrics.inc("peer_exchange_learned_total", len(new))
+        log_event(
+            log,
+            logging.INFO,
+            "peers_learned",
+            "learned %d peers from %s",
+            len(new),
+            peer,
+            advertiser=peer.hex(),
+            peers=[f"{ad.node_id.short()}@{ad.address}" for ad in new],
+        )
+        if settings.accept_unknown_peers and self._nursery is not None:
+            for ad in new:
+                # The smaller key dials, as for configured peers.
+                if self.node_id < ad.node_id and self._learned_slots() > 0:
+                    self._learned_dials.add(ad.node_id)
+                    self._learned_addresses[ad.node_id] = ad.address
+                    self._nursery.start_soon(self._dial_learned, ad)
+
+    def _advertisement(self) -> list[PeerAd]:
+        """Connected peers this node can vouch for and whose listening address it knows."""
+        ads: list[PeerAd] = []
+        for peer in self._connections:
+            config = self._peers_by_id.get(peer)
+            address = config.address if config is not None else self._learned_addresses.get(peer)
+            if address is not None and parse_address(address) is not None:
+                ads.append(PeerAd(address, peer))
+        limit = self.config.peer_exchange.max_per_message
+        if len(ads) > limit:
+            ads = self._jitter.sample(ads, limit)
+        return ads
+
+    async def _exchange_peers(self) -> None:
+        interval = self.config.peer_exchange.interval
+        while True:
+            await trio.sleep(interval * self._jitter.uniform(0.8, 1.2))
+            ads = self._advertisement()
+            if not ads:
+                continue
+            envelope = seal_ads(self.identity, ads, seq=time.time_ns() // 1000)
+            for peer, connection in list(self._connections.items()):
+                if len(ads) == 1 and ads[0].node_id == peer:
+                    continue
+                if not connection.enqueue(envelope):
+                    self.metrics.inc("queue_drops_total")
 
     async def _on_wire_error(self, peer: NodeId, exc: WireError) -> None:
         self.stats["wire_errors"] += 1
+        self._reject(_wire_reason(exc, default="malformed"))
         self._strike(peer, f"unusable frame: {exc}")
 
     def _strike(self, peer: NodeId, reason: str) -> None:
         self.stats["misbehaviour"] += 1
-        strikes = self._strikes.get(peer, 0) + 1
-        log.warning("peer %s misbehaved (%d/%d): %s", peer, strikes, STRIKES_TO_DISCONNECT, reason)
-        if strikes < STRIKES_TO_DISCONNECT:
-            self._strikes[peer] = strikes
+        self.metrics.inc("strikes_total")
+        now = trio.current_time()
+        needed = self.limits.strikes_to_ban
+        strikes = self._strikes.record(peer, now)
+        log_event(
+            log,
+            logging.WARNING,
+            "strike",
+            "peer %s misbehaved (%d/%d): %s",
+            peer,
+            strikes,
+            needed,
+            reason,
+            peer=peer.hex(),
+            strikes=strikes,
+            reason=reason,
+        )
+        if strikes < needed:
             return
-        self._strikes.pop(peer, None)
-        self._banned_until[peer] = trio.current_time() + BAN_INTERVAL
+        self._strikes.forget(peer)
+        self.key_bans.ban(peer, now + self.limits.ban_interval, now=now)
+        self.metrics.inc("bans_total", label="key")
+        self.peer_book.forget(peer)
         connection = self._connections.get(peer)
+        log_event(
+            log,
+            logging.WARNING,
+            "banned",
+            "banned peer %s for %g s after %d strikes",
+            peer,
+            self.limits.ban_interval,
+            needed,
+            peer=peer.hex(),
+            kind="key",
+            seconds=self.limits.ban_interval,
+        )
         if connection is not None:
-            log.warning("disconnecting %s after %d strikes", peer, STRIKES_TO_DISCONNECT)
             connection.close()
+
+
+def _wire_reason(exc: BaseException | None, *, default: str) -> str:
+    """The ``frames_rejected_total`` reason for a wire error."""
+    if isinstance(exc, FrameTooLarge):
+        return "oversized"
+    if isinstance(exc, BadSignature):
+        return "bad_signature"
+    if isinstance(exc, WireError):
+        return "malformed"
+    return default
+
+
+def _remote_ip(stream: trio.SocketStream) -> str | None:
+    with contextlib.suppress(OSError):
+        return str(stream.socket.getpeername()[0])
+    return None
 
 
 async def run_until_signalled(node: Node) -> None:

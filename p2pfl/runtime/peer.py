@@ -14,14 +14,20 @@ handshake and runs two tasks on it:
   event channel). A frame that fails verification is reported and skipped, since the stream
   is still in step; an oversized frame or a broken stream ends the connection.
 
-When either task ends, the other is cancelled and the stream closed. :class:`Dialler` keeps a
-connection to one configured peer alive: connect, handshake, run, and on failure wait an
-exponentially growing, jittered delay before the next attempt.
+- the *watchdog* (when an ``idle_timeout`` is given) ends the connection once no whole frame
+  arrived for ``idle_timeout`` seconds, and queues a small signed ``KEEPALIVE`` frame once
+  this side sent nothing for ``idle_timeout / 3`` seconds, so an idle but healthy link stays
+  up. A peer that trickles a frame byte by byte is dropped too: only whole frames count.
+
+When any task ends, the others are cancelled and the stream closed. The node keeps
+connections to configured peers alive by redialling with :class:`Backoff` delays:
+exponentially growing and jittered.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -30,6 +36,7 @@ import trio
 
 from p2pfl.errors import FrameTooLarge, NodeClosedError, TransportBroken, WireError
 from p2pfl.identity import NodeId
+from p2pfl.runtime.status import Metrics
 from p2pfl.runtime.transport import FrameStream
 from p2pfl.wire import Envelope
 
@@ -52,9 +59,30 @@ class PeerConnection:
         *,
         queue_capacity: int = DEFAULT_SEND_QUEUE,
         address: str = "",
+        idle_timeout: float | None = None,
+        keepalive: Callable[[], Envelope] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        """Wrap an authenticated stream; nothing runs until :meth:`run`.
+
+        Args:
+            peer: the key the handshake authenticated.
+            frames: the stream, after the handshake.
+            queue_capacity: envelopes queued before the oldest is dropped.
+            address: for logs.
+            idle_timeout: seconds without a whole received frame before the connection is
+                dropped; ``None`` never.
+            keepalive: makes the frame sent on a connection this side left idle for
+                ``idle_timeout / 3`` seconds; ``None`` sends none.
+            metrics: frame and byte counters to add to.
+
+        Raises:
+            ValueError: ``queue_capacity`` < 1 or ``idle_timeout`` <= 0.
+        """
         if queue_capacity < 1:
             raise ValueError("queue_capacity must be >= 1")
+        if idle_timeout is not None and not idle_timeout > 0:
+            raise ValueError("idle_timeout must be > 0")
         self.peer = peer
         self.frames = frames
         self.address = address
@@ -67,6 +95,14 @@ class PeerConnection:
         self._writing = False
         self._cancel = trio.CancelScope()
         self.closed = trio.Event()
+        self.idle_timeout = idle_timeout
+        self._keepalive = keepalive
+        self._metrics = metrics
+        self.last_received_at = -math.inf
+        self.last_sent_at = -math.inf
+        self.timed_out = False
+        """Whether the watchdog ended the connection (no frame for ``idle_timeout``)."""
+        self.keepalives_sent = 0
 
     def enqueue(self, envelope: Envelope) -> bool:
         """Queue ``envelope`` for sending without ever blocking.
@@ -109,6 +145,8 @@ class PeerConnection:
         on_wire_error: WireErrorCallback,
     ) -> None:
         """Send and receive until the stream breaks or :meth:`close` is called; then close it."""
+        now = trio.current_time()
+        self.last_received_at = self.last_sent_at = now
         try:
             with self._cancel:
                 async with trio.open_nursery() as nursery:
@@ -116,6 +154,8 @@ class PeerConnection:
                     nursery.start_soon(
                         self._receiver, on_message, on_wire_error, nursery.cancel_scope
                     )
+                    if self.idle_timeout is not None:
+                        nursery.start_soon(self._watchdog, self.idle_timeout, nursery.cancel_scope)
         finally:
             self.closed.set()
             self._idle.set()
@@ -129,9 +169,14 @@ class PeerConnection:
                     self._idle.set()
                 envelope = await self._queue_receive.receive()
                 self._writing = True
+                before = self.frames.bytes_sent
                 await self.frames.send(envelope)
                 self._writing = False
                 self.sent += 1
+                self.last_sent_at = trio.current_time()
+                if self._metrics is not None:
+                    self._metrics.inc("frames_out_total")
+                    self._metrics.inc("bytes_out_total", self.frames.bytes_sent - before)
         except (TransportBroken, NodeClosedError) as exc:
             log.debug("send to %s ended: %s", self.peer, exc)
         finally:
@@ -146,21 +191,54 @@ class PeerConnection:
     ) -> None:
         try:
             while True:
+                before = self.frames.bytes_received
                 try:
                     envelope = await self.frames.receive()
                 except FrameTooLarge as exc:
                     await on_wire_error(self.peer, exc)
                     return
                 except WireError as exc:
+                    self._count_in(before)
                     await on_wire_error(self.peer, exc)
                     continue
                 if envelope is None:
                     log.debug("%s closed the connection", self.peer)
                     return
                 self.received += 1
+                self._count_in(before)
                 await on_message(self.peer, envelope)
         except (TransportBroken, NodeClosedError) as exc:
             log.debug("receive from %s ended: %s", self.peer, exc)
+        finally:
+            scope.cancel()
+
+    def _count_in(self, before: int) -> None:
+        self.last_received_at = trio.current_time()
+        if self._metrics is not None:
+            self._metrics.inc("frames_in_total")
+            self._metrics.inc("bytes_in_total", self.frames.bytes_received - before)
+
+    async def _watchdog(self, idle_timeout: float, scope: trio.CancelScope) -> None:
+        keepalive_interval = idle_timeout / 3
+        try:
+            while True:
+                now = trio.current_time()
+                if now >= self.last_received_at + idle_timeout:
+                    self.timed_out = True
+                    log.debug("no frame from %s for %g s; dropping it", self.peer, idle_timeout)
+                    return
+                send_at = self.last_sent_at + keepalive_interval
+                if self._keepalive is not None and now >= send_at:
+                    if not self.queued and not self._writing:
+                        self.enqueue(self._keepalive())
+                        self.keepalives_sent += 1
+                    # Whatever is queued or in flight counts as traffic from now on.
+                    self.last_sent_at = now
+                    send_at = now + keepalive_interval
+                wake = self.last_received_at + idle_timeout
+                if self._keepalive is not None:
+                    wake = min(wake, send_at)
+                await trio.sleep_until(wake)
         finally:
             scope.cancel()
 

@@ -61,11 +61,15 @@ HANDSHAKE_LIMITS = Limits(max_frame_bytes=4096, max_header_bytes=2048, max_eleme
 class FrameStream:
     """Signed frames over a ``trio.abc.Stream``; one reader task and one writer task at most."""
 
-    __slots__ = ("limits", "stream")
+    __slots__ = ("bytes_received", "bytes_sent", "limits", "stream")
 
     def __init__(self, stream: trio.abc.Stream, limits: Limits = DEFAULT_LIMITS) -> None:
         self.stream = stream
         self.limits = limits
+        self.bytes_received = 0
+        """Bytes of whole frames read (prefix included), whether they verified or not."""
+        self.bytes_sent = 0
+        """Bytes of whole frames written."""
 
     async def send(self, envelope: Envelope) -> None:
         """Write one frame: prefix and header, then the payload from its own memory.
@@ -79,6 +83,7 @@ class FrameStream:
             await self.stream.send_all(head)
             if payload.nbytes:
                 await self.stream.send_all(payload)
+            self.bytes_sent += len(head) + payload.nbytes
         except trio.ClosedResourceError as exc:
             raise NodeClosedError("the connection was closed by this node") from exc
         except (trio.BrokenResourceError, OSError) as exc:
@@ -101,6 +106,7 @@ class FrameStream:
             return None
         body = await self._read_exactly(read_length(prefix, active), eof_ok=False)
         assert body is not None
+        self.bytes_received += LENGTH_PREFIX.size + len(body)
         return decode_body(body, active)
 
     async def aclose(self) -> None:

@@ -1,0 +1,177 @@
+"""Token buckets, bans, failure counters and the idle watchdog, in virtual time."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from p2pfl.identity import Identity, NodeId
+from p2pfl.runtime.limits import BanList, FailureCounter, TokenBucket
+from p2pfl.runtime.peer import PeerConnection
+from p2pfl.runtime.transport import FrameStream
+from p2pfl.wire import Envelope, MessageKind, seal
+
+A = Identity.from_seed(bytes([1]) * 32)
+B = Identity.from_seed(bytes([2]) * 32)
+
+
+# -- token bucket ---------------------------------------------------------------------------
+
+
+def test_token_bucket_admits_the_burst_then_the_rate() -> None:
+    bucket = TokenBucket(rate=2.0, burst=5, now=0.0)
+    assert [bucket.take(0.0) for _ in range(6)] == [True] * 5 + [False]
+    assert not bucket.take(0.4)  # 0.8 tokens refilled: not enough
+    assert bucket.take(0.5)  # 1.0 token
+    assert not bucket.take(0.5)
+    # A long pause refills to the burst, never beyond it.
+    assert [bucket.take(100.0) for _ in range(6)] == [True] * 5 + [False]
+
+
+def test_token_bucket_refused_take_costs_nothing_and_time_never_runs_back() -> None:
+    bucket = TokenBucket(rate=1.0, burst=1, now=10.0)
+    assert bucket.take(10.0)
+    for _ in range(100):
+        assert not bucket.take(10.5)
+    assert bucket.take(11.0)
+    assert not bucket.take(5.0)  # an earlier `now` refills nothing
+
+
+@pytest.mark.parametrize(("rate", "burst"), [(0.0, 1.0), (1.0, 0.5), (float("inf"), 1.0)])
+def test_token_bucket_rejects_bad_parameters(rate: float, burst: float) -> None:
+    with pytest.raises(ValueError):
+        TokenBucket(rate, burst, now=0.0)
+
+
+# -- bans -----------------------------------------------------------------------------------
+
+
+def test_ban_expires() -> None:
+    bans = BanList[str](capacity=8)
+    bans.ban("10.0.0.1", until=60.0, now=0.0)
+    assert bans.is_banned("10.0.0.1", 59.9)
+    assert bans.banned_until("10.0.0.1", 30.0) == 60.0
+    assert not bans.is_banned("10.0.0.1", 60.0)
+    assert len(bans) == 0  # dropped when seen expired
+    assert not bans.is_banned("10.0.0.2", 0.0)
+
+
+def test_ban_keeps_the_longer_ban_and_expire_drops_old_ones() -> None:
+    bans = BanList[str](capacity=8)
+    bans.ban("x", until=100.0, now=0.0)
+    bans.ban("x", until=50.0, now=1.0)
+    assert bans.banned_until("x", 60.0) == 100.0
+    bans.ban("y", until=10.0, now=1.0)
+    assert bans.active(now=20.0) == 1
+
+
+def test_ban_list_is_bounded_and_evicts_the_soonest_ending() -> None:
+    bans = BanList[int](capacity=3)
+    for key in range(10_000):
+        bans.ban(key, until=1000.0 + key, now=0.0)
+        assert len(bans) <= 3
+    assert sorted(bans) == [9997, 9998, 9999]
+    assert bans.evicted == 10_000 - 3
+    assert len(bans._heap) <= 2 * 3 + 16 + 1
+
+
+def test_ban_list_heap_stays_bounded_when_one_key_is_banned_again_and_again() -> None:
+    bans = BanList[str](capacity=4)
+    for step in range(10_000):
+        bans.ban("same", until=10.0 + step, now=float(step))
+    assert len(bans) == 1
+    assert len(bans._heap) <= 2 * 4 + 16 + 1
+
+
+async def test_ban_expiry_on_the_trio_clock(autojump_clock: trio.testing.MockClock) -> None:
+    bans = BanList[NodeId](capacity=4)
+    start = trio.current_time()
+    bans.ban(A.node_id, until=start + 300.0, now=start)
+    await trio.sleep(299.0)
+    assert bans.is_banned(A.node_id, trio.current_time())
+    await trio.sleep(1.0)
+    assert not bans.is_banned(A.node_id, trio.current_time())
+
+
+# -- failure counters -----------------------------------------------------------------------
+
+
+def test_failure_counter_counts_within_the_window() -> None:
+    failures = FailureCounter[str](capacity=16, window=60.0)
+    assert [failures.record("ip", float(t)) for t in range(3)] == [1, 2, 3]
+    assert failures.count("ip", 59.0) == 3
+    assert failures.count("ip", 60.0) == 0
+    assert failures.record("ip", 60.0) == 1  # a new window
+
+
+def test_failure_counter_memory_does_not_grow_with_distinct_keys() -> None:
+    failures = FailureCounter[str](capacity=100, window=60.0)
+    for i in range(100_000):
+        failures.record(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", 1.0)
+    assert len(failures) == 100
+    # The most recent keys are the ones kept.
+    assert failures.count("10.1.134.159", 1.0) == 1
+
+
+# -- the idle watchdog ----------------------------------------------------------------------
+
+
+def keepalive() -> Envelope:
+    return seal(B, MessageKind.KEEPALIVE, seq=1, round=0, payload=b"")
+
+
+async def never(peer: NodeId, message: object) -> None:
+    raise AssertionError(f"unexpected callback for {peer}: {message}")
+
+
+async def test_silent_peer_is_dropped_after_the_idle_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    local, _remote = trio.testing.memory_stream_pair()
+    connection = PeerConnection(A.node_id, FrameStream(local), idle_timeout=30.0)
+    start = trio.current_time()
+    await connection.run(never, never)
+    assert connection.timed_out
+    assert trio.current_time() - start == pytest.approx(30.0)
+
+
+async def test_keepalives_keep_both_sides_of_an_idle_link_up(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    left, right = trio.testing.memory_stream_pair()
+    received: list[MessageKind] = []
+
+    async def on_message(peer: NodeId, envelope: Envelope) -> None:
+        received.append(envelope.kind)
+
+    a = PeerConnection(B.node_id, FrameStream(left), idle_timeout=30.0, keepalive=keepalive)
+    b = PeerConnection(A.node_id, FrameStream(right), idle_timeout=30.0, keepalive=keepalive)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a.run, on_message, never)
+        nursery.start_soon(b.run, on_message, never)
+        await trio.sleep(600.0)  # virtual: twenty idle timeouts
+        assert not a.closed.is_set() and not b.closed.is_set()
+        nursery.cancel_scope.cancel()
+    assert not a.timed_out and not b.timed_out
+    assert a.keepalives_sent >= 600 / 10 - 1
+    assert set(received) == {MessageKind.KEEPALIVE}
+
+
+async def test_a_peer_trickling_one_frame_is_dropped(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    local, remote = trio.testing.memory_stream_pair()
+    connection = PeerConnection(A.node_id, FrameStream(local), idle_timeout=30.0)
+
+    async def trickle() -> None:
+        frame = b"\x00\x00\x10\x00" + b"\x00" * 4096
+        for byte in frame:
+            await remote.send_all(bytes([byte]))
+            await trio.sleep(1.0)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trickle)
+        await connection.run(never, never)
+        nursery.cancel_scope.cancel()
+    assert connection.timed_out

@@ -6,23 +6,26 @@ range when an argument is invalid. Random generators take a networkx-style ``see
 
     >>> import topologies
     >>> G = topologies.build("barabasi_albert:n=64,m=2,seed=1")
-    >>> topologies.facts(G).connected
+    >>> topologies.graph_facts(G).connected
     True
 
-Note: ``topologies.facts`` is the function :func:`topologies.facts.facts`; import names from
-the module with ``from topologies.facts import ...``.
+``topologies.facts`` is the module :mod:`topologies.facts`; its summary function
+``topologies.facts.facts`` is exported here as :func:`graph_facts`, so that the package
+attribute never shadows the module (``import topologies.facts as m`` and
+``mock.patch("topologies.facts.X")`` would otherwise reach the function).
 """
 
+from topologies import facts, io, registry
 from topologies.classic import complete, line, ring, star
 from topologies.facts import (
     DegreeStats,
     GraphFacts,
     degree_stats,
     diameter,
-    facts,
     metropolis_hastings_weights,
     spectral_gap,
 )
+from topologies.facts import facts as graph_facts
 from topologies.io import load, load_edgelist, load_graphml, save, save_edgelist, save_graphml
 from topologies.lattice import grid, torus
 from topologies.random_graphs import (
@@ -50,7 +53,9 @@ __all__ = [
     "erdos_renyi",
     "exponential",
     "facts",
+    "graph_facts",
     "grid",
+    "io",
     "kinds",
     "line",
     "load",
@@ -60,6 +65,7 @@ __all__ = [
     "random_geometric",
     "random_regular",
     "register",
+    "registry",
     "ring",
     "save",
     "save_edgelist",

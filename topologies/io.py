@@ -45,7 +45,7 @@ _SCALAR = (str, int, float, bool)
 _SEPARATOR = re.compile(r"[,\s]+")
 
 
-def _sort_key(labels: Iterable[Hashable]) -> list[Hashable]:
+def _sorted_labels(labels: Iterable[Hashable]) -> list[Hashable]:
     labels = list(labels)
     try:
         numbers = [int(str(label)) for label in labels]
@@ -59,7 +59,7 @@ def _relabel(source: nx.Graph, path: Path) -> nx.Graph:
     """Undirected simple copy of ``source`` with nodes ``0..n-1`` in sorted label order."""
     if source.number_of_nodes() == 0:
         raise TopologyError(f"topology file {str(path)!r} holds no nodes")
-    order = _sort_key(source.nodes)
+    order = _sorted_labels(source.nodes)
     index = {label: i for i, label in enumerate(order)}
     graph = nx.Graph()
     graph.add_nodes_from((index[label], dict(source.nodes[label])) for label in order)

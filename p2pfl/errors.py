@@ -58,6 +58,14 @@ class ProtocolError(P2PFLError):
     """A protocol rule was broken."""
 
 
+class InsufficientInputs(ProtocolError, ValueError):
+    """A merge rule was given fewer inputs than its guarantee needs (e.g. Krum with n <= 2f+2).
+
+    Not a fault of anyone: a node with few neighbours, or a round where some timed out, meets
+    it. The protocol keeps the own model for that round instead of merging.
+    """
+
+
 class LocalProtocolError(ProtocolError):
     """The caller misused a protocol core (a bug in the driver)."""
 

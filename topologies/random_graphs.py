@@ -53,6 +53,14 @@ def _draw_connected(
     return None
 
 
+def _gnp(n: int, p: float, seed: int | None) -> nx.Graph:
+    # networkx's fast generator divides by log(1 - p), which is 0.0 in floating point for
+    # p below ~1.1e-16; the quadratic generator draws the same distribution without it.
+    if 0.0 < p < 1e-12:
+        return nx.gnp_random_graph(n, p, seed=seed)
+    return nx.fast_gnp_random_graph(n, p, seed=seed)
+
+
 def erdos_renyi(n: int, p: float, seed: int | None = None, *, connected: bool = False) -> nx.Graph:
     """G(n, p) random graph: each of the ``n (n - 1) / 2`` edges is present with probability p.
 
@@ -74,7 +82,7 @@ def erdos_renyi(n: int, p: float, seed: int | None = None, *, connected: bool = 
     seed = check_seed("erdos_renyi", seed)
     connected = check_bool("erdos_renyi", "connected", connected)
     graph = _draw_connected(
-        lambda s: nx.fast_gnp_random_graph(n, p, seed=s), seed, connected=connected
+        lambda s: _gnp(n, p, s), seed, connected=connected
     )
     if graph is None:
         threshold = math.log(n) / n

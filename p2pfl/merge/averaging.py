@@ -1,4 +1,4 @@
-"""Averaging merge rules: the plain mean and the sample-weighted mean.
+"""Averaging merge rules: the plain mean, the sample-weighted mean and the age-weighted mean.
 
 Both treat the own vector as one more input next to the ``k`` received rows. Rows holding a
 NaN or an infinity are left out (the own vector too, if it is the non-finite one); if nothing
@@ -8,8 +8,12 @@ and dtype and is always a new tensor; the inputs are never written to.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import torch
 
+from p2pfl.errors import ConfigError
 from p2pfl.merge.base import MergeContext, register_merge_rule
 from p2pfl.numerics import all_finite, finite_rows
 
@@ -113,5 +117,58 @@ class WeightedMean:
         return merged.reshape(own.shape).to(dtype=own.dtype)
 
 
+class AgeWeightedMean:
+    """Age-weighted mean for gossip learning: older (more trained) models count more.
+
+    The age of a received row is ``ctx.rounds[j]``, the own vector's ``ctx.own_round``
+    (negative ages count as 0). Each input weighs ``age + offset``::
+
+        y = ((a_s + c)·x_s + Σ_j (a_j + c)·x_j) / ((a_s + c) + Σ_j (a_j + c)),  c = offset
+
+    so with the default ``offset=1`` a fresh model (age 0) still counts, and equal ages give
+    the plain mean. Only the ratios matter: weighting by ``(a_j + c)/(a_s + c)`` relative to
+    the own age is the same rule. The sample-count ``weights`` are not used. Missing ages
+    (``ctx.rounds`` empty) count as the own age. Non-finite rows are left out as in
+    :class:`WeightedMean`, to which the weighted average is delegated (including its
+    fallback to the plain mean when all weights are 0).
+
+    Args:
+        offset: ``c >= 0`` added to every age (default 1.0).
+
+    Raises:
+        ConfigError: ``offset`` is negative or not finite.
+    """
+
+    name: str = "age_weighted"
+
+    def __init__(self, *, offset: float = 1.0) -> None:
+        if (
+            isinstance(offset, bool)
+            or not isinstance(offset, int | float)
+            or not math.isfinite(offset)
+            or offset < 0
+        ):
+            raise ConfigError("merge.offset", offset, "a finite number >= 0")
+        self.offset = float(offset)
+
+    def __call__(
+        self, own: torch.Tensor, received: torch.Tensor, weights: torch.Tensor, ctx: MergeContext
+    ) -> torch.Tensor:
+        """Age-weighted average of the finite inputs.
+
+        Raises:
+            ValueError: bad shapes, or ``ctx.rounds`` is neither empty nor one age per row.
+        """
+        k = received.shape[0] if received.ndim >= 1 else 0
+        ages = ctx.rounds if ctx.rounds else (ctx.own_round,) * k
+        if len(ages) != k:
+            raise ValueError(f"ctx.rounds has {len(ages)} ages for {k} received rows")
+        age_weights = torch.tensor([max(age, 0) + self.offset for age in ages], dtype=torch.float64)
+        own_weight = max(ctx.own_round, 0) + self.offset
+        aged = dataclasses.replace(ctx, own_weight=own_weight)
+        return WeightedMean()(own, received, age_weights, aged)
+
+
 register_merge_rule("mean")(Mean)
 register_merge_rule("weighted")(WeightedMean)
+register_merge_rule("age_weighted")(AgeWeightedMean)

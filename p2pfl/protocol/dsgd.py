@@ -155,6 +155,7 @@ class DsgdCore(BaseCore):
                 "expected": len(expected),
                 "neighbours": len(self._peers.neighbours),
                 "timed_out": int(timed_out),
+                "merge_fallbacks": self._merger.fallbacks,
                 "trained_at": trained.trained_at,
                 "merged_at": self._now,
             },

@@ -91,6 +91,7 @@ class GossipCore(BaseCore):
                 "expected": outstanding.connected,
                 "neighbours": len(self._peers.neighbours),
                 "timed_out": 0,
+                "merge_fallbacks": self._merger.fallbacks,
                 "trained_at": self._now,
                 "merged_at": outstanding.started_at,
             },

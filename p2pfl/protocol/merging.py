@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from p2pfl.errors import LocalProtocolError
+from p2pfl.errors import InsufficientInputs, LocalProtocolError
 from p2pfl.merge.base import MergeContext, MergeRule, Probe
 from p2pfl.params import ParamLayout
 from p2pfl.protocol.messages import ModelUpdate
@@ -16,7 +16,16 @@ from p2pfl.protocol.messages import ModelUpdate
 class Merger:
     """One node's merge rule, own weight, parameter layout and the rule's private state."""
 
-    __slots__ = ("degree", "layout", "own_weight", "probe", "rule", "state", "total_rounds")
+    __slots__ = (
+        "degree",
+        "fallbacks",
+        "layout",
+        "own_weight",
+        "probe",
+        "rule",
+        "state",
+        "total_rounds",
+    )
 
     def __init__(
         self,
@@ -35,6 +44,8 @@ class Merger:
         self.total_rounds = total_rounds
         self.probe = probe
         self.state: dict[str, Any] = {}
+        self.fallbacks = 0
+        """Merges skipped because the rule had too few inputs (own model kept)."""
 
     def merge(
         self, own: torch.Tensor, updates: Sequence[ModelUpdate], *, own_round: int
@@ -61,7 +72,13 @@ class Merger:
             total_rounds=self.total_rounds,
             probe=self.probe,
         )
-        merged = self.rule(own, received, weights, context)
+        try:
+            merged = self.rule(own, received, weights, context)
+        except InsufficientInputs:
+            # Too few inputs for the rule's guarantee: keeping the own model is the one
+            # choice no Byzantine input can influence.
+            self.fallbacks += 1
+            return own.clone()
         if merged.shape != own.shape:
             raise LocalProtocolError(
                 f"merge rule {self.rule.name!r} returned shape {list(merged.shape)}, "

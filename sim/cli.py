@@ -1,10 +1,12 @@
-"""``p2pfl-sim``: run scenarios, list topologies and shipped scenarios."""
+"""``p2pfl-sim``: run scenarios and sweeps, draw and compare runs, list topologies and
+shipped scenarios."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -15,8 +17,10 @@ from rich.table import Table
 import topologies
 from p2pfl.errors import ConfigError, TopologyError
 from sim.engine import Engine
+from sim.plots import PLOT_NAMES, compare_runs, plot_run
 from sim.run import run_scenario
 from sim.scenario import apply_overrides, parse_scenario, read_document, shipped_scenarios
+from sim.sweep import DEFAULT_METRICS, parse_grid, plan, run_sweep
 
 EXIT_USAGE = 2
 
@@ -43,6 +47,61 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--seed", type=int, help="run seed (overrides the scenario's)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--live",
+        action="store_true",
+        help="run the trio runtime over real TCP, nodes in shards on Ray (docs/live.md)",
+    )
+    run.add_argument("--shards", type=int, help="--live: Ray actors (default: the cluster's CPUs)")
+    run.add_argument(
+        "--ray-address", help="--live: a Ray cluster started with `ray start` (default: local)"
+    )
+    plot = commands.add_parser("plot", help="redraw the plots of a run directory")
+    plot.add_argument("run_dir", type=Path, help="a run directory (holds metrics.csv)")
+    plot.add_argument(
+        "--at",
+        dest="times",
+        type=float,
+        action="append",
+        metavar="SECONDS",
+        help="virtual time of a topology panel (repeatable; default: start, disruptions, end)",
+    )
+    compare = commands.add_parser("compare", help="overlay the accuracy of several runs")
+    compare.add_argument("run_dirs", type=Path, nargs="+", help="run directories")
+    compare.add_argument(
+        "--out", type=Path, default=Path("."), help="where compare.png/svg go (default: .)"
+    )
+    sweep = commands.add_parser(
+        "sweep", help="run a scenario over a grid of values and seeds in parallel"
+    )
+    sweep.add_argument("scenario", help="path to a scenario .toml, or a shipped name")
+    sweep.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="a key and its values, e.g. --grid disruptions[0].fraction=0.1,0.2 (repeatable)",
+    )
+    sweep.add_argument("--seeds", type=int, default=1, help="seeds per grid point (default 1)")
+    sweep.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
+    sweep.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a scenario value for every run (repeatable)",
+    )
+    sweep.add_argument(
+        "--metric",
+        dest="metrics",
+        action="append",
+        metavar="NAME",
+        help="summary column(s) to plot (repeatable; default final_accuracy_alive)",
+    )
+    sweep.add_argument("--out", type=Path, help="sweep directory (default: runs/sweep-NAME-TIME)")
+    sweep.add_argument("--plots", action="store_true", help="also draw every run's plots")
+    sweep.add_argument("--quiet", action="store_true", help="no progress bar")
     commands.add_parser("topologies", help="list topology generators and their parameters")
     commands.add_parser("scenarios", help="list shipped scenarios, the default first")
     return parser
@@ -54,6 +113,12 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
     scenario = parse_scenario(apply_overrides(document, overrides), source=source)
+    if args.live:
+        from sim.live import RAY_HINT, ray_available
+
+        if not ray_available():
+            print(f"p2pfl-sim: {RAY_HINT}", file=sys.stderr)
+            return EXIT_USAGE
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -72,7 +137,18 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         progress.update(task, completed=len(rounds), vtime=engine.now, accuracy=accuracy)
 
     with progress:
-        result = run_scenario(scenario, args.out, on_round=on_round)
+        if args.live:
+            from sim.live import run_live
+
+            result = run_live(
+                scenario,
+                args.out,
+                shards=args.shards,
+                ray_address=args.ray_address,
+                on_round=on_round,  # type: ignore[arg-type]
+            )
+        else:
+            result = run_scenario(scenario, args.out, on_round=on_round)
         on_round_final = result.summary
         progress.update(task, completed=on_round_final["rounds"])
     table = Table(title=f"{scenario.name}: {result.directory}")
@@ -97,6 +173,56 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         value = result.summary.get(key)
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     console.print(table)
+    console.print(f"plots: {result.directory}/{{{','.join(PLOT_NAMES)}}}.png/.svg")
+    return 0
+
+
+def _plot(args: argparse.Namespace, console: Console) -> int:
+    if not (args.run_dir / "metrics.csv").is_file():
+        raise ConfigError("RUN_DIR", str(args.run_dir), "a run directory holding metrics.csv")
+    paths = plot_run(args.run_dir, topology_times=args.times)
+    console.print(f"wrote {len(paths)} files to {args.run_dir}")
+    return 0
+
+
+def _compare(args: argparse.Namespace, console: Console) -> int:
+    for directory in args.run_dirs:
+        if not (directory / "metrics.csv").is_file():
+            raise ConfigError("RUN_DIR", str(directory), "a run directory holding metrics.csv")
+    paths = compare_runs(args.run_dirs, args.out)
+    console.print(f"wrote {', '.join(str(path) for path in paths)}")
+    return 0
+
+
+def _sweep(args: argparse.Namespace, console: Console) -> int:
+    document, source = read_document(args.scenario)
+    document = apply_overrides(document, list(args.overrides))
+    grid = parse_grid(args.grid)
+    name = str(document.get("name", "sweep"))
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    out = args.out or Path(str(document.get("output_dir", "runs"))) / f"sweep-{name}-{stamp}"
+    runs = plan(document, source, grid, seeds=args.seeds, out=out)
+    progress = Progress(
+        TextColumn("[bold]sweep {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=args.quiet,
+    )
+    task = progress.add_task(name, total=len(runs))
+    with progress:
+        table = run_sweep(
+            runs,
+            source,
+            out,
+            jobs=args.jobs,
+            plots=args.plots,
+            metrics=tuple(args.metrics or DEFAULT_METRICS),
+            on_done=lambda done, _total: progress.update(task, completed=done),
+            name=name,
+        )
+    console.print(f"{len(runs)} runs; table {table}; plot {out / 'sweep.png'}")
     return 0
 
 
@@ -120,6 +246,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         match args.command:
             case "run":
                 return _run(args, console)
+            case "plot":
+                return _plot(args, console)
+            case "compare":
+                return _compare(args, console)
+            case "sweep":
+                return _sweep(args, console)
             case "topologies":
                 return _topologies(console)
             case "scenarios":

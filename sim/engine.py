@@ -8,15 +8,43 @@ insertion order, so a run is a pure function of the scenario and its seed. Poppi
 turns it into a core event and carries out the actions the core returns:
 
 * ``Send``: the envelope is framed once and verified once per process (every receiver of the
-  same envelope shares the bytes and the verified result), then delivered to each receiver
-  after a latency drawn for that link.
+  same envelope shares the bytes and the verified result), then handed to the link model
+  (:mod:`sim.network`: serialisation at the link's bandwidth, latency, jitter, FIFO order,
+  loss), which says when it arrives, if at all.
 * ``StartTraining``: the training is parked and its completion scheduled at
-  ``now + steps * step_time``. When the first parked training's completion comes due, every
-  parked training is computed in one batched call (:mod:`sim.batched`); a training depends
-  only on its inputs at its start, so deferring it changes nothing but speed.
+  ``now + steps * step_time / speed`` (the node's compute speed factor). When the first parked
+  training's completion comes due, every parked training is computed in one batched call
+  (:mod:`sim.batched`); a training depends only on its inputs at its start, so deferring it
+  changes nothing but speed. A *relay* (a node without data) does not train: its training
+  takes the same virtual time and returns the vector unchanged (loss NaN), so a relay merges
+  and forwards at the pace of the data holders.
 * ``DeadlineReached``: after each ``handle`` the engine re-reads ``next_deadline()``; a timer
   entry whose time no longer matches the core's deadline is stale and skipped.
 * ``SaveCheckpoint`` marks the end of a node's round for the metrics.
+
+The world: disruptions
+----------------------
+Every node is *online*, *offline* (suspended: its core keeps its state but gets no events) or
+*dead* (forever). Every link is up or down (cut, or split by a partition). The scenario's
+timeline (:mod:`sim.disruptions`) changes these states through four primitives:
+:meth:`Engine.take_down`, :meth:`Engine.bring_up`, :meth:`Engine.cut_link`,
+:meth:`Engine.restore_link`. The cores see only what a real network shows:
+
+* a node that is not online receives nothing: frames, timers and trainings due while it is
+  down are dropped; frames in flight on a connection that broke (either end went down, or the
+  link was cut, even if it came back since) are lost, as a reset TCP connection loses them;
+* a node going down: its neighbours get ``PeerDisconnected`` after ``notify_after`` seconds
+  (0 = the connection reset is seen at once; None = never: they notice only by timeouts,
+  and frames they keep sending are lost);
+* a node coming back: it first gets ``PeerDisconnected`` for every neighbour (its old
+  connections are dead), then it and each reachable neighbour get ``PeerConnected``; a node
+  that was down before it started gets ``Started``; a training cut short is run again; its
+  timers are re-armed (an overdue one fires at once);
+* a link going down: both ends get ``PeerDisconnected`` at once; coming back: both get
+  ``PeerConnected``.
+
+Node and link state changes are logged (``events_log``, written as ``events.jsonl``) with
+their virtual time, so plots can redraw the network at any moment.
 """
 
 from __future__ import annotations
@@ -24,7 +52,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -45,14 +73,24 @@ from p2pfl.protocol.events import (
     Event,
     MessageReceived,
     PeerConnected,
+    PeerDisconnected,
     Started,
     TrainingFinished,
 )
 from p2pfl.wire import Envelope, decode_frame, encode_frame
 from sim.batched import BatchedMLP
 from sim.metrics import MetricsRecorder, Traffic
-from sim.network import LatencyModel
+from sim.network import LinkModel
 from sim.population import Population
+
+if TYPE_CHECKING:
+    from sim.disruptions import Disruptions
+
+ONLINE = "online"
+OFFLINE = "offline"
+DEAD = "dead"
+WORLD = -1
+"""The ``node`` of heap entries that belong to the world (disruptions), not to a core."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +100,7 @@ class _Timer:
 
 @dataclass(frozen=True, slots=True)
 class _TrainingDue:
-    pass
+    incarnation: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,9 +108,17 @@ class _Delivery:
     sender: int
     envelope: Envelope
     frame_bytes: int
+    connection: tuple[int, int, int]
 
 
-_Item = Event | _Timer | _TrainingDue | _Delivery
+@dataclass(frozen=True, slots=True)
+class WorldItem:
+    """A heap entry for the disruption timeline; ``payload`` is the timeline's own."""
+
+    payload: Any
+
+
+_Item = Event | _Timer | _TrainingDue | _Delivery | WorldItem
 ProgressHook = Callable[["Engine"], None]
 
 
@@ -82,15 +128,19 @@ class _ParkedTraining:
     steps: int
 
 
+def _link(u: int, v: int) -> tuple[int, int]:
+    return (u, v) if u < v else (v, u)
+
+
 class Engine:
-    """Runs one population of cores until every core stops or the horizon passes."""
+    """Runs one population of cores until every core stops or dies, or the horizon passes."""
 
     def __init__(
         self,
         population: Population,
         cores: list[Core],
         *,
-        latency: LatencyModel,
+        links: LinkModel,
         trainer: BatchedMLP,
         step_time: float,
         horizon: float | None = None,
@@ -99,45 +149,72 @@ class Engine:
     ) -> None:
         self.population = population
         self.cores = cores
-        self.latency = latency
+        self.links = links
         self.trainer = trainer
         self.step_time = step_time
         self.horizon = horizon
         self.recorder = recorder
         self.on_round = on_round
+        self.disruptions: Disruptions | None = None
         self.now = 0.0
         self.traffic = [Traffic() for _ in cores]
         self.events_log: list[dict[str, Any]] = []
+        self.link_log: list[tuple[float, int, int, int]] | None = None
+        """Set to a list to record every delivered frame as (time, sender, receiver, bytes)."""
+        size = len(cores)
+        self.status = [ONLINE] * size
+        self.completed_rounds = [0] * size
+        self.trainings_started = [0] * size
         self._index = {core.node_id: index for index, core in enumerate(cores)}
         self._heap: list[tuple[float, int, int, _Item]] = []
         self._sequence = 0
-        self._armed: list[float | None] = [None] * len(cores)
+        self._armed: list[float | None] = [None] * size
         self._parked: dict[int, _ParkedTraining] = {}
         self._trained: dict[int, tuple[Tensor, float, int]] = {}
-        self._last_loss = [float("nan")] * len(cores)
-        self._stopped = [False] * len(cores)
+        self._outstanding: dict[int, _ParkedTraining] = {}
+        self._last_loss = [float("nan")] * size
+        self._stopped = [False] * size
+        self._finished = 0
+        self._started = [False] * size
+        self._incarnation = [0] * size
+        self._down_links: dict[tuple[int, int], set[str]] = {}
+        self._link_epoch: dict[tuple[int, int], int] = {}
+        self._components: tuple[list[int], list[int]] | None = None
 
-    def _push(self, at: float, node: int, item: _Item) -> None:
+    # -- the loop -----------------------------------------------------------------------
+
+    def push(self, at: float, node: int, item: _Item) -> None:
+        """Schedule ``item`` for ``node`` (or :data:`WORLD`) at virtual time ``at``."""
         heapq.heappush(self._heap, (at, self._sequence, node, item))
         self._sequence += 1
 
     def run(self) -> float:
         """Run to completion; returns the virtual time reached."""
+        if self.disruptions is not None:
+            self.disruptions.schedule(self)
         for node in range(len(self.cores)):
             for neighbour in self.population.neighbours[node]:
-                self._push(0.0, node, PeerConnected(self.cores[neighbour].node_id))
-            self._push(0.0, node, Started())
-        while self._heap and not all(self._stopped):
+                self.push(0.0, node, PeerConnected(self.cores[neighbour].node_id))
+            self.push(0.0, node, Started())
+        size = len(self.cores)
+        while self._heap and self._finished < size:
             at, _, node, item = heapq.heappop(self._heap)
             if self.horizon is not None and at > self.horizon:
                 self.now = self.horizon
                 break
             self.now = at
+            if node == WORLD:
+                assert self.disruptions is not None and isinstance(item, WorldItem)
+                self.disruptions.fire(self, item.payload)
+                continue
+            if self.status[node] is not ONLINE:
+                continue
             event = self._to_event(node, item)
             if event is None:
                 continue
             self._carry_out(node, self.cores[node].handle(event, now=at))
-            self._rearm(node)
+            if self.status[node] is ONLINE:
+                self._rearm(node)
         self.recorder.flush()
         return self.now
 
@@ -145,17 +222,29 @@ class Engine:
         match item:
             case _Timer(at):
                 return DeadlineReached() if self._armed[node] == at else None
-            case _TrainingDue():
+            case _TrainingDue(incarnation):
+                if incarnation != self._incarnation[node]:
+                    return None
                 if node not in self._trained:
                     self._train_parked()
                 vector, loss, steps = self._trained.pop(node)
+                self._outstanding.pop(node, None)
                 self._last_loss[node] = loss
                 return TrainingFinished(vector=vector, loss=loss, steps=steps)
-            case _Delivery(sender, envelope, frame_bytes):
+            case _Delivery(sender, envelope, frame_bytes, connection):
+                if connection != self._connection(sender, node):
+                    return None
                 traffic = self.traffic[node]
                 traffic.bytes_received += frame_bytes
                 traffic.messages_received += 1
+                if self.link_log is not None:
+                    self.link_log.append((self.now, sender, node, frame_bytes))
                 return MessageReceived(peer=self.cores[sender].node_id, envelope=envelope)
+            case PeerConnected(peer):
+                return item if self.reachable(node, self._index[peer]) else None
+            case Started():
+                self._started[node] = True
+                return item
             case _:
                 return item
 
@@ -172,12 +261,20 @@ class Engine:
                     traffic = self.traffic[node]
                     traffic.bytes_sent += size
                     traffic.messages_sent += 1
-                    delay = self.latency.sample(node, receiver)
-                    self._push(self.now + delay, receiver, _Delivery(node, verified, size))
+                    if not self.reachable(node, receiver):
+                        continue  # written into a connection whose other end is gone
+                    arrival = self.links.transmit(node, receiver, size, self.now)
+                    if arrival is not None:
+                        connection = self._connection(node, receiver)
+                        self.push(arrival, receiver, _Delivery(node, verified, size, connection))
                 case StartTraining(vector, steps, _round):
-                    self._parked[node] = _ParkedTraining(vector, steps)
-                    self._push(self.now + steps * self.step_time, node, _TrainingDue())
+                    if self.disruptions is not None and not self.disruptions.may_train(self, node):
+                        return
+                    self.trainings_started[node] += 1
+                    self._begin_training(node, _ParkedTraining(vector, steps))
                 case SaveCheckpoint(round_, vector):
+                    component, component_size = self.component_of(node)
+                    self.completed_rounds[node] = round_
                     self.recorder.record(
                         round_ - 1,
                         node,
@@ -185,14 +282,17 @@ class Engine:
                         train_loss=self._last_loss[node],
                         vector=vector.detach().clone(),
                         traffic=self.traffic[node],
+                        component=component,
+                        component_size=component_size,
                     )
+                    if self.disruptions is not None:
+                        self.disruptions.on_progress(self, node, round_)
                     if self.on_round is not None:
                         self.on_round(self)
                 case PeerMisbehaved(peer, reason):
                     self.traffic[node].rejected += 1
-                    self.events_log.append(
+                    self.log(
                         {
-                            "time": self.now,
                             "node": node,
                             "event": "misbehaved",
                             "peer": peer.short(),
@@ -200,9 +300,8 @@ class Engine:
                         }
                     )
                 case Disconnect(peer, reason):
-                    self.events_log.append(
+                    self.log(
                         {
-                            "time": self.now,
                             "node": node,
                             "event": "disconnect",
                             "peer": peer.short(),
@@ -210,11 +309,22 @@ class Engine:
                         }
                     )
                 case Stop():
-                    self._stopped[node] = True
+                    if not self._stopped[node]:
+                        self._stopped[node] = True
+                        self._finished += 1
                 case Emit():
                     pass
                 case _:
                     raise TypeError(f"engine cannot carry out {action!r}")
+
+    def _begin_training(self, node: int, training: _ParkedTraining) -> None:
+        self._outstanding[node] = training
+        if self.population.relay[node]:
+            self._trained[node] = (training.vector, float("nan"), 0)
+        else:
+            self._parked[node] = training
+        duration = training.steps * self.step_time / self.population.speed[node]
+        self.push(self.now + duration, node, _TrainingDue(self._incarnation[node]))
 
     def _frame(self, envelope: Envelope) -> tuple[Envelope, int]:
         frame = encode_frame(envelope)
@@ -229,24 +339,211 @@ class Engine:
         if deadline != self._armed[node]:
             self._armed[node] = deadline
             if deadline is not None:
-                self._push(max(deadline, self.now), node, _Timer(deadline))
+                self.push(max(deadline, self.now), node, _Timer(deadline))
 
     def _train_parked(self) -> None:
         # One vectorised call per (steps, batch size): nodes with few examples have their
         # batch capped at their data size, and a stacked minibatch needs one size.
         groups: dict[tuple[int, int], list[int]] = {}
         for node, parked in self._parked.items():
-            key = (parked.steps, self.population.samplers[node].batch_size)
-            groups.setdefault(key, []).append(node)
+            sampler = self.population.samplers[node]
+            assert sampler is not None, "relays never park a training"
+            groups.setdefault((parked.steps, sampler.batch_size), []).append(node)
         for (steps, _batch), nodes in sorted(groups.items()):
             nodes.sort()
             vectors = torch.stack([self._parked[node].vector for node in nodes])
+            samplers = [self.population.samplers[node] for node in nodes]
             trained, losses = self.trainer.train(
                 vectors,
                 [self.population.train_sets[node] for node in nodes],
-                [self.population.samplers[node] for node in nodes],
+                [sampler for sampler in samplers if sampler is not None],
                 steps,
             )
             for row, node in enumerate(nodes):
                 self._trained[node] = (trained[row], float(losses[row]), steps)
         self._parked.clear()
+
+    # -- the world ----------------------------------------------------------------------
+
+    def log(self, entry: dict[str, Any]) -> None:
+        """Append ``entry`` to the run's events, stamped with the current virtual time."""
+        self.events_log.append({"time": self.now, **entry})
+
+    def is_finished(self, node: int) -> bool:
+        """The node's core has stopped (ran all its rounds)."""
+        return self._stopped[node]
+
+    def link_up(self, u: int, v: int) -> bool:
+        return not self._down_links.get(_link(u, v))
+
+    def reachable(self, u: int, v: int) -> bool:
+        """Both ends online and the link between them up."""
+        status = self.status
+        return status[u] is ONLINE and status[v] is ONLINE and self.link_up(u, v)
+
+    def _connection(self, sender: int, receiver: int) -> tuple[int, int, int]:
+        """Identifies the connection a frame travels on; it changes whenever it breaks."""
+        return (
+            self._incarnation[sender],
+            self._incarnation[receiver],
+            self._link_epoch.get(_link(sender, receiver), 0),
+        )
+
+    def _notify(self, at: float, node: int, event: Event) -> None:
+        self.push(at, node, event)
+
+    def _changed(self) -> None:
+        self._components = None
+
+    def take_down(
+        self, node: int, *, dead: bool, notify_after: float | None, cause: str, disruption: int
+    ) -> bool:
+        """Take ``node`` offline (suspended) or kill it; False if it was down already
+        (a kill of an offline node still makes it dead)."""
+        before = self.status[node]
+        if before is DEAD or (before is OFFLINE and not dead):
+            return False
+        self.status[node] = DEAD if dead else OFFLINE
+        self.log(
+            {
+                "event": "node",
+                "node": node,
+                "state": self.status[node],
+                "cause": cause,
+                "disruption": disruption,
+            }
+        )
+        if dead and not self._stopped[node]:
+            self._finished += 1
+        if before is OFFLINE:
+            return True
+        self._incarnation[node] += 1
+        self._armed[node] = None
+        self._parked.pop(node, None)
+        self._trained.pop(node, None)
+        if dead:
+            self._outstanding.pop(node, None)
+        self.recorder.set_active(node, False)
+        peer_id = self.cores[node].node_id
+        for neighbour in self.population.neighbours[node]:
+            self.links.reset(node, neighbour)
+            self.links.reset(neighbour, node)
+            if notify_after is not None and self.reachable_if_up(node, neighbour):
+                self._notify(self.now + notify_after, neighbour, PeerDisconnected(peer_id))
+        self._changed()
+        return True
+
+    def reachable_if_up(self, node: int, neighbour: int) -> bool:
+        """``neighbour`` is online and the link to it up (whatever ``node``'s own state)."""
+        return self.status[neighbour] is ONLINE and self.link_up(node, neighbour)
+
+    def bring_up(self, node: int, *, cause: str, disruption: int) -> bool:
+        """Bring an offline node back; False if it is online already or dead."""
+        if self.status[node] is not OFFLINE:
+            return False
+        self.status[node] = ONLINE
+        self.log(
+            {
+                "event": "node",
+                "node": node,
+                "state": ONLINE,
+                "cause": cause,
+                "disruption": disruption,
+            }
+        )
+        self.recorder.set_active(node, True)
+        own_id = self.cores[node].node_id
+        for neighbour in self.population.neighbours[node]:
+            self._notify(self.now, node, PeerDisconnected(self.cores[neighbour].node_id))
+        for neighbour in self.population.neighbours[node]:
+            if self.reachable(node, neighbour):
+                self._notify(self.now, node, PeerConnected(self.cores[neighbour].node_id))
+                self._notify(self.now, neighbour, PeerConnected(own_id))
+        if not self._started[node]:
+            self.push(self.now, node, Started())
+        else:
+            outstanding = self._outstanding.get(node)
+            if outstanding is not None:
+                self._begin_training(node, outstanding)
+            self._rearm(node)
+        self._changed()
+        return True
+
+    def cut_link(self, u: int, v: int, *, reason: str, disruption: int) -> None:
+        """Add ``reason`` to the reasons link u-v is down; both ends see a reset if it was up."""
+        key = _link(u, v)
+        reasons = self._down_links.setdefault(key, set())
+        was_up = not reasons
+        reasons.add(reason)
+        if not was_up:
+            return
+        self._link_epoch[key] = self._link_epoch.get(key, 0) + 1
+        self.links.reset(u, v)
+        self.links.reset(v, u)
+        self.log({"event": "link", "link": list(key), "state": "down", "cause": reason,
+                  "disruption": disruption})  # fmt: skip
+        if self.status[u] is ONLINE and self.status[v] is ONLINE:
+            self._notify(self.now, u, PeerDisconnected(self.cores[v].node_id))
+            self._notify(self.now, v, PeerDisconnected(self.cores[u].node_id))
+        self._changed()
+
+    def restore_link(self, u: int, v: int, *, reason: str, disruption: int) -> None:
+        """Remove ``reason``; when no reason is left the link is up and both ends reconnect."""
+        key = _link(u, v)
+        reasons = self._down_links.get(key)
+        if not reasons or reason not in reasons:
+            return
+        reasons.discard(reason)
+        if reasons:
+            return
+        del self._down_links[key]
+        self.log({"event": "link", "link": list(key), "state": "up", "cause": reason,
+                  "disruption": disruption})  # fmt: skip
+        if self.status[u] is ONLINE and self.status[v] is ONLINE:
+            self._notify(self.now, u, PeerConnected(self.cores[v].node_id))
+            self._notify(self.now, v, PeerConnected(self.cores[u].node_id))
+        self._changed()
+
+    def down_links(self, reason: str) -> list[tuple[int, int]]:
+        """The links that are down for ``reason``, sorted."""
+        return sorted(key for key, reasons in self._down_links.items() if reason in reasons)
+
+    def component_of(self, node: int) -> tuple[int, int]:
+        """(smallest node index, size) of ``node``'s component of the live graph."""
+        if self._components is None:
+            self._components = self._label_components()
+        labels, sizes = self._components
+        return labels[node], sizes[node]
+
+    def components(self) -> list[list[int]]:
+        """The components of the live graph (online nodes, links up), largest first."""
+        groups: dict[int, list[int]] = {}
+        for node in range(len(self.cores)):
+            if self.status[node] is ONLINE:
+                groups.setdefault(self.component_of(node)[0], []).append(node)
+        return sorted(groups.values(), key=lambda group: (-len(group), group[0]))
+
+    def _label_components(self) -> tuple[list[int], list[int]]:
+        size = len(self.cores)
+        parent = list(range(size))
+
+        def find(x: int) -> int:
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        for node in range(size):
+            if self.status[node] is not ONLINE:
+                continue
+            for neighbour in self.population.neighbours[node]:
+                if neighbour > node and self.reachable(node, neighbour):
+                    a, b = find(node), find(neighbour)
+                    if a != b:
+                        parent[max(a, b)] = min(a, b)
+        roots = [find(node) for node in range(size)]
+        counts: dict[int, int] = {}
+        for node, root in enumerate(roots):
+            if self.status[node] is ONLINE:
+                counts[root] = counts.get(root, 0) + 1
+        return roots, [counts.get(root, 0) for root in roots]

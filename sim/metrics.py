@@ -1,10 +1,21 @@
 """Per-node, per-round metrics and the files a run writes.
 
 A node's round r is recorded when its core asks to checkpoint round r+1. Rows of a round are
-completed together once every node has reported it (or at the end of the run), because two
-columns need all of them: test accuracy is evaluated for the whole round in one batched call,
-and the consensus distance is the mean squared distance of the round's models to their mean.
-Rows are written in (round, node) order with ``repr`` floats, so one seed gives one byte string.
+completed together once every *active* node has reported it (or at the end of the run),
+because two columns need all of them: test accuracy is evaluated for the whole round in one
+batched call, and the consensus distance is the mean squared distance of the round's models
+to their mean. A node is active while it is online; a crashed node is never active again, an
+offline (churned) node is active again once it rejoins. Nodes going inactive can complete
+waiting rounds, so memory never holds more than the rounds some active node still owes.
+
+A node that reports a round after it was completed (a churned node catching up) gets a *late*
+row: its own accuracy and loss, the round's consensus distance, and ``distance_to_mean``
+empty (NaN), since the round's mean is gone.
+
+``component`` and ``component_size`` say which connected component of the live graph (online
+nodes, links not cut) the node was in when it reported: the component's smallest node index
+and its number of nodes. Rows are written in (round, node) order with ``repr`` floats, so one
+seed gives one byte string.
 """
 
 from __future__ import annotations
@@ -32,6 +43,9 @@ COLUMNS = (
     "messages_sent",
     "messages_received",
     "rejected",
+    "relay",
+    "component",
+    "component_size",
 )
 
 Evaluator = Callable[[Tensor], tuple[Tensor, Tensor]]
@@ -64,6 +78,8 @@ class _Pending:
     train_loss: float
     vector: Tensor
     traffic: tuple[int, int, int, int, int]
+    component: int
+    component_size: int
 
 
 @dataclass(slots=True)
@@ -84,13 +100,37 @@ class MetricsRecorder:
     num_nodes: int
     evaluate: Evaluator
     honest: list[bool] = field(default_factory=list)
+    relay: list[bool] = field(default_factory=list)
+    on_complete: Callable[[int], None] | None = None
     rows: list[tuple[object, ...]] = field(default_factory=list)
     rounds: list[RoundSummary] = field(default_factory=list)
     _pending: dict[int, list[_Pending]] = field(default_factory=dict)
+    _reported_active: dict[int, int] = field(default_factory=dict)
+    _completed: dict[int, float] = field(default_factory=dict)
+    _active: list[bool] = field(default_factory=list)
+    _active_count: int = 0
 
     def __post_init__(self) -> None:
         if not self.honest:
             self.honest = [True] * self.num_nodes
+        if not self.relay:
+            self.relay = [False] * self.num_nodes
+        self._active = [True] * self.num_nodes
+        self._active_count = self.num_nodes
+
+    def set_active(self, node: int, active: bool) -> None:
+        """``node`` went offline or died (False) or came back (True)."""
+        if self._active[node] == active:
+            return
+        self._active[node] = active
+        self._active_count += 1 if active else -1
+        step = 1 if active else -1
+        for round_, entries in self._pending.items():
+            if any(entry.node == node for entry in entries):
+                self._reported_active[round_] += step
+        if not active:
+            for round_ in sorted(self._pending):
+                self._complete_if_due(round_)
 
     def record(
         self,
@@ -101,42 +141,83 @@ class MetricsRecorder:
         train_loss: float,
         vector: Tensor,
         traffic: Traffic,
+        component: int = 0,
+        component_size: int = 0,
     ) -> None:
         """A node finished ``round_`` with model ``vector``."""
+        entry = _Pending(
+            node, now, train_loss, vector, traffic.snapshot(), component, component_size
+        )
+        if round_ in self._completed:
+            self._late(round_, entry)
+            return
         entries = self._pending.setdefault(round_, [])
-        entries.append(_Pending(node, now, train_loss, vector, traffic.snapshot()))
-        if len(entries) == self.num_nodes:
-            self._complete(round_)
+        entries.append(entry)
+        self._reported_active[round_] = self._reported_active.get(round_, 0) + int(
+            self._active[node]
+        )
+        self._complete_if_due(round_)
 
     def flush(self) -> None:
         """Complete every round still waiting for nodes (end of run)."""
         for round_ in sorted(self._pending):
             self._complete(round_)
 
+    def _complete_if_due(self, round_: int) -> None:
+        if round_ in self._pending and self._reported_active[round_] >= self._active_count:
+            self._complete(round_)
+
+    def _row(
+        self,
+        round_: int,
+        entry: _Pending,
+        loss: float,
+        accuracy: float,
+        distance: float,
+        consensus: float,
+    ) -> tuple[object, ...]:
+        return (
+            round_,
+            entry.node,
+            int(self.honest[entry.node]),
+            entry.virtual_time,
+            entry.train_loss,
+            loss,
+            accuracy,
+            distance,
+            consensus,
+            *entry.traffic,
+            int(self.relay[entry.node]),
+            entry.component,
+            entry.component_size,
+        )
+
+    def _late(self, round_: int, entry: _Pending) -> None:
+        test_loss, test_accuracy = self.evaluate(entry.vector.unsqueeze(0))
+        self.rows.append(
+            self._row(
+                round_,
+                entry,
+                float(test_loss[0]),
+                float(test_accuracy[0]),
+                float("nan"),
+                self._completed[round_],
+            )
+        )
+
     def _complete(self, round_: int) -> None:
         entries = sorted(self._pending.pop(round_), key=lambda entry: entry.node)
+        del self._reported_active[round_]
         vectors = torch.stack([entry.vector for entry in entries])
         test_loss, test_accuracy = self.evaluate(vectors)
         mean = vectors.mean(dim=0)
         distances = (vectors - mean).pow(2).sum(dim=1).to(torch.float64)
         consensus = float(distances.mean())
+        self._completed[round_] = consensus
         for entry, loss, accuracy, distance in zip(
             entries, test_loss.tolist(), test_accuracy.tolist(), distances.tolist(), strict=True
         ):
-            self.rows.append(
-                (
-                    round_,
-                    entry.node,
-                    int(self.honest[entry.node]),
-                    entry.virtual_time,
-                    entry.train_loss,
-                    loss,
-                    accuracy,
-                    distance,
-                    consensus,
-                    *entry.traffic,
-                )
-            )
+            self.rows.append(self._row(round_, entry, loss, accuracy, distance, consensus))
         honest_accuracy = [
             accuracy
             for entry, accuracy in zip(entries, test_accuracy.tolist(), strict=True)
@@ -153,6 +234,8 @@ class MetricsRecorder:
                 virtual_time=max(entry.virtual_time for entry in entries),
             )
         )
+        if self.on_complete is not None:
+            self.on_complete(round_)
 
     def csv_text(self) -> str:
         """All rows as CSV, sorted by (round, node)."""

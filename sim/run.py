@@ -1,7 +1,18 @@
 """One simulation run: scenario in, run directory out.
 
-A run directory holds ``scenario.toml`` (the resolved scenario, every default written out),
-``metrics.csv`` (one row per node per round) and ``summary.json``.
+A run directory holds:
+
+* ``scenario.toml``: the resolved scenario, every default written out;
+* ``metrics.csv``: one row per node per round (byte-identical for one seed);
+* ``events.jsonl``: what happened when, one JSON object a line, each with its virtual
+  ``time``: ``disruption`` (a timeline entry fired: its index, kind, nodes/links/groups),
+  ``node`` (a node's state became online/offline/dead, with the cause), ``link`` (a link went
+  down/up), ``misbehaved`` and ``disconnect`` (from the cores);
+* ``nodes.csv`` (node, relay, samples, speed, degree) and ``edges.csv`` (u, v): the topology
+  the plots draw;
+* ``summary.json``: totals and final accuracies (of all alive nodes, of the largest
+  component, of isolated nodes);
+* the plots, PNG and SVG (:mod:`sim.plots`), redrawn from these files by ``p2pfl-sim plot``.
 """
 
 from __future__ import annotations
@@ -21,9 +32,10 @@ from p2pfl.learn import derive_seed
 from p2pfl.merge import make_merge_rule
 from p2pfl.protocol import CoreConfig, make_core
 from sim.batched import BatchedMLP
+from sim.disruptions import Disruptions
 from sim.engine import Engine
 from sim.metrics import MetricsRecorder
-from sim.network import LatencyModel
+from sim.network import LinkModel
 from sim.population import Population, build_population
 from sim.scenario import Scenario, to_toml
 
@@ -49,6 +61,16 @@ def core_config(scenario: Scenario) -> CoreConfig:
         fanout=protocol.fanout,
         wire_dtype=protocol.wire_dtype,
         max_rounds_ahead=protocol.max_rounds_ahead,
+        sample_size=protocol.sample_size,
+        aggregators=protocol.aggregators,
+        success_fraction=protocol.success_fraction,
+        min_models=protocol.min_models,
+        ping_timeout=protocol.ping_timeout,
+        aggregation_timeout=protocol.aggregation_timeout,
+        ack_timeout=protocol.ack_timeout,
+        inactivity_threshold=protocol.inactivity_threshold,
+        view_entries=protocol.view_entries,
+        announce_join=protocol.announce_join,
     )
     config.validate()
     return config
@@ -76,7 +98,7 @@ def build_engine(
                 population.identities[peer].node_id for peer in population.neighbours[node]
             ],
             vector=federation.init_vector.clone(),
-            samples=len(federation.train_parts[node]),
+            samples=population.samples[node],
             merge=make_merge_rule(scenario.merge.rule, **scenario.merge.params),
             rng=np.random.default_rng(derive_seed(scenario.seed, STREAM_CORE, node)),
             layout=federation.layout,
@@ -88,19 +110,23 @@ def build_engine(
     recorder = MetricsRecorder(
         num_nodes=population.size,
         evaluate=lambda vectors: trainer.evaluate(vectors, test_x, test_y),
+        relay=list(population.relay),
     )
-    return Engine(
+    engine = Engine(
         population,
         cores,
-        latency=LatencyModel(
-            scenario.network.latency, seed=derive_seed(scenario.seed, STREAM_NETWORK)
-        ),
+        links=LinkModel(scenario.network, seed=derive_seed(scenario.seed, STREAM_NETWORK)),
         trainer=trainer,
         step_time=scenario.learner.step_time,
         horizon=scenario.horizon,
         recorder=recorder,
         on_round=on_round,
     )
+    if scenario.disruptions:
+        disruptions = Disruptions(scenario.disruptions, population, seed=scenario.seed)
+        engine.disruptions = disruptions
+        recorder.on_complete = lambda round_: disruptions.on_round_complete(engine, round_)
+    return engine
 
 
 def default_run_dir(scenario: Scenario) -> Path:
@@ -113,8 +139,9 @@ def run_scenario(
     out: Path | None = None,
     *,
     on_round: Callable[[Engine], None] | None = None,
+    plots: bool = True,
 ) -> RunResult:
-    """Run ``scenario`` and write its run directory.
+    """Run ``scenario`` and write its run directory (with its plots unless ``plots=False``).
 
     Raises:
         ConfigError, TopologyError: the scenario is invalid.
@@ -129,11 +156,29 @@ def run_scenario(
     (directory / "metrics.csv").write_text(engine.recorder.csv_text())
     summary = summarise(scenario, engine, virtual_seconds, wall_seconds)
     (directory / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    if engine.events_log:
-        with (directory / "events.jsonl").open("w") as handle:
-            for entry in engine.events_log:
-                handle.write(json.dumps(entry, sort_keys=True) + "\n")
+    with (directory / "events.jsonl").open("w") as handle:
+        for entry in engine.events_log:
+            handle.write(json.dumps(entry, sort_keys=True) + "\n")
+    write_topology(engine.population, directory)
+    if plots:
+        from sim.plots import plot_run
+
+        plot_run(directory)
     return RunResult(directory, summary)
+
+
+def write_topology(population: Population, directory: Path) -> None:
+    """``nodes.csv`` and ``edges.csv``: what the topology plot draws."""
+    graph = population.graph
+    lines = ["node,relay,samples,speed,degree"]
+    for node in range(population.size):
+        lines.append(
+            f"{node},{int(population.relay[node])},{population.samples[node]},"
+            f"{population.speed[node]!r},{graph.degree(node)}"
+        )
+    (directory / "nodes.csv").write_text("\n".join(lines) + "\n")
+    edges = sorted((min(u, v), max(u, v)) for u, v in graph.edges())
+    (directory / "edges.csv").write_text("u,v\n" + "".join(f"{u},{v}\n" for u, v in edges))
 
 
 def summarise(
@@ -163,7 +208,42 @@ def summarise(
         "node_rounds_per_second": round(node_rounds / wall_seconds, 1)
         if wall_seconds > 0
         else None,
+        **final_accuracies(engine),
         "bytes_sent": sum(traffic.bytes_sent for traffic in engine.traffic),
         "messages_sent": sum(traffic.messages_sent for traffic in engine.traffic),
         "rejected": sum(traffic.rejected for traffic in engine.traffic),
+    }
+
+
+def final_accuracies(engine: Engine) -> dict[str, Any]:
+    """Accuracy of each alive node's last recorded model, overall and by final component.
+
+    ``largest_component_accuracy`` averages the nodes of the largest component of the final
+    live graph; ``isolated_accuracy`` the nodes left alone (a component of one), None if
+    there are none. Relays are included: they hold models too.
+    """
+    from sim.engine import ONLINE
+
+    last: dict[int, float] = {}
+    for row in engine.recorder.rows:
+        node, accuracy = int(row[1]), float(row[6])  # type: ignore[arg-type]
+        last[node] = accuracy
+    online = [node for node, state in enumerate(engine.status) if state == ONLINE]
+    components = engine.components()
+    largest = components[0] if components else []
+    isolated = [group[0] for group in components if len(group) == 1]
+
+    def mean(nodes: list[int]) -> float | None:
+        values = [last[node] for node in nodes if node in last and math.isfinite(last[node])]
+        return sum(values) / len(values) if values else None
+
+    return {
+        "alive_nodes": sum(state != "dead" for state in engine.status),
+        "online_nodes": len(online),
+        "components": len(components),
+        "largest_component_size": len(largest),
+        "isolated_nodes": len(isolated),
+        "final_accuracy_alive": mean([n for n, s in enumerate(engine.status) if s != "dead"]),
+        "largest_component_accuracy": mean(largest),
+        "isolated_accuracy": mean(isolated),
     }

@@ -7,13 +7,24 @@ filled in; the run directory stores that resolved form, so a run can be repeated
 
 from __future__ import annotations
 
+import math
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from p2pfl.errors import ConfigError
 from topologies import registry as topology_registry
@@ -58,13 +69,24 @@ class LearnerSpec(_Strict):
 
 
 class ProtocolSpec(_Strict):
-    mode: Literal["dsgd", "gossip"] = "dsgd"
+    mode: Literal["dsgd", "gossip", "modest"] = "dsgd"
     round_timeout: float = Field(default=5.0, gt=0.0)
     period: float = Field(default=1.0, gt=0.0)
     period_jitter: float = Field(default=0.2, ge=0.0, lt=1.0)
     fanout: int = Field(default=1, ge=1)
     wire_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     max_rounds_ahead: int = Field(default=4, ge=0)
+    # modest (p2pfl.protocol.modest; defaults as in the MoDeST reference)
+    sample_size: int = Field(default=10, ge=1)
+    aggregators: int = Field(default=1, ge=1)
+    success_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
+    min_models: int = Field(default=3, ge=1)
+    ping_timeout: float = Field(default=5.0, gt=0.0)
+    aggregation_timeout: float = Field(default=300.0, gt=0.0)
+    ack_timeout: float = Field(default=320.0, gt=0.0)
+    inactivity_threshold: int = Field(default=50, ge=1)
+    view_entries: int = Field(default=16, ge=1, le=256)
+    announce_join: bool = True
 
 
 class MergeSpec(_Strict):
@@ -88,7 +110,240 @@ class LatencySpec(_Strict):
 
 
 class NetworkSpec(_Strict):
+    """Every directed link: latency draws, FIFO serialisation at ``bandwidth``, jitter, loss."""
+
     latency: LatencySpec = Field(default_factory=LatencySpec)
+    bandwidth: float | None = Field(
+        default=None, gt=0.0, description="bytes per second per directed link; unset = unlimited"
+    )
+    jitter: float = Field(default=0.0, ge=0.0, description="extra delay drawn from U(0, jitter) s")
+    loss: float = Field(default=0.0, ge=0.0, lt=1.0, description="probability a frame is lost")
+
+
+class SpeedSpec(_Strict):
+    """Per-node compute speed factor: training takes ``steps * step_time / speed``."""
+
+    dist: Literal["constant", "uniform", "lognormal"] = "constant"
+    value: float = Field(default=1.0, gt=0.0)
+    low: float = Field(default=0.5, gt=0.0)
+    high: float = Field(default=1.5, gt=0.0)
+    sigma: float = Field(default=0.5, gt=0.0, description="lognormal with median 1")
+    values: list[float] = Field(default_factory=list, description="one factor per node")
+
+    @field_validator("values")
+    @classmethod
+    def _positive(cls, values: list[float]) -> list[float]:
+        if any(not value > 0 for value in values):
+            raise ValueError("every speed factor must be > 0")
+        return values
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SpeedSpec:
+        if self.dist == "uniform" and self.high < self.low:
+            raise ValueError("high must be >= low")
+        return self
+
+
+class DevicesSpec(_Strict):
+    speed: SpeedSpec = Field(default_factory=SpeedSpec)
+
+
+class RolesSpec(_Strict):
+    """Which nodes are relays (no data: they merge and forward, never train)."""
+
+    relays: list[int] = Field(default_factory=list, description="explicit relay node indices")
+    relay_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+    relay_choice: Literal["random", "degree"] = "random"
+
+    @field_validator("relays")
+    @classmethod
+    def _indices(cls, relays: list[int]) -> list[int]:
+        if any(node < 0 for node in relays):
+            raise ValueError("node indices are >= 0")
+        return sorted(set(relays))
+
+
+def _fraction(value: float) -> float:
+    if not 0.0 < value <= 1.0:
+        raise ValueError("a number in (0, 1]")
+    return value
+
+
+def _node_list(nodes: list[int] | None) -> list[int] | None:
+    if nodes is not None and any(node < 0 for node in nodes):
+        raise ValueError("node indices are >= 0")
+    return None if nodes is None else sorted(set(nodes))
+
+
+Fraction = Annotated[float, AfterValidator(_fraction)]
+NodeList = Annotated[list[int] | None, AfterValidator(_node_list)]
+Link = Annotated[list[int], Field(min_length=2, max_length=2)]
+
+
+class _When(_Strict):
+    """When a disruption fires: at a virtual time, or when nodes reach a round.
+
+    ``round = R`` fires as soon as the first alive node (``trigger = "first"``) or every
+    alive node (``trigger = "all"``) has completed R rounds, i.e. has its metrics row for
+    round ``R - 1``; ``round = 0`` is the start of the run.
+    """
+
+    at: float | None = Field(default=None, ge=0.0, description="virtual seconds")
+    round: int | None = Field(default=None, ge=0)
+    trigger: Literal["first", "all"] = "first"
+
+    @model_validator(mode="after")
+    def _one_time(self) -> _When:
+        if (self.at is None) == (self.round is None):
+            raise ValueError("give exactly one of `at` (virtual seconds) or `round`")
+        return self
+
+
+class _Selection(_When):
+    """Which nodes: an explicit list, or a fraction/count chosen at random or by centrality."""
+
+    nodes: NodeList = None
+    fraction: Fraction | None = None
+    count: int | None = Field(default=None, ge=1)
+    choose: Literal["random", "degree", "betweenness", "eigenvector"] = "random"
+    among: Literal["all", "data", "relays"] = "all"
+
+    @model_validator(mode="after")
+    def _one_selection(self) -> _Selection:
+        given = sum(item is not None for item in (self.nodes, self.fraction, self.count))
+        if given != 1:
+            raise ValueError("give exactly one of `nodes`, `fraction` or `count`")
+        return self
+
+
+class CrashSpec(_Selection):
+    """Nodes stop forever; neighbours see the connection reset after ``detect_after`` s."""
+
+    kind: Literal["crash", "remove"]
+    detect_after: float = Field(
+        default=0.0, ge=0.0, description="seconds until neighbours notice; inf = never"
+    )
+
+
+class LeaveSpec(_Selection):
+    """Nodes go offline (state kept, suspended); ``graceful`` tells the neighbours."""
+
+    kind: Literal["leave"]
+    graceful: bool = True
+
+
+class JoinSpec(_When):
+    """Offline nodes come back (default: every node that is offline)."""
+
+    kind: Literal["join"]
+    nodes: NodeList = None
+
+
+class CutSpec(_When):
+    kind: Literal["cut"]
+    links: list[Link] = Field(min_length=1)
+
+
+class RestoreSpec(_When):
+    """Restore the given cut links (default: every link cut by a ``cut``)."""
+
+    kind: Literal["restore"]
+    links: list[Link] | None = None
+
+
+class PartitionSpec(_When):
+    """Cut every link between groups: given groups (others form one more) or ``random`` k."""
+
+    kind: Literal["partition"]
+    groups: list[list[int]] | None = None
+    random: int | None = Field(default=None, ge=2)
+
+    @model_validator(mode="after")
+    def _one_split(self) -> PartitionSpec:
+        if (self.groups is None) == (self.random is None):
+            raise ValueError("give exactly one of `groups` or `random` (a number of groups)")
+        return self
+
+
+class HealSpec(_When):
+    """Undo every partition."""
+
+    kind: Literal["heal"]
+
+
+class BatterySpec(_Selection):
+    """Each selected node dies when it would start training number ``trainings + 1``."""
+
+    kind: Literal["battery"]
+    trainings: int = Field(ge=1)
+
+
+class ChurnSpec(_When):
+    """Nodes go offline and come back: from a trace (CSV: node, online_from, online_until;
+    times relative to this disruption) or generated (exponential on/off periods)."""
+
+    kind: Literal["churn"]
+    trace: str | None = None
+    nodes: NodeList = None
+    fraction: Fraction | None = None
+    mean_online: float | None = Field(default=None, gt=0.0, description="seconds")
+    mean_offline: float | None = Field(default=None, gt=0.0, description="seconds")
+    graceful: bool = True
+
+    @field_validator("trace")
+    @classmethod
+    def _readable_trace(cls, trace: str | None, info: ValidationInfo) -> str | None:
+        if trace is None:
+            return None
+        path = Path(trace)
+        base = (info.context or {}).get("base_dir")
+        if not path.is_absolute() and base is not None:
+            path = Path(base) / path
+        from sim.churn import read_trace
+
+        try:
+            read_trace(path)
+        except ConfigError as exc:
+            raise ValueError(f"{exc.value}: {exc.allowed}") from None
+        return str(path.resolve())
+
+    @model_validator(mode="after")
+    def _trace_or_generated(self) -> ChurnSpec:
+        generated = self.mean_online is not None or self.mean_offline is not None
+        if self.trace is not None and generated:
+            raise ValueError("give a `trace` or `mean_online`/`mean_offline`, not both")
+        if self.trace is None:
+            if self.mean_online is None or self.mean_offline is None:
+                raise ValueError("give a `trace`, or both `mean_online` and `mean_offline`")
+            if (self.nodes is None) == (self.fraction is None):
+                raise ValueError("generated churn needs exactly one of `nodes` or `fraction`")
+        return self
+
+
+DisruptionSpec = Annotated[
+    CrashSpec
+    | LeaveSpec
+    | JoinSpec
+    | CutSpec
+    | RestoreSpec
+    | PartitionSpec
+    | HealSpec
+    | BatterySpec
+    | ChurnSpec,
+    Field(discriminator="kind"),
+]
+DISRUPTION_KINDS = (
+    "crash",
+    "remove",
+    "leave",
+    "join",
+    "cut",
+    "restore",
+    "partition",
+    "heal",
+    "battery",
+    "churn",
+)
 
 
 class Scenario(_Strict):
@@ -106,6 +361,9 @@ class Scenario(_Strict):
     protocol: ProtocolSpec = Field(default_factory=ProtocolSpec)
     merge: MergeSpec = Field(default_factory=MergeSpec)
     network: NetworkSpec = Field(default_factory=NetworkSpec)
+    devices: DevicesSpec = Field(default_factory=DevicesSpec)
+    roles: RolesSpec = Field(default_factory=RolesSpec)
+    disruptions: list[DisruptionSpec] = Field(default_factory=list)
 
     def topology_params(self) -> dict[str, Any]:
         """The generator's own parameters (everything in [topology] but kind/require_connected)."""
@@ -116,9 +374,44 @@ class Scenario(_Strict):
         return params
 
 
-def _allowed_keys(loc: Sequence[str | int]) -> list[str]:
+_DISRUPTION_MODELS: dict[str, type[BaseModel]] = {
+    "crash": CrashSpec,
+    "remove": CrashSpec,
+    "leave": LeaveSpec,
+    "join": JoinSpec,
+    "cut": CutSpec,
+    "restore": RestoreSpec,
+    "partition": PartitionSpec,
+    "heal": HealSpec,
+    "battery": BatterySpec,
+    "churn": ChurnSpec,
+}
+
+
+def _clean_loc(loc: Sequence[str | int]) -> list[str | int]:
+    """Drop the discriminator tags pydantic puts after a list index of ``disruptions``."""
+    cleaned: list[str | int] = []
+    for index, part in enumerate(loc):
+        after_index = index > 0 and isinstance(loc[index - 1], int)
+        if after_index and loc[0] == "disruptions" and part in _DISRUPTION_MODELS:
+            continue
+        cleaned.append(part)
+    return cleaned
+
+
+def _dotted(loc: Sequence[str | int]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _allowed_keys(raw_loc: Sequence[str | int]) -> list[str]:
     model: type[BaseModel] = Scenario
-    for part in loc[:-1]:
+    parts = list(raw_loc[:-1])
+    if parts[:1] == ["disruptions"] and len(parts) >= 3 and str(parts[2]) in _DISRUPTION_MODELS:
+        return sorted(_DISRUPTION_MODELS[str(parts[2])].model_fields)
+    for part in parts:
         field = model.model_fields.get(str(part))
         annotation = field.annotation if field else None
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
@@ -129,28 +422,51 @@ def _allowed_keys(loc: Sequence[str | int]) -> list[str]:
 
 def _first_error(exc: ValidationError, source: str) -> ConfigError:
     error = exc.errors()[0]
-    loc = [part for part in error["loc"] if not isinstance(part, int) or True]
-    key = ".".join(str(part) for part in loc) or "(scenario)"
+    raw_loc = list(error["loc"])
+    loc = _clean_loc(raw_loc)
+    if error["type"] in {"union_tag_invalid", "union_tag_not_found"}:
+        loc.append("kind")
+    key = _dotted(loc) or "(scenario)"
     value = error.get("input")
     if error["type"] == "extra_forbidden":
-        allowed = _allowed_keys(loc)
+        allowed = _allowed_keys(raw_loc)
         return ConfigError(
             f"{source}: {key}", value, f"unknown key; allowed keys here: {', '.join(allowed)}"
         )
-    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "union_tag_invalid":
+        value = error.get("ctx", {}).get("tag", value)
+        message = f"one of {', '.join(DISRUPTION_KINDS)}"
+    elif error["type"] == "union_tag_not_found":
+        value = None
+        message = f"every disruption needs a `kind`: one of {', '.join(DISRUPTION_KINDS)}"
+    else:
+        message = error["msg"].removeprefix("Value error, ")
     if isinstance(value, dict):
-        value = "{...}"
+        value = _Elided()
     return ConfigError(f"{source}: {key}", value, message)
 
 
-def parse_scenario(document: Mapping[str, Any], *, source: str = "scenario") -> Scenario:
+class _Elided:
+    def __repr__(self) -> str:
+        return "{...}"
+
+
+def parse_scenario(
+    document: Mapping[str, Any], *, source: str = "scenario", base_dir: Path | None = None
+) -> Scenario:
     """Validate a decoded TOML document.
 
+    Relative paths inside it (churn traces) are resolved against ``base_dir``, or against the
+    directory of ``source`` when ``source`` names an existing file, and stored absolute.
+
     Raises:
-        ConfigError: the first problem found, on one line, naming the dotted key.
+        ConfigError: the first problem found, on one line, naming the dotted key
+            (list items as ``disruptions[2].fraction``).
     """
+    if base_dir is None and Path(source).is_file():
+        base_dir = Path(source).resolve().parent
     try:
-        return Scenario.model_validate(dict(document))
+        return Scenario.model_validate(dict(document), context={"base_dir": base_dir})
     except ValidationError as exc:
         raise _first_error(exc, source) from None
 
@@ -197,11 +513,29 @@ def read_document(name_or_path: str) -> tuple[dict[str, Any], str]:
         raise ConfigError(source, "(file)", f"valid TOML ({exc})") from None
 
 
+_INDEXED = re.compile(r"^([A-Za-z_][\w-]*)\[(\d+)\]$")
+
+
+def override_path(key: str) -> list[str | int]:
+    """``disruptions[1].fraction`` → ``["disruptions", 1, "fraction"]``."""
+    path: list[str | int] = []
+    for part in key.strip().split("."):
+        match = _INDEXED.match(part)
+        if match:
+            path += [match.group(1), int(match.group(2))]
+        else:
+            path.append(part)
+    return path
+
+
 def apply_overrides(document: dict[str, Any], assignments: Sequence[str]) -> dict[str, Any]:
     """Apply ``key.path=value`` overrides; values are TOML literals, bare words are strings.
 
+    A path may index an array of tables: ``disruptions[0].fraction=0.2``.
+
     Raises:
-        ConfigError: an assignment without ``=`` or one that descends into a non-table.
+        ConfigError: an assignment without ``=``, one that descends into a non-table, or an
+            index past the end of an array.
     """
     result: dict[str, Any] = _deep_copy(document)
     for assignment in assignments:
@@ -212,14 +546,27 @@ def apply_overrides(document: dict[str, Any], assignments: Sequence[str]) -> dic
             value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
             value = raw
-        parts = key.strip().split(".")
-        table = result
-        for part in parts[:-1]:
-            child = table.setdefault(part, {})
-            if not isinstance(child, dict):
+        path = override_path(key)
+        container: Any = result
+        for part, following in zip(path[:-1], path[1:], strict=True):
+            if isinstance(part, int):
+                if not isinstance(container, list) or part >= len(container):
+                    raise ConfigError("--set", assignment, f"index {part} is past the array's end")
+                child = container[part]
+            else:
+                child = container.setdefault(part, [] if isinstance(following, int) else {})
+            if not isinstance(child, dict | list):
                 raise ConfigError("--set", assignment, f"{part} is not a table")
-            table = child
-        table[parts[-1]] = value
+            container = child
+        last = path[-1]
+        if isinstance(last, int):
+            if not isinstance(container, list) or last >= len(container):
+                raise ConfigError("--set", assignment, f"index {last} is past the array's end")
+            container[last] = value
+        elif isinstance(container, dict):
+            container[last] = value
+        else:
+            raise ConfigError("--set", assignment, "index the array first, e.g. name[0].key")
     return result
 
 
@@ -237,12 +584,19 @@ def to_toml(scenario: Scenario) -> str:
     topology = data.pop("topology")
     topology.update(scenario.topology.model_extra or {})
     data["topology"] = topology
-    return _dump_table(data, prefix="")
+    disruptions = data.pop("disruptions", [])
+    text = _dump_table(data, prefix="")
+    for disruption in disruptions:
+        ordered = {"kind": disruption.pop("kind"), **disruption}
+        text += "\n[[disruptions]]\n" + _dump_table(ordered, prefix="disruptions.")
+    return text
 
 
 def _dump_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, str):

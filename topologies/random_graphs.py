@@ -81,9 +81,7 @@ def erdos_renyi(n: int, p: float, seed: int | None = None, *, connected: bool = 
     p = check_probability("erdos_renyi", "p", p)
     seed = check_seed("erdos_renyi", seed)
     connected = check_bool("erdos_renyi", "connected", connected)
-    graph = _draw_connected(
-        lambda s: _gnp(n, p, s), seed, connected=connected
-    )
+    graph = _draw_connected(lambda s: _gnp(n, p, s), seed, connected=connected)
     if graph is None:
         threshold = math.log(n) / n
         raise TopologyError(

@@ -9,8 +9,9 @@ the actions the core returns (:mod:`p2pfl.protocol.actions`), and wakes the core
 events at the same times give the same actions, all randomness coming from the ``rng`` it was
 built with.
 
-Modes (``PROTOCOL_MODES``): ``dsgd`` (:mod:`p2pfl.protocol.dsgd`) and ``gossip``
-(:mod:`p2pfl.protocol.gossip`); their life cycles are tabulated in
+Modes (``PROTOCOL_MODES``): ``dsgd`` (:mod:`p2pfl.protocol.dsgd`), ``gossip``
+(:mod:`p2pfl.protocol.gossip`) and ``modest`` (:mod:`p2pfl.protocol.modest`, sampled
+committees over the membership view of :mod:`p2pfl.protocol.membership`); their life cycles are tabulated in
 :mod:`p2pfl.protocol.phases`. Drivers report ``PeerConnected`` for each neighbour they reach;
 every neighbour starts out not connected (the simulator connects all before ``Started``).
 """
@@ -27,6 +28,7 @@ from p2pfl.merge.base import MergeRule, Probe
 from p2pfl.params import ParamLayout
 from p2pfl.protocol import dsgd as dsgd
 from p2pfl.protocol import gossip as gossip
+from p2pfl.protocol import modest as modest
 from p2pfl.protocol.actions import (
     Action,
     Disconnect,

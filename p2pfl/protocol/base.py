@@ -8,9 +8,10 @@ decreasing), then dispatches the event with ``match``:
 - ``PeerConnected`` / ``PeerDisconnected`` update the :class:`~p2pfl.protocol.peers.PeerSet`
   (a connection from someone who is not a neighbour is answered with ``Disconnect``), then
   tell the mode;
-- ``MessageReceived`` goes through :func:`~p2pfl.protocol.messages.parse_model_update`; a
-  peer's fault becomes ``PeerMisbehaved`` here and nowhere else, so no mode can let one
-  escape; a valid update is handed to the mode;
+- ``MessageReceived`` goes to ``_on_message``, by default
+  :func:`~p2pfl.protocol.messages.parse_model_update`; a peer's fault becomes
+  ``PeerMisbehaved`` there, so no mode can let one escape; a valid update is handed to the
+  mode (``modest`` overrides ``_on_message`` for its own message kinds);
 - ``Started``, ``TrainingFinished`` are checked against the phase (misuse raises
   :class:`~p2pfl.errors.LocalProtocolError` before any state changes) and handed to the mode;
 - ``DeadlineReached`` is handed to the mode, which acts only on timers that are due, so an
@@ -92,6 +93,7 @@ class BaseCore(abc.ABC):
         seq_start = _count("seq_start", seq_start)
         self.config = config
         self.node_id = identity.node_id
+        self._identity = identity
         self.round = start_round
         self.vector = vector.detach().to(device="cpu", dtype=torch.float32).clone()
         self.samples = samples
@@ -160,11 +162,7 @@ class BaseCore(abc.ABC):
             case MessageReceived():
                 if self.finished:
                     return []
-                try:
-                    update = parse_model_update(event, self._peers, self.vector.shape)
-                except RemoteProtocolError as exc:
-                    return [PeerMisbehaved(event.peer, str(exc))]
-                return self._on_update(update)
+                return self._on_message(event)
             case TrainingFinished(vector=trained, loss=loss, steps=steps):
                 self._machine.expect(Phase.TRAINING, "TrainingFinished")
                 if trained.shape != self.vector.shape or not trained.is_floating_point():
@@ -194,6 +192,16 @@ class BaseCore(abc.ABC):
     @abc.abstractmethod
     def _on_started(self) -> list[Action]:
         """Begin: the core is IDLE and has rounds left to run."""
+
+    def _on_message(self, event: MessageReceived) -> list[Action]:
+        """A message arrived (the core is not DONE). By default it must be a neighbour's
+        ``MODEL_UPDATE``, handed to :meth:`_on_update`; a mode speaking other messages
+        overrides this, and must turn every peer's fault into ``PeerMisbehaved``."""
+        try:
+            update = parse_model_update(event, self._peers, self.vector.shape)
+        except RemoteProtocolError as exc:
+            return [PeerMisbehaved(event.peer, str(exc))]
+        return self._on_update(update)
 
     def _on_connected(self, peer: NodeId) -> list[Action]:
         """A neighbour (re)connected; the PeerSet already counts it as connected."""

@@ -9,6 +9,7 @@ from typing import NoReturn, TypeGuard
 from p2pfl.codec import WIRE_DTYPES
 from p2pfl.errors import ConfigError
 from p2pfl.protocol.core import PROTOCOL_MODES
+from p2pfl.protocol.membership import MAX_RECORDS_PER_MESSAGE
 
 CONFIG_PREFIX = "protocol"
 """Config keys in errors are named ``protocol.<field>``, as in a scenario file."""
@@ -19,7 +20,7 @@ class CoreConfig:
     """What every protocol mode needs to know; fields a mode does not use are ignored.
 
     Attributes:
-        mode: a key of ``PROTOCOL_MODES`` (``"dsgd"`` or ``"gossip"``).
+        mode: a key of ``PROTOCOL_MODES`` (``"dsgd"``, ``"gossip"`` or ``"modest"``).
         rounds: the core stops (emits ``Stop``) after this many rounds (trainings).
         local_steps: local training steps asked for by each ``StartTraining``.
         round_timeout: dsgd: seconds to wait for neighbours' models after own training.
@@ -29,6 +30,22 @@ class CoreConfig:
         wire_dtype: element dtype of models on the wire (a key of ``codec.WIRE_DTYPES``).
         max_rounds_ahead: dsgd: models up to this many rounds ahead are buffered, later dropped.
         replay_window: sequence numbers remembered per sender (``wire.ReplayWindow``).
+        sample_size: modest: trainers per round (``s``).
+        aggregators: modest: aggregators per round (``a``).
+        success_fraction: modest: an aggregator merges once it holds
+            ``floor(sample_size * success_fraction)`` models (``sf``).
+        min_models: modest: at ``aggregation_timeout`` an aggregator merges only if it holds
+            at least this many models (capped at the merge threshold), else abandons the round.
+        ping_timeout: modest: seconds to wait for a pong before pinging the next candidate.
+        aggregation_timeout: modest: seconds an aggregator waits after its first model.
+        ack_timeout: modest: seconds a trainer waits for an aggregator's ack before failing
+            over to the next aggregator, as on a negative ack.
+        inactivity_threshold: membership: a peer not seen active for more rounds than this
+            leaves the candidate set.
+        view_entries: membership: records piggybacked per message (bounds traffic per message).
+        view_capacity: membership: records a node keeps at most.
+        announce_join: modest: on ``Started``, announce the own join to
+            ``min(10 * sample_size, view)`` random peers.
     """
 
     mode: str = "dsgd"
@@ -41,6 +58,17 @@ class CoreConfig:
     wire_dtype: str = "float32"
     max_rounds_ahead: int = 4
     replay_window: int = 1024
+    sample_size: int = 10
+    aggregators: int = 1
+    success_fraction: float = 1.0
+    min_models: int = 3
+    ping_timeout: float = 5.0
+    aggregation_timeout: float = 300.0
+    ack_timeout: float = 320.0
+    inactivity_threshold: int = 50
+    view_entries: int = 16
+    view_capacity: int = 4096
+    announce_join: bool = True
 
     def validate(self) -> None:
         """Check every field.
@@ -63,6 +91,22 @@ class CoreConfig:
             _fail("wire_dtype", self.wire_dtype, f"one of {', '.join(sorted(WIRE_DTYPES))}")
         _int_at_least("max_rounds_ahead", self.max_rounds_ahead, 0)
         _int_at_least("replay_window", self.replay_window, 1)
+        _int_at_least("sample_size", self.sample_size, 1)
+        _int_at_least("aggregators", self.aggregators, 1)
+        fraction = self.success_fraction
+        if not _is_real(fraction) or not 0.0 < fraction <= 1.0:
+            _fail("success_fraction", fraction, "a number in (0, 1]")
+        _int_at_least("min_models", self.min_models, 1)
+        _positive_seconds("ping_timeout", self.ping_timeout)
+        _positive_seconds("aggregation_timeout", self.aggregation_timeout)
+        _positive_seconds("ack_timeout", self.ack_timeout)
+        _int_at_least("inactivity_threshold", self.inactivity_threshold, 1)
+        _int_at_least("view_entries", self.view_entries, 1)
+        if self.view_entries > MAX_RECORDS_PER_MESSAGE:
+            _fail("view_entries", self.view_entries, f"at most {MAX_RECORDS_PER_MESSAGE}")
+        _int_at_least("view_capacity", self.view_capacity, 1)
+        if not isinstance(self.announce_join, bool):
+            _fail("announce_join", self.announce_join, "true or false")
 
 
 def _fail(field: str, value: object, allowed: str) -> NoReturn:

@@ -83,6 +83,25 @@ class Sealer:
         return envelope
 
 
+def decode_model(envelope: Envelope, shape: torch.Size) -> torch.Tensor:
+    """The envelope's model, checked for shape and finiteness (may view the payload).
+
+    Raises:
+        RemoteProtocolError: another shape, undecodable, or NaN/infinite values.
+    """
+    if tuple(envelope.spec.shape) != tuple(shape):
+        raise RemoteProtocolError(
+            f"model of shape {list(envelope.spec.shape)}, this node's is {list(shape)}"
+        )
+    try:
+        decoded = decode_vector(envelope.spec, envelope.payload)
+    except WireError as exc:
+        raise RemoteProtocolError(f"undecodable model: {exc}") from exc
+    if not all_finite(decoded):
+        raise RemoteProtocolError("model holds NaN or infinite values")
+    return decoded
+
+
 def parse_model_update(event: MessageReceived, peers: PeerSet, shape: torch.Size) -> ModelUpdate:
     """Check a received message and take its model.
 
@@ -100,16 +119,7 @@ def parse_model_update(event: MessageReceived, peers: PeerSet, shape: torch.Size
         raise RemoteProtocolError(f"replayed message: {exc}") from exc
     if envelope.kind is not MessageKind.MODEL_UPDATE:
         raise RemoteProtocolError(f"unexpected message kind {envelope.kind.name}")
-    if tuple(envelope.spec.shape) != tuple(shape):
-        raise RemoteProtocolError(
-            f"model of shape {list(envelope.spec.shape)}, this node's is {list(shape)}"
-        )
-    try:
-        decoded = decode_vector(envelope.spec, envelope.payload)
-    except WireError as exc:
-        raise RemoteProtocolError(f"undecodable model: {exc}") from exc
-    if not all_finite(decoded):
-        raise RemoteProtocolError("model holds NaN or infinite values")
+    decoded = decode_model(envelope, shape)
     degree = envelope.meta.get("deg", 0)
     if not isinstance(degree, int) or isinstance(degree, bool) or not 0 <= degree <= MAX_DEGREE:
         raise RemoteProtocolError(f"declared degree {degree!r} is not an int in 0..{MAX_DEGREE}")

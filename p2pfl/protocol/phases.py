@@ -31,7 +31,8 @@ class Phase(enum.Enum):
     COLLECTING = "collecting"
     """dsgd: own model trained and sent; waiting for the neighbours' models of this round."""
     WAITING = "waiting"
-    """gossip: no training outstanding, nothing buffered; waiting for a model or a push tick."""
+    """gossip: no training outstanding, nothing buffered; waiting for a model or a push tick.
+    modest: no training outstanding; answering pings, aggregating, waiting to be sampled."""
     DONE = "done"
     """``Stop`` was returned; later events change nothing."""
 
@@ -66,6 +67,24 @@ GOSSIP_TRANSITIONS: Transitions = {
     },
     Phase.WAITING: {
         Phase.TRAINING: "a model arrived (merged), or a push tick with nothing received",
+    },
+    Phase.DONE: {},
+}
+
+MODEST_TRANSITIONS: Transitions = {
+    Phase.IDLE: {
+        Phase.WAITING: "Started (a node of the first sample trains right after)",
+        Phase.DONE: "Started with start_round >= rounds",
+    },
+    Phase.TRAINING: {
+        Phase.WAITING: "TrainingFinished: the model goes to the aggregators (or, stale, is "
+        "dropped)",
+        Phase.DONE: "TrainingFinished after leave()",
+    },
+    Phase.WAITING: {
+        Phase.TRAINING: "selected as a trainer of the round whose model the node holds "
+        "(an aggregated model adopted, or the first sample at Started)",
+        Phase.DONE: "the final model adopted (and, by its aggregator, sent on), or leave()",
     },
     Phase.DONE: {},
 }

@@ -49,7 +49,7 @@ import math
 import random
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, assert_never
 
 import numpy as np
@@ -144,6 +144,7 @@ class Node:
         merge: MergeRule | None = None,
         listeners: Sequence[trio.SocketListener] | None = None,
         backoff: Backoff | None = None,
+        on_round: Callable[[int, torch.Tensor, float], None] | None = None,
     ) -> None:
         """Build the learner and the core, restoring the checkpoint if there is one.
 
@@ -155,6 +156,10 @@ class Node:
             listeners: already bound listeners (tests bind port 0 first so that every node's
                 address is known before any node starts); by default ``config.listen``.
             backoff: reconnect delays.
+            on_round: called in the trio thread, without blocking, each time a round ends
+                (after its checkpoint is written), with the 0-based index of the round just
+                completed, the merged vector (do not modify it) and that round's training
+                loss (NaN when unknown); the live simulator streams its metrics from it.
 
         Raises:
             ConfigError: the config is inconsistent (e.g. a peer holds this node's own key),
@@ -176,6 +181,7 @@ class Node:
         self.merge: MergeRule = merge if merge is not None else config.build_merge()
         self._listeners = list(listeners) if listeners is not None else None
         self._backoff = backoff or Backoff()
+        self._on_round = on_round
         self._jitter = random.Random()
         self.port: int | None = None
         self.status_port: int | None = None
@@ -450,6 +456,8 @@ class Node:
                     target, round=round_, vector=vector, node=self.node_id.hex(), info=info
                 )
             )
+        if self._on_round is not None:
+            self._on_round(round_ - 1, vector, self._train_loss.get(round_ - 1, math.nan))
         self._evals_send.send_nowait((round_, vector, len(self._connections)))
 
     async def _evaluator(self, done: trio.Event) -> None:

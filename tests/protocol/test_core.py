@@ -35,6 +35,9 @@ from p2pfl.wire import MessageKind, PayloadSpec, decode_frame, encode_frame
 from .single import NEIGHBOURS, SIZE, STRANGER, make_single, sealed, sealed_raw
 
 MODES = sorted(PROTOCOL_MODES)
+# Modes that exchange MODEL_UPDATEs with configured neighbours; modest samples committees
+# instead, and its equivalents live in test_modest_stateful.py.
+NEIGHBOUR_MODEL_MODES = ["dsgd", "gossip"]
 
 
 def kinds(actions: list[object]) -> list[str]:
@@ -132,7 +135,7 @@ def test_start_round_at_or_past_rounds_stops_at_once(mode: str) -> None:
 # -- a peer's faults become PeerMisbehaved ------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", NEIGHBOUR_MODEL_MODES)
 def test_peer_faults_become_misbehaved(mode: str) -> None:
     single = make_single(mode)
     single.core.handle(Started(), now=0.0)
@@ -191,7 +194,7 @@ def test_peer_faults_become_misbehaved(mode: str) -> None:
     assert kinds(single.receive(a, same_seq_other_content)) == ["PeerMisbehaved"]
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", NEIGHBOUR_MODEL_MODES)
 def test_reconnect_resets_the_replay_window(mode: str) -> None:
     single = make_single(mode)
     a = NEIGHBOURS[0]
@@ -211,7 +214,7 @@ def test_connection_from_a_stranger_is_closed(mode: str) -> None:
     assert actions == [Disconnect(stranger, "not a configured neighbour")]
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", NEIGHBOUR_MODEL_MODES)
 def test_received_model_does_not_alias_the_receive_buffer(mode: str) -> None:
     single = make_single(mode, rounds=2)
     a = NEIGHBOURS[0]

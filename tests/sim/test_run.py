@@ -35,9 +35,9 @@ def test_run_directory_holds_scenario_metrics_and_summary(
 def test_same_seed_gives_identical_metrics_bytes_and_another_seed_differs(
     small_document: SmallDocument, tmp_path: Path
 ) -> None:
-    first = run_scenario(parse_scenario(small_document()), tmp_path / "a")
-    second = run_scenario(parse_scenario(small_document()), tmp_path / "b")
-    other = run_scenario(parse_scenario(small_document(seed=6)), tmp_path / "c")
+    first = run_scenario(parse_scenario(small_document()), tmp_path / "a", plots=False)
+    second = run_scenario(parse_scenario(small_document()), tmp_path / "b", plots=False)
+    other = run_scenario(parse_scenario(small_document(seed=6)), tmp_path / "c", plots=False)
     metrics = [(run.directory / "metrics.csv").read_bytes() for run in (first, second, other)]
     assert metrics[0] == metrics[1]
     assert metrics[0] != metrics[2]
@@ -45,14 +45,14 @@ def test_same_seed_gives_identical_metrics_bytes_and_another_seed_differs(
 
 def test_gossip_mode_runs_its_rounds(small_document: SmallDocument, tmp_path: Path) -> None:
     document = small_document(protocol={"mode": "gossip", "period": 0.1, "fanout": 2})
-    result = run_scenario(parse_scenario(document), tmp_path / "gossip")
+    result = run_scenario(parse_scenario(document), tmp_path / "gossip", plots=False)
     assert result.summary["rounds"] == 3
     assert result.summary["messages_sent"] > 0
 
 
 def test_training_improves_accuracy(small_document: SmallDocument, tmp_path: Path) -> None:
-    before = run_scenario(parse_scenario(small_document(rounds=1)), tmp_path / "one")
-    after = run_scenario(parse_scenario(small_document(rounds=8)), tmp_path / "eight")
+    before = run_scenario(parse_scenario(small_document(rounds=1)), tmp_path / "one", plots=False)
+    after = run_scenario(parse_scenario(small_document(rounds=8)), tmp_path / "eight", plots=False)
     assert after.summary["mean_test_accuracy"] > before.summary["mean_test_accuracy"] + 0.05
 
 

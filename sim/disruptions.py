@@ -1,0 +1,386 @@
+"""The disruption timeline of a scenario, applied to a running engine.
+
+Theory of operation
+-------------------
+Each ``[[disruptions]]`` entry fires once, at a virtual time (``at``) or when nodes reach a
+round (``round``, see :class:`sim.scenario._When`), and changes the world through the
+engine's four primitives (:meth:`~sim.engine.Engine.take_down`, ``bring_up``, ``cut_link``,
+``restore_link``). What each kind does, and what the cores see (see :mod:`sim.engine`):
+
+========== ==================================================================================
+crash      the nodes die forever; neighbours get ``PeerDisconnected`` after ``detect_after``
+remove     seconds (0: the OS resets the connections at once; ``inf``: a silent crash,
+           noticed only through timeouts). ``remove`` is the same with a name that reads
+           better for "remove 20% of the nodes by degree".
+leave      the nodes go offline, keeping their state (a device suspended); ``graceful``
+           (default) tells the neighbours at once, otherwise they are not told
+join       offline nodes (default: all) come back; see the engine for what they are told
+cut        the links go down; both ends see the connection reset
+restore    cut links (default: all) come back; both ends reconnect
+partition  every link between two groups goes down: the given ``groups`` (nodes not listed
+           form one more group) or ``random = k`` groups of near-equal size; a later
+           partition replaces an earlier one (only the difference is cut or restored)
+heal       every partition cut is restored
+battery    each node dies (as a crash noticed at once) when it would start training number
+           ``trainings + 1`` counted from when the disruption fires
+churn      nodes go offline and come back: from a trace (times relative to the disruption),
+           or generated, alternating exponential online/offline periods of means
+           ``mean_online`` / ``mean_offline`` seconds, starting online, until the node has
+           run all its rounds; ``graceful`` as for leave
+========== ==================================================================================
+
+Node selection (crash, remove, leave, battery): ``nodes`` lists them; otherwise ``count`` or
+``fraction`` of *all* n nodes of the topology (rounded) is chosen among the candidates, the
+nodes not dead and, with ``among = "data"`` or ``"relays"``, of that role: at random or by
+highest centrality (``degree``, ``betweenness``, ``eigenvector``) in the current graph of
+nodes not dead and links up, ties to the lower index. Random choices and generated churn
+draw from streams derived from the run seed and the disruption's index.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+
+from p2pfl.errors import ConfigError
+from p2pfl.learn import derive_seed
+from sim.churn import read_trace
+from sim.engine import DEAD, OFFLINE, WORLD, Engine, WorldItem
+from sim.population import Population
+from sim.scenario import (
+    BatterySpec,
+    ChurnSpec,
+    CrashSpec,
+    CutSpec,
+    DisruptionSpec,
+    HealSpec,
+    JoinSpec,
+    LeaveSpec,
+    PartitionSpec,
+    RestoreSpec,
+)
+
+STREAM_DISRUPTIONS = 14
+EXACT_BETWEENNESS_UP_TO = 500
+"""Above this many nodes betweenness is estimated from this many sampled sources."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Fire:
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Churn:
+    index: int
+    node: int
+    online: bool
+
+
+class Disruptions:
+    """The timeline of one run: what fires when, and what it does to the engine."""
+
+    def __init__(
+        self, specs: Sequence[DisruptionSpec], population: Population, *, seed: int
+    ) -> None:
+        """Check the timeline against the topology.
+
+        Raises:
+            ConfigError: a node index, link or trace refers to something the topology lacks.
+        """
+        self.specs = list(specs)
+        self.population = population
+        self._seed = seed
+        self._first: list[tuple[int, int]] = []
+        self._all: list[tuple[int, int]] = []
+        self._battery: dict[int, tuple[int, int]] = {}
+        self._battery_index: dict[int, int] = {}
+        self._traces: dict[int, dict[int, list[tuple[float, float]]]] = {}
+        self._churn_rngs: dict[tuple[int, int], np.random.Generator] = {}
+        for index, spec in enumerate(self.specs):
+            self._check(index, spec)
+
+    # -- checks -------------------------------------------------------------------------
+
+    def _check(self, index: int, spec: DisruptionSpec) -> None:
+        size = self.population.size
+        graph = self.population.graph
+        key = f"disruptions[{index}]"
+
+        def check_nodes(name: str, nodes: Sequence[int] | None) -> None:
+            if nodes is not None and any(node >= size for node in nodes):
+                raise ConfigError(f"{key}.{name}", list(nodes), f"node indices in 0..{size - 1}")
+
+        match spec:
+            case CrashSpec() | LeaveSpec() | BatterySpec() | JoinSpec():
+                check_nodes("nodes", spec.nodes)
+            case ChurnSpec():
+                check_nodes("nodes", spec.nodes)
+                if spec.trace is not None:
+                    trace = read_trace(Path(spec.trace))
+                    check_nodes("trace", sorted(trace))
+                    self._traces[index] = trace
+            case CutSpec() | RestoreSpec():
+                for u, v in spec.links or []:
+                    if not graph.has_edge(u, v):
+                        raise ConfigError(f"{key}.links", [u, v], "an edge of the topology")
+            case PartitionSpec():
+                seen: set[int] = set()
+                for group in spec.groups or []:
+                    check_nodes("groups", group)
+                    if seen & set(group):
+                        raise ConfigError(f"{key}.groups", spec.groups, "disjoint groups")
+                    seen |= set(group)
+            case HealSpec():
+                pass
+
+    # -- scheduling ---------------------------------------------------------------------
+
+    def schedule(self, engine: Engine) -> None:
+        """Queue every timed disruption; called by the engine before it starts the nodes."""
+        for index, spec in enumerate(self.specs):
+            if spec.at is not None:
+                engine.push(spec.at, WORLD, WorldItem(_Fire(index)))
+            elif spec.round == 0:
+                engine.push(0.0, WORLD, WorldItem(_Fire(index)))
+            elif spec.round is not None:
+                target = self._first if spec.trigger == "first" else self._all
+                target.append((spec.round, index))
+
+    def on_progress(self, engine: Engine, node: int, completed: int) -> None:
+        """``node`` has completed ``completed`` rounds (its checkpoint just came)."""
+        if not self._first:
+            return
+        due = [entry for entry in self._first if entry[0] <= completed]
+        if due:
+            self._first = [entry for entry in self._first if entry[0] > completed]
+            for _round, index in due:
+                engine.push(engine.now, WORLD, WorldItem(_Fire(index)))
+
+    def on_round_complete(self, engine: Engine, round_index: int) -> None:
+        """Every active node has reported round ``round_index`` (0-based)."""
+        if not self._all:
+            return
+        due = [entry for entry in self._all if entry[0] <= round_index + 1]
+        if due:
+            self._all = [entry for entry in self._all if entry[0] > round_index + 1]
+            for _round, index in due:
+                engine.push(engine.now, WORLD, WorldItem(_Fire(index)))
+
+    def may_train(self, engine: Engine, node: int) -> bool:
+        """False (and the node dies) if its battery is empty."""
+        budget = self._battery.get(node)
+        if budget is None:
+            return True
+        base, trainings = budget
+        if engine.trainings_started[node] - base < trainings:
+            return True
+        index = self._battery_index[node]
+        engine.take_down(node, dead=True, notify_after=0.0, cause="battery", disruption=index)
+        return False
+
+    # -- firing -------------------------------------------------------------------------
+
+    def fire(self, engine: Engine, payload: object) -> None:
+        """Apply a timeline entry (called by the engine when its heap entry comes due)."""
+        if isinstance(payload, _Churn):
+            self._churn_step(engine, payload)
+            return
+        assert isinstance(payload, _Fire)
+        index = payload.index
+        spec = self.specs[index]
+        record: dict[str, object] = {"event": "disruption", "index": index, "kind": spec.kind}
+        match spec:
+            case CrashSpec(detect_after=detect_after):
+                nodes = self.select(engine, spec, index)
+                notify = None if math.isinf(detect_after) else detect_after
+                for node in nodes:
+                    engine.take_down(
+                        node, dead=True, notify_after=notify, cause=spec.kind, disruption=index
+                    )
+                record["nodes"] = nodes
+            case LeaveSpec(graceful=graceful):
+                nodes = self.select(engine, spec, index)
+                for node in nodes:
+                    engine.take_down(
+                        node,
+                        dead=False,
+                        notify_after=0.0 if graceful else None,
+                        cause="leave",
+                        disruption=index,
+                    )
+                record["nodes"] = nodes
+            case JoinSpec(nodes=listed):
+                nodes = (
+                    listed
+                    if listed is not None
+                    else [node for node, state in enumerate(engine.status) if state is OFFLINE]
+                )
+                for node in nodes:
+                    engine.bring_up(node, cause="join", disruption=index)
+                record["nodes"] = nodes
+            case CutSpec(links=links):
+                for u, v in links:
+                    engine.cut_link(u, v, reason="cut", disruption=index)
+                record["links"] = [sorted(link) for link in links]
+            case RestoreSpec(links=listed_links):
+                restore = [tuple(link) for link in listed_links or []] or engine.down_links("cut")
+                for u, v in restore:
+                    engine.restore_link(u, v, reason="cut", disruption=index)
+                record["links"] = [sorted(link) for link in restore]
+            case PartitionSpec():
+                groups = self._groups(spec, index)
+                self._partition(engine, groups, index)
+                record["groups"] = groups
+            case HealSpec():
+                for u, v in engine.down_links("partition"):
+                    engine.restore_link(u, v, reason="partition", disruption=index)
+            case BatterySpec(trainings=trainings):
+                nodes = self.select(engine, spec, index)
+                for node in nodes:
+                    self._battery[node] = (engine.trainings_started[node], trainings)
+                    self._battery_index[node] = index
+                record["nodes"] = nodes
+            case ChurnSpec():
+                record["nodes"] = self._start_churn(engine, spec, index)
+        engine.log(record)
+
+    # -- selection ----------------------------------------------------------------------
+
+    def _rng(self, *path: int) -> np.random.Generator:
+        return np.random.default_rng(derive_seed(self._seed, STREAM_DISRUPTIONS, *path))
+
+    def select(
+        self, engine: Engine, spec: CrashSpec | LeaveSpec | BatterySpec, index: int
+    ) -> list[int]:
+        """The nodes a selecting disruption acts on, in the order chosen."""
+        if spec.nodes is not None:
+            return list(spec.nodes)
+        relay = self.population.relay
+        size = self.population.size
+        candidates = [
+            node
+            for node in range(size)
+            if engine.status[node] is not DEAD
+            and (spec.among == "all" or (spec.among == "relays") == relay[node])
+        ]
+        wanted = spec.count if spec.count is not None else round((spec.fraction or 0.0) * size)
+        wanted = min(wanted, len(candidates))
+        if spec.choose == "random":
+            picked = self._rng(index).choice(len(candidates), size=wanted, replace=False)
+            return sorted(candidates[int(row)] for row in picked)
+        scores = self.centrality(engine, spec.choose, index)
+        ranked = sorted(candidates, key=lambda node: (-scores.get(node, 0.0), node))
+        return ranked[:wanted]
+
+    def centrality(self, engine: Engine, measure: str, index: int) -> dict[int, float]:
+        """``measure`` of every node not dead, in the graph of links up between them."""
+        graph = nx.Graph()
+        alive = [node for node in range(self.population.size) if engine.status[node] is not DEAD]
+        graph.add_nodes_from(alive)
+        graph.add_edges_from(
+            (u, v)
+            for u, v in self.population.graph.edges()
+            if engine.status[u] is not DEAD
+            and engine.status[v] is not DEAD
+            and engine.link_up(u, v)
+        )
+        match measure:
+            case "degree":
+                return {node: float(degree) for node, degree in graph.degree()}
+            case "betweenness":
+                sample = None if len(alive) <= EXACT_BETWEENNESS_UP_TO else EXACT_BETWEENNESS_UP_TO
+                seed = derive_seed(self._seed, STREAM_DISRUPTIONS, index, 1)
+                return dict(nx.betweenness_centrality(graph, k=sample, seed=seed % 2**32))
+            case "eigenvector":
+                try:
+                    return dict(nx.eigenvector_centrality(graph, max_iter=2000, tol=1e-9))
+                except nx.PowerIterationFailedConvergence:
+                    return dict(nx.eigenvector_centrality_numpy(graph))
+        raise AssertionError(measure)
+
+    # -- partitions -----------------------------------------------------------------------
+
+    def _groups(self, spec: PartitionSpec, index: int) -> list[list[int]]:
+        size = self.population.size
+        if spec.groups is not None:
+            groups = [sorted(group) for group in spec.groups]
+            listed = {node for group in groups for node in group}
+            rest = [node for node in range(size) if node not in listed]
+            return groups + ([rest] if rest else [])
+        assert spec.random is not None
+        order = self._rng(index).permutation(size)
+        return [sorted(int(node) for node in part) for part in np.array_split(order, spec.random)]
+
+    def _partition(self, engine: Engine, groups: list[list[int]], index: int) -> None:
+        group_of = {node: number for number, group in enumerate(groups) for node in group}
+        wanted = {
+            (min(u, v), max(u, v))
+            for u, v in self.population.graph.edges()
+            if group_of[u] != group_of[v]
+        }
+        current = set(engine.down_links("partition"))
+        for u, v in sorted(current - wanted):
+            engine.restore_link(u, v, reason="partition", disruption=index)
+        for u, v in sorted(wanted - current):
+            engine.cut_link(u, v, reason="partition", disruption=index)
+
+    # -- churn ----------------------------------------------------------------------------
+
+    def _start_churn(self, engine: Engine, spec: ChurnSpec, index: int) -> list[int]:
+        trace = self._traces.get(index)
+        if trace is not None:
+            for node, spans in trace.items():
+                if spans[0][0] > 0.0:
+                    self._churn_step(engine, _Churn(index, node, online=False))
+                for start, end in spans:
+                    if start > 0.0:
+                        engine.push(engine.now + start, WORLD, WorldItem(_Churn(index, node, True)))
+                    engine.push(engine.now + end, WORLD, WorldItem(_Churn(index, node, False)))
+            return sorted(trace)
+        size = self.population.size
+        if spec.nodes is not None:
+            nodes = list(spec.nodes)
+        else:
+            wanted = round((spec.fraction or 0.0) * size)
+            picked = self._rng(index).choice(size, size=min(wanted, size), replace=False)
+            nodes = sorted(int(node) for node in picked)
+        for node in nodes:
+            self._schedule_next(engine, index, node, online=False)
+        return nodes
+
+    def _schedule_next(self, engine: Engine, index: int, node: int, *, online: bool) -> None:
+        spec = self.specs[index]
+        assert isinstance(spec, ChurnSpec)
+        mean = spec.mean_offline if online else spec.mean_online
+        assert mean is not None
+        rng = self._churn_rngs.get((index, node))
+        if rng is None:
+            rng = self._rng(index, node + 2)
+            self._churn_rngs[(index, node)] = rng
+        delay = float(rng.exponential(mean))
+        engine.push(engine.now + delay, WORLD, WorldItem(_Churn(index, node, online)))
+
+    def _churn_step(self, engine: Engine, step: _Churn) -> None:
+        spec = self.specs[step.index]
+        assert isinstance(spec, ChurnSpec)
+        node = step.node
+        if engine.status[node] is DEAD or engine.is_finished(node):
+            return
+        if step.online:
+            engine.bring_up(node, cause="churn", disruption=step.index)
+        else:
+            engine.take_down(
+                node,
+                dead=False,
+                notify_after=0.0 if spec.graceful else None,
+                cause="churn",
+                disruption=step.index,
+            )
+        if step.index not in self._traces:
+            self._schedule_next(engine, step.index, node, online=not step.online)

@@ -155,13 +155,18 @@ _SCALARS = (bytes, str, int, float, bool, type(None))
 
 
 def _sorted(obj: Any) -> Any:
-    if isinstance(obj, _SCALARS):
-        return obj
     if isinstance(obj, dict):
-        return {key: _sorted(obj[key]) for key in sorted(obj)}
+        return {
+            key: value if isinstance(value, _SCALARS) else _sorted(value)
+            for key, value in sorted(obj.items(), key=_first)
+        }
     if isinstance(obj, list | tuple):
-        return [_sorted(item) for item in obj]
+        return [item if isinstance(item, _SCALARS) else _sorted(item) for item in obj]
     return obj
+
+
+def _first(item: tuple[Any, Any]) -> Any:
+    return item[0]
 
 
 def signed_bytes(fields: Mapping[str, Any]) -> bytes:

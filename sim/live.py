@@ -1,0 +1,891 @@
+"""Live mode: a scenario run by trio runtime nodes over real TCP, in shards, placed by Ray.
+
+Theory of operation
+-------------------
+The nodes of a scenario are split into K *shards* (contiguous blocks of node indices); a shard
+(:class:`sim.live_shard.Shard`) runs its nodes on one trio loop. The driver here talks to
+every shard through a small handle with five calls (``bind``, ``start``, ``poll``,
+``command``, ``close``), of which there are three kinds:
+
+* :class:`RayShard`: the shard lives in a Ray actor, on the machine Ray picks (``ray.init()``
+  on this machine, or the cluster at ``--ray-address`` / ``RAY_ADDRESS`` started with
+  ``ray start``); it binds on the actor's node IP (``ray.util.get_node_ip_address()``);
+* :class:`ProcessShard`: the shard is a plain process, ``python -m sim.live shard``, speaking
+  JSON lines on stdin/stdout, started with any command prefix (``ssh host``,
+  ``ip netns exec NS``): no Ray needed;
+* :class:`LocalShard`: the shard runs in this process (tests, small runs).
+
+A run has two phases, so that no node dials an address not yet bound: every shard binds one
+listener per node (port 0) and reports its addresses; the driver sends the whole address
+book to every shard, which then builds and starts its nodes. The driver then polls the shards
+(every ``POLL_INTERVAL`` seconds) for per-node per-round records (round, node, wall seconds
+since the start, training loss, the merged vector as float32 bytes, traffic counters) and
+feeds them to the same :class:`~sim.metrics.MetricsRecorder` a virtual run uses, so the run
+directory has the same files, columns and summary keys. ``virtual_time`` holds wall seconds
+since the start, and ``summary.json`` says ``"clock": "wall"``.
+
+Disruptions: :class:`LiveWorld` offers the primitives :mod:`sim.disruptions` drives
+(``take_down``, ``bring_up``, ``cut_link``, ``restore_link``, and the state they read), so
+the scenario's timeline is the same code as in a virtual run, fired by the wall clock; each
+primitive becomes a shard command through the runtime:
+
+===========  =================================================================================
+crash        ``stop``: the node's loop ends (``request_stop``); its connections close, so its
+remove       neighbours see the disconnect at once whatever ``detect_after`` says
+leave        ``leave``: the node stops, its checkpoint kept (neighbours always see it go)
+join         ``join``: a left node starts again on the same port, resumed from its checkpoint
+cut/restore  ``cut``/``restore`` at both ends: the connection is closed and neither end dials
+partition    or accepts the other until the link is restored
+heal
+churn        leave/join as above, timed by the wall clock
+battery      not supported live (the runtime has no hook before a training): logged, ignored
+===========  =================================================================================
+
+Every shard is closed at the end, on error and on timeout (the wall limit: the scenario's
+``horizon``, read as wall seconds, or a bound derived from its rounds and timeouts), each
+close bounded in time; Ray actors are killed after their close.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import heapq
+import json
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from p2pfl.errors import ConfigError
+from sim.batched import BatchedMLP
+from sim.engine import DEAD, OFFLINE, ONLINE, WORLD, WorldItem
+from sim.metrics import MetricsRecorder, Traffic
+from sim.population import Population, build_population
+from sim.run import RunResult, default_run_dir, summarise, write_topology
+from sim.scenario import BatterySpec, Scenario, parse_scenario, to_toml
+
+POLL_INTERVAL = 0.2
+RPC_TIMEOUT = 120.0
+"""Seconds the driver waits for one shard call (binding loads the data: allow for it)."""
+CLOSE_TIMEOUT = 10.0
+RAY_HINT = "live mode needs Ray: pip install 'p2pfl-gossip[ray]'"
+
+
+class LiveRunError(RuntimeError):
+    """A shard failed (its traceback is in the message) or did not answer in time."""
+
+
+def ray_available() -> bool:
+    """Whether Ray can be imported (the ``ray`` extra is installed)."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def assign(size: int, shards: int) -> list[list[int]]:
+    """Nodes ``0..size-1`` in ``shards`` contiguous blocks of near-equal size (none empty).
+
+    Raises:
+        ValueError: ``shards`` below 1.
+    """
+    if shards < 1:
+        raise ValueError(f"shards = {shards}: at least 1")
+    shards = min(shards, size)
+    base, extra = divmod(size, shards)
+    blocks, start = [], 0
+    for index in range(shards):
+        end = start + base + (1 if index < extra else 0)
+        blocks.append(list(range(start, end)))
+        start = end
+    return blocks
+
+
+def shard_document(scenario: Scenario) -> str:
+    """The scenario as TOML for a shard: everything but the disruptions (the driver's)."""
+    return to_toml(scenario.model_copy(update={"disruptions": []}))
+
+
+def scenario_from_text(text: str) -> Scenario:
+    return parse_scenario(tomllib.loads(text), source="shard scenario")
+
+
+def default_wall_limit(scenario: Scenario) -> float:
+    """Wall seconds a live run may take: ``horizon`` if set, else a generous bound."""
+    if scenario.horizon is not None:
+        return scenario.horizon
+    from sim.live_shard import STARTUP_TIMEOUT
+
+    protocol = scenario.protocol
+    per_round = max(
+        protocol.round_timeout,
+        protocol.period * (1 + protocol.period_jitter),
+        protocol.ping_timeout,
+    )
+    return STARTUP_TIMEOUT + 2 * scenario.rounds * per_round + 60.0
+
+
+# -- shard handles ---------------------------------------------------------------------------
+
+
+class ShardHandle(Protocol):
+    nodes: list[int]
+
+    def bind(self) -> dict[int, str]: ...
+
+    def start(self, book: dict[int, str], started_at: float) -> None: ...
+
+    def poll(self) -> dict[str, Any]: ...
+
+    def command(self, name: str, node: int, peer: int | None = None) -> None: ...
+
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None: ...
+
+
+class LocalShard:
+    """A shard in this process."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        nodes: list[int],
+        host: str = "127.0.0.1",
+        *,
+        checkpoints: bool = False,
+        population: Population | None = None,
+    ) -> None:
+        from sim.live_shard import Shard
+
+        self.nodes = list(nodes)
+        self.shard = Shard(
+            scenario, self.nodes, host, checkpoints=checkpoints, population=population
+        )
+
+    def bind(self) -> dict[int, str]:
+        return self.shard.bind()
+
+    def start(self, book: dict[int, str], started_at: float) -> None:
+        self.shard.start(book, started_at)
+
+    def poll(self) -> dict[str, Any]:
+        return self.shard.poll()
+
+    def command(self, name: str, node: int, peer: int | None = None) -> None:
+        self.shard.command(name, node, peer)
+
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        self.shard.close(timeout)
+
+
+class RayShard:
+    """A shard in a Ray actor (see :func:`ray_shards`)."""
+
+    def __init__(self, actor: Any, nodes: list[int]) -> None:
+        self.actor = actor
+        self.nodes = list(nodes)
+
+    def _get(self, ref: Any, timeout: float = RPC_TIMEOUT) -> Any:
+        import ray
+
+        try:
+            return ray.get(ref, timeout=timeout)
+        except ray.exceptions.GetTimeoutError as exc:
+            raise LiveRunError(f"shard {self.nodes} did not answer in {timeout:g} s") from exc
+        except ray.exceptions.RayError as exc:
+            raise LiveRunError(f"shard {self.nodes} failed: {exc}") from exc
+
+    def bind(self) -> dict[int, str]:
+        return {
+            int(node): str(address) for node, address in self._get(self.actor.bind.remote()).items()
+        }
+
+    def start(self, book: dict[int, str], started_at: float) -> None:
+        self._get(self.actor.start.remote(book, started_at))
+
+    def poll(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._get(self.actor.poll.remote())
+        return result
+
+    def command(self, name: str, node: int, peer: int | None = None) -> None:
+        self._get(self.actor.command.remote(name, node, peer))
+
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        import ray
+
+        try:
+            self._get(self.actor.close.remote(timeout), timeout=timeout * 2 + 5)
+        except LiveRunError:
+            pass
+        finally:
+            ray.kill(self.actor)
+
+
+class _ShardActor:
+    """The body of the Ray actor: a :class:`~sim.live_shard.Shard` on the actor's node IP."""
+
+    def __init__(self, scenario_text: str, nodes: list[int], checkpoints: bool) -> None:
+        import ray
+
+        from sim.live_shard import Shard
+
+        torch.set_num_threads(1)
+        host = ray.util.get_node_ip_address()
+        self.shard = Shard(scenario_from_text(scenario_text), nodes, host, checkpoints=checkpoints)
+
+    def bind(self) -> dict[int, str]:
+        return self.shard.bind()
+
+    def start(self, book: dict[int, str], started_at: float) -> None:
+        self.shard.start(book, started_at)
+
+    def poll(self) -> dict[str, Any]:
+        return self.shard.poll()
+
+    def command(self, name: str, node: int, peer: int | None) -> None:
+        self.shard.command(name, node, peer)
+
+    def close(self, timeout: float) -> None:
+        self.shard.close(timeout)
+
+
+def ray_shards(
+    scenario: Scenario, blocks: list[list[int]], *, checkpoints: bool = False
+) -> list[RayShard]:
+    """One Ray actor per block, spread over the cluster; Ray must be initialised.
+
+    Each actor reserves ``min(1, CPUs / shards)`` CPUs, so K shards fit on a small machine.
+    """
+    import ray
+
+    cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    per_shard = max(0.01, min(1.0, cpus / len(blocks)))
+    actor_class = ray.remote(_ShardActor)
+    text = shard_document(scenario)
+    handles = []
+    for block in blocks:
+        actor = actor_class.options(
+            num_cpus=per_shard,
+            scheduling_strategy="SPREAD",
+            runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
+        ).remote(text, block, checkpoints)
+        handles.append(RayShard(actor, block))
+    return handles
+
+
+class ProcessShard:
+    """A shard as a plain process (``python -m sim.live shard``) behind ``prefix``.
+
+    ``prefix`` runs it elsewhere, e.g. ``["ip", "netns", "exec", "ns1"]`` or
+    ``["ssh", "host"]`` (the scenario file must then exist at the same path there).
+    """
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        nodes: list[int],
+        host: str,
+        *,
+        prefix: Sequence[str] = (),
+        python: str = sys.executable,
+        checkpoints: bool = False,
+    ) -> None:
+        self.nodes = list(nodes)
+        handle, path = tempfile.mkstemp(prefix="p2pfl-live-", suffix=".toml")
+        with os.fdopen(handle, "w") as file:
+            file.write(shard_document(scenario))
+        self._scenario_file = Path(path)
+        self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in close()
+        argv = [
+            *prefix,
+            python,
+            "-m",
+            "sim.live",
+            "shard",
+            "--scenario",
+            path,
+            "--nodes",
+            ",".join(str(node) for node in self.nodes),
+            "--host",
+            host,
+        ]
+        if checkpoints:
+            argv.append("--checkpoints")
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self.process = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            env=env,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read_lines, daemon=True)
+        self._reader.start()
+
+    def _read_lines(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def _stderr_tail(self) -> str:
+        self._stderr.seek(0)
+        return self._stderr.read()[-4000:]
+
+    def _receive(self, timeout: float) -> Any:
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise LiveRunError(f"shard {self.nodes} did not answer in {timeout:g} s") from None
+        if line is None:
+            raise LiveRunError(f"shard {self.nodes} exited:\n{self._stderr_tail()}")
+        message = json.loads(line)
+        if "error" in message:
+            raise LiveRunError(f"shard {self.nodes} failed: {message['error']}")
+        return message["ok"]
+
+    def _call(self, command: str, timeout: float = RPC_TIMEOUT, **args: Any) -> Any:
+        stdin = self.process.stdin
+        assert stdin is not None
+        try:
+            stdin.write(json.dumps({"cmd": command, **args}) + "\n")
+            stdin.flush()
+        except (BrokenPipeError, OSError) as exc:
+            raise LiveRunError(f"shard {self.nodes} exited:\n{self._stderr_tail()}") from exc
+        return self._receive(timeout)
+
+    def bind(self) -> dict[int, str]:
+        bound = self._receive(RPC_TIMEOUT)
+        return {int(node): str(address) for node, address in bound.items()}
+
+    def start(self, book: dict[int, str], started_at: float) -> None:
+        self._call("start", book={str(k): v for k, v in book.items()}, started_at=started_at)
+
+    def poll(self) -> dict[str, Any]:
+        return decode_report(self._call("poll"))
+
+    def command(self, name: str, node: int, peer: int | None = None) -> None:
+        self._call("command", name=name, node=node, peer=peer)
+
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        try:
+            if self.process.poll() is None:
+                self._call("close", timeout=timeout * 2 + 5, close_timeout=timeout)
+        except LiveRunError:
+            pass
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout)
+            self._scenario_file.unlink(missing_ok=True)
+            self._stderr.close()
+
+
+def encode_report(report: dict[str, Any]) -> dict[str, Any]:
+    """A shard poll result as JSON-able data (vectors base64)."""
+    records = [
+        {**record, "vector": base64.b64encode(record["vector"]).decode("ascii")}
+        for record in report["records"]
+    ]
+    return {**report, "records": records}
+
+
+def decode_report(report: dict[str, Any]) -> dict[str, Any]:
+    records = [
+        {**record, "vector": base64.b64decode(record["vector"])} for record in report["records"]
+    ]
+    traffic = {int(node): counters for node, counters in report["traffic"].items()}
+    return {**report, "records": records, "traffic": traffic}
+
+
+# -- the world the timeline acts on -----------------------------------------------------
+
+
+def _link(u: int, v: int) -> tuple[int, int]:
+    return (u, v) if u < v else (v, u)
+
+
+class LiveWorld:
+    """The state of a live run that metrics and the disruption timeline read and change.
+
+    It has the attributes and primitives of :class:`sim.engine.Engine` that
+    :mod:`sim.disruptions`, :func:`sim.run.summarise` and progress hooks use; the primitives
+    turn into shard commands.
+    """
+
+    def __init__(
+        self,
+        population: Population,
+        recorder: MetricsRecorder,
+        owners: dict[int, ShardHandle],
+        *,
+        on_round: Callable[[LiveWorld], None] | None = None,
+    ) -> None:
+        size = population.size
+        self.population = population
+        self.recorder = recorder
+        self.on_round = on_round
+        self.disruptions: Any = None
+        self.now = 0.0
+        self.status = [ONLINE] * size
+        self.traffic = [Traffic() for _ in range(size)]
+        self.completed_rounds = [0] * size
+        self.trainings_started = [0] * size
+        self.events_log: list[dict[str, Any]] = []
+        self.finished = [False] * size
+        self._owners = owners
+        self._heap: list[tuple[float, int, Any]] = []
+        self._sequence = 0
+        self._down_links: dict[tuple[int, int], set[str]] = {}
+        self._components: tuple[list[int], list[int]] | None = None
+
+    # -- scheduling (what Disruptions.schedule and on_progress call) --------------------
+
+    def push(self, at: float, node: int, item: Any) -> None:
+        assert node == WORLD and isinstance(item, WorldItem)
+        heapq.heappush(self._heap, (at, self._sequence, item.payload))
+        self._sequence += 1
+
+    def pending(self) -> bool:
+        return bool(self._heap)
+
+    def fire_due(self) -> None:
+        while self._heap and self._heap[0][0] <= self.now and self.disruptions is not None:
+            _, _, payload = heapq.heappop(self._heap)
+            self.disruptions.fire(self, payload)
+
+    def record(self, record: dict[str, Any]) -> None:
+        """A node's round record from a shard."""
+        node, round_ = int(record["node"]), int(record["round"])
+        vector = torch.frombuffer(bytearray(record["vector"]), dtype=torch.float32)
+        component, component_size = self.component_of(node)
+        self.completed_rounds[node] = max(self.completed_rounds[node], round_ + 1)
+        self.recorder.record(
+            round_,
+            node,
+            now=float(record["time"]),
+            train_loss=float(record["loss"]),
+            vector=vector,
+            traffic=Traffic(*(int(value) for value in record["traffic"])),
+            component=component,
+            component_size=component_size,
+        )
+        if self.disruptions is not None:
+            self.disruptions.on_progress(self, node, round_ + 1)
+        if self.on_round is not None:
+            self.on_round(self)
+
+    # -- what the timeline reads ----------------------------------------------------------
+
+    def log(self, entry: dict[str, Any]) -> None:
+        self.events_log.append({"time": self.now, **entry})
+
+    def is_finished(self, node: int) -> bool:
+        return self.finished[node]
+
+    def link_up(self, u: int, v: int) -> bool:
+        return not self._down_links.get(_link(u, v))
+
+    def reachable(self, u: int, v: int) -> bool:
+        status = self.status
+        return status[u] is ONLINE and status[v] is ONLINE and self.link_up(u, v)
+
+    def down_links(self, reason: str) -> list[tuple[int, int]]:
+        return sorted(key for key, reasons in self._down_links.items() if reason in reasons)
+
+    # -- the primitives ---------------------------------------------------------------------
+
+    def _send(self, name: str, node: int, peer: int | None = None) -> None:
+        self._owners[node].command(name, node, peer)
+
+    def take_down(
+        self, node: int, *, dead: bool, notify_after: float | None, cause: str, disruption: int
+    ) -> bool:
+        before = self.status[node]
+        if before is DEAD or (before is OFFLINE and not dead):
+            return False
+        self.status[node] = DEAD if dead else OFFLINE
+        self.log({"event": "node", "node": node, "state": self.status[node], "cause": cause,
+                  "disruption": disruption})  # fmt: skip
+        self._send("stop" if dead else "leave", node)
+        if before is ONLINE:
+            self.recorder.set_active(node, False)
+        self._components = None
+        return True
+
+    def bring_up(self, node: int, *, cause: str, disruption: int) -> bool:
+        if self.status[node] is not OFFLINE:
+            return False
+        self.status[node] = ONLINE
+        self.log({"event": "node", "node": node, "state": ONLINE, "cause": cause,
+                  "disruption": disruption})  # fmt: skip
+        self.recorder.set_active(node, True)
+        self._send("join", node)
+        self._components = None
+        return True
+
+    def cut_link(self, u: int, v: int, *, reason: str, disruption: int) -> None:
+        key = _link(u, v)
+        reasons = self._down_links.setdefault(key, set())
+        was_up = not reasons
+        reasons.add(reason)
+        if not was_up:
+            return
+        self.log({"event": "link", "link": list(key), "state": "down", "cause": reason,
+                  "disruption": disruption})  # fmt: skip
+        self._send("cut", u, v)
+        self._send("cut", v, u)
+        self._components = None
+
+    def restore_link(self, u: int, v: int, *, reason: str, disruption: int) -> None:
+        key = _link(u, v)
+        reasons = self._down_links.get(key)
+        if not reasons or reason not in reasons:
+            return
+        reasons.discard(reason)
+        if reasons:
+            return
+        del self._down_links[key]
+        self.log({"event": "link", "link": list(key), "state": "up", "cause": reason,
+                  "disruption": disruption})  # fmt: skip
+        self._send("restore", u, v)
+        self._send("restore", v, u)
+        self._components = None
+
+    # -- components (as the engine computes them) -----------------------------------------
+
+    def component_of(self, node: int) -> tuple[int, int]:
+        if self._components is None:
+            self._components = self._label_components()
+        labels, sizes = self._components
+        return labels[node], sizes[node]
+
+    def components(self) -> list[list[int]]:
+        groups: dict[int, list[int]] = {}
+        for node in range(self.population.size):
+            if self.status[node] is ONLINE:
+                groups.setdefault(self.component_of(node)[0], []).append(node)
+        return sorted(groups.values(), key=lambda group: (-len(group), group[0]))
+
+    def _label_components(self) -> tuple[list[int], list[int]]:
+        size = self.population.size
+        parent = list(range(size))
+
+        def find(x: int) -> int:
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        for node in range(size):
+            if self.status[node] is not ONLINE:
+                continue
+            for neighbour in self.population.neighbours[node]:
+                if neighbour > node and self.reachable(node, neighbour):
+                    a, b = find(node), find(neighbour)
+                    if a != b:
+                        parent[max(a, b)] = min(a, b)
+        roots = [find(node) for node in range(size)]
+        counts: dict[int, int] = {}
+        for node, root in enumerate(roots):
+            if self.status[node] is ONLINE:
+                counts[root] = counts.get(root, 0) + 1
+        return roots, [counts.get(root, 0) for root in roots]
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+def run_live(
+    scenario: Scenario,
+    out: Path | None = None,
+    *,
+    shards: int | None = None,
+    ray_address: str | None = None,
+    handles: Sequence[ShardHandle] | None = None,
+    on_round: Callable[[LiveWorld], None] | None = None,
+    plots: bool = True,
+    wall_limit: float | None = None,
+    ray_init: dict[str, Any] | None = None,
+) -> RunResult:
+    """Run ``scenario`` live and write its run directory (the format of a virtual run).
+
+    Args:
+        scenario: the scenario.
+        out: the run directory (default: as a virtual run's).
+        shards: number of Ray actors (default: the cluster's CPUs, at most one per node).
+        ray_address: the Ray cluster (default: ``RAY_ADDRESS``, else a local Ray instance).
+        handles: shards already made (``LocalShard``, ``ProcessShard``...): no Ray; they
+            must cover every node once, and are closed here.
+        on_round: progress hook, called with the world after every node's round.
+        plots: also draw the plots.
+        wall_limit: stop after this many wall seconds (default :func:`default_wall_limit`).
+        ray_init: extra ``ray.init`` keyword arguments (when this call starts Ray).
+
+    Raises:
+        ConfigError, TopologyError: the scenario is invalid.
+        ImportError: Ray is needed (no ``handles``) and not installed.
+        ConfigError: the Ray cluster at ``ray_address`` cannot be reached.
+        LiveRunError: a shard failed or stopped answering (every shard is closed first).
+    """
+    started_wall = time.perf_counter()
+    population = build_population(scenario)
+    ray_started = False
+    shard_handles: list[ShardHandle] = list(handles) if handles is not None else []
+    try:
+        if handles is None:
+            import ray
+
+            if not ray.is_initialized():
+                options = {"include_dashboard": False, "log_to_driver": True, **(ray_init or {})}
+                try:
+                    ray.init(address=ray_address, **options)
+                except (ConnectionError, ray.exceptions.RayError) as exc:
+                    raise ConfigError(
+                        "--ray-address",
+                        ray_address or os.environ.get("RAY_ADDRESS"),
+                        f"a reachable Ray cluster ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0]}); with token authentication set "
+                        "RAY_AUTH_MODE=token, or use 'auto' on a cluster node",
+                    ) from exc
+                ray_started = True
+            count = shards or int(ray.cluster_resources().get("CPU", 1.0))
+            blocks = assign(population.size, max(1, count))
+            shard_handles = list(
+                ray_shards(scenario, blocks, checkpoints=_needs_checkpoints(scenario))
+            )
+        world, timed_out = _drive(
+            scenario,
+            population,
+            shard_handles,
+            on_round,
+            wall_limit or default_wall_limit(scenario),
+        )
+    finally:
+        _close_all(shard_handles)
+        if ray_started:
+            import ray
+
+            ray.shutdown()
+    wall_seconds = time.perf_counter() - started_wall
+    directory = out or default_run_dir(scenario)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "scenario.toml").write_text(to_toml(scenario))
+    (directory / "metrics.csv").write_text(world.recorder.csv_text())
+    summary = summarise(scenario, world, world.now, wall_seconds)  # type: ignore[arg-type]
+    summary["clock"] = "wall"
+    summary["live"] = {
+        "shards": len(shard_handles),
+        "timed_out": timed_out,
+        "ray_address": ray_address or os.environ.get("RAY_ADDRESS"),
+    }
+    (directory / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    with (directory / "events.jsonl").open("w") as handle:
+        for entry in world.events_log:
+            handle.write(json.dumps(entry, sort_keys=True) + "\n")
+    write_topology(population, directory)
+    if plots:
+        from sim.plots import plot_run
+
+        plot_run(directory)
+    return RunResult(directory, summary)
+
+
+def _needs_checkpoints(scenario: Scenario) -> bool:
+    return any(spec.kind in {"leave", "join", "churn"} for spec in scenario.disruptions)
+
+
+def _drive(
+    scenario: Scenario,
+    population: Population,
+    handles: list[ShardHandle],
+    on_round: Callable[[LiveWorld], None] | None,
+    wall_limit: float,
+) -> tuple[LiveWorld, bool]:
+    owners = {node: handle for handle in handles for node in handle.nodes}
+    if sorted(owners) != list(range(population.size)) or sum(len(h.nodes) for h in handles) != len(
+        owners
+    ):
+        raise ValueError("the shards must hold every node of the scenario exactly once")
+    federation = population.federation
+    trainer = BatchedMLP(federation.layout, lr=scenario.learner.lr)
+    test_x, test_y = federation.test.x, federation.test.y
+    recorder = MetricsRecorder(
+        num_nodes=population.size,
+        evaluate=lambda vectors: trainer.evaluate(vectors, test_x, test_y),
+        relay=list(population.relay),
+    )
+    world = LiveWorld(population, recorder, owners, on_round=on_round)
+    if scenario.disruptions:
+        from sim.disruptions import Disruptions
+
+        disruptions = Disruptions(scenario.disruptions, population, seed=scenario.seed)
+        world.disruptions = disruptions
+        recorder.on_complete = lambda round_: disruptions.on_round_complete(world, round_)  # type: ignore[arg-type]
+        for index, spec in enumerate(scenario.disruptions):
+            if isinstance(spec, BatterySpec):
+                world.log({"event": "unsupported", "index": index, "kind": spec.kind})
+                print(
+                    f"p2pfl-sim: live mode ignores disruptions[{index}] (battery)", file=sys.stderr
+                )
+
+    book: dict[int, str] = {}
+    for handle in handles:
+        book.update(handle.bind())
+    started_at = time.time()
+    for handle in handles:
+        handle.start(book, started_at)
+    if world.disruptions is not None:
+        world.disruptions.schedule(world)
+    deadline = time.monotonic() + wall_limit
+    timed_out = False
+    size = population.size
+    while True:
+        world.now = time.time() - started_at
+        world.fire_due()
+        records: list[dict[str, Any]] = []
+        running = 0
+        for handle in handles:
+            report = handle.poll()
+            if report["errors"]:
+                raise LiveRunError(f"shard {handle.nodes} failed:\n" + "\n".join(report["errors"]))
+            records.extend(report["records"])
+            for node, counters in report["traffic"].items():
+                world.traffic[int(node)] = Traffic(*(int(value) for value in counters))
+            for node in report["finished"]:
+                world.finished[int(node)] = True
+            running += len(report["running"])
+        for record in sorted(records, key=lambda record: (record["time"], record["node"])):
+            world.record(record)
+        if all(world.finished[node] or world.status[node] is DEAD for node in range(size)):
+            break
+        if running == 0 and not world.pending():
+            break
+        if time.monotonic() > deadline:
+            timed_out = True
+            world.log({"event": "timeout", "wall_limit": wall_limit})
+            print(
+                f"p2pfl-sim: live run stopped at its wall limit ({wall_limit:g} s)", file=sys.stderr
+            )
+            break
+        time.sleep(POLL_INTERVAL)
+    world.now = time.time() - started_at
+    for handle in handles:  # rounds reported while the run ended
+        for record in handle.poll()["records"]:
+            world.record(record)
+    world.recorder.flush()
+    return world, timed_out
+
+
+def _close_all(handles: Sequence[ShardHandle]) -> None:
+    """Close every shard in parallel, each bounded by ``CLOSE_TIMEOUT``."""
+    threads = [
+        threading.Thread(target=_close_quietly, args=(handle,), daemon=True) for handle in handles
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(3 * CLOSE_TIMEOUT + 10)
+
+
+def _close_quietly(handle: ShardHandle) -> None:
+    try:
+        handle.close(CLOSE_TIMEOUT)
+    except Exception as exc:  # closing must reach every shard
+        print(f"p2pfl-sim: closing shard {handle.nodes}: {exc}", file=sys.stderr)
+
+
+# -- the shard process ------------------------------------------------------------------
+
+
+def shard_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m sim.live shard``: one shard speaking JSON lines on stdin/stdout.
+
+    It binds, prints ``{"ok": {node: "host:port", ...}}``, then answers one line per command
+    line: ``{"cmd": "start", "book": {...}, "started_at": T}``, ``{"cmd": "poll"}`` (records
+    with base64 vectors), ``{"cmd": "command", "name": ..., "node": N, "peer": M}``,
+    ``{"cmd": "close"}``. Replies are ``{"ok": ...}`` or ``{"error": "..."}``. End of input
+    closes the shard.
+    """
+    parser = argparse.ArgumentParser(prog="python -m sim.live shard")
+    parser.add_argument("--scenario", required=True, help="scenario TOML (disruptions ignored)")
+    parser.add_argument("--nodes", required=True, help="comma-separated node indices")
+    parser.add_argument("--host", required=True, help="the address to bind (and be reached at)")
+    parser.add_argument("--checkpoints", action="store_true", help="keep checkpoints (join)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    from sim.live_shard import Shard
+
+    scenario = scenario_from_text(Path(args.scenario).read_text())
+    nodes = [int(node) for node in args.nodes.split(",") if node.strip()]
+    shard = Shard(scenario, nodes, args.host, checkpoints=args.checkpoints)
+
+    def reply(message: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(message) + "\n")
+        sys.stdout.flush()
+
+    try:
+        try:
+            reply({"ok": {str(k): v for k, v in shard.bind().items()}})
+        except Exception as exc:  # reported to the driver
+            reply({"error": repr(exc)})
+            return 1
+        for line in sys.stdin:
+            message = json.loads(line)
+            command = message.get("cmd")
+            try:
+                match command:
+                    case "start":
+                        book = {int(k): v for k, v in message["book"].items()}
+                        shard.start(book, float(message["started_at"]))
+                        reply({"ok": None})
+                    case "poll":
+                        report = encode_report(shard.poll())
+                        report["traffic"] = {str(k): v for k, v in report["traffic"].items()}
+                        reply({"ok": report})
+                    case "command":
+                        shard.command(message["name"], int(message["node"]), message.get("peer"))
+                        reply({"ok": None})
+                    case "close":
+                        shard.close(float(message.get("close_timeout", CLOSE_TIMEOUT)))
+                        reply({"ok": None})
+                        return 0
+                    case _:
+                        reply({"error": f"unknown command {command!r}"})
+            except Exception as exc:  # reported to the driver
+                reply({"error": repr(exc)})
+    finally:
+        shard.close(CLOSE_TIMEOUT)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] != "shard":
+        print(
+            "usage: python -m sim.live shard --scenario FILE --nodes 0,1 --host IP", file=sys.stderr
+        )
+        return 2
+    return shard_main(args[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Live mode without Ray: shards in this process or as plain processes, real TCP on loopback.
+
+These run the same driver as ``p2pfl-sim run --live`` (:func:`sim.live.run_live`) with shard
+handles made by the test, so the run directory, the metrics path and the disruption
+primitives are covered where Ray is not installed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sim.cli import main
+from sim.live import LiveRunError, LocalShard, ProcessShard, assign, run_live
+from sim.run import run_scenario
+from sim.scenario import Scenario, parse_scenario
+
+RUN_FILES = {
+    "scenario.toml",
+    "metrics.csv",
+    "summary.json",
+    "events.jsonl",
+    "nodes.csv",
+    "edges.csv",
+}
+
+
+def _document(**overrides: Any) -> dict[str, Any]:
+    document: dict[str, Any] = {
+        "name": "live-small",
+        "seed": 5,
+        "rounds": 4,
+        "topology": {"kind": "ring", "n": 8},
+        "data": {
+            "dataset": "gaussian_mixture",
+            "params": {"n_samples": 400, "dim": 8, "num_classes": 4},
+            "partition": "iid",
+            "partition_params": {},
+        },
+        "learner": {"hidden": [8], "lr": 0.1, "batch_size": 16, "local_steps": 3},
+        "protocol": {"mode": "dsgd", "round_timeout": 10.0},
+        "horizon": 60.0,
+    }
+    document.update(overrides)
+    return document
+
+
+def _header(directory: Path) -> list[str]:
+    with (directory / "metrics.csv").open() as handle:
+        return next(csv.reader(handle))
+
+
+def _rows(directory: Path) -> list[dict[str, str]]:
+    with (directory / "metrics.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def _check_same_format(live: Path, virtual: Path) -> dict[str, Any]:
+    """The live run directory has the virtual one's files, columns and summary keys."""
+    assert {path.name for path in live.iterdir()} >= RUN_FILES
+    assert _header(live) == _header(virtual)
+    assert len(_rows(live)) == len(_rows(virtual))
+    live_summary = json.loads((live / "summary.json").read_text())
+    virtual_summary = json.loads((virtual / "summary.json").read_text())
+    assert set(live_summary) == set(virtual_summary) | {"clock", "live"}
+    assert live_summary["clock"] == "wall"
+    return live_summary
+
+
+@pytest.mark.timeout(90)
+def test_local_shards_write_the_run_directory_of_a_virtual_run(tmp_path: Path) -> None:
+    scenario = parse_scenario(_document())
+    handles = [LocalShard(scenario, block) for block in assign(8, 3)]
+    live = run_live(scenario, tmp_path / "live", handles=handles, plots=False)
+    virtual = run_scenario(scenario, tmp_path / "virtual", plots=False)
+    summary = _check_same_format(live.directory, virtual.directory)
+    assert summary["rounds"] == 4 and summary["live"] == {
+        "shards": 3,
+        "timed_out": False,
+        "ray_address": summary["live"]["ray_address"],
+    }
+    rows = _rows(live.directory)
+    assert sorted({(int(row["round"]), int(row["node"])) for row in rows}) == [
+        (round_, node) for round_ in range(4) for node in range(8)
+    ]
+    assert all(int(row["messages_received"]) > 0 for row in rows if row["round"] == "3")
+    times = [float(row["virtual_time"]) for row in rows]
+    assert min(times) > 0 and max(times) <= summary["virtual_seconds"]
+    # Same nodes, same data, same merge rule: synchronous rounds learn the same.
+    gap = abs(summary["mean_test_accuracy"] - virtual.summary["mean_test_accuracy"])
+    assert gap <= 0.05, (summary["mean_test_accuracy"], virtual.summary["mean_test_accuracy"])
+
+
+@pytest.mark.timeout(90)
+def test_shard_processes_speak_json_lines(tmp_path: Path) -> None:
+    scenario = parse_scenario(_document(rounds=2))
+    handles = [ProcessShard(scenario, block, "127.0.0.1") for block in ([0, 1, 2, 3], [4, 5, 6, 7])]
+    result = run_live(scenario, tmp_path / "run", handles=handles, plots=False)
+    assert result.summary["rounds"] == 2 and result.summary["node_rounds"] == 16
+    assert all(handle.process.poll() is not None for handle in handles)
+
+
+def _disrupted() -> Scenario:
+    """Gossip paced by its period (about 0.2 s a round), so wall-clock disruptions land
+    mid-run."""
+    return parse_scenario(
+        _document(
+            rounds=16,
+            protocol={"mode": "gossip", "period": 0.4, "fanout": 2},
+            disruptions=[
+                {"kind": "cut", "links": [[0, 1]], "at": 0.2},
+                {"kind": "leave", "nodes": [5], "at": 0.4},
+                {"kind": "crash", "nodes": [7], "at": 0.6},
+                {"kind": "join", "nodes": [5], "at": 1.2},
+                {"kind": "restore", "at": 1.4},
+            ],
+        )
+    )
+
+
+@pytest.mark.timeout(90)
+def test_disruptions_act_through_the_runtime(tmp_path: Path) -> None:
+    scenario = _disrupted()
+    handles = [LocalShard(scenario, block, checkpoints=True) for block in assign(8, 2)]
+    result = run_live(scenario, tmp_path / "run", handles=handles, plots=False)
+    events = [
+        json.loads(line) for line in (result.directory / "events.jsonl").read_text().splitlines()
+    ]
+    fired = [event["kind"] for event in events if event["event"] == "disruption"]
+    assert fired == ["cut", "leave", "crash", "join", "restore"]
+    assert result.summary["alive_nodes"] == 7 and not result.summary["live"]["timed_out"]
+    rows = _rows(result.directory)
+    crashed = [int(row["round"]) for row in rows if row["node"] == "7"]
+    assert max(crashed) < 15  # stopped for good before its last round
+    rejoined = sorted(
+        (int(row["round"]), float(row["virtual_time"])) for row in rows if row["node"] == "5"
+    )
+    assert rejoined[-1][0] == 15  # came back from its checkpoint and finished
+    gaps = [later[1] - earlier[1] for earlier, later in zip(rejoined, rejoined[1:], strict=False)]
+    assert max(gaps) >= 0.6, rejoined  # offline from 0.4 s to 1.2 s
+
+
+def test_live_without_ray_says_how_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    path = tmp_path / "s.toml"
+    path.write_text('name = "x"\n')
+    assert main(["run", str(path), "--live", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'p2pfl-gossip[ray]'" in err[0]
+
+
+@pytest.mark.timeout(90)
+def test_a_shard_that_cannot_bind_fails_the_run_and_every_shard_is_closed(
+    tmp_path: Path,
+) -> None:
+    scenario = parse_scenario(_document(rounds=2))
+    good = ProcessShard(scenario, [0, 1, 2, 3], "127.0.0.1")
+    bad = ProcessShard(scenario, [4, 5, 6, 7], "203.0.113.254")  # TEST-NET-3: not ours
+    with pytest.raises(LiveRunError, match="could not bind"):
+        run_live(scenario, tmp_path / "run", handles=[good, bad], plots=False)
+    assert good.process.poll() is not None and bad.process.poll() is not None
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.timeout(90)
+def test_the_wall_limit_stops_a_run_and_still_writes_its_directory(tmp_path: Path) -> None:
+    scenario = parse_scenario(
+        _document(rounds=1000, horizon=1.5, protocol={"mode": "gossip", "period": 0.3})
+    )
+    handles = [LocalShard(scenario, block) for block in assign(8, 2)]
+    result = run_live(scenario, tmp_path / "run", handles=handles, plots=False)
+    assert result.summary["live"]["timed_out"]
+    assert 1.5 <= result.summary["virtual_seconds"] < 30
+    assert 0 < result.summary["rounds"] < 1000
+    assert all(not handle.shard._thread.is_alive() for handle in handles)  # type: ignore[union-attr]

@@ -37,6 +37,11 @@ Schema (every relative path is relative to the directory of the config file)::
     public_key_file = "node2.pub"    # the neighbour's key, as `p2pfl keygen` writes it,
     # public_key = "<64 hex>"        #   or inline; exactly one of the two
 
+    [[bootstrap]]                    # optional; other nodes this one may reach, same keys as
+    address = "127.0.0.1:7103"       #   [[peers]]; modes that talk beyond their neighbours
+    public_key = "<64 hex>"          #   (modest, gossip with peer_sampling = "membership")
+                                     #   start their view with them and dial them on demand
+
     [data]
     dataset = "digits"               # a name in p2pfl.learn.DATASETS: digits | gaussian_mixture
     partition = "dirichlet"          # a name in p2pfl.learn.PARTITIONS: iid | dirichlet | shards | quantity_skew
@@ -57,11 +62,14 @@ Schema (every relative path is relative to the directory of the config file)::
     weight_decay = 0.0
 
     [protocol]                       # the fields of p2pfl.protocol.CoreConfig
-    mode = "dsgd"                    # dsgd | gossip
+    mode = "dsgd"                    # dsgd | gossip | modest
     rounds = 20
     local_steps = 20
     round_timeout = 10.0
-    # period, period_jitter, fanout, wire_dtype, max_rounds_ahead, replay_window
+    # period, period_jitter, fanout, wire_dtype, max_rounds_ahead, replay_window,
+    # peer_sampling ("neighbours" | "membership"), history_gossip, history_lambda,
+    # history_capacity, and modest's sample_size, aggregators, success_fraction, min_models,
+    # ping_timeout, aggregation_timeout, ack_timeout, inactivity_threshold, view_entries, ...
 
     [merge]
     rule = "weighted"                # a name in p2pfl.merge.MERGE_RULES
@@ -94,7 +102,7 @@ if TYPE_CHECKING:
     from p2pfl.merge import MergeRule
 
 _MISSING: Any = object()
-_TABLES = ("node", "peers", "data", "learner", "protocol", "merge")
+_TABLES = ("node", "peers", "bootstrap", "data", "learner", "protocol", "merge")
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +195,8 @@ class NodeConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     peer_exchange: PeerExchangeConfig = field(default_factory=PeerExchangeConfig)
     peers: tuple[PeerConfig, ...] = ()
+    bootstrap: tuple[PeerConfig, ...] = ()
+    """Nodes beyond the neighbours: known to membership-based modes, dialled on demand."""
     data: DataConfig = field(default_factory=DataConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     protocol: CoreConfig = field(default_factory=CoreConfig)
@@ -307,6 +317,7 @@ def config_from_dict(
     node.finish()
 
     peers = _parse_peers(document.get("peers", []), base_dir)
+    bootstrap = _parse_peers(document.get("bootstrap", []), base_dir, section="bootstrap")
     if limits.max_peers < len(peers):
         _fail(
             "node.max_peers",
@@ -335,6 +346,7 @@ def config_from_dict(
         limits=limits,
         peer_exchange=exchange,
         peers=peers,
+        bootstrap=bootstrap,
         data=data,
         learner=learner,
         protocol=protocol,
@@ -442,12 +454,12 @@ class _Table:
                 )
 
 
-def _parse_peers(raw: object, base_dir: Path) -> tuple[PeerConfig, ...]:
+def _parse_peers(raw: object, base_dir: Path, *, section: str = "peers") -> tuple[PeerConfig, ...]:
     if not isinstance(raw, list):
-        _fail("peers", raw, "an array of [[peers]] tables")
+        _fail(section, raw, f"an array of [[{section}]] tables")
     peers: list[PeerConfig] = []
     for index, entry in enumerate(raw):
-        name = f"peers[{index}]"
+        name = f"{section}[{index}]"
         table = _Table({name: entry}, name)
         host, port = _parse_address(table.key("address"), table.get("address", str))
         key_hex = table.get("public_key", str, None)
@@ -473,7 +485,7 @@ def _parse_peers(raw: object, base_dir: Path) -> tuple[PeerConfig, ...]:
         else:
             node_id = NodeId.from_hex(key_hex, key=table.key("public_key"))
         if any(p.node_id == node_id for p in peers):
-            _fail(table.key("public_key"), node_id.hex(), "a key no other [[peers]] entry has")
+            _fail(table.key("public_key"), node_id.hex(), f"a key no other [[{section}]] entry has")
         peers.append(PeerConfig(host=host, port=port, node_id=node_id))
     return tuple(peers)
 

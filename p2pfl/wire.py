@@ -79,6 +79,13 @@ class MessageKind(IntEnum):
     """An aggregator will not aggregate the model of ``round``: send it elsewhere."""
     MODEST_MEMBERSHIP = 26
     """A join or leave announcement: ``meta["view"]`` holds the signed records."""
+    # 30-39: Sybil-aware merging (p2pfl.protocol.histories).
+    HISTORY = 30
+    """One SybilWall history record: the payload is an origin's accumulated-update vector
+    (``round`` = the origin's round), ``meta["o"]`` the origin's key, ``meta["d"]`` the
+    sender's hop distance to it (0 = the sender's own history) and ``meta["hs"]`` the
+    origin's signature over (origin, round, payload description and digest), so a relay can
+    forward a record but never forge or alter one."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -306,3 +306,46 @@ def test_peer_with_the_nodes_own_key_is_refused(
     err = capsys.readouterr().err
     assert err.startswith("p2pfl: error: peers[0].public_key = ")
     assert err.count("\n") == 1
+
+
+def test_bootstrap_list_and_membership_protocol_keys(example: Path) -> None:
+    keys = [Identity.load(example / f"node{i}.key").node_id.hex() for i in (1, 2, 3)]
+    path = example / "modest.toml"
+    text = f"""
+[node]
+listen = "127.0.0.1:0"
+key_file = "node1.key"
+[[bootstrap]]
+address = "127.0.0.1:7102"
+public_key = "{keys[1]}"
+[[bootstrap]]
+address = "127.0.0.1:7103"
+public_key_file = "node3.pub"
+[data]
+dataset = "digits"
+[protocol]
+mode = "gossip"
+peer_sampling = "membership"
+history_gossip = true
+history_lambda = 1
+"""
+    path.write_text(text)
+    config = load_config(path)
+    assert [p.address for p in config.bootstrap] == ["127.0.0.1:7102", "127.0.0.1:7103"]
+    assert [p.node_id.hex() for p in config.bootstrap] == keys[1:]
+    assert config.peers == ()
+    assert config.protocol.peer_sampling == "membership"
+    assert config.protocol.history_gossip is True
+    assert config.protocol.history_lambda == 1.0
+    assert config.protocol.admits_strangers
+
+    duplicate = text.replace('public_key_file = "node3.pub"', f'public_key = "{keys[1]}"')
+    path.write_text(duplicate)
+    with pytest.raises(ConfigError, match=r"^bootstrap\[1\]\.public_key = "):
+        load_config(path)
+    path.write_text(text.replace('"membership"', '"everyone"'))
+    with pytest.raises(ConfigError, match=r"^protocol\.peer_sampling = 'everyone': one of"):
+        load_config(path)
+    path.write_text(text.replace("[[bootstrap]]", "[bootstrap]", 1))
+    with pytest.raises(ConfigError, match="bootstrap"):
+        load_config(path)

@@ -154,6 +154,28 @@ def record_distant_history(
     return True
 
 
+def forget_distant_history(state: MutableMapping[str, Any], origin: NodeId) -> None:
+    """Drop a gossiped history (the protocol evicted its record); a no-op if there is none.
+
+    Raises:
+        TypeError: ``state[STATE_KEY]`` holds something other than a :class:`HistoryTable`.
+    """
+    if state.get(STATE_KEY) is not None:
+        history_table(state).distant.pop(origin, None)
+
+
+def uses_history_gossip(rule: object) -> bool:
+    """Whether ``rule`` (or the base rule it wraps, e.g. variance correction's ``base``)
+    compares distant histories, i.e. is a SybilWall variant that wants history gossip."""
+    seen = 0
+    while rule is not None and seen < 8:
+        if isinstance(rule, _SimilarityRule) and rule.gossip:
+            return True
+        rule = getattr(rule, "base", None)
+        seen += 1
+    return False
+
+
 def history_gossip_weights(
     distances: Sequence[int] | torch.Tensor, lam: float = DEFAULT_GOSSIP_LAMBDA
 ) -> torch.Tensor:

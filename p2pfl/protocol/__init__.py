@@ -65,6 +65,7 @@ def make_core(
     seq_start: int = 0,
     layout: ParamLayout | None = None,
     probe: Probe | None = None,
+    known_peers: Collection[NodeId] = (),
 ) -> Core:
     """Build the core of the mode ``config.mode``.
 
@@ -83,6 +84,9 @@ def make_core(
         layout: the parameter layout, handed to merge rules that work per tensor.
         probe: per-class recall of a vector on local held-out data, for merge rules that
             judge updates by performance (Bristle); None where no such data exists.
+        known_peers: peers beyond the neighbours this node knows of (a runtime's bootstrap
+            list); modes with a membership view (``modest``, membership-sampled ``gossip``)
+            start their view with the neighbours and these.
 
     Raises:
         ConfigError: a config field or argument is invalid; the message names it.
@@ -101,6 +105,7 @@ def make_core(
         seq_start=seq_start,
         layout=layout,
         probe=probe,
+        known_peers=known_peers,
     )
 
 

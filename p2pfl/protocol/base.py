@@ -6,10 +6,12 @@ Theory of operation
 decreasing), then dispatches the event with ``match``:
 
 - ``PeerConnected`` / ``PeerDisconnected`` update the :class:`~p2pfl.protocol.peers.PeerSet`
-  (a connection from someone who is not a neighbour is answered with ``Disconnect``), then
-  tell the mode;
+  (a connection from a peer the core does not *admit* is answered with ``Disconnect``: only
+  configured neighbours, unless the config's ``admits_strangers`` holds, as for ``modest``
+  and membership-sampled ``gossip``, which take any authenticated peer), then tell the mode;
 - ``MessageReceived`` goes to ``_on_message``, by default
-  :func:`~p2pfl.protocol.messages.parse_model_update`; a peer's fault becomes
+  :func:`~p2pfl.protocol.messages.parse_model_update` (or, for ``HISTORY`` when history
+  gossip is on, :class:`~p2pfl.protocol.histories.HistoryGossip`); a peer's fault becomes
   ``PeerMisbehaved`` there, so no mode can let one escape; a valid update is handed to the
   mode (``modest`` overrides ``_on_message`` for its own message kinds);
 - ``Started``, ``TrainingFinished`` are checked against the phase (misuse raises
@@ -19,6 +21,10 @@ decreasing), then dispatches the event with ``match``:
 
 Modes implement the ``_on_*`` hooks and ``_deadline``; they own their buffers and timers and
 move their :class:`~p2pfl.protocol.phases.PhaseMachine` along their table.
+
+History gossip (SybilWall, :mod:`p2pfl.protocol.histories`) is on when
+``config.history_gossip`` says so, or, when it is ``None``, when the merge rule is a SybilWall
+variant; a mode calls :meth:`BaseCore._gossip_histories` right after it sends its model.
 
 The driver learns its neighbours' reachability only through events: every configured
 neighbour starts *not connected*, and a driver reports ``PeerConnected`` for each neighbour it
@@ -31,8 +37,8 @@ from __future__ import annotations
 import abc
 import math
 import operator
-from collections.abc import Collection
-from typing import ClassVar, assert_never
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any, ClassVar, assert_never
 
 import numpy as np
 import torch
@@ -40,8 +46,9 @@ import torch
 from p2pfl.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 from p2pfl.identity import Identity, NodeId
 from p2pfl.merge.base import MergeRule, Probe
+from p2pfl.merge.sybil import uses_history_gossip
 from p2pfl.params import ParamLayout
-from p2pfl.protocol.actions import Action, Disconnect, PeerMisbehaved, Stop
+from p2pfl.protocol.actions import Action, Disconnect, PeerMisbehaved, Send, Stop
 from p2pfl.protocol.config import CoreConfig
 from p2pfl.protocol.events import (
     DeadlineReached,
@@ -52,16 +59,20 @@ from p2pfl.protocol.events import (
     Started,
     TrainingFinished,
 )
+from p2pfl.protocol.histories import HistoryGossip, seal_history
 from p2pfl.protocol.merging import Merger
-from p2pfl.protocol.messages import ModelUpdate, Sealer, parse_model_update
+from p2pfl.protocol.messages import ModelUpdate, Sealer, check_sender, parse_model_update
 from p2pfl.protocol.peers import PeerSet
 from p2pfl.protocol.phases import Phase, PhaseMachine, Transitions
+from p2pfl.wire import Envelope, MessageKind
 
 
 class BaseCore(abc.ABC):
     """Shared state and dispatch; a mode subclasses it and fills in the hooks."""
 
     TRANSITIONS: ClassVar[Transitions]
+    HISTORY_GOSSIP: ClassVar[bool] = True
+    """Whether the mode can run SybilWall history gossip (it has neighbours to gossip with)."""
 
     def __init__(
         self,
@@ -77,6 +88,7 @@ class BaseCore(abc.ABC):
         seq_start: int = 0,
         layout: ParamLayout | None = None,
         probe: Probe | None = None,
+        known_peers: Collection[NodeId] = (),
     ) -> None:
         """Build the core; :func:`p2pfl.protocol.make_core` documents the arguments.
 
@@ -98,7 +110,13 @@ class BaseCore(abc.ABC):
         self.vector = vector.detach().to(device="cpu", dtype=torch.float32).clone()
         self.samples = samples
         self._rng = rng
-        self._peers = PeerSet(identity.node_id, neighbours, window_size=config.replay_window)
+        self._peers = PeerSet(
+            identity.node_id,
+            neighbours,
+            window_size=config.replay_window,
+            strangers=config.view_capacity if config.admits_strangers else 0,
+        )
+        self._known_peers = tuple(sorted(set(known_peers) - {identity.node_id}))
         degree = len(self._peers.neighbours)
         self._sealer = Sealer(
             identity,
@@ -115,6 +133,18 @@ class BaseCore(abc.ABC):
             total_rounds=config.rounds,
             probe=probe,
         )
+        wants_histories = config.history_gossip
+        if wants_histories is None:
+            wants_histories = uses_history_gossip(merge)
+        self._histories: HistoryGossip | None = None
+        if wants_histories and self.HISTORY_GOSSIP:
+            self._histories = HistoryGossip(
+                identity,
+                self.vector,
+                lam=config.history_lambda,
+                capacity=config.history_capacity,
+                wire_dtype=config.wire_dtype,
+            )
         self._machine = PhaseMachine(self.TRANSITIONS)
         self._now = -math.inf
         self._init_mode()
@@ -128,6 +158,17 @@ class BaseCore(abc.ABC):
     @property
     def phase(self) -> Phase:
         return self._machine.phase
+
+    @property
+    def history_gossip(self) -> HistoryGossip | None:
+        """The signed history records this node holds for SybilWall, or None when history
+        gossip is off (read it, never change it)."""
+        return self._histories
+
+    @property
+    def merge_state(self) -> Mapping[str, Any]:
+        """The merge rule's private state (e.g. SybilWall's history table); read only."""
+        return self._merger.state
 
     def handle(self, event: Event, *, now: float) -> list[Action]:
         """Feed one event that happened at ``now``.
@@ -150,7 +191,7 @@ class BaseCore(abc.ABC):
             case PeerConnected(peer=peer):
                 if peer == self.node_id:
                     raise LocalProtocolError("PeerConnected for this node itself")
-                if not self._peers.is_neighbour(peer):
+                if not self._peers.admits(peer):
                     return [Disconnect(peer, "not a configured neighbour")]
                 self._peers.connect(peer)
                 return [] if self.finished else self._on_connected(peer)
@@ -197,11 +238,54 @@ class BaseCore(abc.ABC):
         """A message arrived (the core is not DONE). By default it must be a neighbour's
         ``MODEL_UPDATE``, handed to :meth:`_on_update`; a mode speaking other messages
         overrides this, and must turn every peer's fault into ``PeerMisbehaved``."""
+        if event.envelope.kind is MessageKind.HISTORY and self._histories is not None:
+            return self._on_history(event)
         try:
             update = parse_model_update(event, self._peers, self.vector.shape)
         except RemoteProtocolError as exc:
             return [PeerMisbehaved(event.peer, str(exc))]
         return self._on_update(update)
+
+    def _on_history(self, event: MessageReceived) -> list[Action]:
+        """A ``HISTORY`` message with history gossip on: check it, store what it teaches."""
+        histories = self._histories
+        assert histories is not None
+        try:
+            check_sender(event, self._peers)
+            histories.receive(event.peer, event.envelope, self.vector.shape, self._merger.state)
+        except RemoteProtocolError as exc:
+            return [PeerMisbehaved(event.peer, str(exc))]
+        return []
+
+    def _gossip_histories(self, recipients: Sequence[NodeId], vector: torch.Tensor) -> list[Action]:
+        """After sending ``vector`` (this round's model) to ``recipients``: send each its own
+        signed history and one record drawn for it (nothing when history gossip is off)."""
+        histories = self._histories
+        if histories is None or not recipients:
+            return []
+        own = histories.publish(vector, self.round)
+        sealed: dict[tuple[NodeId, int, int], Envelope] = {}
+
+        def envelope(origin: NodeId, round: int, distance: int) -> Envelope:
+            key = (origin, round, distance)
+            found = sealed.get(key)
+            if found is None:
+                record = own if distance == 0 else histories.table[origin].record
+                found = seal_history(
+                    self._identity, record, distance=distance, seq=self._sealer.next_seq
+                )
+                self._sealer.next_seq += 1
+                sealed[key] = found
+            return found
+
+        actions: list[Action] = []
+        for peer in recipients:
+            actions.append(Send(peer, envelope(self.node_id, own.round, 0)))
+            held = histories.draw(peer, self._rng)
+            if held is not None:
+                record = held.record
+                actions.append(Send(peer, envelope(record.origin, record.round, held.distance)))
+        return actions
 
     def _on_connected(self, peer: NodeId) -> list[Action]:
         """A neighbour (re)connected; the PeerSet already counts it as connected."""

@@ -79,9 +79,12 @@ class LatestBuffer:
         self._held[update.sender] = update
         return Offer.ACCEPTED
 
-    def take(self, order: Sequence[NodeId]) -> list[ModelUpdate]:
-        """Remove and return every held model, in ``order``."""
+    def take(self, order: Sequence[NodeId] | None) -> list[ModelUpdate]:
+        """Remove and return the held models of the peers in ``order``, in that order; with
+        ``order=None`` every held model, in key order."""
         held, self._held = self._held, {}
+        if order is None:
+            order = sorted(held, key=lambda peer: peer.raw)
         return [held[peer] for peer in order if peer in held]
 
     def __len__(self) -> int:

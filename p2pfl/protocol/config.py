@@ -11,6 +11,9 @@ from p2pfl.errors import ConfigError
 from p2pfl.protocol.core import PROTOCOL_MODES
 from p2pfl.protocol.membership import MAX_RECORDS_PER_MESSAGE
 
+PEER_SAMPLING = ("neighbours", "membership")
+"""The values of ``protocol.peer_sampling``."""
+
 CONFIG_PREFIX = "protocol"
 """Config keys in errors are named ``protocol.<field>``, as in a scenario file."""
 
@@ -46,6 +49,16 @@ class CoreConfig:
         view_capacity: membership: records a node keeps at most.
         announce_join: modest: on ``Started``, announce the own join to
             ``min(10 * sample_size, view)`` random peers.
+        peer_sampling: gossip: where push targets come from: ``"neighbours"`` (the connected
+            configured neighbours, the default) or ``"membership"`` (the active candidates of
+            the membership view, so pushes reach peers beyond the neighbours; models then
+            carry a view copy and the core accepts models from any authenticated peer).
+        history_gossip: dsgd and gossip: SybilWall's probabilistic history gossip
+            (:mod:`p2pfl.protocol.histories`). ``None`` (the default) turns it on exactly
+            when the merge rule is a SybilWall variant; ``true`` / ``false`` force it.
+        history_lambda: the decay λ of the history draw, ``∝ λ·e^{−λ(d−1)}`` (0.8).
+        history_capacity: signed history records a node keeps at most (each the size of
+            a model); the farthest, then the oldest, is forgotten first.
     """
 
     mode: str = "dsgd"
@@ -69,6 +82,19 @@ class CoreConfig:
     view_entries: int = 16
     view_capacity: int = 4096
     announce_join: bool = True
+    peer_sampling: str = "neighbours"
+    history_gossip: bool | None = None
+    history_lambda: float = 0.8
+    history_capacity: int = 32
+
+    @property
+    def admits_strangers(self) -> bool:
+        """Whether the core takes connections and messages from peers that are not its
+        configured neighbours (``modest``, and ``gossip`` with membership peer sampling);
+        drivers use it to route such peers' traffic to the core."""
+        return self.mode == "modest" or (
+            self.mode == "gossip" and self.peer_sampling == "membership"
+        )
 
     def validate(self) -> None:
         """Check every field.
@@ -107,6 +133,16 @@ class CoreConfig:
         _int_at_least("view_capacity", self.view_capacity, 1)
         if not isinstance(self.announce_join, bool):
             _fail("announce_join", self.announce_join, "true or false")
+        if self.peer_sampling not in PEER_SAMPLING:
+            _fail("peer_sampling", self.peer_sampling, f"one of {', '.join(PEER_SAMPLING)}")
+        if self.history_gossip is not None and not isinstance(self.history_gossip, bool):
+            _fail("history_gossip", self.history_gossip, "true or false (or absent: automatic)")
+        if self.history_gossip is True and self.mode == "modest":
+            _fail("history_gossip", True, "false or absent with mode 'modest' (no neighbours)")
+        lam = self.history_lambda
+        if not _is_real(lam) or not math.isfinite(lam) or lam <= 0:
+            _fail("history_lambda", lam, "a finite number > 0 (default 0.8)")
+        _int_at_least("history_capacity", self.history_capacity, 1)
 
 
 def _fail(field: str, value: object, allowed: str) -> NoReturn:

@@ -79,6 +79,7 @@ class CoreFactory(Protocol):
         seq_start: int = 0,
         layout: ParamLayout | None = None,
         probe: Probe | None = None,
+        known_peers: Collection[NodeId] = (),
     ) -> Core: ...
 
 

@@ -9,8 +9,9 @@ Round ``r`` (``core.round == r``, ``r`` rounds already done) runs::
 
 1. ``StartTraining(vector, local_steps, r)``; ``vector`` is the last merged model.
 2. On ``TrainingFinished`` the trained model is sealed once (round ``r``) and the same envelope
-   is sent to every connected neighbour. The collection deadline is armed at
-   ``now + round_timeout``.
+   is sent to every connected neighbour (then, with history gossip on, each gets the own
+   signed history and one relayed record: :mod:`p2pfl.protocol.histories`). The collection
+   deadline is armed at ``now + round_timeout``.
 3. The round closes as soon as every *currently connected* neighbour has delivered its round-r
    model (a neighbour that disconnects is no longer waited for; one that connects while the
    core collects is sent this round's envelope and waited for), or at the deadline, whichever
@@ -107,7 +108,9 @@ class DsgdCore(BaseCore):
             collect_until=self._now + self.config.round_timeout,
         )
         self._machine.goto(Phase.COLLECTING)
-        sends: list[Action] = [Send(peer, envelope) for peer in self._peers.connected()]
+        recipients = self._peers.connected()
+        sends: list[Action] = [Send(peer, envelope) for peer in recipients]
+        sends += self._gossip_histories(recipients, trained)
         return sends + self._close_if_complete()
 
     def _on_deadline(self) -> list[Action]:

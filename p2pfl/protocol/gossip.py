@@ -26,6 +26,21 @@ learning instead of stalling. After every training: ``Emit("round", ...)`` and
 ``SaveCheckpoint``; after ``rounds`` trainings, ``Stop`` (and no more pushes).
 
 ``core.vector`` is the newest model the node holds (trained or merged); it is what a push sends.
+
+*Peer sampling.* With ``peer_sampling = "neighbours"`` (the default) push targets are drawn
+among the connected neighbours and only neighbours' models are accepted. With
+``"membership"`` the node keeps a :class:`~p2pfl.protocol.membership.Membership` view
+(started from the neighbours and the driver's ``known_peers``): every model carries a bounded
+piggyback of it (``meta["view"]``, records signed by the peers they concern), received
+copies are merged (a forged record is ``PeerMisbehaved``), pending joins are applied before a
+push, and the ``fanout`` targets are drawn among the view's active candidates for the node's
+age (``inactivity_threshold`` trainings), so pushes reach peers beyond the neighbours. Models
+from any authenticated peer are accepted (a bounded replay window per sender); a peer whose
+connection drops is left out of the candidates until it is heard from at a later age. The
+driver must deliver to any key (the simulator does; the runtime dials on demand).
+
+With history gossip on (:mod:`p2pfl.protocol.histories`), each push is followed, for each
+target, by the own signed history and one relayed record.
 """
 
 from __future__ import annotations
@@ -34,12 +49,25 @@ from dataclasses import dataclass
 
 import torch
 
-from p2pfl.protocol.actions import Action, Emit, SaveCheckpoint, Send, StartTraining, Stop
+from p2pfl.errors import RemoteProtocolError
+from p2pfl.identity import NodeId
+from p2pfl.protocol.actions import (
+    Action,
+    Emit,
+    PeerMisbehaved,
+    SaveCheckpoint,
+    Send,
+    StartTraining,
+    Stop,
+)
 from p2pfl.protocol.base import BaseCore
 from p2pfl.protocol.buffers import LatestBuffer
 from p2pfl.protocol.core import register_protocol_mode
-from p2pfl.protocol.messages import ModelUpdate
+from p2pfl.protocol.events import MessageReceived
+from p2pfl.protocol.membership import Membership, parse_records
+from p2pfl.protocol.messages import ModelUpdate, parse_model_update
 from p2pfl.protocol.phases import GOSSIP_TRANSITIONS, Phase
+from p2pfl.wire import MessageKind
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,12 +89,41 @@ class GossipCore(BaseCore):
         self._buffer = LatestBuffer()
         self._push_at: float | None = None
         self._outstanding: _Outstanding | None = None
+        self.membership: Membership | None = None
+        if self.config.peer_sampling == "membership":
+            self.membership = Membership(
+                self._identity,
+                (*self._peers.neighbours, *self._known_peers),
+                start_round=self.round,
+                counter=self._sealer.next_seq,
+                capacity=self.config.view_capacity,
+                inactivity_threshold=self.config.inactivity_threshold,
+            )
 
     # -- hooks --------------------------------------------------------------------------
 
     def _on_started(self) -> list[Action]:
         self._push_at = self._now + self._interval()
         return self._train(merged=0)
+
+    def _on_message(self, event: MessageReceived) -> list[Action]:
+        membership = self.membership
+        if membership is None or event.envelope.kind is not MessageKind.MODEL_UPDATE:
+            return super()._on_message(event)
+        envelope = event.envelope
+        try:
+            update = parse_model_update(event, self._peers, self.vector.shape)
+            records = parse_records(envelope.meta.get("view"), max_round=envelope.round)
+            membership.merge(records)
+        except RemoteProtocolError as exc:
+            return [PeerMisbehaved(event.peer, str(exc))]
+        membership.observe(update.sender, update.round)
+        return self._on_update(update)
+
+    def _on_disconnected(self, peer: NodeId) -> list[Action]:
+        if self.membership is not None:
+            self.membership.suspect(peer, self.round)
+        return []
 
     def _on_update(self, update: ModelUpdate) -> list[Action]:
         self._buffer.offer(update)
@@ -125,16 +182,29 @@ class GossipCore(BaseCore):
         return self.config.period * float(self._rng.uniform(1.0 - jitter, 1.0 + jitter))
 
     def _push(self) -> list[Action]:
-        connected = self._peers.connected()
-        count = min(self.config.fanout, len(connected))
+        membership = self.membership
+        if membership is not None:
+            membership.set_round(self.round)
+            membership.apply_pending()
+            pool = tuple(p for p in membership.candidates(self.round) if p != self.node_id)
+        else:
+            pool = self._peers.connected()
+        count = min(self.config.fanout, len(pool))
         if count == 0:
             return []
-        chosen = self._rng.choice(len(connected), size=count, replace=False)
-        envelope = self._sealer.seal(self.vector, self.round)
-        return [Send(connected[int(index)], envelope) for index in chosen]
+        chosen = self._rng.choice(len(pool), size=count, replace=False)
+        meta: dict[str, object] | None = None
+        if membership is not None:
+            records = membership.piggyback(self.config.view_entries, self._rng)
+            meta = {"view": [record.to_wire() for record in records]}
+        envelope = self._sealer.seal(self.vector, self.round, meta=meta)
+        targets = [pool[int(index)] for index in chosen]
+        actions: list[Action] = [Send(peer, envelope) for peer in targets]
+        return actions + self._gossip_histories(targets, self.vector)
 
     def _merge_and_train(self) -> list[Action]:
-        updates = self._buffer.take(self._peers.neighbours)
+        order = self._peers.neighbours if self.membership is None else None
+        updates = self._buffer.take(order)
         self.vector = self._merger.merge(self.vector, updates, own_round=self.round)
         return self._train(merged=len(updates))
 

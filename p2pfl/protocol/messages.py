@@ -4,20 +4,23 @@ Theory of operation
 -------------------
 Outgoing, :class:`Sealer` turns a model into one signed ``MODEL_UPDATE`` envelope: the payload
 is the vector in the configured wire dtype, the header carries the round (dsgd) or age
-(gossip), this node's sample count and number of neighbours (``meta["deg"]``), and the next number of a per-node sequence that never
-repeats. One envelope is sealed per model and the same object is sent to every recipient.
+(gossip), this node's sample count and number of neighbours (``meta["deg"]``), and the next
+number of a per-node sequence that never repeats. One envelope is sealed per model and the
+same object is sent to every recipient.
 
 Incoming, :func:`parse_model_update` turns a ``MessageReceived`` whose signature the driver
 already verified into a :class:`ModelUpdate`, cheapest checks first: the transport peer is a
-neighbour, the envelope's sender is that peer, the sequence number is fresh, the kind is
-``MODEL_UPDATE``, the declared shape matches the own model, the payload decodes, and every
-value is finite. Any failure raises :class:`~p2pfl.errors.RemoteProtocolError`, which the core
-turns into a ``PeerMisbehaved`` action. The vector of an accepted update is a copy the core
-owns, never a view of the driver's receive buffer.
+neighbour (or, in a mode that admits them, any other peer), the envelope's sender is that
+peer, the sequence number is fresh, the kind is ``MODEL_UPDATE``, the declared shape matches
+the own model, the payload decodes, and every value is finite. Any failure raises
+:class:`~p2pfl.errors.RemoteProtocolError`, which the core turns into a ``PeerMisbehaved``
+action. The vector of an accepted update is a copy the core owns, never a view of the
+driver's receive buffer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -67,8 +70,13 @@ class Sealer:
         self.samples = samples
         self.next_seq = seq_start
 
-    def seal(self, vector: torch.Tensor, round: int) -> Envelope:
-        """One signed envelope for ``vector``; it may share ``vector``'s memory (no copy)."""
+    def seal(
+        self, vector: torch.Tensor, round: int, *, meta: Mapping[str, object] | None = None
+    ) -> Envelope:
+        """One signed envelope for ``vector``; it may share ``vector``'s memory (no copy).
+
+        ``meta`` adds header fields (e.g. a membership view) next to ``deg``.
+        """
         spec, payload = encode_vector(vector, dtype=self.wire_dtype, samples=self.samples)
         envelope = seal(
             self._identity,
@@ -77,7 +85,7 @@ class Sealer:
             round=round,
             payload=payload,
             spec=spec,
-            meta={"deg": self.degree},
+            meta={"deg": self.degree, **(meta or {})},
         )
         self.next_seq += 1
         return envelope
@@ -102,14 +110,16 @@ def decode_model(envelope: Envelope, shape: torch.Size) -> torch.Tensor:
     return decoded
 
 
-def parse_model_update(event: MessageReceived, peers: PeerSet, shape: torch.Size) -> ModelUpdate:
-    """Check a received message and take its model.
+def check_sender(event: MessageReceived, peers: PeerSet) -> None:
+    """The checks every message of the neighbour modes passes first: the transport peer is
+    admitted (a configured neighbour, unless strangers are admitted), the envelope's sender is
+    that peer, and its sequence number is fresh.
 
     Raises:
-        RemoteProtocolError: any defect; the message names it.
+        RemoteProtocolError: any of them fails; the message names it.
     """
     peer, envelope = event.peer, event.envelope
-    if not peers.is_neighbour(peer):
+    if not peers.admits(peer):
         raise RemoteProtocolError("message from a peer that is not a configured neighbour")
     if envelope.sender != peer:
         raise RemoteProtocolError(f"envelope signed by {envelope.sender}, not by the peer {peer}")
@@ -117,6 +127,16 @@ def parse_model_update(event: MessageReceived, peers: PeerSet, shape: torch.Size
         peers.check_seq(peer, envelope.seq)
     except WireError as exc:
         raise RemoteProtocolError(f"replayed message: {exc}") from exc
+
+
+def parse_model_update(event: MessageReceived, peers: PeerSet, shape: torch.Size) -> ModelUpdate:
+    """Check a received message and take its model.
+
+    Raises:
+        RemoteProtocolError: any defect; the message names it.
+    """
+    peer, envelope = event.peer, event.envelope
+    check_sender(event, peers)
     if envelope.kind is not MessageKind.MODEL_UPDATE:
         raise RemoteProtocolError(f"unexpected message kind {envelope.kind.name}")
     decoded = decode_model(envelope, shape)

@@ -133,12 +133,13 @@ class ModestCore(BaseCore):
     """Per round a sampled committee: ``sample_size`` trainers, ``aggregators`` aggregators."""
 
     TRANSITIONS = MODEST_TRANSITIONS
+    HISTORY_GOSSIP = False
 
     def _init_mode(self) -> None:
         config = self.config
         self.membership = Membership(
             self._identity,
-            self._peers.neighbours,
+            (*self._peers.neighbours, *self._known_peers),
             start_round=self.round,
             counter=self._sealer.next_seq,
             capacity=config.view_capacity,

@@ -34,10 +34,22 @@ idle watchdog; unusable frames and the core's ``PeerMisbehaved`` are strikes too
 ``strikes_to_ban`` strikes ban the key for ``ban_interval`` seconds and close the connection.
 Runtime-level kinds (``KEEPALIVE``, ``PEER_EXCHANGE``) are handled here and never reach the
 core; learned peers (:mod:`p2pfl.runtime.peerx`) are dialled only when
-``accept_unknown_peers`` is set, and since the core's neighbours are fixed when it is built,
-a learned peer's connection carries keep-alives and peer exchange but no models. Every table
+``accept_unknown_peers`` is set. For a core with fixed neighbours (``dsgd``, ``gossip``), a
+learned peer's connection carries keep-alives and peer exchange but no models. Every table
 is bounded (bans, failure counters, strikes, the peer book), so bad traffic costs bounded
 memory. ``status_listen`` serves :class:`~p2pfl.runtime.status.Metrics` as Prometheus text.
+
+Peers beyond the neighbours. A core whose config ``admits_strangers`` (``modest``, ``gossip``
+with ``peer_sampling = "membership"``) is told about every authenticated connection and gets
+every peer's protocol messages; it is built knowing the ``[[bootstrap]]`` keys. When it sends
+to a peer with no connection, the node *dials on demand*: the address comes from
+``[[peers]]``, ``[[bootstrap]]`` or the peer book (peer exchange), the envelopes wait in a
+bounded queue until the handshake is done, a banned key is never dialled, and on-demand
+connections share the ``max_peers`` slots of learned peers (a send with no address or no slot
+is dropped and counted, as the core's timeouts expect). Either side may dial such a peer;
+when two connections to one peer race, both ends keep the one dialled by the smaller key.
+Such a node also accepts connections from ``[[bootstrap]]`` and peer-book keys (any key with
+``accept_unknown_peers``), within the same slots.
 """
 
 from __future__ import annotations
@@ -49,6 +61,7 @@ import math
 import random
 import signal
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, assert_never
 
@@ -190,6 +203,7 @@ class Node:
             "messages_received": 0,
             "frames_dropped": 0,
             "sends_unconnected": 0,
+            "dials_on_demand": 0,
             "misbehaviour": 0,
             "handshakes_failed": 0,
             "wire_errors": 0,
@@ -225,9 +239,15 @@ class Node:
             start_round=self.start_round,
             seq_start=time.time_ns() // 1000,
             layout=self.learner.layout,
+            known_peers=[peer.node_id for peer in config.bootstrap],
         )
 
         self._peers_by_id: dict[NodeId, PeerConfig] = {p.node_id: p for p in config.peers}
+        self._bootstrap_by_id: dict[NodeId, PeerConfig] = {
+            p.node_id: p for p in config.bootstrap if p.node_id != self.node_id
+        }
+        self._admits_strangers = config.protocol.admits_strangers
+        self._pending_sends: dict[NodeId, deque[Envelope]] = {}
         self._connections: dict[NodeId, PeerConnection] = {}
         limits = config.limits
         self.limits = limits
@@ -435,12 +455,63 @@ class Node:
     def _send(self, peer: NodeId, envelope: Envelope) -> None:
         connection = self._connections.get(peer)
         if connection is None:
-            self.stats["sends_unconnected"] += 1
+            if not (self._admits_strangers and self._send_on_demand(peer, envelope)):
+                self.stats["sends_unconnected"] += 1
             return
         if not connection.enqueue(envelope):
             self.stats["frames_dropped"] += 1
             self.metrics.inc("queue_drops_total")
             log.debug("send queue to %s full; dropped the oldest frame", peer)
+
+    def _send_on_demand(self, peer: NodeId, envelope: Envelope) -> bool:
+        """Queue ``envelope`` for a peer that is not connected, dialling it if no dial is
+        under way; False if it cannot be reached (configured peers redial by themselves)."""
+        pending = self._pending_sends.get(peer)
+        if pending is not None:
+            if len(pending) == pending.maxlen:
+                self.stats["frames_dropped"] += 1
+            pending.append(envelope)
+            return True
+        if peer in self._peers_by_id or self._is_banned(peer) or self._nursery is None:
+            return False
+        target = self._address_of(peer)
+        if target is None or self._learned_slots() <= 0:
+            return False
+        queue: deque[Envelope] = deque(maxlen=self.config.send_queue)
+        queue.append(envelope)
+        self._pending_sends[peer] = queue
+        self._learned_dials.add(peer)
+        self.stats["dials_on_demand"] += 1
+        host, port, address = target
+        self._nursery.start_soon(self._dial_on_demand, peer, host, port, address)
+        return True
+
+    def _address_of(self, peer: NodeId) -> tuple[str, int, str] | None:
+        """Where to dial ``peer``: ``[[peers]]``, then ``[[bootstrap]]``, then the peer book."""
+        config = self._peers_by_id.get(peer) or self._bootstrap_by_id.get(peer)
+        if config is not None:
+            return config.host, config.port, config.address
+        learned = self.peer_book.get(peer)
+        if learned is None:
+            return None
+        host, port = learned.ad.host_port
+        return host, port, learned.ad.address
+
+    async def _dial_on_demand(self, peer: NodeId, host: str, port: int, address: str) -> None:
+        """Dial a peer the core wants to reach, a few times at most; serve the connection
+        until it ends. Sends queued meanwhile go out once it is up, or are dropped."""
+        try:
+            for attempt in range(LEARNED_DIAL_ATTEMPTS):
+                if self._is_banned(peer) or peer in self._connections:
+                    return
+                if await self._dial_once(peer, host, port, address):
+                    return
+                await trio.sleep(self._backoff.delay(attempt, self._jitter))
+        finally:
+            self._learned_dials.discard(peer)
+            dropped = self._pending_sends.pop(peer, None)
+            if dropped:
+                self.stats["sends_unconnected"] += len(dropped)
 
     async def _train(self, action: StartTraining) -> None:
         result = await trio.to_thread.run_sync(self.learner.train, action.vector, action.steps)
@@ -546,13 +617,16 @@ class Node:
         if self._is_banned(peer):
             return "banned_key"
         # Only the peer with the smaller key dials; refusing the others keeps one connection
-        # per pair even if a peer is misconfigured.
-        if not peer < self.node_id:
-            return "handshake"
+        # per pair even if a peer is misconfigured. A core that talks beyond its neighbours
+        # is dialled on demand from either side.
         if peer in self._peers_by_id:
-            return None
-        if not self.config.peer_exchange.accept_unknown_peers:
-            return "handshake"
+            return None if peer < self.node_id else "handshake"
+        known = peer in self._bootstrap_by_id or peer in self.peer_book
+        if not (self._admits_strangers and known):
+            if not self.config.peer_exchange.accept_unknown_peers:
+                return "handshake"
+            if not (self._admits_strangers or peer < self.node_id):
+                return "handshake"
         if peer in self._connections:
             return None  # a reconnect replaces the old connection
         return None if self._learned_slots() > 0 else "peer_limit"
@@ -684,7 +758,7 @@ class Node:
                     reason=str(exc),
                 )
                 return False
-            await self._serve(frames, peer, address)
+            await self._serve(frames, peer, address, outbound=True)
             return True
         finally:
             await frames.aclose()
@@ -703,7 +777,9 @@ class Node:
         finally:
             self._learned_dials.discard(ad.node_id)
 
-    async def _serve(self, frames: FrameStream, peer: NodeId, address: str) -> None:
+    async def _serve(
+        self, frames: FrameStream, peer: NodeId, address: str, *, outbound: bool = False
+    ) -> None:
         """Register an authenticated connection, run it, and report its end."""
         now = trio.current_time()
         limits = self.limits
@@ -715,10 +791,27 @@ class Node:
             idle_timeout=limits.idle_timeout,
             keepalive=self._keepalive,
             metrics=self.metrics,
+            outbound=outbound,
         )
         configured = peer in self._peers_by_id
+        tells_core = configured or self._admits_strangers
         previous = self._connections.get(peer)
+        if (
+            previous is not None
+            and not configured
+            and not previous.closed.is_set()
+            and self._canonical(previous)
+            and not self._canonical(connection)
+        ):
+            # Both ends dialled at once: keep the connection the smaller key dialled.
+            log.debug("%s: keeping the connection dialled by the smaller key", peer)
+            return
         self._connections[peer] = connection
+        if previous is not None:
+            for envelope in previous.take_queued():
+                connection.enqueue(envelope)
+        for envelope in self._pending_sends.pop(peer, ()):
+            connection.enqueue(envelope)
         self._buckets[peer] = TokenBucket(
             limits.peer_message_rate, limits.peer_message_burst, now=now
         )
@@ -727,7 +820,7 @@ class Node:
         if previous is not None:
             log.info("%s reconnected; replacing the old connection", peer)
             previous.close()
-            if configured:
+            if tells_core:
                 await self._events_send.send(PeerDisconnected(peer))
         log_event(
             log,
@@ -740,7 +833,7 @@ class Node:
             address=address,
             configured=configured,
         )
-        if configured:
+        if tells_core:
             await self._events_send.send(PeerConnected(peer))
         if all(p in self._connections for p in self._peers_by_id):
             self._all_connected.set()
@@ -766,8 +859,12 @@ class Node:
                 peer=peer.hex(),
                 idle=connection.timed_out,
             )
-            if configured:
+            if tells_core:
                 await self._events_send.send(PeerDisconnected(peer))
+
+    def _canonical(self, connection: PeerConnection) -> bool:
+        """Whether ``connection`` was dialled by the smaller of the two keys."""
+        return connection.outbound == (self.node_id < connection.peer)
 
     def _keepalive(self) -> Envelope:
         return seal(
@@ -782,9 +879,9 @@ class Node:
             return
         kind = envelope.kind
         if kind not in RUNTIME_KINDS:
-            # Everything else belongs to the protocol core, which judges it; learned peers
-            # are not its neighbours, so their protocol messages are dropped here.
-            if peer not in self._peers_by_id:
+            # Everything else belongs to the protocol core, which judges it; unless the core
+            # admits peers beyond its neighbours, learned peers' messages are dropped here.
+            if peer not in self._peers_by_id and not self._admits_strangers:
                 self._reject("unexpected_kind")
                 return
             self.stats["messages_received"] += 1
@@ -851,7 +948,7 @@ class Node:
         """Connected peers this node can vouch for and whose listening address it knows."""
         ads: list[PeerAd] = []
         for peer in self._connections:
-            config = self._peers_by_id.get(peer)
+            config = self._peers_by_id.get(peer) or self._bootstrap_by_id.get(peer)
             address = config.address if config is not None else self._learned_addresses.get(peer)
             if address is not None and parse_address(address) is not None:
                 ads.append(PeerAd(address, peer))

@@ -62,6 +62,7 @@ class PeerConnection:
         idle_timeout: float | None = None,
         keepalive: Callable[[], Envelope] | None = None,
         metrics: Metrics | None = None,
+        outbound: bool = False,
     ) -> None:
         """Wrap an authenticated stream; nothing runs until :meth:`run`.
 
@@ -75,6 +76,8 @@ class PeerConnection:
             keepalive: makes the frame sent on a connection this side left idle for
                 ``idle_timeout / 3`` seconds; ``None`` sends none.
             metrics: frame and byte counters to add to.
+            outbound: this side dialled (the node keeps the connection dialled by the smaller
+                key when two connections to one peer race).
 
         Raises:
             ValueError: ``queue_capacity`` < 1 or ``idle_timeout`` <= 0.
@@ -84,6 +87,7 @@ class PeerConnection:
         if idle_timeout is not None and not idle_timeout > 0:
             raise ValueError("idle_timeout must be > 0")
         self.peer = peer
+        self.outbound = outbound
         self.frames = frames
         self.address = address
         self.dropped = 0
@@ -124,6 +128,16 @@ class PeerConnection:
             self._queue_send.send_nowait(envelope)
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         return kept
+
+    def take_queued(self) -> list[Envelope]:
+        """Remove and return the envelopes not yet written (to move them to a connection
+        that replaces this one)."""
+        taken: list[Envelope] = []
+        while True:
+            try:
+                taken.append(self._queue_receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return taken
 
     @property
     def queued(self) -> int:

@@ -206,12 +206,24 @@ def test_reconnect_resets_the_replay_window(mode: str) -> None:
     assert single.receive(a, envelope) == []
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", NEIGHBOUR_MODEL_MODES)
 def test_connection_from_a_stranger_is_closed(mode: str) -> None:
     single = make_single(mode)
     stranger = single.id(STRANGER)
     actions = single.core.handle(PeerConnected(stranger), now=0.0)
     assert actions == [Disconnect(stranger, "not a configured neighbour")]
+
+
+@pytest.mark.parametrize(
+    ("mode", "overrides"), [("modest", {}), ("gossip", {"peer_sampling": "membership"})]
+)
+def test_modes_with_a_membership_view_admit_strangers(
+    mode: str, overrides: dict[str, object]
+) -> None:
+    single = make_single(mode, **overrides)
+    stranger = single.id(STRANGER)
+    assert single.core.handle(PeerConnected(stranger), now=0.0) == []
+    assert single.core.handle(PeerDisconnected(stranger), now=0.0) == []
 
 
 @pytest.mark.parametrize("mode", NEIGHBOUR_MODEL_MODES)

@@ -1,0 +1,151 @@
+"""Cores that talk beyond their neighbours in the trio runtime, over 127.0.0.1: ``modest``
+with a ``[[bootstrap]]`` list, and membership-sampled ``gossip`` whose addresses come from
+peer exchange; non-neighbours are reached through connections dialled on demand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import trio
+
+from p2pfl.config import (
+    DataConfig,
+    LearnerConfig,
+    MergeConfig,
+    NodeConfig,
+    PeerConfig,
+    PeerExchangeConfig,
+)
+from p2pfl.identity import Identity
+from p2pfl.protocol import CoreConfig
+from p2pfl.runtime.node import Node
+
+RUN_TIMEOUT = 55
+N = 6
+ROUNDS = 10
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> object:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+async def modest_nodes(tmp_path: Path) -> list[Node]:
+    identities = [Identity.from_seed(bytes([60 + i]) * 32) for i in range(N)]
+    listeners = [await trio.open_tcp_listeners(0, host="127.0.0.1") for _ in range(N)]
+    ports = [int(ls[0].socket.getsockname()[1]) for ls in listeners]
+    everyone = tuple(PeerConfig("127.0.0.1", ports[i], identities[i].node_id) for i in range(N))
+    protocol = CoreConfig(
+        mode="modest",
+        rounds=ROUNDS,
+        local_steps=20,
+        sample_size=3,
+        aggregators=1,
+        min_models=2,
+        ping_timeout=1.0,
+        aggregation_timeout=3.0,
+        ack_timeout=4.0,
+        view_entries=8,
+    )
+    nodes = []
+    for i in range(N):
+        ring = [(i - 1) % N, (i + 1) % N]
+        config = NodeConfig(
+            listen_host="127.0.0.1",
+            listen_port=ports[i],
+            key_file=tmp_path / f"node{i}.key",
+            startup_timeout=10.0,
+            peers=tuple(everyone[j] for j in ring),
+            bootstrap=everyone,  # one shared list: a node skips its own entry
+            data=DataConfig(
+                dataset="digits",
+                partition="dirichlet",
+                partition_params={"alpha": 0.5},
+                num_nodes=N,
+                node_index=i,
+                seed=11,
+            ),
+            learner=LearnerConfig(hidden=(32,), lr=0.1, batch_size=32),
+            protocol=protocol,
+            merge=MergeConfig(rule="mean"),
+        )
+        nodes.append(Node(config, identity=identities[i], listeners=listeners[i]))
+    return nodes
+
+
+async def test_six_modest_nodes_learn_through_on_demand_connections(tmp_path: Path) -> None:
+    nodes = await modest_nodes(tmp_path)
+    with trio.fail_after(RUN_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            done = trio.Event()
+
+            async def run(node: Node) -> None:
+                await node.run()
+                done.set()
+
+            for node in nodes:
+                nursery.start_soon(run, node)
+            # Nodes not sampled at the end never hold the last model and stay idle, as in
+            # MoDeST: once one node finished, the run is over.
+            await done.wait()
+            for node in nodes:
+                node.request_stop("run over")
+    history = sorted(
+        (entry["round"], entry["test_accuracy"]) for node in nodes for entry in node.history
+    )
+    rounds_seen = {round_ for round_, _ in history}
+    assert rounds_seen == set(range(ROUNDS)), rounds_seen
+    first = max(acc for round_, acc in history if round_ == 0)
+    last = max(acc for round_, acc in history if round_ == ROUNDS - 1)
+    print(f"accuracy after round 0: {first:.3f}, after round {ROUNDS - 1}: {last:.3f}")
+    assert last > first + 0.05 and last > 0.6, (first, last)
+    assert sum(node.stats["misbehaviour"] for node in nodes) == 0
+    assert sum(node.stats["dials_on_demand"] for node in nodes) > 0
+    assert any(node.core.finished for node in nodes)
+
+
+async def test_membership_gossip_reaches_peers_learnt_by_peer_exchange(tmp_path: Path) -> None:
+    # a line 0 - 1 - 2 - 3 without bootstrap lists: keys spread with the membership views,
+    # addresses with peer exchange, and pushes go beyond the neighbours
+    n, rounds = 4, 12
+    identities = [Identity.from_seed(bytes([80 + i]) * 32) for i in range(n)]
+    listeners = [await trio.open_tcp_listeners(0, host="127.0.0.1") for _ in range(n)]
+    ports = [int(ls[0].socket.getsockname()[1]) for ls in listeners]
+    address = [PeerConfig("127.0.0.1", ports[i], identities[i].node_id) for i in range(n)]
+    nodes = []
+    for i in range(n):
+        config = NodeConfig(
+            listen_host="127.0.0.1",
+            listen_port=ports[i],
+            key_file=tmp_path / f"g{i}.key",
+            startup_timeout=10.0,
+            peers=tuple(address[j] for j in (i - 1, i + 1) if 0 <= j < n),
+            peer_exchange=PeerExchangeConfig(interval=0.2),
+            data=DataConfig(dataset="digits", num_nodes=n, node_index=i, seed=3),
+            learner=LearnerConfig(hidden=(16,), lr=0.1, batch_size=32),
+            protocol=CoreConfig(
+                mode="gossip",
+                rounds=rounds,
+                local_steps=5,
+                period=0.25,
+                fanout=1,
+                peer_sampling="membership",
+                view_entries=4,
+            ),
+            merge=MergeConfig(rule="mean"),
+        )
+        nodes.append(Node(config, identity=identities[i], listeners=listeners[i]))
+    with trio.fail_after(RUN_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            for node in nodes:
+                nursery.start_soon(node.run)
+    for node in nodes:
+        assert node.core.finished
+        assert [entry["round"] for entry in node.history] == list(range(rounds))
+        assert node.stats["misbehaviour"] == 0
+    assert sum(node.stats["dials_on_demand"] for node in nodes) > 0

@@ -22,6 +22,11 @@ turns it into a core event and carries out the actions the core returns:
   entry whose time no longer matches the core's deadline is stale and skipped.
 * ``SaveCheckpoint`` marks the end of a node's round for the metrics.
 
+Adversaries: when ``engine.adversary`` is set (:class:`sim.adversaries.Adversary`), every
+``Send`` of a node it marks Byzantine is first handed to ``adversary.forge``, which may return
+another envelope for that receiver (a model attack, re-sealed with the sender's own key);
+honest nodes' sends are untouched.
+
 The world: disruptions
 ----------------------
 Every node is *online*, *offline* (suspended: its core keeps its state but gets no events) or
@@ -50,9 +55,9 @@ their virtual time, so plots can redraw the network at any moment.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
@@ -122,6 +127,19 @@ _Item = Event | _Timer | _TrainingDue | _Delivery | WorldItem
 ProgressHook = Callable[["Engine"], None]
 
 
+class SendFilter(Protocol):
+    """Rewrites what Byzantine nodes send (see :class:`sim.adversaries.Adversary`)."""
+
+    @property
+    def byzantine(self) -> Sequence[bool]:
+        """Whether each node is Byzantine (its sends go through :meth:`forge`)."""
+        ...
+
+    def forge(self, engine: Engine, node: int, receiver: int, envelope: Envelope) -> Envelope:
+        """The envelope ``node`` sends to ``receiver`` instead of ``envelope``."""
+        ...
+
+
 @dataclass(slots=True)
 class _ParkedTraining:
     vector: Tensor
@@ -156,6 +174,7 @@ class Engine:
         self.recorder = recorder
         self.on_round = on_round
         self.disruptions: Disruptions | None = None
+        self.adversary: SendFilter | None = None
         self.now = 0.0
         self.traffic = [Traffic() for _ in cores]
         self.events_log: list[dict[str, Any]] = []
@@ -250,12 +269,15 @@ class Engine:
 
     def _carry_out(self, node: int, actions: list[Any]) -> None:
         framed: dict[int, tuple[Envelope, int]] = {}
+        adversary = self.adversary
         for action in actions:
             match action:
                 case Send(peer, envelope):
                     receiver = self._index.get(peer)
                     if receiver is None:
                         continue
+                    if adversary is not None and adversary.byzantine[node]:
+                        envelope = adversary.forge(self, node, receiver, envelope)
                     verified, size = framed.get(id(envelope)) or self._frame(envelope)
                     framed[id(envelope)] = (verified, size)
                     traffic = self.traffic[node]

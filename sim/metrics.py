@@ -16,6 +16,11 @@ empty (NaN), since the round's mean is gone.
 nodes, links not cut) the node was in when it reported: the component's smallest node index
 and its number of nodes. Rows are written in (round, node) order with ``repr`` floats, so one
 seed gives one byte string.
+
+``honest`` is 0 for Byzantine nodes (:mod:`sim.adversaries`); the per-round summaries
+(mean/min/max accuracy) cover honest nodes only. ``attack_success`` is the attack success rate
+of the node's model for a targeted attack (share of the attack's test inputs predicted as its
+target; see :class:`sim.adversaries.AttackSuccess`), NaN when the scenario has none.
 """
 
 from __future__ import annotations
@@ -46,9 +51,12 @@ COLUMNS = (
     "relay",
     "component",
     "component_size",
+    "attack_success",
 )
 
 Evaluator = Callable[[Tensor], tuple[Tensor, Tensor]]
+SuccessRate = Callable[[Tensor], Tensor]
+"""Attack success rate of each of B model vectors [B, P] -> [B]."""
 
 
 @dataclass(slots=True)
@@ -102,6 +110,7 @@ class MetricsRecorder:
     honest: list[bool] = field(default_factory=list)
     relay: list[bool] = field(default_factory=list)
     on_complete: Callable[[int], None] | None = None
+    attack_success: SuccessRate | None = None
     rows: list[tuple[object, ...]] = field(default_factory=list)
     rounds: list[RoundSummary] = field(default_factory=list)
     _pending: dict[int, list[_Pending]] = field(default_factory=dict)
@@ -175,6 +184,7 @@ class MetricsRecorder:
         accuracy: float,
         distance: float,
         consensus: float,
+        success: float = float("nan"),
     ) -> tuple[object, ...]:
         return (
             round_,
@@ -190,10 +200,17 @@ class MetricsRecorder:
             int(self.relay[entry.node]),
             entry.component,
             entry.component_size,
+            success,
         )
 
+    def _success(self, vectors: Tensor) -> list[float]:
+        if self.attack_success is None:
+            return [float("nan")] * vectors.shape[0]
+        return [float(value) for value in self.attack_success(vectors).tolist()]
+
     def _late(self, round_: int, entry: _Pending) -> None:
-        test_loss, test_accuracy = self.evaluate(entry.vector.unsqueeze(0))
+        vectors = entry.vector.unsqueeze(0)
+        test_loss, test_accuracy = self.evaluate(vectors)
         self.rows.append(
             self._row(
                 round_,
@@ -202,6 +219,7 @@ class MetricsRecorder:
                 float(test_accuracy[0]),
                 float("nan"),
                 self._completed[round_],
+                self._success(vectors)[0],
             )
         )
 
@@ -214,10 +232,16 @@ class MetricsRecorder:
         distances = (vectors - mean).pow(2).sum(dim=1).to(torch.float64)
         consensus = float(distances.mean())
         self._completed[round_] = consensus
-        for entry, loss, accuracy, distance in zip(
-            entries, test_loss.tolist(), test_accuracy.tolist(), distances.tolist(), strict=True
+        successes = self._success(vectors)
+        for entry, loss, accuracy, distance, success in zip(
+            entries,
+            test_loss.tolist(),
+            test_accuracy.tolist(),
+            distances.tolist(),
+            successes,
+            strict=True,
         ):
-            self.rows.append(self._row(round_, entry, loss, accuracy, distance, consensus))
+            self.rows.append(self._row(round_, entry, loss, accuracy, distance, consensus, success))
         honest_accuracy = [
             accuracy
             for entry, accuracy in zip(entries, test_accuracy.tolist(), strict=True)

@@ -11,6 +11,9 @@ Every directed link is a FIFO pipe, like the TCP connection it stands for:
 * **loss**: with probability ``loss`` the frame is lost after it was sent (the sender counts
   its bytes, the receiver never sees it).
 
+``[[network.links]]`` entries override any of latency, bandwidth, jitter and loss for the
+links between given node pairs (both directions; a later entry wins for a pair).
+
 Every directed link draws from its own random stream, derived from the run seed and the two
 endpoints, so adding traffic on one link never shifts another link's draws. Draws happen in a
 fixed order per frame (latency, then jitter if > 0, then loss if > 0), so a scenario without
@@ -19,8 +22,11 @@ jitter and loss draws exactly what it did before those existed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
+from p2pfl.errors import ConfigError
 from sim.scenario import LatencySpec, NetworkSpec
 
 
@@ -40,9 +46,9 @@ class LatencyModel:
             self._streams[(src, dst)] = stream
         return stream
 
-    def sample(self, src: int, dst: int) -> float:
-        """Seconds for one frame from ``src`` to ``dst``."""
-        spec = self.spec
+    def sample(self, src: int, dst: int, spec: LatencySpec | None = None) -> float:
+        """Seconds for one frame from ``src`` to ``dst`` (``spec`` overrides the default)."""
+        spec = spec or self.spec
         match spec.dist:
             case "constant":
                 return spec.value
@@ -56,30 +62,58 @@ class LatencyModel:
         raise AssertionError(spec.dist)
 
 
+@dataclass(frozen=True, slots=True)
+class _LinkSettings:
+    latency: LatencySpec | None
+    bandwidth: float | None
+    jitter: float
+    loss: float
+
+
 class LinkModel:
     """Serialisation, latency, jitter, FIFO order and loss of every directed link."""
 
-    def __init__(self, spec: NetworkSpec, *, seed: int) -> None:
+    def __init__(self, spec: NetworkSpec, *, seed: int, nodes: int | None = None) -> None:
+        """Build the model; ``nodes`` bounds the indices ``[[network.links]]`` may name.
+
+        Raises:
+            ConfigError: an override names a node outside ``0..nodes-1``.
+        """
         self.spec = spec
         self.latency = LatencyModel(spec.latency, seed=seed)
         self._free_at: dict[tuple[int, int], float] = {}
         self._last_arrival: dict[tuple[int, int], float] = {}
+        self._default = _LinkSettings(None, spec.bandwidth, spec.jitter, spec.loss)
+        self._overrides: dict[tuple[int, int], _LinkSettings] = {}
+        for index, override in enumerate(spec.links):
+            for u, v in override.between:
+                if nodes is not None and max(u, v) >= nodes:
+                    raise ConfigError(
+                        f"network.links[{index}].between", [u, v], f"node indices in 0..{nodes - 1}"
+                    )
+                settings = _LinkSettings(
+                    override.latency,
+                    override.bandwidth if override.bandwidth is not None else spec.bandwidth,
+                    override.jitter if override.jitter is not None else spec.jitter,
+                    override.loss if override.loss is not None else spec.loss,
+                )
+                self._overrides[(u, v)] = self._overrides[(v, u)] = settings
 
     def transmit(self, src: int, dst: int, size: int, now: float) -> float | None:
         """Send ``size`` bytes at ``now``; the arrival time, or None if the frame is lost."""
-        spec = self.spec
         link = (src, dst)
+        settings = self._overrides.get(link, self._default) if self._overrides else self._default
         start = now
-        if spec.bandwidth is not None:
+        if settings.bandwidth is not None:
             start = max(now, self._free_at.get(link, now))
-            self._free_at[link] = start + size / spec.bandwidth
+            self._free_at[link] = start + size / settings.bandwidth
             start = self._free_at[link]
-        arrival = start + self.latency.sample(src, dst)
-        if spec.jitter > 0.0:
-            arrival += float(self.latency.stream(src, dst).uniform(0.0, spec.jitter))
+        arrival = start + self.latency.sample(src, dst, settings.latency)
+        if settings.jitter > 0.0:
+            arrival += float(self.latency.stream(src, dst).uniform(0.0, settings.jitter))
         arrival = max(arrival, self._last_arrival.get(link, arrival))
         self._last_arrival[link] = arrival
-        if spec.loss > 0.0 and float(self.latency.stream(src, dst).random()) < spec.loss:
+        if settings.loss > 0.0 and float(self.latency.stream(src, dst).random()) < settings.loss:
             return None
         return arrival
 

@@ -14,6 +14,15 @@ advertising 0 would make ``weighted`` ignore everything a relay forwards.
 
 Speed: ``[devices.speed]`` gives each node a compute factor (training takes
 ``steps * step_time / speed``), drawn from a stream derived from the run seed, or listed.
+
+Adversaries (``[[adversaries]]``, :mod:`sim.adversaries`) are placed on the topology before the
+data is shared out: Sybil clones are appended to the graph (indices n, n+1, ...) and take no
+share of the partition (they hold the whole training set, poisoned for a data attack, and
+advertise the mean holder's sample count); a data attacker's own share is poisoned and its
+sampler walks the poisoned set with the node's own seed.
+
+Initial models: ``learner.init = "shared"`` starts every node from the federation's model;
+``"independent"`` gives each node its own initialisation (:func:`initial_vectors`).
 """
 
 from __future__ import annotations
@@ -29,12 +38,20 @@ from torch import Tensor
 import topologies
 from p2pfl.errors import ConfigError
 from p2pfl.identity import Identity, NodeId
-from p2pfl.learn import Federation, MinibatchSampler, build_federation, derive_seed
-from p2pfl.params import ParamLayout
+from p2pfl.learn import Federation, MinibatchSampler, build_federation, derive_seed, mlp
+from p2pfl.params import ParamLayout, flatten
+from sim.adversaries import (
+    DATA_ATTACKS,
+    STREAM_ADVERSARIES,
+    AdversaryPlan,
+    plan_adversaries,
+    poison,
+)
 from sim.scenario import Scenario, SpeedSpec
 
 STREAM_ROLES = 12
 STREAM_SPEED = 13
+STREAM_INIT_NODE = 16
 
 
 @dataclass(slots=True)
@@ -50,6 +67,12 @@ class Population:
     relay: list[bool]
     samples: list[int]
     speed: list[float]
+    adversaries: AdversaryPlan | None = None
+    """Who is Byzantine (None: nobody); Sybil clones are the nodes past the topology's."""
+
+    @property
+    def honest(self) -> list[bool]:
+        return self.adversaries.honest if self.adversaries else [True] * self.size
 
     @property
     def size(self) -> int:
@@ -127,9 +150,14 @@ def build_population(scenario: Scenario) -> Population:
         {"kind": scenario.topology.kind, **scenario.topology_params()},
         require_connected=scenario.topology.require_connected,
     )
-    size = graph.number_of_nodes()
+    base_size = graph.number_of_nodes()
     relay = choose_relays(scenario, graph)
-    holders = [node for node in range(size) if not relay[node]]
+    plan = None
+    if scenario.adversaries:
+        plan = plan_adversaries(scenario.adversaries, graph, relay, seed=scenario.seed)
+    size = graph.number_of_nodes()
+    relay += [False] * (size - base_size)
+    holders = [node for node in range(base_size) if not relay[node]]
     federation = build_federation(
         scenario.data.dataset,
         scenario.data.params,
@@ -144,21 +172,41 @@ def build_population(scenario: Scenario) -> Population:
     holder_samples = [len(part) for part in federation.train_parts]
     relay_samples = max(1, round(sum(holder_samples) / len(holder_samples)))
     dim = federation.layer_sizes[0]
+    classes = federation.layer_sizes[-1]
     empty = (torch.zeros(0, dim), torch.zeros(0, dtype=torch.long))
+    full = (
+        torch.cat([part.x for part in federation.train_parts]),
+        torch.cat([part.y for part in federation.train_parts]),
+    )
+    batch_size = scenario.learner.batch_size
     samplers: list[MinibatchSampler | None] = []
     train_sets: list[tuple[Tensor, Tensor]] = []
     samples: list[int] = []
     for node in range(size):
+        spec = plan.spec_of(node) if plan is not None else None
         part = part_of.get(node)
-        if part is None:
+        if node >= base_size:  # a Sybil clone: the attacker's (poisoned) copy of all data
+            assert spec is not None
+            data = poison(spec, full, full, classes) if spec.attack in DATA_ATTACKS else full
+            seed = derive_seed(scenario.seed, STREAM_ADVERSARIES, node, 4)
+            samplers.append(MinibatchSampler(len(data[0]), batch_size, seed=seed))
+            train_sets.append(data)
+            samples.append(relay_samples)
+        elif part is None:
             samplers.append(None)
             train_sets.append(empty)
             samples.append(relay_samples)
         else:
-            data = federation.train_parts[part]
-            samplers.append(federation.sampler(part, batch_size=scenario.learner.batch_size))
-            train_sets.append((data.x, data.y))
-            samples.append(len(data))
+            own = federation.train_parts[part]
+            data = (own.x, own.y)
+            if spec is not None and spec.attack in DATA_ATTACKS:
+                data = poison(spec, data, full, classes)
+                seed = federation.batch_seed(part)
+                samplers.append(MinibatchSampler(len(data[0]), batch_size, seed=seed))
+            else:
+                samplers.append(federation.sampler(part, batch_size=batch_size))
+            train_sets.append(data)
+            samples.append(len(data[0]))
     return Population(
         graph=graph,
         neighbours=[sorted(graph.neighbors(node)) for node in range(size)],
@@ -169,4 +217,18 @@ def build_population(scenario: Scenario) -> Population:
         relay=relay,
         samples=samples,
         speed=draw_speeds(scenario.devices.speed, size, seed=scenario.seed),
+        adversaries=plan,
     )
+
+
+def initial_vectors(scenario: Scenario, population: Population) -> list[Tensor]:
+    """Each node's starting model: the federation's (``learner.init = "shared"``) or one
+    initialised from a per-node seed derived from the run seed (``"independent"``)."""
+    federation = population.federation
+    if scenario.learner.init == "shared":
+        return [federation.init_vector.clone() for _ in range(population.size)]
+    sizes = list(federation.layer_sizes)
+    return [
+        flatten(mlp(sizes, seed=derive_seed(scenario.seed, STREAM_INIT_NODE, node)))
+        for node in range(population.size)
+    ]

@@ -10,8 +10,9 @@ A run directory holds:
   down/up), ``misbehaved`` and ``disconnect`` (from the cores);
 * ``nodes.csv`` (node, relay, samples, speed, degree) and ``edges.csv`` (u, v): the topology
   the plots draw;
-* ``summary.json``: totals and final accuracies (of all alive nodes, of the largest
-  component, of isolated nodes);
+* ``summary.json``: totals and final accuracies (of all alive honest nodes, of the largest
+  component, of isolated nodes), the number of honest and Byzantine nodes and, for a targeted
+  attack, ``attack_success_rate`` (mean over honest nodes of their last model's rate);
 * the plots, PNG and SVG (:mod:`sim.plots`), redrawn from these files by ``p2pfl-sim plot``.
 """
 
@@ -31,12 +32,13 @@ import numpy as np
 from p2pfl.learn import derive_seed
 from p2pfl.merge import make_merge_rule
 from p2pfl.protocol import CoreConfig, make_core
+from sim.adversaries import Adversary, AttackSuccess, targeted_entry
 from sim.batched import BatchedMLP
 from sim.disruptions import Disruptions
 from sim.engine import Engine
 from sim.metrics import MetricsRecorder
 from sim.network import LinkModel
-from sim.population import Population, build_population
+from sim.population import Population, build_population, initial_vectors
 from sim.scenario import Scenario, to_toml
 
 STREAM_CORE = 10
@@ -90,6 +92,7 @@ def build_engine(
     population = population or build_population(scenario)
     config = core_config(scenario)
     federation = population.federation
+    initial = initial_vectors(scenario, population)
     cores = [
         make_core(
             config,
@@ -97,7 +100,7 @@ def build_engine(
             neighbours=[
                 population.identities[peer].node_id for peer in population.neighbours[node]
             ],
-            vector=federation.init_vector.clone(),
+            vector=initial[node],
             samples=population.samples[node],
             merge=make_merge_rule(scenario.merge.rule, **scenario.merge.params),
             rng=np.random.default_rng(derive_seed(scenario.seed, STREAM_CORE, node)),
@@ -107,15 +110,25 @@ def build_engine(
     ]
     trainer = BatchedMLP(federation.layout, lr=scenario.learner.lr)
     test_x, test_y = federation.test.x, federation.test.y
+    plan = population.adversaries
+    targeted = targeted_entry(plan.specs) if plan is not None else None
     recorder = MetricsRecorder(
         num_nodes=population.size,
         evaluate=lambda vectors: trainer.evaluate(vectors, test_x, test_y),
+        honest=population.honest,
         relay=list(population.relay),
+        attack_success=AttackSuccess(targeted, (test_x, test_y), trainer.logits)
+        if targeted is not None
+        else None,
     )
     engine = Engine(
         population,
         cores,
-        links=LinkModel(scenario.network, seed=derive_seed(scenario.seed, STREAM_NETWORK)),
+        links=LinkModel(
+            scenario.network,
+            seed=derive_seed(scenario.seed, STREAM_NETWORK),
+            nodes=population.size,
+        ),
         trainer=trainer,
         step_time=scenario.learner.step_time,
         horizon=scenario.horizon,
@@ -126,6 +139,14 @@ def build_engine(
         disruptions = Disruptions(scenario.disruptions, population, seed=scenario.seed)
         engine.disruptions = disruptions
         recorder.on_complete = lambda round_: disruptions.on_round_complete(engine, round_)
+    if plan is not None and any(plan.byzantine):
+        engine.adversary = Adversary(
+            plan,
+            identities=population.identities,
+            neighbours=population.neighbours,
+            initial=initial,
+            seed=scenario.seed,
+        )
     return engine
 
 
@@ -170,11 +191,12 @@ def run_scenario(
 def write_topology(population: Population, directory: Path) -> None:
     """``nodes.csv`` and ``edges.csv``: what the topology plot draws."""
     graph = population.graph
-    lines = ["node,relay,samples,speed,degree"]
+    lines = ["node,relay,samples,speed,degree,honest"]
+    honest = population.honest
     for node in range(population.size):
         lines.append(
             f"{node},{int(population.relay[node])},{population.samples[node]},"
-            f"{population.speed[node]!r},{graph.degree(node)}"
+            f"{population.speed[node]!r},{graph.degree(node)},{int(honest[node])}"
         )
     (directory / "nodes.csv").write_text("\n".join(lines) + "\n")
     edges = sorted((min(u, v), max(u, v)) for u, v in graph.edges())
@@ -212,6 +234,24 @@ def summarise(
         "bytes_sent": sum(traffic.bytes_sent for traffic in engine.traffic),
         "messages_sent": sum(traffic.messages_sent for traffic in engine.traffic),
         "rejected": sum(traffic.rejected for traffic in engine.traffic),
+        **adversary_summary(scenario, engine),
+    }
+
+
+def adversary_summary(scenario: Scenario, engine: Engine) -> dict[str, Any]:
+    """Honest/Byzantine counts, the attacks, and the honest nodes' final attack success rate."""
+    honest = engine.recorder.honest
+    last: dict[int, float] = {}
+    for row in engine.recorder.rows:
+        node, rate = row[1], row[-1]
+        assert isinstance(node, int) and isinstance(rate, float)
+        last[node] = rate
+    rates = [last[node] for node in last if honest[node] and math.isfinite(last[node])]
+    return {
+        "honest_nodes": sum(honest),
+        "byzantine_nodes": len(honest) - sum(honest),
+        "attacks": [spec.attack for spec in scenario.adversaries],
+        "attack_success_rate": sum(rates) / len(rates) if rates else None,
     }
 
 
@@ -220,7 +260,8 @@ def final_accuracies(engine: Engine) -> dict[str, Any]:
 
     ``largest_component_accuracy`` averages the nodes of the largest component of the final
     live graph; ``isolated_accuracy`` the nodes left alone (a component of one), None if
-    there are none. Relays are included: they hold models too.
+    there are none. Relays are included: they hold models too. Byzantine nodes are not: every
+    accuracy here is over honest nodes.
     """
     from sim.engine import ONLINE
 
@@ -233,8 +274,14 @@ def final_accuracies(engine: Engine) -> dict[str, Any]:
     largest = components[0] if components else []
     isolated = [group[0] for group in components if len(group) == 1]
 
+    honest = engine.recorder.honest
+
     def mean(nodes: list[int]) -> float | None:
-        values = [last[node] for node in nodes if node in last and math.isfinite(last[node])]
+        values = [
+            last[node]
+            for node in nodes
+            if honest[node] and node in last and math.isfinite(last[node])
+        ]
         return sum(values) / len(values) if values else None
 
     return {

@@ -59,6 +59,10 @@ class LearnerSpec(_Strict):
     batch_size: int = Field(default=32, ge=1)
     local_steps: int = Field(default=10, ge=1)
     step_time: float = Field(default=0.01, gt=0.0, description="virtual seconds per local step")
+    init: Literal["shared", "independent"] = Field(
+        default="shared",
+        description="shared: every node starts from one model; independent: per-node seeds",
+    )
 
     @field_validator("hidden")
     @classmethod
@@ -109,6 +113,23 @@ class LatencySpec(_Strict):
         return self
 
 
+class LinkOverride(_Strict):
+    """Settings for the links between given pairs of nodes (both directions); unset = global."""
+
+    between: list[tuple[int, int]] = Field(min_length=1, description="node pairs [[u, v], ...]")
+    latency: LatencySpec | None = None
+    bandwidth: float | None = Field(default=None, gt=0.0)
+    jitter: float | None = Field(default=None, ge=0.0)
+    loss: float | None = Field(default=None, ge=0.0, lt=1.0)
+
+    @field_validator("between")
+    @classmethod
+    def _distinct(cls, pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        if any(u == v or u < 0 or v < 0 for u, v in pairs):
+            raise ValueError("each pair names two different node indices >= 0")
+        return pairs
+
+
 class NetworkSpec(_Strict):
     """Every directed link: latency draws, FIFO serialisation at ``bandwidth``, jitter, loss."""
 
@@ -118,6 +139,9 @@ class NetworkSpec(_Strict):
     )
     jitter: float = Field(default=0.0, ge=0.0, description="extra delay drawn from U(0, jitter) s")
     loss: float = Field(default=0.0, ge=0.0, lt=1.0, description="probability a frame is lost")
+    links: list[LinkOverride] = Field(
+        default_factory=list, description="per-link overrides; a later entry wins"
+    )
 
 
 class SpeedSpec(_Strict):
@@ -346,6 +370,160 @@ DISRUPTION_KINDS = (
 )
 
 
+def _share(value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError("a number in [0, 1]")
+    return value
+
+
+Share = Annotated[float, AfterValidator(_share)]
+
+
+class _Adversary(_Strict):
+    """Who attacks: existing nodes (``nodes``, or ``fraction``/``count`` of all n nodes chosen
+    at random or by centrality among ``among``), or ``sybils`` new identities of one attacker,
+    each wired to ``sybil_edges`` existing nodes (chosen at random or by highest degree among
+    ``sybil_targets``, default all). See :mod:`sim.adversaries`."""
+
+    nodes: NodeList = None
+    fraction: Share | None = None
+    count: int | None = Field(default=None, ge=0)
+    choose: Literal["random", "degree", "betweenness", "eigenvector"] = "random"
+    among: Literal["all", "data", "relays"] = "all"
+    sybils: int | None = Field(default=None, ge=1)
+    sybil_edges: int = Field(default=2, ge=1)
+    sybil_choose: Literal["random", "degree"] = "random"
+    sybil_targets: NodeList = None
+
+    @model_validator(mode="after")
+    def _one_placement(self) -> _Adversary:
+        given = sum(item is not None for item in (self.nodes, self.fraction, self.count))
+        if given + (self.sybils is not None) != 1:
+            raise ValueError("give exactly one of `nodes`, `fraction`, `count` or `sybils`")
+        return self
+
+
+class NoAttack(_Adversary):
+    """No adversary (a sweep's attack-free baseline): the placement is ignored."""
+
+    attack: Literal["none"]
+
+
+class SignFlipAttack(_Adversary):
+    """Send ``-scale * x`` instead of the own model x."""
+
+    attack: Literal["sign_flip"]
+    scale: float = Field(default=1.0, gt=0.0)
+
+
+class GaussianAttack(_Adversary):
+    """Send N(0, sigma^2 I) (``mode = "replace"``) or x + N(0, sigma^2 I) (``"add"``)."""
+
+    attack: Literal["gaussian"]
+    sigma: float = Field(default=200.0, gt=0.0)
+    mode: Literal["replace", "add"] = "replace"
+
+
+class AlieAttack(_Adversary):
+    """A little is enough: mu - z * sigma over the target's honest neighbourhood; ``z`` unset =
+    z_max of the target's neighbourhood size and Byzantine count."""
+
+    attack: Literal["alie"]
+    z: float | None = None
+
+
+class IpmAttack(_Adversary):
+    """Inner-product manipulation: -epsilon * mean of the target's honest neighbourhood."""
+
+    attack: Literal["ipm"]
+    epsilon: float = Field(default=0.1, gt=0.0)
+
+
+class DissensusAttack(_Adversary):
+    """x_t - epsilon * sum_j W_tj (x_j - x_t) / sum_b W_tb (Metropolis-Hastings W), per target."""
+
+    attack: Literal["dissensus"]
+    epsilon: float = Field(default=1.5, gt=0.0)
+
+
+class FreeRiderAttack(_Adversary):
+    """Never contributes: resends the initial model, or a neighbour's model one send stale."""
+
+    attack: Literal["free_rider"]
+    replay: Literal["initial", "received"] = "initial"
+
+
+class LabelFlipAttack(_Adversary):
+    """Train on flipped labels: ``source`` -> ``target`` (``mode = "targeted"``, with every
+    training example of ``source`` added, flipped, if ``augment``) or y -> C-1-y (``"all"``)."""
+
+    attack: Literal["label_flip"]
+    mode: Literal["targeted", "all"] = "targeted"
+    source: int = Field(default=0, ge=0)
+    target: int = Field(default=1, ge=0)
+    augment: bool = True
+
+    @model_validator(mode="after")
+    def _distinct(self) -> LabelFlipAttack:
+        if self.mode == "targeted" and self.source == self.target:
+            raise ValueError("`source` and `target` must differ")
+        return self
+
+
+class BackdoorAttack(_Adversary):
+    """Train also on copies of the own data with a trigger patch (rows x cols of the image set
+    to ``value``) labelled ``target``."""
+
+    attack: Literal["backdoor"]
+    target: int = Field(default=1, ge=0)
+    image_shape: list[int] | None = Field(
+        default=None, description="[height, width]; default: square from the feature count"
+    )
+    rows: Link = Field(default_factory=lambda: [0, 2], description="[first, end) rows")
+    cols: Link = Field(default_factory=lambda: [0, 3], description="[first, end) columns")
+    value: float = 1.0
+
+    @field_validator("image_shape")
+    @classmethod
+    def _shape(cls, shape: list[int] | None) -> list[int] | None:
+        if shape is not None and (len(shape) != 2 or min(shape) < 1):
+            raise ValueError("[height, width], both >= 1")
+        return shape
+
+    @model_validator(mode="after")
+    def _patch(self) -> BackdoorAttack:
+        for name, (first, end) in (("rows", self.rows), ("cols", self.cols)):
+            if not 0 <= first < end:
+                raise ValueError(f"`{name}` is [first, end) with 0 <= first < end")
+        return self
+
+
+AdversarySpec = Annotated[
+    NoAttack
+    | SignFlipAttack
+    | GaussianAttack
+    | AlieAttack
+    | IpmAttack
+    | DissensusAttack
+    | FreeRiderAttack
+    | LabelFlipAttack
+    | BackdoorAttack,
+    Field(discriminator="attack"),
+]
+_ADVERSARY_MODELS: dict[str, type[BaseModel]] = {
+    "none": NoAttack,
+    "sign_flip": SignFlipAttack,
+    "gaussian": GaussianAttack,
+    "alie": AlieAttack,
+    "ipm": IpmAttack,
+    "dissensus": DissensusAttack,
+    "free_rider": FreeRiderAttack,
+    "label_flip": LabelFlipAttack,
+    "backdoor": BackdoorAttack,
+}
+ATTACKS = tuple(_ADVERSARY_MODELS)
+
+
 class Scenario(_Strict):
     """A whole simulation run."""
 
@@ -364,6 +542,7 @@ class Scenario(_Strict):
     devices: DevicesSpec = Field(default_factory=DevicesSpec)
     roles: RolesSpec = Field(default_factory=RolesSpec)
     disruptions: list[DisruptionSpec] = Field(default_factory=list)
+    adversaries: list[AdversarySpec] = Field(default_factory=list)
 
     def topology_params(self) -> dict[str, Any]:
         """The generator's own parameters (everything in [topology] but kind/require_connected)."""
@@ -388,12 +567,20 @@ _DISRUPTION_MODELS: dict[str, type[BaseModel]] = {
 }
 
 
+_TAGGED_ARRAYS: dict[str, tuple[str, dict[str, type[BaseModel]]]] = {
+    "disruptions": ("kind", _DISRUPTION_MODELS),
+    "adversaries": ("attack", _ADVERSARY_MODELS),
+}
+"""Arrays of tables told apart by a tag key: array name -> (tag key, models by tag)."""
+
+
 def _clean_loc(loc: Sequence[str | int]) -> list[str | int]:
-    """Drop the discriminator tags pydantic puts after a list index of ``disruptions``."""
+    """Drop the discriminator tags pydantic puts after a list index of a tagged array."""
     cleaned: list[str | int] = []
+    tagged = _TAGGED_ARRAYS.get(str(loc[0])) if loc else None
     for index, part in enumerate(loc):
         after_index = index > 0 and isinstance(loc[index - 1], int)
-        if after_index and loc[0] == "disruptions" and part in _DISRUPTION_MODELS:
+        if after_index and tagged is not None and part in tagged[1]:
             continue
         cleaned.append(part)
     return cleaned
@@ -409,8 +596,9 @@ def _dotted(loc: Sequence[str | int]) -> str:
 def _allowed_keys(raw_loc: Sequence[str | int]) -> list[str]:
     model: type[BaseModel] = Scenario
     parts = list(raw_loc[:-1])
-    if parts[:1] == ["disruptions"] and len(parts) >= 3 and str(parts[2]) in _DISRUPTION_MODELS:
-        return sorted(_DISRUPTION_MODELS[str(parts[2])].model_fields)
+    tagged = _TAGGED_ARRAYS.get(str(parts[0])) if parts else None
+    if tagged is not None and len(parts) >= 3 and str(parts[2]) in tagged[1]:
+        return sorted(tagged[1][str(parts[2])].model_fields)
     for part in parts:
         field = model.model_fields.get(str(part))
         annotation = field.annotation if field else None
@@ -424,8 +612,12 @@ def _first_error(exc: ValidationError, source: str) -> ConfigError:
     error = exc.errors()[0]
     raw_loc = list(error["loc"])
     loc = _clean_loc(raw_loc)
+    tag: str = "kind"
+    tags: tuple[str, ...] = DISRUPTION_KINDS
+    if raw_loc[:1] == ["adversaries"]:
+        tag, tags = "attack", ATTACKS
     if error["type"] in {"union_tag_invalid", "union_tag_not_found"}:
-        loc.append("kind")
+        loc.append(tag)
     key = _dotted(loc) or "(scenario)"
     value = error.get("input")
     if error["type"] == "extra_forbidden":
@@ -435,10 +627,11 @@ def _first_error(exc: ValidationError, source: str) -> ConfigError:
         )
     if error["type"] == "union_tag_invalid":
         value = error.get("ctx", {}).get("tag", value)
-        message = f"one of {', '.join(DISRUPTION_KINDS)}"
+        message = f"one of {', '.join(tags)}"
     elif error["type"] == "union_tag_not_found":
         value = None
-        message = f"every disruption needs a `kind`: one of {', '.join(DISRUPTION_KINDS)}"
+        what = "disruption needs a" if tag == "kind" else "adversary needs an"
+        message = f"every {what} `{tag}`: one of {', '.join(tags)}"
     else:
         message = error["msg"].removeprefix("Value error, ")
     if isinstance(value, dict):
@@ -585,10 +778,14 @@ def to_toml(scenario: Scenario) -> str:
     topology.update(scenario.topology.model_extra or {})
     data["topology"] = topology
     disruptions = data.pop("disruptions", [])
+    adversaries = data.pop("adversaries", [])
     text = _dump_table(data, prefix="")
     for disruption in disruptions:
         ordered = {"kind": disruption.pop("kind"), **disruption}
         text += "\n[[disruptions]]\n" + _dump_table(ordered, prefix="disruptions.")
+    for adversary in adversaries:
+        ordered = {"attack": adversary.pop("attack"), **adversary}
+        text += "\n[[adversaries]]\n" + _dump_table(ordered, prefix="adversaries.")
     return text
 
 

@@ -53,26 +53,11 @@ class RunResult:
 
 def core_config(scenario: Scenario) -> CoreConfig:
     protocol = scenario.protocol
+    # ProtocolSpec's fields are CoreConfig's, named alike; rounds and steps live elsewhere.
     config = CoreConfig(
-        mode=protocol.mode,
+        **protocol.model_dump(),
         rounds=scenario.rounds,
         local_steps=scenario.learner.local_steps,
-        round_timeout=protocol.round_timeout,
-        period=protocol.period,
-        period_jitter=protocol.period_jitter,
-        fanout=protocol.fanout,
-        wire_dtype=protocol.wire_dtype,
-        max_rounds_ahead=protocol.max_rounds_ahead,
-        sample_size=protocol.sample_size,
-        aggregators=protocol.aggregators,
-        success_fraction=protocol.success_fraction,
-        min_models=protocol.min_models,
-        ping_timeout=protocol.ping_timeout,
-        aggregation_timeout=protocol.aggregation_timeout,
-        ack_timeout=protocol.ack_timeout,
-        inactivity_threshold=protocol.inactivity_threshold,
-        view_entries=protocol.view_entries,
-        announce_join=protocol.announce_join,
     )
     config.validate()
     return config

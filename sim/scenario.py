@@ -91,6 +91,12 @@ class ProtocolSpec(_Strict):
     inactivity_threshold: int = Field(default=50, ge=1)
     view_entries: int = Field(default=16, ge=1, le=256)
     announce_join: bool = True
+    # gossip: push targets from the neighbours, or from the membership view beyond them
+    peer_sampling: Literal["neighbours", "membership"] = "neighbours"
+    # SybilWall history gossip (p2pfl.protocol.histories): unset = on for sybilwall rules
+    history_gossip: bool | None = None
+    history_lambda: float = Field(default=0.8, gt=0.0)
+    history_capacity: int = Field(default=32, ge=1)
 
 
 class MergeSpec(_Strict):

@@ -229,7 +229,8 @@ class Disruptions:
                     engine.cut_link(u, v, reason="cut", disruption=index)
                 record["links"] = [sorted(link) for link in links]
             case RestoreSpec(links=listed_links):
-                restore = [tuple(link) for link in listed_links or []] or engine.down_links("cut")
+                listed = [tuple(link) for link in listed_links or []]
+                restore = listed or engine.network.down_links("cut")
                 for u, v in restore:
                     engine.restore_link(u, v, reason="cut", disruption=index)
                 record["links"] = [sorted(link) for link in restore]
@@ -238,7 +239,7 @@ class Disruptions:
                 self._partition(engine, groups, index)
                 record["groups"] = groups
             case HealSpec():
-                for u, v in engine.down_links("partition"):
+                for u, v in engine.network.down_links("partition"):
                     engine.restore_link(u, v, reason="partition", disruption=index)
             case BatterySpec(trainings=trainings):
                 nodes = self.select(engine, spec, index)
@@ -288,7 +289,7 @@ class Disruptions:
             for u, v in self.population.graph.edges()
             if engine.status[u] is not DEAD
             and engine.status[v] is not DEAD
-            and engine.link_up(u, v)
+            and engine.network.link_up(u, v)
         )
         match measure:
             case "degree":
@@ -324,7 +325,7 @@ class Disruptions:
             for u, v in self.population.graph.edges()
             if group_of[u] != group_of[v]
         }
-        current = set(engine.down_links("partition"))
+        current = set(engine.network.down_links("partition"))
         for u, v in sorted(current - wanted):
             engine.restore_link(u, v, reason="partition", disruption=index)
         for u, v in sorted(wanted - current):

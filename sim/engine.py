@@ -48,7 +48,9 @@ timeline (:mod:`sim.disruptions`) changes these states through four primitives:
 * a link going down: both ends get ``PeerDisconnected`` at once; coming back: both get
   ``PeerConnected``.
 
-Node and link state changes are logged (``events_log``, written as ``events.jsonl``) with
+The state itself (statuses, links down and why, components) is a
+:class:`sim.world.NetworkState` (``engine.network``), shared with live mode. Node and link
+state changes are logged (``events_log``, written as ``events.jsonl``) with
 their virtual time, so plots can redraw the network at any moment.
 """
 
@@ -87,13 +89,12 @@ from sim.batched import BatchedMLP
 from sim.metrics import MetricsRecorder, Traffic
 from sim.network import LinkModel
 from sim.population import Population
+from sim.world import DEAD as DEAD
+from sim.world import OFFLINE, ONLINE, NetworkState, link_key
 
 if TYPE_CHECKING:
     from sim.disruptions import Disruptions
 
-ONLINE = "online"
-OFFLINE = "offline"
-DEAD = "dead"
 WORLD = -1
 """The ``node`` of heap entries that belong to the world (disruptions), not to a core."""
 
@@ -146,10 +147,6 @@ class _ParkedTraining:
     steps: int
 
 
-def _link(u: int, v: int) -> tuple[int, int]:
-    return (u, v) if u < v else (v, u)
-
-
 class Engine:
     """Runs one population of cores until every core stops or dies, or the horizon passes."""
 
@@ -181,7 +178,8 @@ class Engine:
         self.link_log: list[tuple[float, int, int, int]] | None = None
         """Set to a list to record every delivered frame as (time, sender, receiver, bytes)."""
         size = len(cores)
-        self.status = [ONLINE] * size
+        self.network = NetworkState(population.neighbours, self.log)
+        """Node status, links down and why, components (shared with live mode)."""
         self.completed_rounds = [0] * size
         self.trainings_started = [0] * size
         self._index = {core.node_id: index for index, core in enumerate(cores)}
@@ -196,9 +194,7 @@ class Engine:
         self._finished = 0
         self._started = [False] * size
         self._incarnation = [0] * size
-        self._down_links: dict[tuple[int, int], set[str]] = {}
         self._link_epoch: dict[tuple[int, int], int] = {}
-        self._components: tuple[list[int], list[int]] | None = None
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -260,7 +256,7 @@ class Engine:
                     self.link_log.append((self.now, sender, node, frame_bytes))
                 return MessageReceived(peer=self.cores[sender].node_id, envelope=envelope)
             case PeerConnected(peer):
-                return item if self.reachable(node, self._index[peer]) else None
+                return item if self.network.reachable(node, self._index[peer]) else None
             case Started():
                 self._started[node] = True
                 return item
@@ -283,7 +279,7 @@ class Engine:
                     traffic = self.traffic[node]
                     traffic.bytes_sent += size
                     traffic.messages_sent += 1
-                    if not self.reachable(node, receiver):
+                    if not self.network.reachable(node, receiver):
                         continue  # written into a connection whose other end is gone
                     arrival = self.links.transmit(node, receiver, size, self.now)
                     if arrival is not None:
@@ -295,7 +291,7 @@ class Engine:
                     self.trainings_started[node] += 1
                     self._begin_training(node, _ParkedTraining(vector, steps))
                 case SaveCheckpoint(round_, vector):
-                    component, component_size = self.component_of(node)
+                    component, component_size = self.network.component_of(node)
                     self.completed_rounds[node] = round_
                     self.recorder.record(
                         round_ - 1,
@@ -395,46 +391,30 @@ class Engine:
         """The node's core has stopped (ran all its rounds)."""
         return self._stopped[node]
 
-    def link_up(self, u: int, v: int) -> bool:
-        return not self._down_links.get(_link(u, v))
-
-    def reachable(self, u: int, v: int) -> bool:
-        """Both ends online and the link between them up."""
-        status = self.status
-        return status[u] is ONLINE and status[v] is ONLINE and self.link_up(u, v)
+    @property
+    def status(self) -> list[str]:
+        """Every node's status: :data:`ONLINE`, :data:`OFFLINE` or :data:`DEAD`."""
+        return self.network.status
 
     def _connection(self, sender: int, receiver: int) -> tuple[int, int, int]:
         """Identifies the connection a frame travels on; it changes whenever it breaks."""
         return (
             self._incarnation[sender],
             self._incarnation[receiver],
-            self._link_epoch.get(_link(sender, receiver), 0),
+            self._link_epoch.get(link_key(sender, receiver), 0),
         )
 
     def _notify(self, at: float, node: int, event: Event) -> None:
         self.push(at, node, event)
-
-    def _changed(self) -> None:
-        self._components = None
 
     def take_down(
         self, node: int, *, dead: bool, notify_after: float | None, cause: str, disruption: int
     ) -> bool:
         """Take ``node`` offline (suspended) or kill it; False if it was down already
         (a kill of an offline node still makes it dead)."""
-        before = self.status[node]
-        if before is DEAD or (before is OFFLINE and not dead):
+        before = self.network.take_down(node, dead=dead, cause=cause, disruption=disruption)
+        if before is None:
             return False
-        self.status[node] = DEAD if dead else OFFLINE
-        self.log(
-            {
-                "event": "node",
-                "node": node,
-                "state": self.status[node],
-                "cause": cause,
-                "disruption": disruption,
-            }
-        )
         if dead and not self._stopped[node]:
             self._finished += 1
         if before is OFFLINE:
@@ -450,35 +430,20 @@ class Engine:
         for neighbour in self.population.neighbours[node]:
             self.links.reset(node, neighbour)
             self.links.reset(neighbour, node)
-            if notify_after is not None and self.reachable_if_up(node, neighbour):
+            if notify_after is not None and self.network.reachable_if_up(node, neighbour):
                 self._notify(self.now + notify_after, neighbour, PeerDisconnected(peer_id))
-        self._changed()
         return True
-
-    def reachable_if_up(self, node: int, neighbour: int) -> bool:
-        """``neighbour`` is online and the link to it up (whatever ``node``'s own state)."""
-        return self.status[neighbour] is ONLINE and self.link_up(node, neighbour)
 
     def bring_up(self, node: int, *, cause: str, disruption: int) -> bool:
         """Bring an offline node back; False if it is online already or dead."""
-        if self.status[node] is not OFFLINE:
+        if not self.network.bring_up(node, cause=cause, disruption=disruption):
             return False
-        self.status[node] = ONLINE
-        self.log(
-            {
-                "event": "node",
-                "node": node,
-                "state": ONLINE,
-                "cause": cause,
-                "disruption": disruption,
-            }
-        )
         self.recorder.set_active(node, True)
         own_id = self.cores[node].node_id
         for neighbour in self.population.neighbours[node]:
             self._notify(self.now, node, PeerDisconnected(self.cores[neighbour].node_id))
         for neighbour in self.population.neighbours[node]:
-            if self.reachable(node, neighbour):
+            if self.network.reachable(node, neighbour):
                 self._notify(self.now, node, PeerConnected(self.cores[neighbour].node_id))
                 self._notify(self.now, neighbour, PeerConnected(own_id))
         if not self._started[node]:
@@ -488,84 +453,24 @@ class Engine:
             if outstanding is not None:
                 self._begin_training(node, outstanding)
             self._rearm(node)
-        self._changed()
         return True
 
     def cut_link(self, u: int, v: int, *, reason: str, disruption: int) -> None:
         """Add ``reason`` to the reasons link u-v is down; both ends see a reset if it was up."""
-        key = _link(u, v)
-        reasons = self._down_links.setdefault(key, set())
-        was_up = not reasons
-        reasons.add(reason)
-        if not was_up:
+        if not self.network.cut_link(u, v, reason=reason, disruption=disruption):
             return
+        key = link_key(u, v)
         self._link_epoch[key] = self._link_epoch.get(key, 0) + 1
         self.links.reset(u, v)
         self.links.reset(v, u)
-        self.log({"event": "link", "link": list(key), "state": "down", "cause": reason,
-                  "disruption": disruption})  # fmt: skip
         if self.status[u] is ONLINE and self.status[v] is ONLINE:
             self._notify(self.now, u, PeerDisconnected(self.cores[v].node_id))
             self._notify(self.now, v, PeerDisconnected(self.cores[u].node_id))
-        self._changed()
 
     def restore_link(self, u: int, v: int, *, reason: str, disruption: int) -> None:
         """Remove ``reason``; when no reason is left the link is up and both ends reconnect."""
-        key = _link(u, v)
-        reasons = self._down_links.get(key)
-        if not reasons or reason not in reasons:
+        if not self.network.restore_link(u, v, reason=reason, disruption=disruption):
             return
-        reasons.discard(reason)
-        if reasons:
-            return
-        del self._down_links[key]
-        self.log({"event": "link", "link": list(key), "state": "up", "cause": reason,
-                  "disruption": disruption})  # fmt: skip
         if self.status[u] is ONLINE and self.status[v] is ONLINE:
             self._notify(self.now, u, PeerConnected(self.cores[v].node_id))
             self._notify(self.now, v, PeerConnected(self.cores[u].node_id))
-        self._changed()
-
-    def down_links(self, reason: str) -> list[tuple[int, int]]:
-        """The links that are down for ``reason``, sorted."""
-        return sorted(key for key, reasons in self._down_links.items() if reason in reasons)
-
-    def component_of(self, node: int) -> tuple[int, int]:
-        """(smallest node index, size) of ``node``'s component of the live graph."""
-        if self._components is None:
-            self._components = self._label_components()
-        labels, sizes = self._components
-        return labels[node], sizes[node]
-
-    def components(self) -> list[list[int]]:
-        """The components of the live graph (online nodes, links up), largest first."""
-        groups: dict[int, list[int]] = {}
-        for node in range(len(self.cores)):
-            if self.status[node] is ONLINE:
-                groups.setdefault(self.component_of(node)[0], []).append(node)
-        return sorted(groups.values(), key=lambda group: (-len(group), group[0]))
-
-    def _label_components(self) -> tuple[list[int], list[int]]:
-        size = len(self.cores)
-        parent = list(range(size))
-
-        def find(x: int) -> int:
-            while parent[x] != x:
-                parent[x] = parent[parent[x]]
-                x = parent[x]
-            return x
-
-        for node in range(size):
-            if self.status[node] is not ONLINE:
-                continue
-            for neighbour in self.population.neighbours[node]:
-                if neighbour > node and self.reachable(node, neighbour):
-                    a, b = find(node), find(neighbour)
-                    if a != b:
-                        parent[max(a, b)] = min(a, b)
-        roots = [find(node) for node in range(size)]
-        counts: dict[int, int] = {}
-        for node, root in enumerate(roots):
-            if self.status[node] is ONLINE:
-                counts[root] = counts.get(root, 0) + 1
-        return roots, [counts.get(root, 0) for root in roots]

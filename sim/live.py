@@ -69,11 +69,12 @@ import torch
 
 from p2pfl.errors import ConfigError
 from sim.batched import BatchedMLP
-from sim.engine import DEAD, OFFLINE, ONLINE, WORLD, WorldItem
+from sim.engine import WORLD, WorldItem
 from sim.metrics import MetricsRecorder, Traffic
 from sim.population import Population, build_population
 from sim.run import RunResult, default_run_dir, summarise, write_topology
 from sim.scenario import BatterySpec, Scenario, parse_scenario, to_toml
+from sim.world import DEAD, ONLINE, NetworkState
 
 POLL_INTERVAL = 0.2
 RPC_TIMEOUT = 120.0
@@ -416,10 +417,6 @@ def decode_report(report: dict[str, Any]) -> dict[str, Any]:
 # -- the world the timeline acts on -----------------------------------------------------
 
 
-def _link(u: int, v: int) -> tuple[int, int]:
-    return (u, v) if u < v else (v, u)
-
-
 class LiveWorld:
     """The state of a live run that metrics and the disruption timeline read and change.
 
@@ -442,17 +439,15 @@ class LiveWorld:
         self.on_round = on_round
         self.disruptions: Any = None
         self.now = 0.0
-        self.status = [ONLINE] * size
         self.traffic = [Traffic() for _ in range(size)]
         self.completed_rounds = [0] * size
         self.trainings_started = [0] * size
         self.events_log: list[dict[str, Any]] = []
+        self.network = NetworkState(population.neighbours, self.log)
         self.finished = [False] * size
         self._owners = owners
         self._heap: list[tuple[float, int, Any]] = []
         self._sequence = 0
-        self._down_links: dict[tuple[int, int], set[str]] = {}
-        self._components: tuple[list[int], list[int]] | None = None
 
     # -- scheduling (what Disruptions.schedule and on_progress call) --------------------
 
@@ -473,7 +468,7 @@ class LiveWorld:
         """A node's round record from a shard."""
         node, round_ = int(record["node"]), int(record["round"])
         vector = torch.frombuffer(bytearray(record["vector"]), dtype=torch.float32)
-        component, component_size = self.component_of(node)
+        component, component_size = self.network.component_of(node)
         self.completed_rounds[node] = max(self.completed_rounds[node], round_ + 1)
         self.recorder.record(
             round_,
@@ -498,15 +493,9 @@ class LiveWorld:
     def is_finished(self, node: int) -> bool:
         return self.finished[node]
 
-    def link_up(self, u: int, v: int) -> bool:
-        return not self._down_links.get(_link(u, v))
-
-    def reachable(self, u: int, v: int) -> bool:
-        status = self.status
-        return status[u] is ONLINE and status[v] is ONLINE and self.link_up(u, v)
-
-    def down_links(self, reason: str) -> list[tuple[int, int]]:
-        return sorted(key for key, reasons in self._down_links.items() if reason in reasons)
+    @property
+    def status(self) -> list[str]:
+        return self.network.status
 
     # -- the primitives ---------------------------------------------------------------------
 
@@ -516,96 +505,30 @@ class LiveWorld:
     def take_down(
         self, node: int, *, dead: bool, notify_after: float | None, cause: str, disruption: int
     ) -> bool:
-        before = self.status[node]
-        if before is DEAD or (before is OFFLINE and not dead):
+        before = self.network.take_down(node, dead=dead, cause=cause, disruption=disruption)
+        if before is None:
             return False
-        self.status[node] = DEAD if dead else OFFLINE
-        self.log({"event": "node", "node": node, "state": self.status[node], "cause": cause,
-                  "disruption": disruption})  # fmt: skip
         self._send("stop" if dead else "leave", node)
         if before is ONLINE:
             self.recorder.set_active(node, False)
-        self._components = None
         return True
 
     def bring_up(self, node: int, *, cause: str, disruption: int) -> bool:
-        if self.status[node] is not OFFLINE:
+        if not self.network.bring_up(node, cause=cause, disruption=disruption):
             return False
-        self.status[node] = ONLINE
-        self.log({"event": "node", "node": node, "state": ONLINE, "cause": cause,
-                  "disruption": disruption})  # fmt: skip
         self.recorder.set_active(node, True)
         self._send("join", node)
-        self._components = None
         return True
 
     def cut_link(self, u: int, v: int, *, reason: str, disruption: int) -> None:
-        key = _link(u, v)
-        reasons = self._down_links.setdefault(key, set())
-        was_up = not reasons
-        reasons.add(reason)
-        if not was_up:
-            return
-        self.log({"event": "link", "link": list(key), "state": "down", "cause": reason,
-                  "disruption": disruption})  # fmt: skip
-        self._send("cut", u, v)
-        self._send("cut", v, u)
-        self._components = None
+        if self.network.cut_link(u, v, reason=reason, disruption=disruption):
+            self._send("cut", u, v)
+            self._send("cut", v, u)
 
     def restore_link(self, u: int, v: int, *, reason: str, disruption: int) -> None:
-        key = _link(u, v)
-        reasons = self._down_links.get(key)
-        if not reasons or reason not in reasons:
-            return
-        reasons.discard(reason)
-        if reasons:
-            return
-        del self._down_links[key]
-        self.log({"event": "link", "link": list(key), "state": "up", "cause": reason,
-                  "disruption": disruption})  # fmt: skip
-        self._send("restore", u, v)
-        self._send("restore", v, u)
-        self._components = None
-
-    # -- components (as the engine computes them) -----------------------------------------
-
-    def component_of(self, node: int) -> tuple[int, int]:
-        if self._components is None:
-            self._components = self._label_components()
-        labels, sizes = self._components
-        return labels[node], sizes[node]
-
-    def components(self) -> list[list[int]]:
-        groups: dict[int, list[int]] = {}
-        for node in range(self.population.size):
-            if self.status[node] is ONLINE:
-                groups.setdefault(self.component_of(node)[0], []).append(node)
-        return sorted(groups.values(), key=lambda group: (-len(group), group[0]))
-
-    def _label_components(self) -> tuple[list[int], list[int]]:
-        size = self.population.size
-        parent = list(range(size))
-
-        def find(x: int) -> int:
-            while parent[x] != x:
-                parent[x] = parent[parent[x]]
-                x = parent[x]
-            return x
-
-        for node in range(size):
-            if self.status[node] is not ONLINE:
-                continue
-            for neighbour in self.population.neighbours[node]:
-                if neighbour > node and self.reachable(node, neighbour):
-                    a, b = find(node), find(neighbour)
-                    if a != b:
-                        parent[max(a, b)] = min(a, b)
-        roots = [find(node) for node in range(size)]
-        counts: dict[int, int] = {}
-        for node, root in enumerate(roots):
-            if self.status[node] is ONLINE:
-                counts[root] = counts.get(root, 0) + 1
-        return roots, [counts.get(root, 0) for root in roots]
+        if self.network.restore_link(u, v, reason=reason, disruption=disruption):
+            self._send("restore", u, v)
+            self._send("restore", v, u)
 
 
 # -- the run ---------------------------------------------------------------------------------

@@ -255,7 +255,7 @@ def final_accuracies(engine: Engine) -> dict[str, Any]:
         node, accuracy = int(row[1]), float(row[6])  # type: ignore[arg-type]
         last[node] = accuracy
     online = [node for node, state in enumerate(engine.status) if state == ONLINE]
-    components = engine.components()
+    components = engine.network.components()
     largest = components[0] if components else []
     isolated = [group[0] for group in components if len(group) == 1]
 

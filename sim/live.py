@@ -41,6 +41,11 @@ churn        leave/join as above, timed by the wall clock
 battery      not supported live (the runtime has no hook before a training): logged, ignored
 ===========  =================================================================================
 
+The run ends when every node has finished or died; or, as a virtual run ends when no event is
+left, once a node has finished and every other node is finished, dead or *idle* (its core
+waits with no deadline: ``modest`` nodes not sampled near the end never finish) in every poll
+for ``QUIET_SECONDS``; or when nothing runs and no disruption is pending.
+
 Every shard is closed at the end, on error and on timeout (the wall limit: the scenario's
 ``horizon``, read as wall seconds, or a bound derived from its rounds and timeouts), each
 close bounded in time; Ray actors are killed after their close.
@@ -77,6 +82,8 @@ from sim.scenario import BatterySpec, Scenario, parse_scenario, to_toml
 from sim.world import DEAD, ONLINE, NetworkState
 
 POLL_INTERVAL = 0.2
+QUIET_SECONDS = 0.5
+"""A run with a finished node ends once every node stayed finished, dead or idle this long."""
 RPC_TIMEOUT = 120.0
 """Seconds the driver waits for one shard call (binding loads the data: allow for it)."""
 CLOSE_TIMEOUT = 10.0
@@ -678,11 +685,13 @@ def _drive(
     deadline = time.monotonic() + wall_limit
     timed_out = False
     size = population.size
+    quiet_since: float | None = None
     while True:
         world.now = time.time() - started_at
         world.fire_due()
         records: list[dict[str, Any]] = []
         running = 0
+        idle: set[int] = set()
         for handle in handles:
             report = handle.poll()
             if report["errors"]:
@@ -693,12 +702,23 @@ def _drive(
             for node in report["finished"]:
                 world.finished[int(node)] = True
             running += len(report["running"])
+            idle.update(int(node) for node in report.get("idle", ()))
         for record in sorted(records, key=lambda record: (record["time"], record["node"])):
             world.record(record)
         if all(world.finished[node] or world.status[node] is DEAD for node in range(size)):
             break
         if running == 0 and not world.pending():
             break
+        settled = any(world.finished) and all(
+            world.finished[node] or world.status[node] is DEAD or node in idle
+            for node in range(size)
+        )
+        if not settled or records or world.pending():
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= QUIET_SECONDS:
+            break  # nothing left to happen: the nodes still running wait for nobody
         if time.monotonic() > deadline:
             timed_out = True
             world.log({"event": "timeout", "wall_limit": wall_limit})

@@ -11,6 +11,7 @@ driver (:mod:`sim.live`) does goes through five thread-safe calls:
                addresses (phase one: every shard of a run binds before any node starts)
 ``start``      the address book of *all* nodes: build the nodes and run them (phase two)
 ``poll``       drain the per-node per-round records, with every node's traffic counters
+               and which nodes are *idle* (see below)
 ``command``    ``stop`` (a crash: the node ends for good), ``leave`` (the node ends, its
                checkpoint kept), ``join`` (a left node starts again from its checkpoint, on
                the same port), ``cut`` / ``restore`` (a link: close the connection and refuse
@@ -33,6 +34,16 @@ can encode them. The clock of a record is wall seconds since the driver's ``star
 Live nodes share one IP per shard, so per-IP bans are off (``ip_failures_to_ban = 0``), and
 the per-peer rate limit is raised: every peer is honest here, the defences are tested
 elsewhere (tests/runtime/test_flood.py).
+
+Protocols whose cores talk beyond their neighbours (``CoreConfig.admits_strangers``:
+``modest``, membership-sampled ``gossip``) get the whole address book as the node's
+``bootstrap`` list (every node's address and key; the runtime dials them on demand and
+accepts them) and ``max_peers`` of at least the population, so a connection to every sampled
+peer fits. In ``modest`` the nodes not sampled near the end never finish: they wait, with no
+timer, like the virtual engine's nodes with no event left. ``poll`` therefore reports the
+running nodes that are *idle* (core phase ``WAITING`` and no deadline: nothing will happen to
+them unless a message comes), and the driver ends a run once a node has finished and every
+other node is finished, dead or idle (:func:`sim.live._drive`).
 """
 
 from __future__ import annotations
@@ -66,6 +77,8 @@ from p2pfl.learn.base import EvalResult, TrainResult
 from p2pfl.learn.models import mlp
 from p2pfl.merge import make_merge_rule
 from p2pfl.params import ParamLayout
+from p2pfl.protocol.base import BaseCore
+from p2pfl.protocol.phases import Phase
 from p2pfl.runtime.node import Node
 from p2pfl.runtime.peer import Backoff
 from p2pfl.runtime.status import REJECT_REASONS
@@ -205,6 +218,9 @@ class Shard:
             raise ValueError(f"nodes {nodes} are not all in 0..{self.population.size - 1}")
         self.nodes = sorted(nodes)
         self.host = host
+        self.protocol = core_config(scenario)
+        self.strangers = self.protocol.admits_strangers
+        """The cores talk beyond their neighbours: every node gets the whole address book."""
         self._checkpoint_root = (
             Path(tempfile.mkdtemp(prefix="p2pfl-live-")) if checkpoints else None
         )
@@ -247,6 +263,10 @@ class Shard:
             KeyError: a neighbour of a node here is missing from ``book``.
         """
         self._book = {int(node): split_address(address) for node, address in book.items()}
+        if self.strangers:
+            missing = sorted(set(range(self.population.size)) - set(self._book))
+            if missing:
+                raise KeyError(f"address book lacks nodes {missing} (the cores talk to anyone)")
         for node in self.nodes:
             for neighbour in self.population.neighbours[node]:
                 if neighbour not in self._book:
@@ -259,8 +279,10 @@ class Shard:
 
         Returns:
             ``records`` (list of :data:`Record`), ``traffic`` (``{node: 5 ints}`` now),
-            ``running`` and ``finished`` (node lists), ``done`` (the loop ended), ``errors``.
+            ``running``, ``finished`` and ``idle`` (node lists; idle: running, the core
+            waiting with no deadline), ``done`` (the loop ended), ``errors``.
         """
+        idle = self._idle()
         with self._lock:
             records, self._records = self._records, []
             errors = list(self._errors)
@@ -279,6 +301,7 @@ class Shard:
             "traffic": traffic,
             "running": running,
             "finished": finished,
+            "idle": idle,
             "done": self._done.is_set(),
             "errors": errors,
         }
@@ -311,6 +334,29 @@ class Shard:
             self._thread.join(timeout)
         if self._checkpoint_root is not None:
             shutil.rmtree(self._checkpoint_root, ignore_errors=True)
+
+    def _idle(self) -> list[int]:
+        """The running nodes whose core waits with no deadline (read in the loop's thread)."""
+        if self._token is None or self._done.is_set():
+            return []
+        idle: list[int] = []
+
+        def collect() -> None:
+            for node, slot in self._slots.items():
+                core = slot.node.core if slot.node is not None else None
+                if (
+                    slot.running
+                    and isinstance(core, BaseCore)
+                    and core.phase is Phase.WAITING
+                    and core.next_deadline() is None
+                ):
+                    idle.append(node)
+
+        try:
+            self._call(collect)
+        except (trio.RunFinishedError, RuntimeError):
+            return []
+        return sorted(idle)
 
     # -- inside the loop ----------------------------------------------------------------
 
@@ -383,6 +429,15 @@ class Shard:
             PeerConfig(*self._book[peer], population.identities[peer].node_id)
             for peer in population.neighbours[index]
         )
+        bootstrap = (
+            tuple(
+                PeerConfig(*self._book[peer], population.identities[peer].node_id)
+                for peer in range(population.size)
+                if peer != index
+            )
+            if self.strangers
+            else ()
+        )
         checkpoint_dir = (
             self._checkpoint_root / f"node{index}" if self._checkpoint_root is not None else None
         )
@@ -393,13 +448,14 @@ class Shard:
             checkpoint_dir=checkpoint_dir,
             startup_timeout=STARTUP_TIMEOUT if slot.incarnation == 0 else REJOIN_STARTUP_TIMEOUT,
             limits=LimitsConfig(
-                max_peers=max(32, len(peers)),
+                max_peers=max(32, len(peers), len(bootstrap)),
                 peer_message_rate=PEER_MESSAGE_RATE,
                 peer_message_burst=PEER_MESSAGE_BURST,
                 ip_failures_to_ban=0,
             ),
             peer_exchange=PeerExchangeConfig(enabled=False),
             peers=peers,
+            bootstrap=bootstrap,
             data=DataConfig(
                 dataset=scenario.data.dataset,
                 params=scenario.data.params,
@@ -410,7 +466,7 @@ class Shard:
                 seed=scenario.seed,
                 test_fraction=scenario.data.test_fraction,
             ),
-            protocol=core_config(scenario),
+            protocol=self.protocol,
             merge=MergeConfig(rule=scenario.merge.rule, params=scenario.merge.params),
         )
         node = LiveNode(

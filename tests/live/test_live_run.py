@@ -180,3 +180,49 @@ def test_the_wall_limit_stops_a_run_and_still_writes_its_directory(tmp_path: Pat
     assert 1.5 <= result.summary["virtual_seconds"] < 30
     assert 0 < result.summary["rounds"] < 1000
     assert all(not handle.shard._thread.is_alive() for handle in handles)  # type: ignore[union-attr]
+
+
+def _modest() -> Scenario:
+    """Sampled committees on a ring: the cores send to nodes that are not their neighbours."""
+    return parse_scenario(
+        _document(
+            data={"dataset": "digits", "partition": "iid", "partition_params": {}},
+            learner={"hidden": [32], "lr": 0.1, "batch_size": 32, "local_steps": 20},
+            protocol={
+                "mode": "modest",
+                "sample_size": 3,
+                "aggregators": 1,
+                "min_models": 2,
+                "ping_timeout": 0.5,
+                "aggregation_timeout": 1.5,
+                "ack_timeout": 2.0,
+                "view_entries": 8,
+            },
+        )
+    )
+
+
+@pytest.mark.timeout(60)
+def test_modest_committees_reach_beyond_the_neighbours(tmp_path: Path) -> None:
+    scenario = _modest()
+    handles = [LocalShard(scenario, block) for block in assign(8, 2)]
+    nodes = {node: handle.shard for handle in handles for node in handle.nodes}
+    result = run_live(scenario, tmp_path / "run", handles=handles, plots=False)
+    summary = result.summary
+    # Not every node finishes (those not sampled near the end wait for nobody): the run
+    # ends once the last round's model exists and nothing is left to happen.
+    assert summary["rounds"] == 4 and not summary["live"]["timed_out"], summary
+    assert summary["virtual_seconds"] < 30
+    rows = _rows(result.directory)
+    assert {int(row["round"]) for row in rows} == set(range(4))
+    accuracy: dict[int, list[float]] = {}
+    for row in rows:
+        accuracy.setdefault(int(row["round"]), []).append(float(row["test_accuracy"]))
+    first, last = max(accuracy[0]), max(accuracy[3])
+    print(f"modest live: accuracy {first:.3f} after round 0, {last:.3f} after round 3")
+    assert last > first + 0.05 and last > 0.5, accuracy
+    # every node got the whole address book; ring neighbours are 2 of them
+    built = [slot.node for shard in nodes.values() for slot in shard._slots.values()]
+    assert all(node is not None and len(node.config.bootstrap) == 7 for node in built)
+    assert sum(node.stats["dials_on_demand"] for node in built if node is not None) > 0
+    assert sum(node.stats["misbehaviour"] for node in built if node is not None) == 0

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from p2pfl.errors import ConfigError
+from p2pfl.merge.base import as_rows
 from p2pfl.merge.kernels import coordinate_median
 from p2pfl.numerics import all_finite, finite_rows
 
@@ -59,17 +60,8 @@ def gather(own: torch.Tensor, received: torch.Tensor, weights: torch.Tensor) -> 
     Raises:
         ValueError: ``received`` is not ``[k, *own.shape]`` or ``weights`` is not ``[k]``.
     """
-    own_flat = own.reshape(-1)
-    size = own_flat.numel()
-    if received.ndim < 1 or tuple(received.shape[1:]) not in ((size,), tuple(own.shape)):
-        raise ValueError(
-            f"received has shape {tuple(received.shape)}, expected [k, {size}] for own "
-            f"shape {tuple(own.shape)}"
-        )
-    k = received.shape[0]
-    if tuple(weights.shape) != (k,):
-        raise ValueError(f"weights have shape {tuple(weights.shape)}, expected ({k},)")
-    matrix = received.reshape(k, size).to(dtype=own.dtype)
+    own_flat, matrix = as_rows(own, received, weights)
+    k = matrix.shape[0]
     keep = finite_rows(matrix).tolist() if k else []
     indices = tuple(i for i, ok in enumerate(keep) if ok)
     own_ok = all_finite(own_flat)

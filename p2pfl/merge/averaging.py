@@ -14,7 +14,7 @@ import math
 import torch
 
 from p2pfl.errors import ConfigError
-from p2pfl.merge.base import MergeContext, register_merge_rule
+from p2pfl.merge.base import MergeContext, as_rows, register_merge_rule
 from p2pfl.numerics import all_finite, finite_rows
 
 
@@ -31,17 +31,7 @@ def _finite_inputs(
     Raises:
         ValueError: ``received`` is not ``[k, *own.shape]`` or ``weights`` is not ``[k]``.
     """
-    own_flat = own.reshape(-1)
-    size = own_flat.numel()
-    if received.ndim < 1 or tuple(received.shape[1:]) not in ((size,), tuple(own.shape)):
-        raise ValueError(
-            f"received has shape {tuple(received.shape)}, expected [k, {size}] for own "
-            f"shape {tuple(own.shape)}"
-        )
-    k = received.shape[0]
-    rows = received.reshape(k, size).to(dtype=own.dtype)
-    if tuple(weights.shape) != (k,):
-        raise ValueError(f"weights have shape {tuple(weights.shape)}, expected ({k},)")
+    own_flat, rows = as_rows(own, received, weights)
     keep = finite_rows(rows)
     if weighted:
         keep = keep & torch.isfinite(weights) & (weights >= 0)

@@ -64,6 +64,30 @@ class MergeRule(Protocol):
     ) -> torch.Tensor: ...
 
 
+def as_rows(
+    own: torch.Tensor, received: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check a rule's inputs against the contract; ``(own [P], received [k, P])`` as views.
+
+    ``received`` may be ``[k, P]`` or ``[k, *own.shape]``; the rows come back in own's dtype
+    (a view when it already is).
+
+    Raises:
+        ValueError: ``received`` is not ``[k, *own.shape]`` or ``weights`` is not ``[k]``.
+    """
+    own_flat = own.reshape(-1)
+    size = own_flat.numel()
+    if received.ndim < 1 or tuple(received.shape[1:]) not in ((size,), tuple(own.shape)):
+        raise ValueError(
+            f"received has shape {tuple(received.shape)}, expected [k, {size}] for own "
+            f"shape {tuple(own.shape)}"
+        )
+    k = received.shape[0]
+    if tuple(weights.shape) != (k,):
+        raise ValueError(f"weights have shape {tuple(weights.shape)}, expected ({k},)")
+    return own_flat, received.reshape(k, size).to(dtype=own.dtype)
+
+
 MergeRuleFactory = Callable[..., MergeRule]
 MERGE_RULES: dict[str, MergeRuleFactory] = {}
 

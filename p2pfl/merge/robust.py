@@ -6,9 +6,10 @@ rows holding a NaN or an infinity (the own vector too), never write to their inp
 return a new tensor of the own vector's shape and dtype. When no finite row was received the
 result is a copy of the own vector (there is nothing to merge). When the finite inputs are too
 few for the rule's resilience condition (``n > 2f + 2`` for Krum, ``n > 2b`` for the trimmed
-mean, ``n >= 2f + 1`` for NNA) the rule raises a ``ValueError`` whose message names the
-parameter and ``n``: silently weakening the guarantee (as epfml's trimmed mean does by lowering
-``b``) would hide a misconfigured deployment. The ``weights`` (sample counts) are not used:
+mean, ``n >= 2f + 1`` for NNA) the rule raises :class:`~p2pfl.errors.InsufficientInputs`
+naming the parameter and ``n``, and the protocol keeps the own model for that round (and
+counts it): silently weakening the guarantee (as epfml's trimmed mean does by lowering ``b``)
+would hide a misconfigured deployment. The ``weights`` (sample counts) are not used:
 a Byzantine sender could inflate them.
 
 Where a reference implementation differs from the textbook rule, the textbook rule is
@@ -129,7 +130,7 @@ class Krum:
     copy of the lowest-scoring input. Quirk not reproduced: epfml's ``aggregator.py`` squares
     the already-squared distances, ranking by sums of 4th powers. Exact score ties go to the
     own vector, then to the lexicographically smaller row, so the choice is order invariant.
-    Requires ``n > 2f + 2`` (raises a ``ValueError`` naming ``f`` and ``n`` otherwise).
+    Requires ``n > 2f + 2`` (raises ``InsufficientInputs`` naming ``f`` and ``n`` otherwise).
 
     Args:
         f: Byzantine inputs tolerated (default 1).
@@ -340,8 +341,8 @@ class NearestNeighbourAveraging:
 
     Exact distance ties go to the lexicographically smaller row (order invariance). If the
     own vector is not finite, distances are taken to the coordinate-wise median instead.
-    Requires ``n >= 2f + 1`` as the reference code checks (raises a ``ValueError`` naming
-    ``f`` and ``n``). Promises: order invariance, identity on equal inputs.
+    Requires ``n >= 2f + 1`` as the reference code checks (raises ``InsufficientInputs``
+    naming ``f`` and ``n``). Promises: order invariance, identity on equal inputs.
 
     Args:
         f: Byzantine inputs tolerated (default 1).

@@ -57,7 +57,7 @@ import torch
 
 from p2pfl.errors import ConfigError
 from p2pfl.identity import NodeId
-from p2pfl.merge.base import MergeContext, register_merge_rule
+from p2pfl.merge.base import MergeContext, as_rows, register_merge_rule
 from p2pfl.merge.kernels import order_statistics
 from p2pfl.numerics import all_finite, finite_rows
 
@@ -357,17 +357,7 @@ def _finite_split(
     Raises:
         ValueError: ``received`` is not ``[k, *own.shape]`` or ``weights`` is not ``[k]``.
     """
-    own_flat = own.reshape(-1)
-    size = own_flat.numel()
-    if received.ndim < 1 or tuple(received.shape[1:]) not in ((size,), tuple(own.shape)):
-        raise ValueError(
-            f"received has shape {tuple(received.shape)}, expected [k, {size}] for own "
-            f"shape {tuple(own.shape)}"
-        )
-    k = received.shape[0]
-    if tuple(weights.shape) != (k,):
-        raise ValueError(f"weights have shape {tuple(weights.shape)}, expected ({k},)")
-    rows = received.reshape(k, size).to(dtype=own.dtype)
+    own_flat, rows = as_rows(own, received, weights)
     keep = finite_rows(rows)
     if not bool(keep.all()):
         rows = rows[keep]

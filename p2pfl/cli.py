@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import gc
 import hashlib
+import logging
 import math
+import os
 import struct
 import sys
 from collections.abc import Sequence
@@ -372,5 +374,21 @@ def _peek_frame(path: Path, data: bytes) -> tuple[dict[str, Any], bytes]:
     return header, data[8 + header_len :]
 
 
+def entry() -> None:
+    """Console-script entry: run :func:`main`, flush, and leave without interpreter teardown.
+
+    A node's trio worker threads have run torch code; at interpreter shutdown torch's native
+    thread pools can be destroyed under them and abort the process ("terminate called without
+    an active exception", exit -6), which we saw after clean SIGTERM shutdowns on a loaded
+    machine. Everything a node must keep is already on disk (checkpoints are fsynced), so
+    after flushing the logs and standard streams the process exits directly.
+    """
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -82,13 +82,13 @@ from sim.scenario import (
     NoAttack,
     SignFlipAttack,
 )
+from sim.selection import choose_nodes
 
 if TYPE_CHECKING:
     from p2pfl.identity import Identity
     from sim.engine import Engine
 
 STREAM_ADVERSARIES = 15
-EXACT_BETWEENNESS_UP_TO = 500
 MODEL_KINDS = frozenset(
     {MessageKind.MODEL_UPDATE, MessageKind.MODEST_TRAINED, MessageKind.MODEST_AGGREGATE}
 )
@@ -348,23 +348,6 @@ def _rng(seed: int, *path: int) -> np.random.Generator:
     return np.random.default_rng(derive_seed(seed, STREAM_ADVERSARIES, *path))
 
 
-def centrality(graph: nx.Graph, measure: str, *, seed: int) -> dict[int, float]:
-    """``degree``, ``betweenness`` (sampled above 500 nodes) or ``eigenvector`` of each node."""
-    match measure:
-        case "degree":
-            return {node: float(degree) for node, degree in graph.degree()}
-        case "betweenness":
-            size = graph.number_of_nodes()
-            sample = None if size <= EXACT_BETWEENNESS_UP_TO else EXACT_BETWEENNESS_UP_TO
-            return dict(nx.betweenness_centrality(graph, k=sample, seed=seed % 2**32))
-        case "eigenvector":
-            try:
-                return dict(nx.eigenvector_centrality(graph, max_iter=2000, tol=1e-9))
-            except nx.PowerIterationFailedConvergence:
-                return dict(nx.eigenvector_centrality_numpy(graph))
-    raise AssertionError(measure)
-
-
 def plan_adversaries(
     specs: Sequence[AdversarySpec], graph: nx.Graph, relay: Sequence[bool], *, seed: int
 ) -> AdversaryPlan:
@@ -413,12 +396,15 @@ def _select(
         and (spec.among == "all" or (spec.among == "relays") == relay[node])
     ]
     wanted = spec.count if spec.count is not None else round((spec.fraction or 0.0) * base)
-    wanted = min(wanted, len(candidates))
-    if spec.choose == "random":
-        picked = _rng(seed, index).choice(len(candidates), size=wanted, replace=False)
-        return sorted(candidates[int(row)] for row in picked)
-    scores = centrality(graph, spec.choose, seed=derive_seed(seed, STREAM_ADVERSARIES, index, 1))
-    return sorted(sorted(candidates, key=lambda node: (-scores[node], node))[:wanted])
+    chosen = choose_nodes(
+        candidates,
+        wanted,
+        spec.choose,
+        graph=graph,
+        rng=_rng(seed, index),
+        centrality_seed=derive_seed(seed, STREAM_ADVERSARIES, index, 1),
+    )
+    return sorted(chosen)
 
 
 def _add_sybils(

@@ -64,10 +64,9 @@ from sim.scenario import (
     PartitionSpec,
     RestoreSpec,
 )
+from sim.selection import choose_nodes
 
 STREAM_DISRUPTIONS = 14
-EXACT_BETWEENNESS_UP_TO = 500
-"""Above this many nodes betweenness is estimated from this many sampled sources."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,16 +270,17 @@ class Disruptions:
             and (spec.among == "all" or (spec.among == "relays") == relay[node])
         ]
         wanted = spec.count if spec.count is not None else round((spec.fraction or 0.0) * size)
-        wanted = min(wanted, len(candidates))
-        if spec.choose == "random":
-            picked = self._rng(index).choice(len(candidates), size=wanted, replace=False)
-            return sorted(candidates[int(row)] for row in picked)
-        scores = self.centrality(engine, spec.choose, index)
-        ranked = sorted(candidates, key=lambda node: (-scores.get(node, 0.0), node))
-        return ranked[:wanted]
+        return choose_nodes(
+            candidates,
+            wanted,
+            spec.choose,
+            graph=self.live_graph(engine),
+            rng=self._rng(index),
+            centrality_seed=derive_seed(self._seed, STREAM_DISRUPTIONS, index, 1),
+        )
 
-    def centrality(self, engine: Engine, measure: str, index: int) -> dict[int, float]:
-        """``measure`` of every node not dead, in the graph of links up between them."""
+    def live_graph(self, engine: Engine) -> nx.Graph:
+        """The nodes not dead and the links up between them."""
         graph = nx.Graph()
         alive = [node for node in range(self.population.size) if engine.status[node] is not DEAD]
         graph.add_nodes_from(alive)
@@ -291,19 +291,7 @@ class Disruptions:
             and engine.status[v] is not DEAD
             and engine.network.link_up(u, v)
         )
-        match measure:
-            case "degree":
-                return {node: float(degree) for node, degree in graph.degree()}
-            case "betweenness":
-                sample = None if len(alive) <= EXACT_BETWEENNESS_UP_TO else EXACT_BETWEENNESS_UP_TO
-                seed = derive_seed(self._seed, STREAM_DISRUPTIONS, index, 1)
-                return dict(nx.betweenness_centrality(graph, k=sample, seed=seed % 2**32))
-            case "eigenvector":
-                try:
-                    return dict(nx.eigenvector_centrality(graph, max_iter=2000, tol=1e-9))
-                except nx.PowerIterationFailedConvergence:
-                    return dict(nx.eigenvector_centrality_numpy(graph))
-        raise AssertionError(measure)
+        return graph
 
     # -- partitions -----------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ import numpy as np
 from p2pfl.errors import TopologyError
 
 __all__ = [
+    "centrality",
     "DENSE_EIGEN_LIMIT",
     "DegreeStats",
     "GraphFacts",
@@ -397,3 +398,29 @@ def facts(G: nx.Graph) -> GraphFacts:
         diameter=diameter(G),
         spectral_gap=spectral_gap(G),
     )
+
+
+EXACT_BETWEENNESS_UP_TO = 500
+"""Above this many nodes betweenness is estimated from this many sampled sources."""
+
+
+def centrality(G: nx.Graph, measure: str, *, seed: int = 0) -> dict[Hashable, float]:
+    """``degree``, ``betweenness`` (sampled above 500 nodes, seeded) or ``eigenvector`` of
+    every node.
+
+    Raises:
+        TopologyError: ``measure`` is not one of the three.
+    """
+    match measure:
+        case "degree":
+            return {node: float(degree) for node, degree in G.degree()}
+        case "betweenness":
+            size = G.number_of_nodes()
+            sample = None if size <= EXACT_BETWEENNESS_UP_TO else EXACT_BETWEENNESS_UP_TO
+            return dict(nx.betweenness_centrality(G, k=sample, seed=seed % 2**32))
+        case "eigenvector":
+            try:
+                return dict(nx.eigenvector_centrality(G, max_iter=2000, tol=1e-9))
+            except nx.PowerIterationFailedConvergence:
+                return dict(nx.eigenvector_centrality_numpy(G))
+    raise TopologyError(f"centrality measure {measure!r}: one of degree, betweenness, eigenvector")

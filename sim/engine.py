@@ -264,7 +264,9 @@ class Engine:
                 return item
 
     def _carry_out(self, node: int, actions: list[Any]) -> None:
-        framed: dict[int, tuple[Envelope, int]] = {}
+        # Keyed by id(): the entry holds the envelope itself so that no id is reused while the
+        # dict lives (an adversary forges a fresh envelope per receiver).
+        framed: dict[int, tuple[Envelope, Envelope, int]] = {}
         adversary = self.adversary
         for action in actions:
             match action:
@@ -274,8 +276,10 @@ class Engine:
                         continue
                     if adversary is not None and adversary.byzantine[node]:
                         envelope = adversary.forge(self, node, receiver, envelope)
-                    verified, size = framed.get(id(envelope)) or self._frame(envelope)
-                    framed[id(envelope)] = (verified, size)
+                    cached = framed.get(id(envelope))
+                    if cached is None:
+                        cached = framed[id(envelope)] = (envelope, *self._frame(envelope))
+                    _, verified, size = cached
                     traffic = self.traffic[node]
                     traffic.bytes_sent += size
                     traffic.messages_sent += 1

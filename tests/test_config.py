@@ -41,7 +41,7 @@ def test_loopback_example_loads_with_paths_relative_to_the_file(example: Path) -
     assert config.data.partition == "dirichlet"
     assert config.data.partition_params == {"alpha": 0.5}
     assert (config.data.num_nodes, config.data.node_index) == (3, 1)
-    assert config.learner.hidden == (32,)
+    assert config.learner.hidden == [32]
     assert config.protocol.mode == "dsgd"
     assert config.protocol.rounds == 20
     assert config.merge.rule == "weighted"

@@ -89,7 +89,7 @@ class GatedLearner:
     def initial_vector(self) -> torch.Tensor:
         return self.inner.initial_vector()
 
-    def train(self, vector: torch.Tensor, steps: int) -> TrainResult:
+    def train(self, vector: torch.Tensor, steps: int, *, round: int | None = None) -> TrainResult:
         if self.trainings == self.gate_at:
             assert self.gate.wait(TEST_TIMEOUT), "the flood never ended"
         self.trainings += 1
@@ -140,7 +140,7 @@ async def make_nodes(
             data=DataConfig(
                 dataset="digits", partition="iid", num_nodes=len(honest), node_index=i, seed=3
             ),
-            learner=LearnerConfig(hidden=(32,), lr=0.2, batch_size=32),
+            learner=LearnerConfig(hidden=[32], lr=0.2, batch_size=32),
             protocol=CoreConfig(mode="dsgd", rounds=ROUNDS, local_steps=20, round_timeout=20.0),
             merge=MergeConfig(rule="weighted"),
         )

@@ -158,17 +158,22 @@ def build_population(scenario: Scenario) -> Population:
     size = graph.number_of_nodes()
     relay += [False] * (size - base_size)
     holders = [node for node in range(base_size) if not relay[node]]
-    federation = build_federation(
-        scenario.data.dataset,
-        scenario.data.params,
-        scenario.data.partition,
-        scenario.data.partition_params,
-        num_nodes=len(holders),
-        model=scenario.learner.model,
-        model_params=scenario.learner.model_parameters(),
-        seed=scenario.seed,
-        test_fraction=scenario.data.test_fraction,
-    )
+    try:
+        federation = build_federation(
+            scenario.data.dataset,
+            scenario.data.params,
+            scenario.data.partition,
+            scenario.data.partition_params,
+            num_nodes=len(holders),
+            model=scenario.learner.model,
+            model_params=scenario.learner.model_parameters(),
+            seed=scenario.seed,
+            test_fraction=scenario.data.test_fraction,
+        )
+    except ConfigError as exc:
+        if exc.key == "model" or exc.key.startswith("model_params."):
+            raise ConfigError(f"learner.{exc.key}", exc.value, exc.allowed) from None
+        raise
     part_of = {node: index for index, node in enumerate(holders)}
     holder_samples = [len(part) for part in federation.train_parts]
     relay_samples = max(1, round(sum(holder_samples) / len(holder_samples)))

@@ -12,8 +12,8 @@ Each node draws its minibatches from its own :class:`~p2pfl.learn.MinibatchSampl
 its own :class:`~p2pfl.learn.optim.OptimizerState`, as a :class:`~p2pfl.learn.TorchLearner`
 does, so a node trained here and the same node trained one by one agree to float rounding.
 
-Which modules batch: whatever ``vmap`` can run, which covers Linear, Conv1d/2d/3d, pooling,
-LayerNorm, GroupNorm, embeddings and elementwise activations. Not: BatchNorm in training
+Which modules batch: whatever ``vmap`` can run; tested: Linear, Conv1d, Conv2d, max pooling,
+LayerNorm, GroupNorm and elementwise activations. Not: BatchNorm in training
 (it updates running statistics in place), Dropout and other random layers (each node would
 need its own random stream), and data-dependent Python control flow (``if x.sum() > 0``).
 This is detected, not guessed from the layer types: at construction one training step is

@@ -37,7 +37,6 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
 
 from p2pfl.learn.functional import flat_grads, mean_loss, row_gradient, row_params
 from p2pfl.learn.optim import (
@@ -86,9 +85,10 @@ class BatchedLearner:
         self._buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
         self._states: dict[int, OptimizerState] = {}
         self._node_buffers: dict[int, dict[str, Tensor]] = {}
-        self.notice = self._probe(tuple(sample_shape))
+        # A Linear/ReLU stack without buffers is known to batch; anything else is probed.
+        self._stack = LinearStack.of(model, self.layout)
+        self.notice = None if self._stack is not None else self._probe(tuple(sample_shape))
         self.batched = self.notice is None
-        self._stack = LinearStack.of(model, self.layout) if self.batched else None
         if self.notice is not None and log is not None:
             log(self.notice)
 
@@ -186,6 +186,8 @@ class BatchedLearner:
     def _vmap_gradient(self, params: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         if self._stack is not None:
             return self._stack.gradient(params, x, y)
+        from torch.func import vmap
+
         leaves = row_params(self.layout, params, leaves=True)
         with torch.enable_grad():
             per_row = vmap(mean_loss, in_dims=(None, 0, None, 0, 0))(
@@ -229,6 +231,8 @@ class BatchedLearner:
             return torch.cat(
                 [self._stack.logits(vectors, part) for part in torch.split(x, EVAL_EXAMPLES)], dim=1
             )
+        from torch.func import vmap
+
         forward = vmap(_logits, in_dims=(None, 0, None, None))
         parts = []
         rows = max(1, SAMPLE_BUDGET // max(min(len(x), EVAL_EXAMPLES), 1))
@@ -267,6 +271,8 @@ class BatchedLearner:
 
     def _probe(self, sample_shape: tuple[int, ...]) -> str | None:
         """None if one vmapped training step works; else the one-line reason it does not."""
+        from torch.func import vmap
+
         name = type(self.model).__name__
         probe = copy.deepcopy(self.model)
         before = {key: b.clone() for key, b in probe.named_buffers()}
@@ -362,4 +368,6 @@ def _single(layout: ParamLayout, vectors: Tensor, row: int) -> dict[str, Tensor]
 def _logits(
     model: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor
 ) -> Tensor:
+    from torch.func import functional_call
+
     return functional_call(model, (params, buffers), (x,))  # type: ignore[no-any-return]

@@ -13,7 +13,6 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from p2pfl.params import ParamLayout
 
@@ -42,6 +41,10 @@ def mean_loss(
     y: Tensor,
 ) -> Tensor:
     """Mean cross-entropy of ``model`` with ``params`` and ``buffers`` on ``(x, y)``."""
+    # Imported here: torch.func costs a third of a second to import, which a node start or
+    # a Linear/ReLU simulation (which never calls this in batched form) need not pay twice.
+    from torch.func import functional_call
+
     logits = functional_call(model, (dict(params), dict(buffers)), (x,))
     return F.cross_entropy(logits, y)
 

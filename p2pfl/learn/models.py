@@ -335,11 +335,32 @@ def _materialise(module: nn.Module, seed: int, name: str) -> nn.Module:
     _check_size(name, _count(module))
     generator = torch.Generator(device="cpu")
     generator.manual_seed(seed & SEED_MASK)
-    module = module.to_empty(device="cpu")
+    _allocate(module)
     with torch.no_grad():
         for layer in module.modules():
             _init_layer(layer, generator)
     return module
+
+
+def _allocate(module: nn.Module) -> None:
+    """Give every meta parameter and buffer real (uninitialised) CPU memory, ties kept.
+
+    ``Module.to_empty`` does the same but its first call imports torch's decomposition
+    tables, about a second, which every simulation run would pay."""
+    allocated: dict[int, torch.Tensor] = {}
+    for layer in module.modules():
+        tables: tuple[dict[str, Any], ...] = (layer._parameters, layer._buffers)
+        for table in tables:
+            for name, tensor in table.items():
+                if tensor is None or not tensor.is_meta:
+                    continue
+                new = allocated.get(id(tensor))
+                if new is None:
+                    new = torch.empty(tensor.shape, dtype=tensor.dtype)
+                    if isinstance(tensor, nn.Parameter):
+                        new = nn.Parameter(new, requires_grad=tensor.requires_grad)
+                    allocated[id(tensor)] = new
+                table[name] = new
 
 
 def _init_layer(layer: nn.Module, generator: torch.Generator) -> None:

@@ -138,8 +138,9 @@ class OptimizerState:
             self.steps = 0
 
     def finish(self, settings: OptimizerSettings, vector: Tensor) -> None:
-        """Remember the vector a training returned (what ``"reset"`` compares against)."""
-        self.last_vector = vector if settings.state_policy == "reset" else None
+        """Remember the vector a training returned (what ``"reset"`` compares against); a
+        copy, since whoever receives the result may change it in place."""
+        self.last_vector = vector.clone() if settings.state_policy == "reset" else None
 
 
 def stack_states(

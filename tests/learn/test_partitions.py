@@ -174,6 +174,6 @@ def test_bad_arguments_name_the_key(key: str, call: Call) -> None:
 
 
 def test_registry_lists_names() -> None:
-    assert set(PARTITIONS) == {"iid", "dirichlet", "shards", "quantity_skew"}
-    with pytest.raises(ConfigError, match="dirichlet, iid, quantity_skew, shards"):
+    assert set(PARTITIONS) == {"iid", "dirichlet", "shards", "quantity_skew", "natural"}
+    with pytest.raises(ConfigError, match="dirichlet, iid, natural, quantity_skew, shards"):
         make_partition("nope", LABELS, 2, seed=0)

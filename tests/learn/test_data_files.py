@@ -1,7 +1,9 @@
 """Loaders of files on disk, each on small files written here in the real format."""
 
 import gzip
+import io
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +116,7 @@ def test_npz_refuses_objects_missing_files_and_big_arrays(tmp_path: Path) -> Non
         x_train=np.array([[1], "a"], dtype=object),
         y_train=np.zeros(2, dtype=int),
     )
-    with pytest.raises(ConfigError, match="numeric array") as info:
+    with pytest.raises(ConfigError, match="not objects") as info:
         load_npz(objects)
     assert info.value.key == "x_train"
     with pytest.raises(ConfigError, match="existing .npz") as info:
@@ -128,6 +130,21 @@ def test_npz_refuses_objects_missing_files_and_big_arrays(tmp_path: Path) -> Non
     )
     with pytest.raises(ConfigError, match="max_bytes") as info:
         load_npz(big, max_bytes=1000)
+    assert info.value.key == "x_train"
+
+
+def test_npz_header_claiming_a_huge_array_is_refused_before_allocating(tmp_path: Path) -> None:
+    # A few bytes whose .npy header declares 8 TB: numpy would allocate what it declares.
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f8", "fortran_order": False, "shape": (10**6, 10**6)}
+    )
+    path = tmp_path / "forged.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("x_train.npy", b"\x93NUMPY\x01\x00" + header.getvalue()[8:] + bytes(16))
+        archive.writestr("y_train.npy", b"")
+    with pytest.raises(ConfigError, match="8000000000000 bytes") as info:
+        load_npz(str(path))
     assert info.value.key == "x_train"
 
 

@@ -11,11 +11,13 @@ Layout (names of the arrays in the file)::
 
 ``numpy.savez(path, x_train=..., y_train=..., x_test=..., y_test=..., client=...)`` writes
 it. The file is opened with ``allow_pickle=False``: object arrays are refused, nothing in it
-is unpickled, and array sizes are checked against ``max_bytes`` before they are read.
+is unpickled, and each array's declared size is checked against ``max_bytes`` before it is
+read.
 """
 
 from __future__ import annotations
 
+import math
 import zipfile
 from pathlib import Path
 
@@ -99,12 +101,27 @@ def load_npz(
 def _read(
     archive: np.lib.npyio.NpzFile, file: Path, name: str, max_bytes: int
 ) -> npt.NDArray[np.generic]:
+    """Array ``name``, after its header's shape and dtype are checked against ``max_bytes``.
+
+    numpy allocates what the header declares before reading the data, so the header is
+    read first, on its own.
+    """
     assert archive.zip is not None  # an open NpzFile holds its zip
-    size = archive.zip.getinfo(f"{name}.npy").file_size
+    with archive.zip.open(f"{name}.npy") as member:
+        try:
+            version = np.lib.format.read_magic(member)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+            else:
+                raise ValueError(f"npy format version {version}; savez writes 1.0 or 2.0")
+        except ValueError as exc:
+            raise ConfigError(name, f"unreadable in {file.name}", f"a .npy array ({exc})") from None
+    if dtype.hasobject:
+        raise ConfigError(name, f"{dtype} array in {file.name}", "plain numbers, not objects")
+    size = math.prod(shape) * dtype.itemsize
     if size > max_bytes:
         raise ConfigError(name, f"{size} bytes in {file.name}", f"at most max_bytes={max_bytes}")
-    try:
-        array: npt.NDArray[np.generic] = archive[name]
-    except ValueError as exc:  # an object array: numpy refuses it without allow_pickle
-        raise ConfigError(name, f"unreadable in {file.name}", f"a numeric array ({exc})") from None
+    array: npt.NDArray[np.generic] = archive[name]
     return array

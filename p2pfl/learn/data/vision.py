@@ -171,16 +171,21 @@ def _download(name: str, root: str, split: str | None) -> None:
 
 
 def _read_file(path: Path, max_bytes: int) -> bytes:
+    """The bytes of ``path``, gunzipped if it ends in ``.gz``, refused past ``max_bytes``."""
     size = path.stat().st_size
     if size > max_bytes:
         raise ConfigError("max_bytes", max_bytes, f"at least the {size} bytes of {path}")
     if path.suffix != ".gz":
         return path.read_bytes()
+    chunks, total = [], 0
     with gzip.open(path, "rb") as handle:
-        data = handle.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise ConfigError("max_bytes", max_bytes, f"above the unpacked size of {path}")
-    return data
+        # in chunks: the unpacked size is known only at the end, and is bounded as we go
+        while chunk := handle.read(1 << 24):
+            total += len(chunk)
+            if total > max_bytes:
+                raise ConfigError("max_bytes", max_bytes, f"above the unpacked size of {path}")
+            chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _idx(path: Path, ndim: int, max_bytes: int) -> npt.NDArray[np.uint8]:

@@ -408,3 +408,17 @@ def test_hf_without_the_extra_names_the_install(monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(ImportError, match=r"pip install 'p2pfl-gossip\[hf\]'") as info:
         make_dataset("hf", path="anything")
     assert "\n" not in str(info.value)
+
+
+def test_hf_grey_images_get_one_channel(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets", reason="the [hf] extra")
+    from PIL import Image
+
+    grey = [Image.fromarray(np.full((4, 3), 10 * i, dtype=np.uint8), mode="L") for i in range(5)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    split = datasets.Dataset.from_dict({"image": grey, "label": [0, 1, 2, 1, 0]}, features=features)
+    split.to_parquet(str(tmp_path / "grey.parquet"))
+    data = make_dataset("hf", path=str(tmp_path / "grey.parquet"))
+    assert isinstance(data, ArrayDataset)
+    assert data.sample_shape == (1, 4, 3) and data.num_classes == 3
+    assert float(data.x[4].max()) == pytest.approx(40 / 255)

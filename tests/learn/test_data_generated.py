@@ -150,3 +150,26 @@ def test_synthetic_leaf_natural_federation_gives_each_node_one_client() -> None:
         assert owners is not None and set(owners.tolist()) == {index}
     test_owners = federation.test.owner_array()
     assert test_owners is not None and set(test_owners.tolist()) == set(range(6))
+
+
+@pytest.mark.parametrize(
+    ("dataset", "params", "partition", "partition_params"),
+    [
+        ("mnist1d", {"n_samples": 600}, "dirichlet", {"alpha": 0.5}),
+        ("synthetic_leaf", {"max_size": 100}, "natural", {}),
+    ],
+)
+def test_generated_federations_follow_the_run_seed(
+    dataset: str, params: dict[str, object], partition: str, partition_params: dict[str, object]
+) -> None:
+    def build(seed: int) -> list[torch.Tensor]:
+        federation = build_federation(
+            dataset, params, partition, partition_params, num_nodes=4, model=[4], seed=seed
+        )
+        return [part.x for part in federation.train_parts] + [federation.test.x]
+
+    first, again, other = build(7), build(7), build(8)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(
+        a.shape == b.shape and torch.equal(a, b) for a, b in zip(first, other, strict=True)
+    )

@@ -1,14 +1,15 @@
 """The Learner interface, the torch and batched learners, optimisers, models, datasets and
 non-IID partitions.
 
-Importing this package needs torch and numpy only; scikit-learn is imported on first use
-of the ``digits`` dataset.
+Importing this package needs torch, numpy and pydantic only; scikit-learn, ``mnist1d`` and
+``datasets`` are imported on first use of a dataset that needs them.
 """
 
 from p2pfl.learn.base import EvalResult, Learner, TrainResult
 from p2pfl.learn.datasets import (
     DATASETS,
     ArrayDataset,
+    SplitDataset,
     gaussian_mixture,
     load_digits,
     make_dataset,
@@ -22,6 +23,7 @@ from p2pfl.learn.partition import (
     dirichlet,
     iid,
     make_partition,
+    natural,
     quantity_skew,
     shards,
 )
@@ -42,6 +44,7 @@ __all__ = [
     "MinibatchSampler",
     "OptimizerSettings",
     "Partition",
+    "SplitDataset",
     "TorchLearner",
     "TrainResult",
     "build_federation",
@@ -56,6 +59,7 @@ __all__ = [
     "make_dataset",
     "make_partition",
     "mlp",
+    "natural",
     "parse_learner_settings",
     "quantity_skew",
     "shards",

@@ -10,7 +10,6 @@ the same ones.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +19,7 @@ from torch import Tensor, nn
 
 from p2pfl.errors import ConfigError
 from p2pfl.learn._config import check_int, check_seed
-from p2pfl.learn.datasets import DATASETS, ArrayDataset, make_dataset, train_test_split
+from p2pfl.learn.datasets import ArrayDataset, load_split
 from p2pfl.learn.models import build_model
 from p2pfl.learn.optim import OptimizerSettings
 from p2pfl.learn.partition import make_partition
@@ -149,9 +148,10 @@ def build_federation(
 ) -> Federation:
     """Load a dataset once and share it out over ``num_nodes`` nodes.
 
-    Steps: build the dataset (if its builder takes a ``seed`` and ``dataset_params`` gives
-    none, one derived from ``seed``); split off a stratified test set, common to all nodes;
-    partition the rest; fix the model and its initialisation.
+    Steps: build the dataset and take its test set, common to all nodes (its own, or a
+    stratified split; see :func:`~p2pfl.learn.datasets.load_split`); partition the rest
+    (examples' owners go to partitions that use them); fix the model and its
+    initialisation.
 
     Args:
         dataset: a name in :data:`~p2pfl.learn.datasets.DATASETS`.
@@ -162,7 +162,8 @@ def build_federation(
         model: a model name or ``python:`` factory (:func:`~p2pfl.learn.models.build_model`),
             or a list of hidden layer sizes as a shortcut for ``mlp`` (``[]``: linear).
         seed: the run seed (non-negative).
-        test_fraction: share of the dataset held out as the common test set.
+        test_fraction: share of the dataset held out as the common test set (unused when
+            the dataset comes with its own test set).
         init_seed: seed of the model initialisation; by default one derived from ``seed``,
             so all nodes start from the same parameters.
         model_params: keyword arguments of the model factory.
@@ -175,29 +176,32 @@ def build_federation(
     check_seed(seed)
     check_int("num_nodes", num_nodes, 1)
     name, factory_params = _model_spec(model, model_params)
-    params = dict(dataset_params)
-    builder = DATASETS.get(dataset)
-    if builder is not None and "seed" in inspect.signature(builder).parameters:
-        params.setdefault("seed", derive_seed(seed, _STREAM_DATASET))
-    data = make_dataset(dataset, **params)
-    train, test = train_test_split(data, test_fraction, seed=derive_seed(seed, _STREAM_SPLIT))
+    train, test = load_split(
+        dataset,
+        dataset_params,
+        test_fraction=test_fraction,
+        data_seed=derive_seed(seed, _STREAM_DATASET),
+        split_seed=derive_seed(seed, _STREAM_SPLIT),
+        num_clients=num_nodes,
+    )
     parts = make_partition(
         partition,
         train.labels(),
         num_nodes,
         seed=derive_seed(seed, _STREAM_PARTITION),
+        owners=train.owner_array(),
         **partition_params,
     )
-    input_shape = tuple(int(size) for size in data.x.shape[1:])
+    input_shape = tuple(int(size) for size in train.x.shape[1:])
     chosen_init = derive_seed(seed, _STREAM_INIT) if init_seed is None else init_seed
-    module = build_model(name, factory_params, input_shape, data.num_classes, seed=chosen_init)
+    module = build_model(name, factory_params, input_shape, train.num_classes, seed=chosen_init)
     return Federation(
         train_parts=tuple(train.subset(part) for part in parts),
         test=test,
         model_name=name,
         model_params=factory_params,
         input_shape=input_shape,
-        num_classes=data.num_classes,
+        num_classes=train.num_classes,
         init_seed=chosen_init,
         seed=seed,
         layout=layout_of(module),

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from p2pfl.errors import ConfigError
 from p2pfl.learn.functional import flat_grads, mean_loss, row_gradient, row_params
 from p2pfl.learn.optim import (
     OptimizerSettings,
@@ -78,6 +79,10 @@ class BatchedLearner:
             optimizer: the optimiser and schedule of every node.
             sample_shape: one example's shape, for the probe.
             log: called once with a one-line notice if training falls back to one by one.
+
+        Raises:
+            ConfigError: the model fails a training step on examples of ``sample_shape``
+                even one node at a time.
         """
         self.model = model
         self.layout: ParamLayout = layout_of(model)
@@ -286,9 +291,12 @@ class BatchedLearner:
             with torch.enable_grad():
                 loss = vmap(mean_loss, in_dims=(None, 0, None, 0, 0))(probe, leaves, buffers, x, y)
                 torch.autograd.grad(loss.sum(), list(leaves.values()), allow_unused=True)
-        except RuntimeError as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            return f"model {name} does not batch under vmap ({reason}); training one node at a time"
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            self._check_runs(sample_shape)
+            return (
+                f"model {name} does not batch under vmap ({_first_line(exc)}); "
+                "training one node at a time"
+            )
         changed = [key for key, b in buffers.items() if not torch.equal(b, before[key])]
         if changed:
             return (
@@ -296,6 +304,27 @@ class BatchedLearner:
                 "training one node at a time"
             )
         return None
+
+    def _check_runs(self, sample_shape: tuple[int, ...]) -> None:
+        """Raise ConfigError if the model fails one plain (unbatched) training step too."""
+        probe = copy.deepcopy(self.model)
+        buffers = {key: b.clone() for key, b in probe.named_buffers()}
+        row = flatten(probe).unsqueeze(0)
+        x = torch.zeros(2, *sample_shape)
+        try:
+            row_gradient(probe, self.layout, row, buffers, x, torch.zeros(2, dtype=torch.int64))
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            raise ConfigError(
+                "model",
+                type(self.model).__name__,
+                f"a module mapping [N, {', '.join(map(str, sample_shape))}] inputs to logits "
+                f"({_first_line(exc)})",
+            ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class LinearStack:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from p2pfl.errors import ConfigError
 from p2pfl.learn import MinibatchSampler, TorchLearner
 from p2pfl.learn.batched import BatchedLearner, LinearStack
 from p2pfl.learn.models import build_model
@@ -203,7 +204,13 @@ def test_data_dependent_control_flow_falls_back() -> None:
 
         def forward(self, x: Tensor) -> Tensor:
             out = self.linear(x)
-            return out if float(out.sum()) > 0 else -out
+            return out if bool(out.detach().sum() > 0) else -out
 
     learner = BatchedLearner(Branchy(), OPTIMIZERS["sgd"], (12,))
     assert not learner.batched and learner.notice is not None
+
+
+def test_a_model_that_cannot_take_the_data_is_a_config_error() -> None:
+    wrong = nn.Sequential(nn.Flatten(), nn.Linear(7, 3))  # the data has 12 features
+    with pytest.raises(ConfigError, match=r"^model = 'Sequential': a module mapping \[N, 12\]"):
+        BatchedLearner(wrong, OPTIMIZERS["sgd"], (12,))

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from p2pfl.errors import ConfigError
 from p2pfl.learn import derive_seed
 from p2pfl.learn.batched import BatchedLearner
 from p2pfl.merge import make_merge_rule
@@ -146,11 +147,14 @@ def build_trainer(scenario: Scenario, population: Population) -> BatchedLearner:
         ConfigError: the learner settings are invalid.
     """
     federation = population.federation
-    trainer = BatchedLearner(
-        federation.build_model(),
-        scenario.learner.optimizer_settings(scenario.rounds),
-        federation.input_shape,
-    )
+    try:
+        trainer = BatchedLearner(
+            federation.build_model(),
+            scenario.learner.optimizer_settings(scenario.rounds),
+            federation.input_shape,
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"learner.{exc.key}", exc.value, exc.allowed) from None
     if trainer.notice is not None:
         print(f"p2pfl-sim: {trainer.notice}", file=sys.stderr)
     return trainer

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from torch import Tensor, nn
 
 from p2pfl.config import config_from_dict
+from sim.cli import main
 from sim.run import run_scenario
 from sim.scenario import parse_scenario
 from tests.sim.conftest import SmallDocument
@@ -109,3 +111,15 @@ def test_node_config_takes_the_scenarios_learner_keys(small_document: SmallDocum
     )
     assert node.learner.optimizer_settings(3) == scenario.learner.optimizer_settings(3)
     assert node.learner.model_parameters() == scenario.learner.model_parameters()
+
+
+def test_absurd_model_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        ["run", "default", "--set", "learner.hidden=[1000000000]", "--out", str(tmp_path / "r")]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("p2pfl-sim: error: learner.model = 'mlp': a model of at most")
+    assert err.count("\n") == 1

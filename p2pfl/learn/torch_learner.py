@@ -100,6 +100,7 @@ class TorchLearner:
         if not any(p.requires_grad for p in model.parameters()):
             raise ConfigError("model", type(model).__name__, "a module with trainable parameters")
         self._buffers = dict(model.named_buffers())
+        _check_forward(model, self._train_x[:2])
         self._optimizer = optimizer
         self._state = OptimizerState()
         self._sampler = MinibatchSampler(len(self._train_y), batch_size, seed=seed)
@@ -196,6 +197,30 @@ class TorchLearner:
                     total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
                     correct += int((logits.argmax(dim=1) == y).sum())
             return EvalResult(loss=total_loss / n, accuracy=correct / n, samples=n)
+
+
+def _check_forward(model: nn.Module, x: Tensor) -> None:
+    """Raise ConfigError unless ``model`` maps examples ``x`` to one row of logits each.
+
+    Run in eval mode without gradients, so no buffer or parameter changes; a node learns at
+    start-up, in one line, that its model does not fit its data.
+    """
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(x)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        shape = ", ".join(map(str, x.shape[1:]))
+        raise ConfigError(
+            "model", type(model).__name__, f"a module mapping [N, {shape}] inputs ({reason})"
+        ) from None
+    finally:
+        model.train(training)
+    if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] != x.shape[0]:
+        got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ConfigError("model", type(model).__name__, f"[N, classes] logits, not {got}")
 
 
 def _as_pair(key: str, data: ArrayDataset | TensorPair) -> TensorPair:

@@ -17,7 +17,8 @@ Schema (every relative path is relative to the directory of the config file)::
     max_handshakes = 16              # unauthenticated connections at once; more are closed at once
     max_frame_bytes = 67108864       # largest frame read from a peer (64 MiB)
     peer_message_rate = 20.0         # frames per second per peer (token bucket) ...
-    peer_message_burst = 40          # ... with this burst; each frame over it is a strike
+    peer_message_burst = 40          # ... with this burst, on top of what the protocol sends
+                                     # per round and per period; each frame over it is a strike
     idle_timeout = 60.0              # no frame for this long drops a peer (keep-alives at 1/3)
     strikes_to_ban = 3               # strikes within 10 minutes that ban a peer's key
     ban_interval = 300.0             # seconds a ban lasts (bans are kept in memory only)

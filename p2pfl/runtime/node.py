@@ -28,9 +28,12 @@ checkpoint (round and model) when one exists.
 Defences (see README, "Operate a node"). Before a handshake: a banned remote IP is closed at
 once; so is every accepted socket beyond ``max_handshakes`` concurrent handshakes; a failed
 handshake counts against the remote IP (``ip_failures_to_ban`` within ``ip_failure_window``
-bans it). After it: a banned key is refused; each connection has a token bucket
-(``peer_message_rate``, ``peer_message_burst``) whose every refused frame is a strike, and an
-idle watchdog; unusable frames and the core's ``PeerMisbehaved`` are strikes too;
+bans it), except the refusal of a key the node knows (banned, no free slot, a configured peer
+that should wait to be dialled): honest peers may share the address. After it: a banned key is
+refused; each connection has a token bucket sized from the protocol
+(:func:`~p2pfl.runtime.limits.peer_allowance`: ``peer_message_rate`` and
+``peer_message_burst`` plus what the mode sends, credited per round this node completes)
+whose every refused frame is a strike, and an idle watchdog; unusable frames and the core's ``PeerMisbehaved`` are strikes too;
 ``strikes_to_ban`` strikes ban the key for ``ban_interval`` seconds and close the connection.
 Runtime-level kinds (``KEEPALIVE``, ``PEER_EXCHANGE``) are handled here and never reach the
 core; learned peers (:mod:`p2pfl.runtime.peerx`) are dialled only when
@@ -82,6 +85,7 @@ from p2pfl.errors import (
 from p2pfl.identity import Identity, NodeId
 from p2pfl.learn.base import Learner
 from p2pfl.merge.base import MergeRule
+from p2pfl.merge.sybil import uses_history_gossip
 from p2pfl.protocol import make_core
 from p2pfl.protocol.actions import (
     Action,
@@ -102,7 +106,7 @@ from p2pfl.protocol.events import (
     Started,
     TrainingFinished,
 )
-from p2pfl.runtime.limits import BanList, FailureCounter, TokenBucket
+from p2pfl.runtime.limits import BanList, FailureCounter, PeerAllowance, TokenBucket, peer_allowance
 from p2pfl.runtime.logs import log_event
 from p2pfl.runtime.peer import Backoff, PeerConnection
 from p2pfl.runtime.peerx import PeerAd, PeerBook, decode_ads, parse_address, seal_ads
@@ -125,6 +129,8 @@ RUNTIME_KINDS = frozenset(
     {MessageKind.HELLO, MessageKind.HELLO_PROOF, MessageKind.KEEPALIVE, MessageKind.PEER_EXCHANGE}
 )
 """Kinds the runtime consumes itself; every other kind goes to the protocol core."""
+KEY_REFUSALS = frozenset({"banned_key", "peer_limit", "wrong_direction"})
+"""Refusals of a key the node knows; they never count against the remote IP."""
 FLUSH_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 5.0
 
@@ -257,6 +263,20 @@ class Node:
         self.ip_bans = BanList[str](limits.max_bans)
         self._ip_failures = FailureCounter[str](MAX_IP_ENTRIES, limits.ip_failure_window)
         self._buckets: dict[NodeId, TokenBucket] = {}
+        histories = config.protocol.history_gossip
+        if histories is None:
+            histories = config.protocol.mode != "modest" and uses_history_gossip(self.merge)
+        self.allowance: PeerAllowance = peer_allowance(
+            config.protocol,
+            base_rate=limits.peer_message_rate,
+            base_burst=limits.peer_message_burst,
+            histories=histories,
+            idle_timeout=limits.idle_timeout,
+            exchange_interval=(
+                config.peer_exchange.interval if config.peer_exchange.enabled else None
+            ),
+        )
+        self._credited_round = self.start_round
         self._exchange_buckets: dict[NodeId, TokenBucket] = {}
         self._handshakes = 0
         self.peer_book = PeerBook(config.peer_exchange.max_known_peers)
@@ -406,8 +426,20 @@ class Node:
             with trio.move_on_at(math.inf if deadline is None else deadline):
                 event = await self._events_receive.receive()
             actions = self.core.handle(event, now=trio.current_time())
+            self._credit_progress()
             for action in actions:
                 await self._carry_out(action)
+
+    def _credit_progress(self) -> None:
+        """Each round this node completes earns every peer the frames a round lets it send."""
+        advanced = self.core.round - self._credited_round
+        if advanced <= 0:
+            return
+        self._credited_round = self.core.round
+        tokens = advanced * self.allowance.per_round
+        if tokens:
+            for bucket in self._buckets.values():
+                bucket.credit(tokens)
 
     async def _carry_out(self, action: Action) -> None:
         match action:
@@ -620,7 +652,7 @@ class Node:
         # per pair even if a peer is misconfigured. A core that talks beyond its neighbours
         # is dialled on demand from either side.
         if peer in self._peers_by_id:
-            return None if peer < self.node_id else "handshake"
+            return None if peer < self.node_id else "wrong_direction"
         known = peer in self._bootstrap_by_id or peer in self.peer_book
         if not (self._admits_strangers and known):
             if not self.config.peer_exchange.accept_unknown_peers:
@@ -663,7 +695,8 @@ class Node:
                     timeout=self.config.handshake_timeout,
                 )
             except HandshakeFailed as exc:
-                self._handshake_failed(exc, refusals[0] if refusals else None, address, ip)
+                refusal = refusals[0] if refusals else None
+                self._handshake_failed(exc, refusal, address, ip)
                 return
             except NodeClosedError:
                 return
@@ -678,7 +711,10 @@ class Node:
     ) -> None:
         self.stats["handshakes_failed"] += 1
         self.metrics.inc("handshakes_failed_total")
-        self._reject(refusal or _wire_reason(exc.__cause__, default="handshake"))
+        if refusal == "wrong_direction":
+            self._reject("handshake")  # a configured peer that should wait to be dialled
+        else:
+            self._reject(refusal or _wire_reason(exc.__cause__, default="handshake"))
         log_event(
             log,
             logging.INFO,
@@ -690,7 +726,9 @@ class Node:
             reason=str(exc),
         )
         threshold = self.limits.ip_failures_to_ban
-        if ip is None or threshold == 0:
+        if ip is None or threshold == 0 or refusal in KEY_REFUSALS:
+            # A key this node refuses by policy (banned, no slot) signed its HELLO: its
+            # redials are not failures of the address, which honest peers may share.
             return
         now = trio.current_time()
         if self._ip_failures.record(ip, now) >= threshold:
@@ -812,9 +850,7 @@ class Node:
                 connection.enqueue(envelope)
         for envelope in self._pending_sends.pop(peer, ()):
             connection.enqueue(envelope)
-        self._buckets[peer] = TokenBucket(
-            limits.peer_message_rate, limits.peer_message_burst, now=now
-        )
+        self._buckets[peer] = self.allowance.bucket(now)
         interval = self.config.peer_exchange.interval
         self._exchange_buckets[peer] = TokenBucket(2.0 / interval, 2.0, now=now)
         if previous is not None:
@@ -875,7 +911,11 @@ class Node:
         bucket = self._buckets.get(peer)
         if bucket is not None and not bucket.take(trio.current_time()):
             self._reject("rate")
-            self._strike(peer, f"more than {self.limits.peer_message_rate:g} frames/s")
+            self._strike(
+                peer,
+                f"more frames than the protocol sends ({self.allowance.per_round:g} per round "
+                f"and {self.allowance.per_second:g}/s, burst {self.allowance.burst:g})",
+            )
             return
         kind = envelope.kind
         if kind not in RUNTIME_KINDS:

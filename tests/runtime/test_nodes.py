@@ -13,7 +13,7 @@ import trio
 
 from p2pfl.checkpoint import checkpoint_path, load_checkpoint
 from p2pfl.config import DataConfig, LearnerConfig, MergeConfig, NodeConfig, PeerConfig
-from p2pfl.errors import TransportBroken
+from p2pfl.errors import HandshakeFailed, TransportBroken
 from p2pfl.identity import Identity
 from p2pfl.protocol import CoreConfig
 from p2pfl.runtime.node import STRIKES_TO_DISCONNECT, Node
@@ -157,3 +157,44 @@ async def test_peer_sending_bad_frames_is_disconnected_after_three_strikes(tmp_p
             node.request_stop("test over")
         await frames.aclose()
     assert node.stop_reason == "test over"
+
+
+async def test_redials_of_a_banned_key_never_ban_the_ip_it_shares(tmp_path: Path) -> None:
+    """A banned peer redialling is refused as a key; the address, which honest peers on the
+    same host share, is banned only for failures of unauthenticated connections."""
+    a, b = Identity.from_seed(bytes([32]) * 32), Identity.from_seed(bytes([33]) * 32)
+    banned, victim = (a, b) if a.node_id < b.node_id else (b, a)  # the smaller key dials
+    [node] = await make_nodes(tmp_path, 1, rounds=3, local_steps=1, round_timeout=60.0)
+    limits = dataclasses.replace(node.config.limits, ip_failures_to_ban=3)
+    node = Node(
+        dataclasses.replace(
+            node.config,
+            peers=(PeerConfig("127.0.0.1", 9, banned.node_id),),
+            startup_timeout=60.0,
+            limits=limits,
+        ),
+        identity=victim,
+        listeners=node._listeners,
+    )
+    with trio.fail_after(RUN_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(node.run)
+            now = trio.current_time()
+            node.key_bans.ban(banned.node_id, now + 300.0, now=now)
+            for _ in range(3 * limits.ip_failures_to_ban):
+                frames = FrameStream(await trio.open_tcp_stream("127.0.0.1", port))
+                with pytest.raises(HandshakeFailed):
+                    await handshake(frames, banned, expected=victim.node_id, timeout=5)
+                await frames.aclose()
+            assert len(node.ip_bans) == 0
+            assert node.metrics.get("frames_rejected_total", "banned_key") == 9
+            # Failures of unauthenticated connections still ban the address.
+            for _ in range(limits.ip_failures_to_ban):
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                await stream.send_all(b"\x00\x00\x00\x05garbage")
+                with contextlib.suppress(trio.BrokenResourceError):
+                    while await stream.receive_some(65536):
+                        pass
+                await stream.aclose()
+            assert node.ip_bans.is_banned("127.0.0.1", trio.current_time())
+            node.request_stop("test over")

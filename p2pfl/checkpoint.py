@@ -38,8 +38,9 @@ import msgpack
 import numpy as np
 import torch
 
-from p2pfl.errors import ConfigError, DecodeError
+from p2pfl.errors import ConfigError, DecodeError, WireError
 from p2pfl.identity import write_private_file
+from p2pfl.wire import shape_elements
 
 MAGIC = b"P2PFLCK\x01"
 FORMAT_VERSION = 1
@@ -256,8 +257,13 @@ def _parse_header(source: Path, raw: bytes) -> CheckpointHeader:
         or not all(_is_int(d) and d >= 0 for d in shape)
     ):
         raise DecodeError(f"{source}: shape {shape!r} is not a list of non-negative integers")
-    if math.prod(shape) > MAX_ELEMENTS:
-        raise DecodeError(f"{source}: shape {shape} exceeds {MAX_ELEMENTS} elements")
+    try:
+        shape_elements(tuple(shape), MAX_ELEMENTS)
+    except WireError:
+        raise DecodeError(
+            f"{source}: shape {shape} exceeds {MAX_ELEMENTS} elements "
+            "(counting every non-zero dimension)"
+        ) from None
     if not isinstance(digest, bytes) or len(digest) != 32:
         raise DecodeError(f"{source}: sha256 is not 32 bytes")
     if not isinstance(header["node"], str) or not isinstance(header["info"], dict):

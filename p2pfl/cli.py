@@ -21,7 +21,7 @@ from typing import Any
 
 import msgpack
 
-from p2pfl.errors import ConfigError, IdentityError, P2PFLError, WireError
+from p2pfl.errors import BadSignature, ConfigError, IdentityError, P2PFLError, WireError
 from p2pfl.identity import Identity, NodeId
 
 EXIT_OK = 0
@@ -326,8 +326,13 @@ def _inspect_frame(path: Path, data: bytes) -> int:
         print(f"  meta:    {meta!r}")
     try:
         envelope = decode_frame(data)
-    except WireError as exc:
+    except BadSignature as exc:
         print(f"  signature: INVALID ({type(exc).__name__}: {exc})")
+        return EXIT_UNVERIFIED
+    except WireError as exc:
+        # Checks run cheapest first: a frame refused for its shape or header never reached
+        # the signature check.
+        print(f"  refused: {type(exc).__name__}: {exc} (signature not checked)")
         return EXIT_UNVERIFIED
     print(f"  signature: valid (signed by {envelope.sender.short()})")
     if envelope.kind in (MessageKind.HELLO, MessageKind.HELLO_PROOF):

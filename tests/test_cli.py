@@ -14,7 +14,7 @@ from p2pfl.checkpoint import save_checkpoint
 from p2pfl.cli import main
 from p2pfl.codec import encode_vector
 from p2pfl.identity import Identity
-from p2pfl.wire import MessageKind, encode_frame, seal
+from p2pfl.wire import MessageKind, PayloadSpec, encode_frame, seal
 
 SIGNER = Identity.from_seed(bytes([42]) * 32)
 
@@ -80,6 +80,21 @@ def test_inspect_tampered_frame_reports_bad_signature(
     out = capsys.readouterr().out
     assert "DOES NOT match payload" in out
     assert "signature: INVALID (BadSignature" in out
+
+
+@pytest.mark.parametrize("shape", [[0, 2**63], [0, 2**64 - 1], [0, 2**62, 2**62], [2**40, 0]])
+def test_inspect_frame_with_a_refused_shape_says_so_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], shape: list[int]
+) -> None:
+    spec = PayloadSpec("dense", "float32", tuple(shape), 1)
+    envelope = seal(SIGNER, MessageKind.MODEL_UPDATE, seq=1, round=0, payload=b"", spec=spec)
+    path = tmp_path / "zero.frame"
+    path.write_bytes(encode_frame(envelope))
+    assert main(["inspect", str(path)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    refused = [line for line in captured.out.splitlines() if "refused" in line]
+    assert len(refused) == 1 and "FrameTooLarge" in refused[0], captured.out
 
 
 def test_inspect_handshake_frame_shows_the_nonce(

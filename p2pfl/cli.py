@@ -149,17 +149,29 @@ def _node(config_file: Path, log_level: str, torch_threads: int, log_format: str
         node = Node(config)
     except (WireError, ImportError) as exc:  # a corrupt checkpoint, a missing optional dependency
         return _error(str(exc))
+    except OSError as exc:  # the key or checkpoint file cannot be read
+        return _error(f"{exc.filename or 'a file'}: {exc.strerror or exc}")
     # Everything loaded so far (torch, the dataset) lives until exit: keep it out of the
     # collector's way, which also spares seconds of collection at interpreter shutdown.
     gc.freeze()
     try:
         trio.run(run_until_signalled, node)
-    except OSError as exc:
-        return _error(
-            f"node.listen = {config.listen!r} or node.status_listen = {config.status_listen!r}: "
-            f"cannot listen ({exc.strerror or exc})"
-        )
+    except BaseExceptionGroup as group:
+        # trio's nurseries wrap a startup failure (an address that cannot be listened on)
+        # in exception groups; a group of nothing but ConfigErrors is one line.
+        errors, rest = group.split(ConfigError)
+        if errors is None or rest is not None:
+            raise
+        return _error(str(_first_leaf(errors)))
     return EXIT_OK
+
+
+def _first_leaf(group: BaseExceptionGroup[ConfigError]) -> BaseException:
+    """The first exception inside ``group`` that is not itself a group."""
+    first: BaseException = group
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first
 
 
 # -- status ---------------------------------------------------------------------------------

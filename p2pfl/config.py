@@ -272,6 +272,15 @@ def load_config(path: str | os.PathLike[str]) -> NodeConfig:
         raise ConfigError("config", str(source), f"a readable file ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("config", str(source), f"valid TOML ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            "config", str(source), f"a UTF-8 text file (byte {exc.start} is not UTF-8)"
+        ) from None
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively.
+        raise ConfigError(
+            "config", str(source), "TOML nested a few levels deep, not thousands"
+        ) from None
     return config_from_dict(document, base_dir=source.parent, source=source)
 
 
@@ -289,6 +298,12 @@ def config_from_dict(
     node = _Table(document, "node", required=True)
     listen_host, listen_port = _parse_address("node.listen", node.get("listen", str))
     key_file = base_dir / node.get("key_file", str)
+    if key_file.is_dir():
+        _fail(
+            "node.key_file",
+            str(key_file),
+            "a private key file (made by `p2pfl keygen --out FILE`), not a directory",
+        )
     checkpoint_raw = node.get("checkpoint_dir", str, None)
     checkpoint_dir = None if checkpoint_raw is None else base_dir / checkpoint_raw
     startup_timeout = node.seconds("startup_timeout", 30.0)

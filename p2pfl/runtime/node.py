@@ -61,6 +61,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import signal
 import time
@@ -72,7 +73,13 @@ import numpy as np
 import torch
 import trio
 
-from p2pfl.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, vector_digest
+from p2pfl.checkpoint import (
+    checkpoint_path,
+    load_checkpoint,
+    prepare_checkpoint_dir,
+    save_checkpoint,
+    vector_digest,
+)
 from p2pfl.config import NodeConfig, PeerConfig
 from p2pfl.errors import (
     BadSignature,
@@ -182,7 +189,8 @@ class Node:
 
         Raises:
             ConfigError: the config is inconsistent (e.g. a peer holds this node's own key),
-                or the checkpoint belongs to another model or node.
+                the checkpoint directory cannot be written, or the checkpoint belongs to
+                another model or node.
             IdentityError: the key file is missing or unsafe.
             DecodeError: the checkpoint file is corrupt.
         """
@@ -221,6 +229,18 @@ class Node:
         self._checkpoint_file = (
             checkpoint_path(config.checkpoint_dir) if config.checkpoint_dir is not None else None
         )
+        if config.checkpoint_dir is not None:
+            # Checked now, not at the first save after a round of work.
+            try:
+                leftovers = prepare_checkpoint_dir(config.checkpoint_dir)
+            except OSError as exc:
+                raise ConfigError(
+                    "node.checkpoint_dir",
+                    str(config.checkpoint_dir),
+                    f"a directory this node can create and write ({exc.strerror or exc})",
+                ) from None
+            for leftover in leftovers:
+                log.info("removed %s, left by an interrupted checkpoint save", leftover)
         if self._checkpoint_file is not None and self._checkpoint_file.exists():
             checkpoint = load_checkpoint(
                 self._checkpoint_file,
@@ -277,6 +297,8 @@ class Node:
             ),
         )
         self._credited_round = self.start_round
+        self._alone = False
+        self._dial_errors: dict[NodeId, str] = {}
         self._exchange_buckets: dict[NodeId, TokenBucket] = {}
         self._handshakes = 0
         self.peer_book = PeerBook(config.peer_exchange.max_known_peers)
@@ -331,12 +353,13 @@ class Node:
         Reports the listening port through ``task_status`` (so ``nursery.start`` returns it).
 
         Raises:
-            OSError: the listening address cannot be bound.
+            ConfigError: ``node.listen`` or ``node.status_listen`` cannot be listened on (in
+                use, not an address of this machine, a host name that does not resolve).
         """
         listeners = self._listeners
         if listeners is None:
-            listeners = await trio.open_tcp_listeners(
-                self.config.listen_port, host=self.config.listen_host
+            listeners = await _listen(
+                "node.listen", self.config.listen_host, self.config.listen_port
             )
         self.port = int(listeners[0].socket.getsockname()[1])
         if self.resumed_from is not None:
@@ -358,8 +381,8 @@ class Node:
         try:
             async with trio.open_nursery() as nursery:
                 if self.config.status_host is not None:
-                    status_listeners = await trio.open_tcp_listeners(
-                        self.config.status_port, host=self.config.status_host
+                    status_listeners = await _listen(
+                        "node.status_listen", self.config.status_host, self.config.status_port
                     )
                     self.status_port = int(status_listeners[0].socket.getsockname()[1])
                     await nursery.start(serve_status, status_listeners, self.render_metrics)
@@ -427,8 +450,12 @@ class Node:
                 event = await self._events_receive.receive()
             actions = self.core.handle(event, now=trio.current_time())
             self._credit_progress()
-            for action in actions:
-                await self._carry_out(action)
+            # The core has moved on: its actions (a checkpoint above all) are carried out
+            # even if a stop arrives meanwhile, so the round logged at stop is the one saved
+            # and resumed. None blocks for long: sends queue, training starts a task.
+            with trio.CancelScope(shield=True):
+                for action in actions:
+                    await self._carry_out(action)
 
     def _credit_progress(self) -> None:
         """Each round this node completes earns every peer the frames a round lets it send."""
@@ -470,6 +497,8 @@ class Node:
             case Emit(name=name, fields=fields):
                 record = {"event": name, "node": self.node_id.short(), **fields}
                 log_event(log, logging.INFO, name, "%s", json.dumps(record), **fields)
+                if name == "round":
+                    self._check_alone(int(fields.get("round", self.core.round)))
             case Stop(reason=reason):
                 self.stop_reason = reason
                 log_event(
@@ -483,6 +512,39 @@ class Node:
                 )
             case _:
                 assert_never(action)
+
+    def _check_alone(self, round_: int) -> None:
+        """Say once, clearly, when rounds go on with no configured neighbour connected."""
+        if self._alone or not self._peers_by_id or self._admits_strangers:
+            return
+        if any(peer in self._connections for peer in self._peers_by_id):
+            return
+        self._alone = True
+        log_event(
+            log,
+            logging.WARNING,
+            "alone",
+            "round %d ran with none of the %d neighbours connected (%s): they are gone or "
+            "finished their rounds; this node trains alone until one connects",
+            round_,
+            len(self._peers_by_id),
+            self._missing_reasons(),
+            round=round_,
+            neighbours=len(self._peers_by_id),
+        )
+
+    def _missing_reasons(self) -> str:
+        """Each configured peer not connected, with why as far as this node knows."""
+        reasons = []
+        for peer in self.config.peers:
+            if peer.node_id in self._connections:
+                continue
+            if self.node_id < peer.node_id:
+                why = self._dial_errors.get(peer.node_id, "not reached yet")
+            else:
+                why = "it did not connect to this node"
+            reasons.append(f"{peer.address}: {why}")
+        return "; ".join(reasons)
 
     def _send(self, peer: NodeId, envelope: Envelope) -> None:
         connection = self._connections.get(peer)
@@ -612,10 +674,13 @@ class Node:
                 log,
                 logging.WARNING,
                 "startup_incomplete",
-                "starting without %d peers after %gs: %s",
+                "starting round %d without %d of %d peers after waiting %g s (%s); peers that "
+                "are down or finished their rounds leave this node training alone",
+                self.core.round,
                 len(missing),
+                len(self.config.peers),
                 self.config.startup_timeout,
-                ", ".join(missing),
+                self._missing_reasons(),
                 missing=missing,
             )
         await self._events_send.send(Started())
@@ -766,12 +831,15 @@ class Node:
             whether the handshake succeeded.
         """
         stream: trio.SocketStream | None = None
+        failure = f"no answer within {CONNECT_TIMEOUT:g} s"
         with trio.move_on_after(CONNECT_TIMEOUT):
             try:
                 stream = await trio.open_tcp_stream(host, port)
             except OSError as exc:
                 log.debug("connecting to %s failed: %s", address, exc)
+                failure = f"cannot connect ({_os_reason(exc)})"
         if stream is None:
+            self._note_dial(peer, failure)
             return False
         frames = FrameStream(stream, self._frame_limits)
         try:
@@ -783,6 +851,7 @@ class Node:
                     timeout=self.config.handshake_timeout,
                 )
             except HandshakeFailed as exc:
+                self._note_dial(peer, str(exc))
                 self.stats["handshakes_failed"] += 1
                 self.metrics.inc("handshakes_failed_total")
                 log_event(
@@ -796,10 +865,18 @@ class Node:
                     reason=str(exc),
                 )
                 return False
+            self._note_dial(peer, None)
             await self._serve(frames, peer, address, outbound=True)
             return True
         finally:
             await frames.aclose()
+
+    def _note_dial(self, peer: NodeId, failure: str | None) -> None:
+        """Remember why the last dial of a configured peer failed (for the logs)."""
+        if failure is None:
+            self._dial_errors.pop(peer, None)
+        elif peer in self._peers_by_id:
+            self._dial_errors[peer] = failure
 
     async def _dial_learned(self, ad: PeerAd) -> None:
         """Try a learned peer a few times; forget it if it never answers as itself."""
@@ -869,6 +946,9 @@ class Node:
             address=address,
             configured=configured,
         )
+        if configured and self._alone:
+            self._alone = False
+            log.info("neighbour %s connected; this node no longer trains alone", peer)
         if tells_core:
             await self._events_send.send(PeerConnected(peer))
         if all(p in self._connections for p in self._peers_by_id):
@@ -1067,6 +1147,36 @@ def _wire_reason(exc: BaseException | None, *, default: str) -> str:
     if isinstance(exc, WireError):
         return "malformed"
     return default
+
+
+async def _listen(key: str, host: str, port: int) -> list[trio.SocketListener]:
+    """Listen on ``host:port``, or say which config key names an address that cannot be used.
+
+    Raises:
+        ConfigError: naming ``key``: the address is in use, not this machine's, or its host
+            name does not resolve.
+    """
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise ConfigError(
+            key,
+            address,
+            f"an address of this machine that is free to listen on (cannot listen: "
+            f"{exc.strerror or exc}); pick a free port, or a host of this machine such as "
+            "127.0.0.1",
+        ) from None
+
+
+def _os_reason(exc: OSError) -> str:
+    """Why a connection failed: trio reports every address it tried as the cause."""
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup):
+        for inner in cause.exceptions:
+            if isinstance(inner, OSError) and inner.errno:
+                return os.strerror(inner.errno)
+    return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
 def _remote_ip(stream: trio.SocketStream) -> str | None:

@@ -385,7 +385,8 @@ def _peek_frame(path: Path, data: bytes) -> tuple[dict[str, Any], bytes]:
             data[8 : 8 + header_len], raw=False, strict_map_key=False, max_ext_len=0
         )
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.UnpackException) as exc:
-        raise ConfigError("file", str(path), f"a frame with a msgpack header ({exc})") from None
+        reason = str(exc) or type(exc).__name__  # msgpack's depth error has no message
+        raise ConfigError("file", str(path), f"a frame with a msgpack header ({reason})") from None
     if not isinstance(header, dict):
         raise ConfigError("file", str(path), "a frame whose header is a msgpack map")
     return header, data[8 + header_len :]

@@ -539,7 +539,9 @@ class Node:
         for peer in self.config.peers:
             if peer.node_id in self._connections:
                 continue
-            if self.node_id < peer.node_id:
+            if self._is_banned(peer.node_id):
+                why = "banned by this node"
+            elif self.node_id < peer.node_id:
                 why = self._dial_errors.get(peer.node_id, "not reached yet")
             else:
                 why = "it did not connect to this node"

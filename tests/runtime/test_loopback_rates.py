@@ -59,8 +59,11 @@ def round_records() -> Iterator[RoundRecords]:
         logger.setLevel(level)
 
 
-async def loopback_nodes(tmp_path: Path, rounds: int) -> list[Node]:
-    """The example's three nodes on ports bound now, ``rounds`` rounds of one local step."""
+async def loopback_nodes(
+    tmp_path: Path, rounds: int, protocol: str = "", mode: str = "dsgd"
+) -> list[Node]:
+    """The example's three nodes on ports bound now, ``rounds`` rounds of one local step,
+    ``protocol`` appended to each ``[protocol]`` table."""
     work = tmp_path / "loopback"
     shutil.copytree(EXAMPLE, work, ignore=shutil.ignore_patterns("*.key", "*.pub", "state"))
     listeners = {i: await trio.open_tcp_listeners(0, host="127.0.0.1") for i in NODES}
@@ -72,7 +75,8 @@ async def loopback_nodes(tmp_path: Path, rounds: int) -> list[Node]:
         for other, port in ports.items():
             text = text.replace(f"127.0.0.1:710{other}", f"127.0.0.1:{port}")
         text = re.sub(r"(?m)^rounds = \d+$", f"rounds = {rounds}", text)
-        text = re.sub(r"(?m)^local_steps = \d+$", "local_steps = 1", text)
+        text = re.sub(r"(?m)^local_steps = \d+$", "local_steps = 1" + protocol, text)
+        text = text.replace('mode = "dsgd"', f'mode = "{mode}"')
         config.write_text(text)
     return [Node(load_config(work / f"node{i}.toml"), listeners=listeners[i]) for i in NODES]
 
@@ -112,3 +116,25 @@ async def test_loopback_configs_run_1000_fast_rounds_without_strikes(
         torch.set_num_threads(previous)
     print(f"\n{ROUNDS} rounds on 3 nodes in {elapsed:.1f} s ({ROUNDS / elapsed:.0f} rounds/s)")
     check_every_round_merged(nodes, round_records, ROUNDS)
+
+
+async def test_gossip_pushing_every_few_milliseconds_draws_no_strikes(
+    tmp_path: Path, round_records: RoundRecords
+) -> None:
+    """Gossip's allowance follows its period: 200 pushes a second are the protocol's pace."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        nodes = await loopback_nodes(
+            tmp_path, 300, "\nperiod = 0.005\nperiod_jitter = 0.2", mode="gossip"
+        )
+        with trio.fail_after(RUN_TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                for node in nodes:
+                    nursery.start_soon(node.run)
+    finally:
+        torch.set_num_threads(previous)
+    for node in nodes:
+        assert node.core.finished
+        assert node.stats["misbehaviour"] == 0, node.stats
+        assert node.stats["messages_received"] > 300  # the pushes did arrive

@@ -35,15 +35,17 @@ def one_torch_thread() -> object:
     torch.set_num_threads(previous)
 
 
-async def modest_nodes(tmp_path: Path) -> list[Node]:
+async def modest_nodes(
+    tmp_path: Path, *, rounds: int = ROUNDS, local_steps: int = 20
+) -> list[Node]:
     identities = [Identity.from_seed(bytes([60 + i]) * 32) for i in range(N)]
     listeners = [await trio.open_tcp_listeners(0, host="127.0.0.1") for _ in range(N)]
     ports = [int(ls[0].socket.getsockname()[1]) for ls in listeners]
     everyone = tuple(PeerConfig("127.0.0.1", ports[i], identities[i].node_id) for i in range(N))
     protocol = CoreConfig(
         mode="modest",
-        rounds=ROUNDS,
-        local_steps=20,
+        rounds=rounds,
+        local_steps=local_steps,
         sample_size=3,
         aggregators=1,
         min_models=2,
@@ -107,6 +109,27 @@ async def test_six_modest_nodes_learn_through_on_demand_connections(tmp_path: Pa
     assert sum(node.stats["misbehaviour"] for node in nodes) == 0
     assert sum(node.stats["dials_on_demand"] for node in nodes) > 0
     assert any(node.core.finished for node in nodes)
+
+
+async def test_modest_at_dozens_of_rounds_a_second_draws_no_strikes(tmp_path: Path) -> None:
+    """Issue 12: the rate limit fits modest's pace too (one local step: ~50 rounds/s here)."""
+    rounds = 150
+    nodes = await modest_nodes(tmp_path, rounds=rounds, local_steps=1)
+    with trio.fail_after(RUN_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            done = trio.Event()
+
+            async def run(node: Node) -> None:
+                await node.run()
+                done.set()
+
+            for node in nodes:
+                nursery.start_soon(run, node)
+            await done.wait()
+            for node in nodes:
+                node.request_stop("run over")
+    assert any(node.core.round == rounds for node in nodes)
+    assert [node.stats["misbehaviour"] for node in nodes] == [0] * N
 
 
 async def test_membership_gossip_reaches_peers_learnt_by_peer_exchange(tmp_path: Path) -> None:

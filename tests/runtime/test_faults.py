@@ -16,23 +16,14 @@ import trio
 from p2pfl.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from p2pfl.config import DataConfig, LearnerConfig, MergeConfig, NodeConfig, PeerConfig
 from p2pfl.identity import Identity
-from p2pfl.learn.base import EvalResult, Learner, TrainResult
-from p2pfl.params import ParamLayout
 from p2pfl.protocol import CoreConfig
 from p2pfl.protocol.events import TrainingFinished
 from p2pfl.runtime.node import Node
+from tests.runtime.support import GatedLearner
 
 RUN_TIMEOUT = 60.0
 ME = Identity.from_seed(bytes([50]) * 32)
 OTHER = Identity.from_seed(bytes([51]) * 32)
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> object:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def config(tmp_path: Path, **changes: object) -> NodeConfig:
@@ -48,34 +39,6 @@ def config(tmp_path: Path, **changes: object) -> NodeConfig:
         merge=MergeConfig(rule="weighted"),
     )
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
-
-
-class GatedLearner:
-    """Training blocks (in its worker thread) until ``gate`` opens; ``started`` tells when."""
-
-    def __init__(self, inner: Learner) -> None:
-        self.inner = inner
-        self.gate = threading.Event()
-        self.started = threading.Event()
-
-    @property
-    def layout(self) -> ParamLayout:
-        return self.inner.layout
-
-    @property
-    def num_samples(self) -> int:
-        return self.inner.num_samples
-
-    def initial_vector(self) -> torch.Tensor:
-        return self.inner.initial_vector()
-
-    def train(self, vector: torch.Tensor, steps: int) -> TrainResult:
-        self.started.set()
-        assert self.gate.wait(RUN_TIMEOUT), "the test never opened the gate"
-        return self.inner.train(vector, steps)
-
-    def evaluate(self, vector: torch.Tensor) -> EvalResult:
-        return self.inner.evaluate(vector)
 
 
 def test_temporary_files_of_an_interrupted_save_are_removed_at_start(tmp_path: Path) -> None:
@@ -107,7 +70,7 @@ async def test_the_round_logged_at_stop_is_the_round_saved_and_resumed(
     that round's checkpoint, so the stop line and the next start agree."""
     cfg = config(tmp_path)
     assert cfg.checkpoint_dir is not None
-    learner = GatedLearner(cfg.build_learner())
+    learner = GatedLearner(cfg.build_learner(), threading.Event())
     node = Node(cfg, identity=ME, learner=learner)
     caplog.set_level(logging.INFO, logger="p2pfl.node")
     with trio.fail_after(RUN_TIMEOUT):

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import trio
 
 from p2pfl.cli import main as cli_main
@@ -105,35 +104,20 @@ def check_every_round_merged(nodes: list[Node], records: RoundRecords, rounds: i
 async def test_loopback_configs_run_1000_fast_rounds_without_strikes(
     tmp_path: Path, round_records: RoundRecords
 ) -> None:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        nodes = await loopback_nodes(tmp_path, ROUNDS)
-        start = trio.current_time()
-        await run_all(nodes)
-        elapsed = trio.current_time() - start
-    finally:
-        torch.set_num_threads(previous)
+    nodes = await loopback_nodes(tmp_path, ROUNDS)
+    start = trio.current_time()
+    await run_all(nodes)
+    elapsed = trio.current_time() - start
     print(f"\n{ROUNDS} rounds on 3 nodes in {elapsed:.1f} s ({ROUNDS / elapsed:.0f} rounds/s)")
     check_every_round_merged(nodes, round_records, ROUNDS)
 
 
-async def test_gossip_pushing_every_few_milliseconds_draws_no_strikes(
-    tmp_path: Path, round_records: RoundRecords
-) -> None:
+async def test_gossip_pushing_every_few_milliseconds_draws_no_strikes(tmp_path: Path) -> None:
     """Gossip's allowance follows its period: 200 pushes a second are the protocol's pace."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        nodes = await loopback_nodes(
-            tmp_path, 300, "\nperiod = 0.005\nperiod_jitter = 0.2", mode="gossip"
-        )
-        with trio.fail_after(RUN_TIMEOUT):
-            async with trio.open_nursery() as nursery:
-                for node in nodes:
-                    nursery.start_soon(node.run)
-    finally:
-        torch.set_num_threads(previous)
+    nodes = await loopback_nodes(
+        tmp_path, 300, "\nperiod = 0.005\nperiod_jitter = 0.2", mode="gossip"
+    )
+    await run_all(nodes)
     for node in nodes:
         assert node.core.finished
         assert node.stats["misbehaviour"] == 0, node.stats

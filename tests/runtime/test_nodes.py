@@ -12,7 +12,14 @@ import torch
 import trio
 
 from p2pfl.checkpoint import checkpoint_path, load_checkpoint
-from p2pfl.config import DataConfig, LearnerConfig, MergeConfig, NodeConfig, PeerConfig
+from p2pfl.config import (
+    DataConfig,
+    LearnerConfig,
+    LimitsConfig,
+    MergeConfig,
+    NodeConfig,
+    PeerConfig,
+)
 from p2pfl.errors import HandshakeFailed, TransportBroken
 from p2pfl.identity import Identity
 from p2pfl.protocol import CoreConfig
@@ -21,14 +28,6 @@ from p2pfl.runtime.transport import FrameStream, handshake
 from p2pfl.wire import MessageKind, encode_frame, seal
 
 RUN_TIMEOUT = 90
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> object:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 async def make_nodes(
@@ -124,19 +123,25 @@ async def test_others_finish_when_one_node_is_killed(tmp_path: Path) -> None:
         assert [entry["round"] for entry in node.history] == list(range(rounds))
 
 
-async def test_peer_sending_bad_frames_is_disconnected_after_three_strikes(tmp_path: Path) -> None:
-    a, b = Identity.from_seed(bytes([30]) * 32), Identity.from_seed(bytes([31]) * 32)
-    attacker, victim = (a, b) if a.node_id < b.node_id else (b, a)  # the smaller key dials
+async def node_with_one_dialling_peer(
+    tmp_path: Path, seed: int, limits: LimitsConfig | None = None
+) -> tuple[Identity, Identity, Node]:
+    """(peer, own identity, node): a node configured with one peer, which has the smaller
+    key (so the peer dials) and an address nothing listens on."""
+    a, b = Identity.from_seed(bytes([seed]) * 32), Identity.from_seed(bytes([seed + 1]) * 32)
+    peer, own = (a, b) if a.node_id < b.node_id else (b, a)
     [node] = await make_nodes(tmp_path, 1, rounds=3, local_steps=1, round_timeout=60.0)
-    node = Node(
-        dataclasses.replace(
-            node.config,
-            peers=(PeerConfig("127.0.0.1", 9, attacker.node_id),),
-            startup_timeout=60.0,
-        ),
-        identity=victim,
-        listeners=node._listeners,
+    config = dataclasses.replace(
+        node.config,
+        peers=(PeerConfig("127.0.0.1", 9, peer.node_id),),
+        startup_timeout=60.0,
+        limits=limits or node.config.limits,
     )
+    return peer, own, Node(config, identity=own, listeners=node._listeners)
+
+
+async def test_peer_sending_bad_frames_is_disconnected_after_three_strikes(tmp_path: Path) -> None:
+    attacker, victim, node = await node_with_one_dialling_peer(tmp_path, 30)
     with trio.fail_after(RUN_TIMEOUT):
         async with trio.open_nursery() as nursery:
             port = await nursery.start(node.run)
@@ -162,20 +167,8 @@ async def test_peer_sending_bad_frames_is_disconnected_after_three_strikes(tmp_p
 async def test_redials_of_a_banned_key_never_ban_the_ip_it_shares(tmp_path: Path) -> None:
     """A banned peer redialling is refused as a key; the address, which honest peers on the
     same host share, is banned only for failures of unauthenticated connections."""
-    a, b = Identity.from_seed(bytes([32]) * 32), Identity.from_seed(bytes([33]) * 32)
-    banned, victim = (a, b) if a.node_id < b.node_id else (b, a)  # the smaller key dials
-    [node] = await make_nodes(tmp_path, 1, rounds=3, local_steps=1, round_timeout=60.0)
-    limits = dataclasses.replace(node.config.limits, ip_failures_to_ban=3)
-    node = Node(
-        dataclasses.replace(
-            node.config,
-            peers=(PeerConfig("127.0.0.1", 9, banned.node_id),),
-            startup_timeout=60.0,
-            limits=limits,
-        ),
-        identity=victim,
-        listeners=node._listeners,
-    )
+    limits = dataclasses.replace(LimitsConfig(), ip_failures_to_ban=3)
+    banned, victim, node = await node_with_one_dialling_peer(tmp_path, 32, limits=limits)
     with trio.fail_after(RUN_TIMEOUT):
         async with trio.open_nursery() as nursery:
             port = await nursery.start(node.run)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-import torch
 import trio
 
 from p2pfl.config import (
@@ -25,14 +23,6 @@ from p2pfl.runtime.node import Node
 RUN_TIMEOUT = 55
 N = 6
 ROUNDS = 10
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> object:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 async def modest_nodes(
@@ -80,8 +70,9 @@ async def modest_nodes(
     return nodes
 
 
-async def test_six_modest_nodes_learn_through_on_demand_connections(tmp_path: Path) -> None:
-    nodes = await modest_nodes(tmp_path)
+async def run_until_one_finishes(nodes: list[Node]) -> None:
+    """Run every node; stop them all once one finished. Nodes not sampled at the end never
+    hold the last model and stay idle, as in MoDeST: once one node finished, the run is over."""
     with trio.fail_after(RUN_TIMEOUT):
         async with trio.open_nursery() as nursery:
             done = trio.Event()
@@ -92,11 +83,14 @@ async def test_six_modest_nodes_learn_through_on_demand_connections(tmp_path: Pa
 
             for node in nodes:
                 nursery.start_soon(run, node)
-            # Nodes not sampled at the end never hold the last model and stay idle, as in
-            # MoDeST: once one node finished, the run is over.
             await done.wait()
             for node in nodes:
                 node.request_stop("run over")
+
+
+async def test_six_modest_nodes_learn_through_on_demand_connections(tmp_path: Path) -> None:
+    nodes = await modest_nodes(tmp_path)
+    await run_until_one_finishes(nodes)
     history = sorted(
         (entry["round"], entry["test_accuracy"]) for node in nodes for entry in node.history
     )
@@ -115,19 +109,7 @@ async def test_modest_at_dozens_of_rounds_a_second_draws_no_strikes(tmp_path: Pa
     """Issue 12: the rate limit fits modest's pace too (one local step: ~50 rounds/s here)."""
     rounds = 150
     nodes = await modest_nodes(tmp_path, rounds=rounds, local_steps=1)
-    with trio.fail_after(RUN_TIMEOUT):
-        async with trio.open_nursery() as nursery:
-            done = trio.Event()
-
-            async def run(node: Node) -> None:
-                await node.run()
-                done.set()
-
-            for node in nodes:
-                nursery.start_soon(run, node)
-            await done.wait()
-            for node in nodes:
-                node.request_stop("run over")
+    await run_until_one_finishes(nodes)
     assert any(node.core.round == rounds for node in nodes)
     assert [node.stats["misbehaviour"] for node in nodes] == [0] * N
 

@@ -260,7 +260,7 @@ def node_command() -> Iterator[Callable[[Path], tuple[int, str]]]:
     def run(config: Path) -> tuple[int, str]:
         stderr = io.StringIO()
         with contextlib.redirect_stderr(stderr):
-            code = main(["node", "--config", str(config), "--log-level", "ERROR"])
+            code = main(["node", "--config", str(config)])
         return code, stderr.getvalue()
 
     try:

@@ -361,6 +361,20 @@ class Node:
             listeners = await _listen(
                 "node.listen", self.config.listen_host, self.config.listen_port
             )
+        status_listeners: list[trio.SocketListener] = []
+        if self.config.status_host is not None:
+            # Bound before anything is logged or started: a failure is one error, no more.
+            try:
+                status_listeners = await _listen(
+                    "node.status_listen", self.config.status_host, self.config.status_port
+                )
+            except ConfigError:
+                if self._listeners is None:
+                    with trio.CancelScope(shield=True):
+                        for listener in listeners:
+                            await listener.aclose()
+                raise
+            self.status_port = int(status_listeners[0].socket.getsockname()[1])
         self.port = int(listeners[0].socket.getsockname()[1])
         if self.resumed_from is not None:
             log.info(
@@ -377,14 +391,9 @@ class Node:
             len(self.config.peers),
             self.start_round,
         )
-        status_listeners: list[trio.SocketListener] = []
         try:
             async with trio.open_nursery() as nursery:
-                if self.config.status_host is not None:
-                    status_listeners = await _listen(
-                        "node.status_listen", self.config.status_host, self.config.status_port
-                    )
-                    self.status_port = int(status_listeners[0].socket.getsockname()[1])
+                if status_listeners:
                     await nursery.start(serve_status, status_listeners, self.render_metrics)
                     log_event(
                         log,
@@ -618,11 +627,21 @@ class Node:
         target = self._checkpoint_file
         if target is not None:
             info = {"saved_at": time.time(), "loss": self._train_loss.get(round_ - 1, math.nan)}
-            await trio.to_thread.run_sync(
-                lambda: save_checkpoint(
-                    target, round=round_, vector=vector, node=self.node_id.hex(), info=info
+            try:
+                await trio.to_thread.run_sync(
+                    lambda: save_checkpoint(
+                        target, round=round_, vector=vector, node=self.node_id.hex(), info=info
+                    )
                 )
-            )
+            except OSError as exc:
+                # The directory was writable at start (prepare_checkpoint_dir); it no longer
+                # is. Going on would lose every round from here on a restart.
+                raise ConfigError(
+                    "node.checkpoint_dir",
+                    str(target.parent),
+                    f"a directory this node can write (saving round {round_} failed: "
+                    f"{exc.strerror or exc}); the node stopped",
+                ) from None
         if self._on_round is not None:
             self._on_round(round_ - 1, vector, self._train_loss.get(round_ - 1, math.nan))
         self._evals_send.send_nowait((round_, vector, len(self._connections)))

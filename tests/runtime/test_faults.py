@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import socket
 import threading
 from pathlib import Path
@@ -15,6 +16,7 @@ import trio
 
 from p2pfl.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from p2pfl.config import DataConfig, LearnerConfig, MergeConfig, NodeConfig, PeerConfig
+from p2pfl.errors import ConfigError
 from p2pfl.identity import Identity
 from p2pfl.protocol import CoreConfig
 from p2pfl.protocol.events import TrainingFinished
@@ -121,3 +123,27 @@ async def test_a_node_whose_neighbour_is_gone_says_so_and_trains_alone(
     alone = [r for r in caplog.records if getattr(r, "event", None) == "alone"]
     assert len(alone) == 1, events  # said once, not every round
     assert "gone or finished" in alone[0].getMessage()
+
+
+async def test_a_checkpoint_dir_that_stops_being_writable_stops_the_node_with_its_key(
+    tmp_path: Path,
+) -> None:
+    cfg = config(tmp_path)
+    assert cfg.checkpoint_dir is not None
+    learner = GatedLearner(cfg.build_learner(), threading.Event())
+    node = Node(cfg, identity=ME, learner=learner)
+    with trio.fail_after(RUN_TIMEOUT), pytest.raises(ExceptionGroup) as caught:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+            await trio.to_thread.run_sync(learner.started.wait)
+            shutil.rmtree(cfg.checkpoint_dir)
+            cfg.checkpoint_dir.write_text("a file where the directory was")
+            learner.gate.set()
+    errors, rest = caught.value.split(ConfigError)
+    assert rest is None and errors is not None
+    leaf: BaseException = errors
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    message = str(leaf)
+    assert message.startswith("node.checkpoint_dir = ")
+    assert "saving round 1 failed" in message

@@ -28,19 +28,20 @@ checkpoint (round and model) when one exists.
 Defences (see README, "Operate a node"). Before a handshake: a banned remote IP is closed at
 once; so is every accepted socket beyond ``max_handshakes`` concurrent handshakes; a failed
 handshake counts against the remote IP (``ip_failures_to_ban`` within ``ip_failure_window``
-bans it), except the refusal of a key the node knows (banned, no free slot, a configured peer
-that should wait to be dialled): honest peers may share the address. After it: a banned key is
-refused; each connection has a token bucket sized from the protocol
+bans it), except the refusal of a key the node knows (banned, no free slot, a configured
+peer that should wait to be dialled): honest peers may share the address. After it: a banned
+key is refused; each connection has a token bucket sized from the protocol
 (:func:`~p2pfl.runtime.limits.peer_allowance`: ``peer_message_rate`` and
 ``peer_message_burst`` plus what the mode sends, credited per round this node completes)
-whose every refused frame is a strike, and an idle watchdog; unusable frames and the core's ``PeerMisbehaved`` are strikes too;
-``strikes_to_ban`` strikes ban the key for ``ban_interval`` seconds and close the connection.
-Runtime-level kinds (``KEEPALIVE``, ``PEER_EXCHANGE``) are handled here and never reach the
-core; learned peers (:mod:`p2pfl.runtime.peerx`) are dialled only when
-``accept_unknown_peers`` is set. For a core with fixed neighbours (``dsgd``, ``gossip``), a
-learned peer's connection carries keep-alives and peer exchange but no models. Every table
-is bounded (bans, failure counters, strikes, the peer book), so bad traffic costs bounded
-memory. ``status_listen`` serves :class:`~p2pfl.runtime.status.Metrics` as Prometheus text.
+whose every refused frame is a strike, and an idle watchdog; unusable frames and the core's
+``PeerMisbehaved`` are strikes too; ``strikes_to_ban`` strikes ban the key for
+``ban_interval`` seconds and close the connection. Runtime-level kinds (``KEEPALIVE``,
+``PEER_EXCHANGE``) are handled here and never reach the core; learned peers
+(:mod:`p2pfl.runtime.peerx`) are dialled only when ``accept_unknown_peers`` is set. For a
+core with fixed neighbours (``dsgd``, ``gossip``), a learned peer's connection carries
+keep-alives and peer exchange but no models. Every table is bounded (bans, failure counters,
+strikes, the peer book), so bad traffic costs bounded memory. ``status_listen`` serves
+:class:`~p2pfl.runtime.status.Metrics` as Prometheus text.
 
 Peers beyond the neighbours. A core whose config ``admits_strangers`` (``modest``, ``gossip``
 with ``peer_sampling = "membership"``) is told about every authenticated connection and gets
@@ -781,8 +782,7 @@ class Node:
                     timeout=self.config.handshake_timeout,
                 )
             except HandshakeFailed as exc:
-                refusal = refusals[0] if refusals else None
-                self._handshake_failed(exc, refusal, address, ip)
+                self._handshake_failed(exc, refusals[0] if refusals else None, address, ip)
                 return
             except NodeClosedError:
                 return

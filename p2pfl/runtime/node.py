@@ -1195,9 +1195,10 @@ def _os_reason(exc: OSError) -> str:
     cause = exc.__cause__
     if isinstance(cause, BaseExceptionGroup):
         for inner in cause.exceptions:
-            if isinstance(inner, OSError) and inner.errno:
+            # trio's message repeats the address; the errno's own text is enough here.
+            if isinstance(inner, OSError) and inner.errno and inner.errno > 0:
                 return os.strerror(inner.errno)
-    return os.strerror(exc.errno) if exc.errno else str(exc)
+    return exc.strerror or str(exc)  # e.g. a host name that does not resolve
 
 
 def _remote_ip(stream: trio.SocketStream) -> str | None:

@@ -64,7 +64,7 @@ Schema (every relative path is relative to the directory of the config file)::
 
     [protocol]                       # the fields of p2pfl.protocol.CoreConfig
     mode = "dsgd"                    # dsgd | gossip | modest
-    rounds = 20
+    rounds = 20                      # 1 .. 10**9 (protocol.config.MAX_ROUNDS)
     local_steps = 20
     round_timeout = 10.0
     # period, period_jitter, fanout, wire_dtype, max_rounds_ahead, replay_window,

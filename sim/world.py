@@ -33,11 +33,16 @@ class NetworkState:
     ) -> None:
         self.neighbours = neighbours
         self.status = [ONLINE] * len(neighbours)
+        self._not_online = 0
         self._log = log
         self._down_links: dict[tuple[int, int], set[str]] = {}
         self._components: tuple[list[int], list[int]] | None = None
 
     # -- reading ----------------------------------------------------------------------------
+
+    def all_up(self) -> bool:
+        """Every node online and every link up (O(1))."""
+        return not self._not_online and not self._down_links
 
     def link_up(self, u: int, v: int) -> bool:
         return not self._down_links.get(link_key(u, v))
@@ -64,6 +69,7 @@ class NetworkState:
         if before is DEAD or (before is OFFLINE and not dead):
             return None
         self.status[node] = DEAD if dead else OFFLINE
+        self._not_online += before is ONLINE
         self._log({"event": "node", "node": node, "state": self.status[node], "cause": cause,
                    "disruption": disruption})  # fmt: skip
         self._components = None
@@ -74,6 +80,7 @@ class NetworkState:
         if self.status[node] is not OFFLINE:
             return False
         self.status[node] = ONLINE
+        self._not_online -= 1
         self._log({"event": "node", "node": node, "state": ONLINE, "cause": cause,
                    "disruption": disruption})  # fmt: skip
         self._components = None

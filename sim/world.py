@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from topologies import CompleteAdjacency
+
 ONLINE = "online"
 OFFLINE = "offline"
 DEAD = "dead"
@@ -133,6 +135,13 @@ class NetworkState:
 
     def _label_components(self) -> tuple[list[int], list[int]]:
         size = len(self.status)
+        if isinstance(self.neighbours, CompleteAdjacency) and not self._down_links:
+            # Any set of online nodes of a complete graph is one component: O(n), not O(n^2).
+            online = [node for node in range(size) if self.status[node] is ONLINE]
+            root = online[0] if online else 0
+            labels = [root if self.status[node] is ONLINE else node for node in range(size)]
+            sizes = [len(online) if self.status[node] is ONLINE else 0 for node in range(size)]
+            return labels, sizes
         parent = list(range(size))
 
         def find(x: int) -> int:

@@ -28,7 +28,7 @@ Initial models: ``learner.init = "shared"`` starts every node from the federatio
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import networkx as nx
@@ -49,6 +49,9 @@ from sim.adversaries import (
     poison,
 )
 from sim.scenario import Scenario, SpeedSpec
+
+PhaseHook = Callable[[str], None]
+"""Told the name of each setup phase as it begins, for a progress display."""
 
 STREAM_ROLES = 12
 STREAM_SPEED = 13
@@ -159,13 +162,18 @@ def draw_speeds(spec: SpeedSpec, size: int, *, seed: int) -> list[float]:
     raise AssertionError(spec.dist)
 
 
-def build_population(scenario: Scenario) -> Population:
+def build_population(scenario: Scenario, *, on_phase: PhaseHook | None = None) -> Population:
     """Build the graph, identities, roles, data and speeds of ``scenario``.
+
+    ``on_phase`` is told each setup phase as it begins ("building the graph", "partitioning
+    data", "generating keys").
 
     Raises:
         TopologyError: the topology is invalid or disconnected where it must be connected.
         ConfigError: a data, learner, role or device setting is invalid.
     """
+    phase = on_phase or (lambda _name: None)
+    phase("building the graph")
     spec: dict[str, object] = {"kind": scenario.topology.kind, **scenario.topology_params()}
     # Sybil clones extend the graph, so adversaries need it built; otherwise a topology with
     # an implicit form (complete) is never stored as n^2 edges.
@@ -188,6 +196,7 @@ def build_population(scenario: Scenario) -> Population:
     size = len(neighbours)
     relay += [False] * (size - base_size)
     holders = [node for node in range(base_size) if not relay[node]]
+    phase("partitioning data")
     federation = build_federation(
         scenario.data.dataset,
         scenario.data.params,
@@ -237,9 +246,11 @@ def build_population(scenario: Scenario) -> Population:
                 samplers.append(federation.sampler(part, batch_size=batch_size))
             train_sets.append(data)
             samples.append(len(data[0]))
+    phase("generating keys")
+    identities = [simulated_identity(scenario.seed, node) for node in range(size)]
     return Population(
         neighbours=neighbours,
-        identities=[simulated_identity(scenario.seed, node) for node in range(size)],
+        identities=identities,
         federation=federation,
         samplers=samplers,
         train_sets=train_sets,

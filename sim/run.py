@@ -39,9 +39,10 @@ from sim.adversaries import Adversary, AttackSuccess, targeted_entry
 from sim.batched import BatchedMLP
 from sim.disruptions import Disruptions
 from sim.engine import Engine
+from sim.footprint import check_fits
 from sim.metrics import MetricsRecorder
 from sim.network import LinkModel
-from sim.population import Population, build_population, initial_vectors
+from sim.population import PhaseHook, Population, build_population, initial_vectors
 from sim.scenario import Scenario, to_toml
 from topologies import CompleteAdjacency
 
@@ -72,13 +73,18 @@ def build_engine(
     population: Population | None = None,
     *,
     on_round: Callable[[Engine], None] | None = None,
+    on_phase: PhaseHook | None = None,
 ) -> Engine:
     """Wire a scenario's population, cores, network and metrics into an engine.
+
+    ``on_phase`` is told each setup phase as it begins (see :data:`sim.population.PhaseHook`).
 
     Raises:
         ConfigError, TopologyError: the scenario is invalid.
     """
-    population = population or build_population(scenario)
+    population = population or build_population(scenario, on_phase=on_phase)
+    if on_phase is not None:
+        on_phase("building cores")
     config = core_config(scenario)
     federation = population.federation
     initial = initial_vectors(scenario, population)
@@ -159,14 +165,26 @@ def run_scenario(
     *,
     on_round: Callable[[Engine], None] | None = None,
     plots: bool = True,
+    force: bool = False,
+    on_phase: PhaseHook | None = None,
 ) -> RunResult:
     """Run ``scenario`` and write its run directory (with its plots unless ``plots=False``).
 
+    Before allocating anything, the scenario's memory footprint is estimated
+    (:mod:`sim.footprint`) and a scenario that does not fit the machine is refused, unless
+    ``force``. ``on_phase`` is told each phase as it begins (setup, then ``"running"``).
+
     Raises:
-        ConfigError, TopologyError: the scenario is invalid.
+        ConfigError, TopologyError: the scenario is invalid, or does not fit in memory.
     """
     started = time.perf_counter()
-    engine = build_engine(scenario, on_round=on_round)
+    if on_phase is not None:
+        on_phase("estimating memory")
+    if not force:
+        check_fits(scenario)
+    engine = build_engine(scenario, on_round=on_round, on_phase=on_phase)
+    if on_phase is not None:
+        on_phase("running")
     virtual_seconds = engine.run()
     wall_seconds = time.perf_counter() - started
     directory = out or default_run_dir(scenario)

@@ -174,13 +174,13 @@ def build_population(scenario: Scenario, *, on_phase: PhaseHook | None = None) -
     """
     phase = on_phase or (lambda _name: None)
     phase("building the graph")
-    spec: dict[str, object] = {"kind": scenario.topology.kind, **scenario.topology_params()}
+    topology: dict[str, object] = {"kind": scenario.topology.kind, **scenario.topology_params()}
     # Sybil clones extend the graph, so adversaries need it built; otherwise a topology with
     # an implicit form (complete) is never stored as n^2 edges.
-    implicit = None if scenario.adversaries else topologies.implicit_neighbours(spec)
+    implicit = None if scenario.adversaries else topologies.implicit_neighbours(topology)
     graph: nx.Graph | None = None
     if implicit is None:
-        graph = topologies.build(spec, require_connected=scenario.topology.require_connected)
+        graph = topologies.build(topology, require_connected=scenario.topology.require_connected)
         neighbours: Sequence[Sequence[int]] = [
             sorted(graph.neighbors(node)) for node in range(graph.number_of_nodes())
         ]
@@ -258,7 +258,7 @@ def build_population(scenario: Scenario, *, on_phase: PhaseHook | None = None) -
         samples=samples,
         speed=draw_speeds(scenario.devices.speed, size, seed=scenario.seed),
         adversaries=plan,
-        topology=spec,
+        topology=topology,
         built_graph=graph,
     )
 

@@ -22,6 +22,11 @@ turns it into a core event and carries out the actions the core returns:
   entry whose time no longer matches the core's deadline is stale and skipped.
 * ``SaveCheckpoint`` marks the end of a node's round for the metrics.
 
+At time 0 every node gets ``NeighboursConnected`` then ``Started``: one event per node, not one
+per neighbour, so a dense graph costs no heap entries per edge. If a disruption at time 0 has
+already taken something down, the engine hands the node one ``PeerConnected`` per reachable
+neighbour instead, back to back, which the cores treat alike.
+
 Adversaries: when ``engine.adversary`` is set (:class:`sim.adversaries.Adversary`), every
 ``Send`` of a node it marks Byzantine is first handed to ``adversary.forge``, which may return
 another envelope for that receiver (a model attack, re-sealed with the sender's own key);

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
-from typing import overload
 
 import networkx as nx
 
+from p2pfl.views import IndexedView
 from topologies._check import canonical, check_at_least
 
 __all__ = ["AllBut", "CompleteAdjacency", "complete", "complete_adjacency", "line", "ring", "star"]
@@ -83,7 +83,7 @@ def complete(n: int) -> nx.Graph:
     return canonical(n, itertools.combinations(range(n), 2))
 
 
-class AllBut(Sequence[int]):
+class AllBut(IndexedView[int]):
     """The sorted nodes ``0..n-1`` but ``node``: a complete graph's neighbour list in O(1)."""
 
     __slots__ = ("n", "node")
@@ -95,17 +95,7 @@ class AllBut(Sequence[int]):
     def __len__(self) -> int:
         return self.n - 1
 
-    @overload
-    def __getitem__(self, index: int) -> int: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[int]: ...
-    def __getitem__(self, index: int | slice) -> int | list[int]:
-        if isinstance(index, slice):
-            return list(self)[index]
-        if index < 0:
-            index += self.n - 1
-        if not 0 <= index < self.n - 1:
-            raise IndexError(index)
+    def _item(self, index: int) -> int:
         return index if index < self.node else index + 1
 
     def __iter__(self) -> Iterator[int]:
@@ -120,7 +110,7 @@ class AllBut(Sequence[int]):
     __hash__ = None  # type: ignore[assignment]
 
 
-class CompleteAdjacency(Sequence[AllBut]):
+class CompleteAdjacency(IndexedView[AllBut]):
     """The neighbour lists of the complete graph on ``n`` nodes, computed on access."""
 
     __slots__ = ("n",)
@@ -131,17 +121,7 @@ class CompleteAdjacency(Sequence[AllBut]):
     def __len__(self) -> int:
         return self.n
 
-    @overload
-    def __getitem__(self, index: int) -> AllBut: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[AllBut]: ...
-    def __getitem__(self, index: int | slice) -> AllBut | list[AllBut]:
-        if isinstance(index, slice):
-            return [AllBut(self.n, node) for node in range(self.n)[index]]
-        if index < 0:
-            index += self.n
-        if not 0 <= index < self.n:
-            raise IndexError(index)
+    def _item(self, index: int) -> AllBut:
         return AllBut(self.n, index)
 
     @property

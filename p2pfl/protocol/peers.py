@@ -25,14 +25,14 @@ from __future__ import annotations
 import itertools
 from collections import OrderedDict
 from collections.abc import Collection, Iterable, Iterator, Sequence
-from typing import overload
 
 from p2pfl.errors import ConfigError
 from p2pfl.identity import NodeId
+from p2pfl.views import IndexedView
 from p2pfl.wire import ReplayWindow
 
 
-class Neighbourhood(Sequence[NodeId]):
+class Neighbourhood(IndexedView[NodeId]):
     """Distinct peers sorted by key, with an O(1) rank lookup."""
 
     __slots__ = ()
@@ -69,11 +69,7 @@ class SortedPeers(Neighbourhood):
     def __len__(self) -> int:
         return len(self._peers)
 
-    @overload
-    def __getitem__(self, index: int) -> NodeId: ...
-    @overload
-    def __getitem__(self, index: slice) -> tuple[NodeId, ...]: ...
-    def __getitem__(self, index: int | slice) -> NodeId | tuple[NodeId, ...]:
+    def _item(self, index: int) -> NodeId:
         return self._peers[index]
 
     def __iter__(self) -> Iterator[NodeId]:
@@ -102,19 +98,8 @@ class AllPeersBut(Neighbourhood):
     def __len__(self) -> int:
         return len(self._universe) - (self._own_at < len(self._universe))
 
-    @overload
-    def __getitem__(self, index: int) -> NodeId: ...
-    @overload
-    def __getitem__(self, index: slice) -> tuple[NodeId, ...]: ...
-    def __getitem__(self, index: int | slice) -> NodeId | tuple[NodeId, ...]:
-        if isinstance(index, slice):
-            return tuple(self)[index]
-        size = len(self)
-        if index < 0:
-            index += size
-        if not 0 <= index < size:
-            raise IndexError(index)
-        return self._universe[index if index < self._own_at else index + 1]
+    def _item(self, index: int) -> NodeId:
+        return self._universe._item(index if index < self._own_at else index + 1)
 
     def __iter__(self) -> Iterator[NodeId]:
         universe = self._universe
@@ -124,7 +109,7 @@ class AllPeersBut(Neighbourhood):
         )
 
 
-class _Connected(Sequence[NodeId]):
+class _Connected(IndexedView[NodeId]):
     """The connected neighbours in key order: a live view of a :class:`PeerSet`."""
 
     __slots__ = ("_set",)
@@ -135,19 +120,8 @@ class _Connected(Sequence[NodeId]):
     def __len__(self) -> int:
         return self._set._count
 
-    @overload
-    def __getitem__(self, index: int) -> NodeId: ...
-    @overload
-    def __getitem__(self, index: slice) -> tuple[NodeId, ...]: ...
-    def __getitem__(self, index: int | slice) -> NodeId | tuple[NodeId, ...]:
-        if isinstance(index, slice):
-            return tuple(self)[index]
-        size = self._set._count
-        if index < 0:
-            index += size
-        if not 0 <= index < size:
-            raise IndexError(index)
-        return self._set.neighbours[self._set._select(index)]
+    def _item(self, index: int) -> NodeId:
+        return self._set.neighbours._item(self._set._select(index))
 
     def __iter__(self) -> Iterator[NodeId]:
         peers = self._set

@@ -95,3 +95,15 @@ def test_ten_million_nodes_exit_2_at_once(capsys: pytest.CaptureFixture[str]) ->
     err = capsys.readouterr().err
     assert err.startswith("p2pfl-sim: error: topology.n = 10000000: needs about ")
     assert err.count("\n") == 1
+
+
+def test_sweep_refuses_before_starting_a_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sim.sweep import plan, run_sweep
+
+    runs = plan(SMALL, "<test>", [("seed", ["1", "2"])], seeds=1, out=tmp_path / "sweep")
+    monkeypatch.setattr("sim.sweep.available_bytes", lambda: 1)
+    with pytest.raises(ConfigError, match=r"^topology\.n = 4: needs about .*--force"):
+        run_sweep(runs, "<test>", tmp_path / "sweep", jobs=2)
+    assert not any((tmp_path / "sweep").glob("run-*"))

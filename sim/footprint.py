@@ -22,8 +22,12 @@ nodes of a random 6-regular graph, torch 2.13 CPU):
 * training: one batched step of every node: nodes x batch x (sum of layer widths) x 4 x 3
   (inputs, activations, gradients).
 
-The estimate is deliberately simple and errs high (the 8,000-node run measured 1.7 GB peak
-RSS against an estimate of 2.0 GB).
+The estimate is deliberately simple. Checked against peak RSS (which also holds the ~0.3 GB
+of the interpreter and torch, already allocated when the check runs): the standard workload
+at 8,000 nodes is estimated at 1.7 GB and peaked at 1.7 GB; the dense-graph bench (1,437
+nodes, complete graph, gossip) is estimated at 0.22 GB and peaked at 0.79 GB, so gossip's
+messages in flight and the batched evaluation are under-counted. When the engine keeps fewer
+copies of a model, change :data:`MODEL_COPIES` and the buffered counts here.
 """
 
 from __future__ import annotations

@@ -9,11 +9,14 @@ One place for both drivers' early refusals: the simulator's memory estimate
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+
+from p2pfl.learn.data.core import SplitDataset
 
 WIRE_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 FRAME_OVERHEAD_BYTES = 1024
@@ -32,26 +35,66 @@ def parameter_count(layer_sizes: Sequence[int]) -> int:
     return sum(parameter.numel() for layer in layers for parameter in layer.parameters())
 
 
+def _param(params: Mapping[str, Any], builder: Any, key: str) -> Any:
+    """``params[key]``, or the builder's default for it."""
+    return params.get(key, inspect.signature(builder).parameters[key].default)
+
+
+def _synthetic_leaf_shape(params: Mapping[str, Any], builder: Any) -> tuple[int, int, int]:
+    # Client sizes are min_size + lognormal(size_mean, size_sigma): count their mean.
+    mean = math.exp(
+        _param(params, builder, "size_mean") + _param(params, builder, "size_sigma") ** 2 / 2
+    )
+    examples = _param(params, builder, "num_clients") * (_param(params, builder, "min_size") + mean)
+    return (
+        int(examples),
+        _param(params, builder, "num_features"),
+        _param(params, builder, "num_classes"),
+    )
+
+
+_SHAPES: dict[str, Callable[[Mapping[str, Any], Any], tuple[int, int, int]]] = {
+    "digits": lambda _params, _builder: (1797, 64, 10),
+    "gaussian_mixture": lambda params, builder: (
+        _param(params, builder, "n_samples"),
+        _param(params, builder, "dim"),
+        _param(params, builder, "num_classes"),
+    ),
+    "mnist1d": lambda params, builder: (_param(params, builder, "n_samples"), 40, 10),
+    "synthetic_leaf": _synthetic_leaf_shape,
+}
+"""Datasets whose shape follows from their parameters: (examples, features, classes)."""
+
+
 def dataset_shape(name: str, params: Mapping[str, Any]) -> tuple[int, int, int]:
-    """(examples, features, classes) of a dataset, read from its parameters when its builder
-    takes ``n_samples``, ``dim`` and ``num_classes`` (nothing is generated), else by building
-    it (the fixed-size datasets are small).
+    """(examples, features, classes) of a dataset: computed from its parameters for the
+    generated datasets (nothing is generated, however large), else read by loading it (a
+    file-backed dataset is as large as its file).
 
     Raises:
         ConfigError: the dataset is unknown or its parameters are invalid.
+        ImportError: loading the dataset needs an optional dependency that is missing.
     """
     from p2pfl.learn.datasets import DATASETS, make_dataset
 
     builder = DATASETS.get(name)
-    wanted = ("n_samples", "dim", "num_classes")
-    if builder is not None:
-        signature = inspect.signature(builder).parameters
-        values = [params.get(key, signature[key].default) for key in wanted if key in signature]
-        if len(values) == len(wanted) and all(
-            isinstance(value, int) and not isinstance(value, bool) for value in values
+    shape = _SHAPES.get(name)
+    if builder is not None and shape is not None:
+        computed: tuple[int, int, int] | None
+        try:
+            computed = shape(params, builder)
+        except (TypeError, ValueError):
+            computed = None  # a malformed value: loading the dataset reports it by key
+        if computed is not None and all(
+            isinstance(value, int) and not isinstance(value, bool) for value in computed
         ):
-            return values[0], values[1], values[2]
-    data = make_dataset(name, **dict(params))
+            return computed
+    given = dict(params)
+    if builder is not None and "seed" in inspect.signature(builder).parameters:
+        given.setdefault("seed", 0)
+    data = make_dataset(name, **given)
+    if isinstance(data, SplitDataset):
+        return len(data.train) + len(data.test), data.train.dim, data.train.num_classes
     return len(data), data.dim, data.num_classes
 
 

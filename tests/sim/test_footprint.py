@@ -35,6 +35,9 @@ def test_dataset_shape_without_generating() -> None:
     assert dataset_shape("digits", {}) == (1797, 64, 10)
     shape = dataset_shape("gaussian_mixture", {"n_samples": 10**12, "dim": 7, "num_classes": 3})
     assert shape == (10**12, 7, 3)
+    assert dataset_shape("mnist1d", {"n_samples": 10**9}) == (10**9, 40, 10)
+    examples, features, classes = dataset_shape("synthetic_leaf", {"num_clients": 10**7})
+    assert examples > 50 * 10**7 and (features, classes) == (60, 10)
 
 
 def test_estimate_grows_with_nodes_and_the_complete_graph_stores_no_edges() -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from p2pfl.errors import ConfigError
 from p2pfl.learn.data.core import SplitDataset
 
 WIRE_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -90,9 +91,17 @@ def dataset_shape(name: str, params: Mapping[str, Any]) -> tuple[int, int, int]:
         ):
             return computed
     given = dict(params)
-    if builder is not None and "seed" in inspect.signature(builder).parameters:
+    accepted = inspect.signature(builder).parameters if builder is not None else {}
+    if "seed" in accepted:
         given.setdefault("seed", 0)
-    data = make_dataset(name, **given)
+    try:
+        data = make_dataset(name, **given)
+    except ConfigError as exc:
+        # Named as the run's own loading names it (p2pfl.learn.datasets.load_split).
+        key = exc.key.removeprefix("dataset_params.")
+        if key in accepted:
+            raise ConfigError(f"data.params.{key}", exc.value, exc.allowed) from exc
+        raise
     if isinstance(data, SplitDataset):
         return len(data.train) + len(data.test), data.train.dim, data.train.num_classes
     return len(data), data.dim, data.num_classes

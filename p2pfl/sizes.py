@@ -16,9 +16,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from p2pfl.errors import ConfigError
-from p2pfl.learn.data.core import SplitDataset
-
 WIRE_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 FRAME_OVERHEAD_BYTES = 1024
 """Length prefix and signed header (keys, signature, tensor spec, counters) of a model frame,
@@ -76,7 +73,7 @@ def dataset_shape(name: str, params: Mapping[str, Any]) -> tuple[int, int, int]:
         ConfigError: the dataset is unknown or its parameters are invalid.
         ImportError: loading the dataset needs an optional dependency that is missing.
     """
-    from p2pfl.learn.datasets import DATASETS, make_dataset
+    from p2pfl.learn.datasets import DATASETS, load_split
 
     builder = DATASETS.get(name)
     shape = _SHAPES.get(name)
@@ -90,21 +87,12 @@ def dataset_shape(name: str, params: Mapping[str, Any]) -> tuple[int, int, int]:
             isinstance(value, int) and not isinstance(value, bool) for value in computed
         ):
             return computed
-    given = dict(params)
-    accepted = inspect.signature(builder).parameters if builder is not None else {}
-    if "seed" in accepted:
-        given.setdefault("seed", 0)
-    try:
-        data = make_dataset(name, **given)
-    except ConfigError as exc:
-        # Named as the run's own loading names it (p2pfl.learn.datasets.load_split).
-        key = exc.key.removeprefix("dataset_params.")
-        if key in accepted:
-            raise ConfigError(f"data.params.{key}", exc.value, exc.allowed) from exc
-        raise
-    if isinstance(data, SplitDataset):
-        return len(data.train) + len(data.test), data.train.dim, data.train.num_classes
-    return len(data), data.dim, data.num_classes
+    # The run's own loading: builder defaults, the source's test split, keys named as the
+    # run names them. Only file-backed datasets come here; they are as large as their files.
+    train, test = load_split(
+        name, params, test_fraction=0.2, data_seed=0, split_seed=0, num_clients=1
+    )
+    return len(train) + len(test), train.dim, train.num_classes
 
 
 def model_frame_bytes(params: int, *, wire_dtype: str = "float32", view_entries: int = 0) -> int:

@@ -342,8 +342,8 @@ class Connections:
             return None  # a reconnect replaces the old connection
         return None if self._learned_slots() > 0 else "peer_limit"
 
-    async def accept(self, stream: trio.SocketStream) -> None:
-        """Serve one accepted socket: defences, handshake, then the connection."""
+    async def accept(self, stream: trio.abc.Stream) -> None:
+        """Serve one accepted stream: defences, handshake, then the connection."""
         self._metrics.inc("connections_accepted_total")
         frames = FrameStream(stream, self._frame_limits)
         try:
@@ -577,13 +577,17 @@ def _os_reason(exc: OSError) -> str:
     return exc.strerror or str(exc)  # e.g. a host name that does not resolve
 
 
-def _remote_ip(stream: trio.SocketStream) -> str | None:
-    with contextlib.suppress(OSError):
-        return str(stream.socket.getpeername()[0])
+def _remote_ip(stream: trio.abc.Stream) -> str | None:
+    """The remote IP of a socket stream (``None`` for other streams, e.g. in memory)."""
+    if isinstance(stream, trio.SocketStream):
+        with contextlib.suppress(OSError):
+            return str(stream.socket.getpeername()[0])
     return None
 
 
-def _format_sockname(stream: trio.SocketStream) -> str:
+def _format_sockname(stream: trio.abc.Stream) -> str:
+    if not isinstance(stream, trio.SocketStream):
+        return "?"
     try:
         host, port = stream.socket.getpeername()[:2]
     except OSError:

@@ -111,7 +111,7 @@ class Node:
         identity: Identity | None = None,
         learner: Learner | None = None,
         merge: MergeRule | None = None,
-        listeners: Sequence[trio.SocketListener] | None = None,
+        listeners: Sequence[trio.abc.Listener[trio.abc.Stream]] | None = None,
         backoff: Backoff | None = None,
         on_round: Callable[[int, torch.Tensor, float], None] | None = None,
         policy: LinkPolicy | None = None,
@@ -124,7 +124,9 @@ class Node:
             learner: the learner; built from the config by default.
             merge: the merge rule; built from the config by default.
             listeners: already bound listeners (tests bind port 0 first so that every node's
-                address is known before any node starts); by default ``config.listen``.
+                address is known before any node starts, or listen in memory); by default
+                ``config.listen``. The port reported is a socket listener's own, else
+                ``config.listen_port``.
             backoff: reconnect delays.
             on_round: called in the trio thread, without blocking, each time a round ends
                 (after its checkpoint is written), with the 0-based index of the round just
@@ -336,7 +338,7 @@ class Node:
                 use, not an address of this machine, a host name that does not resolve), or
                 the checkpoint directory can no longer be written.
         """
-        listeners = self._listeners
+        listeners: Sequence[trio.abc.Listener[trio.abc.Stream]] | None = self._listeners
         if listeners is None:
             listeners = await _listen(
                 "node.listen", self.config.listen_host, self.config.listen_port
@@ -355,7 +357,12 @@ class Node:
                             await listener.aclose()
                 raise
             self.status_port = int(status_listeners[0].socket.getsockname()[1])
-        self.port = int(listeners[0].socket.getsockname()[1])
+        first = listeners[0]
+        self.port = (
+            int(first.socket.getsockname()[1])
+            if isinstance(first, trio.SocketListener)
+            else self.config.listen_port
+        )
         if self.resumed_from is not None:
             log.info(
                 "node %s resumed round=%d digest=%s",

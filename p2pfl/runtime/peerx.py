@@ -235,12 +235,14 @@ class PeerExchange:
         configured: Container[NodeId],
         jitter: random.Random,
     ) -> None:
-        """Args:
-        identity: this node's key (signs the lists, and is never learned).
-        settings: ``[peer_exchange]``.
-        defences: where refusals and strikes are counted.
-        configured: the configured peers' keys, never recorded as learned.
-        jitter: spreads the advertising times.
+        """Start with an empty book; nothing runs until :meth:`run`.
+
+        Args:
+            identity: this node's key (signs the lists, and is never learned).
+            settings: ``[peer_exchange]``.
+            defences: where refusals and strikes are counted.
+            configured: the configured peers' keys, never recorded as learned.
+            jitter: spreads the advertising times.
         """
         self.identity = identity
         self.settings = settings

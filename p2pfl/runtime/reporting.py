@@ -57,13 +57,15 @@ class Reporting:
         peers: Callable[[], int],
         on_round: Callable[[int, torch.Tensor, float], None] | None = None,
     ) -> None:
-        """Args:
-        node_id: the node's key (in the round records and the checkpoint).
-        learner: evaluates the saved models.
-        metrics: the node's metrics (the ``last_*`` gauges).
-        checkpoint_file: where checkpoints go; ``None`` keeps none.
-        peers: the number of connected peers now.
-        on_round: see :class:`~p2pfl.runtime.node.Node`.
+        """Nothing is saved or evaluated until the pump reports a round.
+
+        Args:
+            node_id: the node's key (in the round records and the checkpoint).
+            learner: evaluates the saved models.
+            metrics: the node's metrics (sets the ``last_*`` gauges to NaN).
+            checkpoint_file: where checkpoints go; ``None`` keeps none.
+            peers: the number of connected peers now.
+            on_round: see :class:`~p2pfl.runtime.node.Node`.
         """
         self.node_id = node_id
         self.learner = learner

@@ -42,7 +42,7 @@ import os
 import random
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import trio
 
@@ -506,9 +506,10 @@ class Connections:
 
     # -- the start and being alone ----------------------------------------------------------
 
-    async def startup_gate(self, round_: int) -> None:
+    async def startup_gate(self, round_now: Callable[[], int]) -> None:
         """Deliver ``Started`` once every configured peer is connected or after
-        ``startup_timeout``, saying which peers are missing and why."""
+        ``startup_timeout``, saying which peers are missing and why (and at which round,
+        ``round_now()``)."""
         if not self.config.peers:
             self.all_connected.set()
         with trio.move_on_after(self.config.startup_timeout):
@@ -521,7 +522,7 @@ class Connections:
                 "startup_incomplete",
                 "starting round %d without %d of %d peers after waiting %g s (%s); peers that "
                 "are down or finished their rounds leave this node training alone",
-                round_,
+                round_now(),
                 len(missing),
                 len(self.config.peers),
                 self.config.startup_timeout,

@@ -398,7 +398,7 @@ class Node:
                         self.exchange.run, self.connections.table, self.connections.advertisable
                     )
                 self.connections.start(nursery)
-                nursery.start_soon(self.connections.startup_gate, self.core.round)
+                nursery.start_soon(self.connections.startup_gate, lambda: self.core.round)
                 evaluator_done = trio.Event()
                 nursery.start_soon(self.reporting.evaluate, evaluator_done)
                 task_status.started(self.port)

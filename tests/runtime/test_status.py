@@ -1,4 +1,4 @@
-"""The status endpoint: Prometheus text, the HTTP/1.0 responder, ``p2pfl status``."""
+"""The status endpoint: Prometheus text, the HTTP/1.0 responder, ``p2pfl status``; log records."""
 
 from __future__ import annotations
 

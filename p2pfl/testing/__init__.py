@@ -13,6 +13,16 @@ Check a merge rule, built-in or your own, against the properties it promises::
 A broken promise raises :class:`MergeRuleViolation` (an ``AssertionError``) naming the
 property, with a minimal counterexample. The strategies behind the battery are public too:
 see :mod:`p2pfl.testing.strategies`.
+
+Run a protocol mode or a merge rule on many nodes in virtual time with the in-memory network
+driver :class:`FakeNetwork` (see :mod:`p2pfl.testing.network`)::
+
+    from p2pfl.testing import FakeNetwork
+
+    net = FakeNetwork(3, [(0, 1), (1, 2), (0, 2)], config, vectors=vectors, merge="mean")
+    net.start()
+    net.run()
+    assert all(node.core.finished for node in net.nodes.values())
 """
 
 try:
@@ -32,6 +42,7 @@ from p2pfl.testing.battery import (
     describe_promises,
     promises_for,
 )
+from p2pfl.testing.network import FakeNetwork, FakeNode, identity_of, plus_one, repr_actions
 from p2pfl.testing.strategies import (
     IDENTITY_POOL_SIZE,
     TopologySample,
@@ -52,6 +63,8 @@ __all__ = [
     "IDENTITY_POOL_SIZE",
     "PROMISES",
     "UNIVERSAL",
+    "FakeNetwork",
+    "FakeNode",
     "MergeRuleViolation",
     "Promise",
     "TopologySample",
@@ -61,12 +74,15 @@ __all__ = [
     "envelopes",
     "held_out_probe",
     "identities",
+    "identity_of",
     "merge_contexts",
     "node_ids",
     "param_layouts",
     "parameter_vectors",
+    "plus_one",
     "pool_identity",
     "promises_for",
+    "repr_actions",
     "strategies",
     "topologies",
     "update_sets",

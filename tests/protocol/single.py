@@ -11,9 +11,8 @@ from p2pfl.codec import encode_vector
 from p2pfl.identity import Identity, NodeId
 from p2pfl.merge import make_merge_rule
 from p2pfl.protocol import Action, Core, CoreConfig, MessageReceived, PeerConnected, make_core
+from p2pfl.testing.network import identity_of
 from p2pfl.wire import Envelope, MessageKind, PayloadSpec, seal
-
-from .network import identity_of
 
 SIZE = 4
 ME = 0

@@ -10,9 +10,9 @@ from p2pfl.codec import encode_vector
 from p2pfl.protocol import Action, CoreConfig, PeerMisbehaved, Send, Started
 from p2pfl.protocol.gossip import GossipCore
 from p2pfl.protocol.membership import Record, Status, sign_advert
+from p2pfl.testing.network import FakeNetwork, FakeNode, identity_of
 from p2pfl.wire import MessageKind, seal
 
-from .network import FakeNetwork, FakeNode, identity_of
 from .single import NEIGHBOURS, SIZE, STRANGER, make_single
 
 N = 10
@@ -25,10 +25,10 @@ class RecordingNetwork(FakeNetwork):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.pushes: Counter[tuple[int, int]] = Counter()
 
-    def _carry_out(self, node: FakeNode, action: Action) -> None:
+    def carry_out(self, node: FakeNode, action: Action) -> None:
         if isinstance(action, Send) and action.envelope.kind is MessageKind.MODEL_UPDATE:
             self.pushes[(node.index, self.index_of[action.peer])] += 1
-        super()._carry_out(node, action)
+        super().carry_out(node, action)
 
 
 def ring(n: int) -> list[tuple[int, int]]:

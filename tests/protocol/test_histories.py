@@ -31,9 +31,9 @@ from p2pfl.protocol.histories import (
     seal_history,
     sign_history,
 )
+from p2pfl.testing.network import FakeNetwork, identity_of
 from p2pfl.wire import Envelope, MessageKind, decode_frame, encode_frame, seal
 
-from .network import FakeNetwork, identity_of
 from .single import ME, NEIGHBOURS, SIZE, STRANGER, make_single
 
 ORIGIN = 7  # a node two hops away, known to the tests only through relays

@@ -18,8 +18,7 @@ from p2pfl.protocol.membership import (
     parse_records,
     sign_advert,
 )
-
-from .network import identity_of
+from p2pfl.testing.network import identity_of
 
 POPULATION = 16
 IDENTITIES = [identity_of(i) for i in range(POPULATION)]

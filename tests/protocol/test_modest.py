@@ -7,17 +7,14 @@ import itertools
 from collections import Counter
 from collections.abc import Iterable
 
-import numpy as np
 import torch
 
-from p2pfl.identity import Identity, NodeId
-from p2pfl.merge import make_merge_rule
-from p2pfl.protocol import Action, CoreConfig, Event, Send, Started, make_core
+from p2pfl.identity import Identity
+from p2pfl.protocol import Action, CoreConfig, Event, Send
 from p2pfl.protocol.committee import ordering
 from p2pfl.protocol.modest import ModestCore
+from p2pfl.testing.network import FakeNetwork, FakeNode
 from p2pfl.wire import MessageKind, encode_frame
-
-from .network import FakeNetwork, FakeNode, plus_one
 
 FAST = {
     "ping_timeout": 1.0,
@@ -39,7 +36,7 @@ class CountingNetwork(FakeNetwork):
     """A fake network whose nodes all know each other (the bootstrap view) without any
     ``PeerConnected`` (modest sends to any peer), counting bytes and messages per sender.
 
-    Built like ``FakeNetwork`` but for any number of nodes (its keys stop at 255)."""
+    Node keys come from :func:`key`, so any number of nodes works."""
 
     def __init__(
         self, n: int, config: CoreConfig, *, silent: Iterable[int] = (), seed: int = 0
@@ -47,45 +44,23 @@ class CountingNetwork(FakeNetwork):
         self.bytes_sent: Counter[int] = Counter()
         self.kinds: Counter[MessageKind] = Counter()
         self.received: Counter[tuple[int, MessageKind]] = Counter()
-        self.latency = 0.01
-        self.train_time = 1.0
-        self.train = plus_one
-        self.now = 0.0
-        self.trace = []
-        self._heap = []
-        self._order = itertools.count()
-        self.silent = frozenset(silent)
-        identities = [key(i) for i in range(n)]
-        self.ids = [identity.node_id for identity in identities]
-        self.index_of = {node_id: i for i, node_id in enumerate(self.ids)}
-        self.nodes = {}
-        for i in range(n):
-            if i in self.silent:
-                continue
-            core = make_core(
-                config,
-                identity=identities[i],
-                neighbours=[peer for peer in self.ids if peer != self.ids[i]],
-                vector=torch.zeros(4),
-                samples=1,
-                merge=make_merge_rule("mean"),
-                rng=np.random.default_rng([seed, i]),
-            )
-            self.nodes[i] = FakeNode(i, identities[i], core)
+        super().__init__(
+            n,
+            itertools.combinations(range(n), 2),
+            config,
+            vectors=[torch.zeros(4)] * n,
+            silent=silent,
+            seed=seed,
+            identities=[key(i) for i in range(n)],
+            announce_links=False,
+        )
 
-    def node_id(self, index: int) -> NodeId:
-        return self.ids[index]
-
-    def start(self) -> None:
-        for i in sorted(self.nodes):
-            self.schedule(0.0, i, Started())
-
-    def _carry_out(self, node: FakeNode, action: Action) -> None:
+    def carry_out(self, node: FakeNode, action: Action) -> None:
         if isinstance(action, Send):
             self.bytes_sent[node.index] += len(encode_frame(action.envelope))
             self.kinds[action.envelope.kind] += 1
             self.received[self.index_of[action.peer], action.envelope.kind] += 1
-        super()._carry_out(node, action)
+        super().carry_out(node, action)
 
 
 def final_rounds(net: FakeNetwork) -> dict[int, int]:
@@ -159,7 +134,7 @@ def test_a_leaving_aggregator_sends_nacks_and_the_round_goes_on() -> None:
     kinds = Counter(action.envelope.kind.name for action in actions if isinstance(action, Send))
     assert kinds["MODEST_NACK"] >= 1 and kinds["MODEST_MEMBERSHIP"] >= 1
     for action in actions:
-        net._carry_out(leaver, action)
+        net.carry_out(leaver, action)
     net.run()  # the leaver stays silent: it answers nothing, not even pings
     assert not any(isinstance(a, Send) for _, i, _, a in net.trace if i == leaver.index and a)
     rounds = final_rounds(net)

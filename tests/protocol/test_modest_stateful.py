@@ -39,9 +39,8 @@ from p2pfl.protocol import (
 )
 from p2pfl.protocol.membership import Advert, Record, Status, sign_advert
 from p2pfl.protocol.modest import ModestCore
+from p2pfl.testing.network import identity_of
 from p2pfl.wire import Envelope, MessageKind, PayloadSpec, seal
-
-from .network import identity_of
 
 SIZE = 4
 ME = 0

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from p2pfl.protocol import CoreConfig
-
-from .network import FakeNetwork
+from p2pfl.testing.network import FakeNetwork
 
 TRIANGLE = [(0, 1), (1, 2), (0, 2)]
 RING4 = [(0, 1), (1, 2), (2, 3), (3, 0)]

@@ -50,9 +50,9 @@ from p2pfl.protocol import (
     TrainingFinished,
     make_core,
 )
+from p2pfl.testing.network import identity_of
 from p2pfl.wire import Envelope, MessageKind, decode_frame, encode_frame
 
-from .network import identity_of
 from .single import NEIGHBOURS, SIZE, STRANGER, sealed
 
 Message = tuple[int, Envelope]

@@ -395,6 +395,11 @@ def test_targeted_run_reports_attack_success_per_node_and_in_summary(
     assert header.split(",")[-1] == "attack_success"
     assert all(0.0 <= float(row.split(",")[-1]) <= 1.0 for row in rows)
     assert any(row.split(",")[2] == "0" for row in rows)  # clones are marked Byzantine
+    # the summary's rate is the mean over honest nodes of their last round's rate
+    last = {row.split(",")[1]: row.split(",") for row in rows}
+    honest_rates = [float(cells[-1]) for cells in last.values() if cells[2] == "1"]
+    assert len(honest_rates) == 8
+    assert summary["attack_success_rate"] == pytest.approx(sum(honest_rates) / 8)
     clean = run_scenario(parse_scenario(small_document()), tmp_path / "clean", plots=False)
     assert clean.summary["attack_success_rate"] is None
     text = (tmp_path / "clean" / "metrics.csv").read_text().splitlines()

@@ -106,8 +106,27 @@ def test_a_silent_crash_is_noticed_only_by_timeouts(small_document: SmallDocumen
             disruptions=[{"kind": "crash", "at": 0.1, "nodes": [3], "detect_after": float("inf")}],
         )
     )
-    # round 0 closed at 0.08; in rounds 1 and 2 neighbours 2 and 4 wait a full 5 s timeout
-    assert silent.now > 2 * 5.0
+    noticed = run_engine(
+        small_document(rounds=3, disruptions=[{"kind": "crash", "at": 0.1, "nodes": [3]}])
+    )
+
+    def closed(engine: Engine) -> dict[tuple[int, int], float]:
+        return {
+            (int(r["node"]), int(r["round"])): float(r["virtual_time"]) for r in rows_of(engine)
+        }
+
+    waited, at_once = closed(silent), closed(noticed)
+    # round 0 closed at 0.08 before the crash; in rounds 1 and 2 neighbours 2 and 4 each
+    # wait out the full 5 s round timeout for node 3's model
+    for node in (2, 4):
+        assert waited[node, 1] >= 0.1 + 5.0
+        assert waited[node, 2] - waited[node, 1] >= 5.0
+    # a node two hops away waits only for the neighbours that waited (round 2), and one
+    # three hops away never waits
+    assert waited[1, 1] < 1.0 and waited[1, 2] >= 5.0
+    assert waited[0, 2] < 1.0 and waited[7, 2] < 1.0
+    # the same crash noticed at once (a reset connection) costs nobody a timeout
+    assert max(at_once.values()) < 1.0
 
 
 def test_a_cut_link_carries_nothing_until_restored(small_document: SmallDocument) -> None:

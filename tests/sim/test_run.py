@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -10,7 +12,7 @@ from typing import Any
 import pytest
 
 from sim.cli import main
-from sim.run import run_scenario
+from sim.run import build_engine, run_scenario
 from sim.scenario import Scenario, parse_scenario, read_document
 
 SmallDocument = Callable[..., dict[str, Any]]
@@ -43,11 +45,27 @@ def test_same_seed_gives_identical_metrics_bytes_and_another_seed_differs(
     assert metrics[0] != metrics[2]
 
 
-def test_gossip_mode_runs_its_rounds(small_document: SmallDocument, tmp_path: Path) -> None:
+def test_gossip_mode_runs_its_rounds(small_document: SmallDocument) -> None:
     document = small_document(protocol={"mode": "gossip", "period": 0.1, "fanout": 2})
-    result = run_scenario(parse_scenario(document), tmp_path / "gossip", plots=False)
-    assert result.summary["rounds"] == 3
-    assert result.summary["messages_sent"] > 0
+    engine = build_engine(parse_scenario(document))
+    engine.link_log = []
+    engine.run()
+    rows = list(csv.DictReader(io.StringIO(engine.recorder.csv_text())))
+    # every node records each of its three rounds, one after the other in its own time
+    for node in range(8):
+        mine = [row for row in rows if row["node"] == str(node)]
+        assert [row["round"] for row in mine] == ["0", "1", "2"]
+        times = [float(row["virtual_time"]) for row in mine]
+        assert times == sorted(times) and times[0] < times[-1]
+    # pushes are gossip: each goes to fanout=2 ring neighbours at one instant, and every
+    # node both pushed and received a neighbour's model
+    pushes: dict[tuple[int, float], set[int]] = {}
+    for at, src, dst, _size in engine.link_log:
+        assert (src - dst) % 8 in (1, 7), f"{src}->{dst} is not a ring link"
+        pushes.setdefault((src, at), set()).add(dst)
+    assert all(targets == {(src - 1) % 8, (src + 1) % 8} for (src, _), targets in pushes.items())
+    assert {src for src, _ in pushes} == set(range(8))
+    assert {dst for _, _, dst, _ in engine.link_log} == set(range(8))
 
 
 def test_training_improves_accuracy(small_document: SmallDocument, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from rich.table import Table
 import topologies
 from p2pfl.errors import ConfigError, TopologyError
 from sim.engine import Engine
-from sim.plots import PLOT_NAMES, compare_runs, plot_run
+from sim.plots import PLOT_NAMES, X_AXES, compare_runs, plot_run
 from sim.run import run_scenario
 from sim.scenario import apply_overrides, parse_scenario, read_document, shipped_scenarios
 from sim.sweep import DEFAULT_METRICS, parse_grid, plan, run_sweep
@@ -69,11 +69,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="virtual time of a topology panel (repeatable; default: start, disruptions, end)",
     )
+    plot.add_argument("--x", choices=X_AXES, default="seconds", help="x axis (default: seconds)")
     compare = commands.add_parser("compare", help="overlay the accuracy of several runs")
     compare.add_argument("run_dirs", type=Path, nargs="+", help="run directories")
     compare.add_argument(
         "--out", type=Path, default=Path("."), help="where compare.png/svg go (default: .)"
     )
+    compare.add_argument("--x", choices=X_AXES, default="seconds", help="x axis (default: seconds)")
     sweep = commands.add_parser(
         "sweep", help="run a scenario over a grid of values and seeds in parallel"
     )
@@ -191,7 +193,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
 def _plot(args: argparse.Namespace, console: Console) -> int:
     if not (args.run_dir / "metrics.csv").is_file():
         raise ConfigError("RUN_DIR", str(args.run_dir), "a run directory holding metrics.csv")
-    paths = plot_run(args.run_dir, topology_times=args.times)
+    paths = plot_run(args.run_dir, topology_times=args.times, x=args.x)
     console.print(f"wrote {len(paths)} files to {args.run_dir}")
     return 0
 
@@ -200,7 +202,7 @@ def _compare(args: argparse.Namespace, console: Console) -> int:
     for directory in args.run_dirs:
         if not (directory / "metrics.csv").is_file():
             raise ConfigError("RUN_DIR", str(directory), "a run directory holding metrics.csv")
-    paths = compare_runs(args.run_dirs, args.out)
+    paths = compare_runs(args.run_dirs, args.out, x=args.x)
     console.print(f"wrote {', '.join(str(path) for path in paths)}")
     return 0
 

@@ -14,8 +14,13 @@ and ``scenario.toml`` and writes, as PNG and SVG:
 * ``components``: mean accuracy per connected component of the live graph, with isolated
   nodes (components of one) apart.
 
-Disruption times are drawn as dotted vertical lines on the time plots. ``compare_runs``
-overlays several runs. Everything uses matplotlib's Agg backend; no display is needed.
+The time plots put virtual seconds on x, or rounds with ``x="rounds"`` (``p2pfl-sim plot
+--x rounds``). Disruption times are drawn as dotted vertical lines on them. Titles name the
+scenario and, when the run differs from the shipped scenario of that name (``--set``
+overrides, ``--seed``), the keys that differ. ``compare_runs`` overlays several runs, each
+curve labelled with the scenario keys in which the runs differ. Each plot has a ``draw_*``
+function returning the figure (for tests and notebooks) beside the ``plot_*`` one that
+saves it. Everything uses matplotlib's Agg backend; no display is needed.
 """
 
 from __future__ import annotations
@@ -24,10 +29,10 @@ import csv
 import json
 import math
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import matplotlib
 
@@ -38,7 +43,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import NullFormatter
+from matplotlib.ticker import LogFormatterSciNotation, MaxNLocator, ScalarFormatter
 
 # Text as text in SVGs (smaller, searchable, and much faster to write than glyph paths).
 matplotlib.rcParams["svg.fonttype"] = "none"
@@ -46,6 +51,14 @@ matplotlib.rcParams["svg.hashsalt"] = "p2pfl"
 PER_NODE_LINES_UP_TO = 16
 DRAW_TOPOLOGY_UP_TO = 1000
 PLOT_NAMES = ("accuracy", "loss", "consensus", "traffic", "topology", "components")
+XAxis = Literal["seconds", "rounds"]
+X_AXES: tuple[XAxis, ...] = ("seconds", "rounds")
+X_LABEL: dict[XAxis, str] = {"seconds": "virtual time (s)", "rounds": "round"}
+TICK_LABEL_SIZE = 9
+LABEL_KEYS_SHOWN = 4
+"""A compare legend or title names at most this many differing keys, then "+N more"."""
+NOT_A_SETTING = frozenset({"output_dir"})
+"""Scenario keys that do not change what a run computes, left out of differences."""
 STATE_STYLE = {
     "data": ("tab:blue", "o", "data holder"),
     "relay": ("tab:green", "s", "relay (no data)"),
@@ -66,6 +79,10 @@ class RunData:
     relay: list[bool]
     edges: list[tuple[int, int]]
     honest: dict[int, bool] = field(default_factory=dict)
+    scenario: dict[str, Any] = field(default_factory=dict)
+    """The run's resolved scenario, flattened to dotted keys (see :func:`flatten`)."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Keys in which the run differs from the shipped scenario of its name (``--set``)."""
 
     @property
     def nodes(self) -> int:
@@ -74,6 +91,13 @@ class RunData:
     @property
     def label(self) -> str:
         return f"{self.name} ({self.directory.name})"
+
+    @property
+    def title(self) -> str:
+        """The scenario's name, with the overrides it was run with."""
+        if not self.overrides:
+            return self.name
+        return f"{self.name} [{describe(self.overrides)}]"
 
     def disruption_times(self) -> list[tuple[float, str]]:
         return [(e["time"], e["kind"]) for e in self.events if e.get("event") == "disruption"]
@@ -108,36 +132,107 @@ def read_run(directory: Path) -> RunData:
         with edges_path.open() as handle:
             edges = [(int(row["u"]), int(row["v"])) for row in csv.DictReader(handle)]
     name = directory.name
+    scenario: dict[str, Any] = {}
     scenario_path = directory / "scenario.toml"
     if scenario_path.exists():
-        name = str(tomllib.loads(scenario_path.read_text()).get("name", name))
+        scenario = flatten(tomllib.loads(scenario_path.read_text()))
+        name = str(scenario.get("name", name))
     honest: dict[int, bool] = {}
     if "honest" in metrics:
         for node, flag in zip(metrics["node"], metrics["honest"], strict=True):
             honest[int(node)] = bool(flag) and honest.get(int(node), True)
-    return RunData(directory, name, metrics, events, relay, edges, honest)
+    baseline = shipped_baseline(name) if scenario else {}
+    overrides = differences([baseline, scenario])[1] if baseline else {}
+    return RunData(directory, name, metrics, events, relay, edges, honest, scenario, overrides)
+
+
+# -- what differs between scenarios ---------------------------------------------------------
+
+
+def flatten(document: Any, prefix: str = "") -> dict[str, Any]:
+    """A TOML document as ``{dotted.key: value}``; arrays of tables as ``key[i].field``."""
+    out: dict[str, Any] = {}
+    if isinstance(document, dict):
+        for key, value in document.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    elif isinstance(document, list) and document and all(isinstance(v, dict) for v in document):
+        for index, value in enumerate(document):
+            out.update(flatten(value, f"{prefix}[{index}]"))
+    else:
+        out[prefix] = document
+    return out
+
+
+_MISSING = object()
+
+
+def differences(scenarios: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per scenario (flattened), the keys whose values are not the same in all of them.
+
+    A key one scenario lacks counts as differing (shown as ``-``); keys in
+    :data:`NOT_A_SETTING` never do. Keys keep the order they first appear in.
+    """
+    keys = list(dict.fromkeys(key for scenario in scenarios for key in scenario))
+    differing = []
+    for key in keys:
+        if key in NOT_A_SETTING:
+            continue
+        values = [scenario.get(key, _MISSING) for scenario in scenarios]
+        if any(value is _MISSING or value != values[0] for value in values):
+            differing.append(key)
+    return [{key: scenario.get(key, "-") for key in differing} for scenario in scenarios]
+
+
+def _show(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= 24 else text[:23] + "…"
+
+
+def describe(keys: dict[str, Any]) -> str:
+    """``learner.lr=0.05, seed=7``, at most :data:`LABEL_KEYS_SHOWN` keys then ``+N more``."""
+    parts = [f"{key}={_show(value)}" for key, value in list(keys.items())[:LABEL_KEYS_SHOWN]]
+    if len(keys) > LABEL_KEYS_SHOWN:
+        parts.append(f"+{len(keys) - LABEL_KEYS_SHOWN} more")
+    return ", ".join(parts)
+
+
+def shipped_baseline(name: str) -> dict[str, Any]:
+    """The shipped scenario ``name``, resolved and flattened; empty when none has that name.
+
+    A run of a shipped scenario with ``--set`` overrides differs from it in exactly the
+    overridden keys; a run of the user's own file named after no shipped scenario has no
+    baseline, so its title is its name alone.
+    """
+    from sim.scenario import parse_scenario, read_document, shipped_scenarios, to_toml
+
+    if name not in shipped_scenarios():
+        return {}
+    document, source = read_document(name)
+    return flatten(tomllib.loads(to_toml(parse_scenario(document, source=source))))
 
 
 # -- per-round aggregates -------------------------------------------------------------------
 
 
 def _rounds(run: RunData, column: str, *, honest_only: bool = True) -> dict[str, np.ndarray]:
-    """Per round: mean virtual time and mean/min/max of ``column`` over finite values."""
+    """Per round: the round, mean virtual time and mean/min/max of ``column`` over finite
+    values."""
     metrics = run.metrics
     if not metrics or not len(metrics["round"]):
         empty = np.array([])
-        return {"time": empty, "mean": empty, "min": empty, "max": empty}
+        return {"round": empty, "time": empty, "mean": empty, "min": empty, "max": empty}
     mask = np.ones(len(metrics["round"]), dtype=bool)
     if honest_only and "honest" in metrics:
         mask &= metrics["honest"] == 1
     values = metrics[column]
     rounds = np.unique(metrics["round"][mask])
-    out: dict[str, list[float]] = {"time": [], "mean": [], "min": [], "max": []}
+    out: dict[str, list[float]] = {"round": [], "time": [], "mean": [], "min": [], "max": []}
     for round_ in rounds:
         select = mask & (metrics["round"] == round_)
         finite = values[select][np.isfinite(values[select])]
         if not len(finite):
             continue
+        out["round"].append(float(round_))
         out["time"].append(float(metrics["virtual_time"][select].mean()))
         out["mean"].append(float(finite.mean()))
         out["min"].append(float(finite.min()))
@@ -145,16 +240,32 @@ def _rounds(run: RunData, column: str, *, honest_only: bool = True) -> dict[str,
     return {key: np.array(value) for key, value in out.items()}
 
 
-def _mark_disruptions(ax: Axes, run: RunData) -> None:
+def _x(stats: dict[str, np.ndarray], x: XAxis) -> np.ndarray:
+    return stats["time"] if x == "seconds" else stats["round"]
+
+
+def _time_to_round(run: RunData, time: float) -> float:
+    """Where virtual ``time`` falls on a rounds axis: between the rounds it falls between."""
+    metrics = run.metrics
+    if not metrics or not len(metrics["round"]):
+        return 0.0
+    rounds = np.unique(metrics["round"])
+    ends = np.array([metrics["virtual_time"][metrics["round"] == r].mean() for r in rounds])
+    # mean round times almost always increase; interp needs them to
+    return float(np.interp(time, np.maximum.accumulate(ends), rounds))
+
+
+def _mark_disruptions(ax: Axes, run: RunData, x: XAxis = "seconds") -> None:
     seen: set[tuple[float, str]] = set()
     for time, kind in run.disruption_times():
         if (time, kind) in seen:
             continue
         seen.add((time, kind))
-        ax.axvline(time, color="tab:purple", linestyle=":", linewidth=1)
+        at = time if x == "seconds" else _time_to_round(run, time)
+        ax.axvline(at, color="tab:purple", linestyle=":", linewidth=1)
         ax.annotate(
             kind,
-            (time, 1.0),
+            (at, 1.0),
             xycoords=("data", "axes fraction"),
             xytext=(2, -10),
             textcoords="offset points",
@@ -164,17 +275,25 @@ def _mark_disruptions(ax: Axes, run: RunData) -> None:
 
 
 def _band_plot(
-    ax: Axes, run: RunData, column: str, *, label: str, color: str, per_node: bool
+    ax: Axes,
+    run: RunData,
+    column: str,
+    *,
+    label: str,
+    color: str,
+    per_node: bool,
+    x: XAxis = "seconds",
 ) -> None:
     stats = _rounds(run, column)
     if per_node and run.nodes <= PER_NODE_LINES_UP_TO:
         metrics = run.metrics
+        xs = metrics["virtual_time"] if x == "seconds" else metrics["round"]
         for node in range(run.nodes):
             select = metrics["node"] == node
             if select.any():
                 order = np.argsort(metrics["round"][select])
                 ax.plot(
-                    metrics["virtual_time"][select][order],
+                    xs[select][order],
                     metrics[column][select][order],
                     linewidth=0.6,
                     alpha=0.35,
@@ -182,9 +301,9 @@ def _band_plot(
                 )
     if len(stats["time"]):
         ax.fill_between(
-            stats["time"], stats["min"], stats["max"], alpha=0.2, color=color, label="min–max"
+            _x(stats, x), stats["min"], stats["max"], alpha=0.2, color=color, label="min–max"
         )
-        ax.plot(stats["time"], stats["mean"], color=color, linewidth=2, label=label)
+        ax.plot(_x(stats, x), stats["mean"], color=color, linewidth=2, label=label)
 
 
 def _save(fig: Figure, directory: Path, name: str) -> list[Path]:
@@ -195,15 +314,43 @@ def _save(fig: Figure, directory: Path, name: str) -> list[Path]:
     return paths
 
 
-def _time_axes(title: str, ylabel: str) -> tuple[Figure, Axes]:
+def _style_axes(ax: Axes, x: XAxis) -> None:
+    """Readable ticks: a few labelled ticks on each axis, whole numbers for rounds."""
+    ax.set_xlabel(X_LABEL[x])
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=x == "rounds"))
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=6))
+    formatter = ScalarFormatter(useMathText=True)
+    formatter.set_powerlimits((-3, 4))  # 1e-4 reads as "1×10⁻⁴" beside the axis, not 0.0001
+    ax.yaxis.set_major_formatter(formatter)
+    ax.tick_params(labelsize=TICK_LABEL_SIZE)
+    ax.grid(alpha=0.3)
+
+
+def _scale_for(ax: Axes, values: np.ndarray) -> None:
+    """A log y axis when positive values span more than a decade, else a linear one;
+    either way every decade and enough ticks in between carry labels."""
+    finite = values[np.isfinite(values)]
+    if not len(finite) or (finite <= 0).any() or finite.max() < 10 * finite.min():
+        return  # within one decade a log axis would have one labelled tick or none
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(LogFormatterSciNotation())
+    # under two decades label the ticks between powers of ten too (2x, 5x, ...)
+    ax.yaxis.set_minor_formatter(
+        LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(2, 0.5))
+    )
+    ax.tick_params(which="minor", labelsize=TICK_LABEL_SIZE - 1)
+
+
+def _time_axes(title: str, ylabel: str, x: XAxis = "seconds") -> tuple[Figure, Axes]:
+    if x not in X_AXES:
+        raise ValueError(f"x = {x!r}: one of {', '.join(X_AXES)}")
     fig, ax = plt.subplots(figsize=(7, 4))
     # fixed margins: tight_layout would measure every tick label, which costs more than
     # drawing the figure
     fig.subplots_adjust(left=0.11, right=0.97, bottom=0.13, top=0.91)
     ax.set_title(title)
-    ax.set_xlabel("virtual time (s)")
     ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
+    _style_axes(ax, x)
     return fig, ax
 
 
@@ -218,54 +365,55 @@ def _per_node_legend(ax: Axes, run: RunData, color: str) -> None:
 # -- the plots --------------------------------------------------------------------------
 
 
-def plot_accuracy(run: RunData, out: Path) -> list[Path]:
-    fig, ax = _time_axes(f"{run.name}: test accuracy", "test accuracy (fraction correct)")
+def draw_accuracy(run: RunData, x: XAxis = "seconds") -> Figure:
+    fig, ax = _time_axes(f"{run.title}: test accuracy", "test accuracy (fraction correct)", x)
     _band_plot(
-        ax, run, "test_accuracy", label="mean (honest nodes)", color="tab:blue", per_node=True
+        ax, run, "test_accuracy", label="mean (honest nodes)", color="tab:blue", per_node=True, x=x
     )
-    _mark_disruptions(ax, run)
+    _mark_disruptions(ax, run, x)
     _per_node_legend(ax, run, "tab:blue")
-    return _save(fig, out, "accuracy")
+    return fig
 
 
-def plot_loss(run: RunData, out: Path) -> list[Path]:
-    fig, ax = _time_axes(f"{run.name}: loss", "cross-entropy loss (nats)")
-    _band_plot(ax, run, "test_loss", label="test loss, mean", color="tab:orange", per_node=True)
+def draw_loss(run: RunData, x: XAxis = "seconds") -> Figure:
+    fig, ax = _time_axes(f"{run.title}: loss", "cross-entropy loss (nats)", x)
+    _band_plot(
+        ax, run, "test_loss", label="test loss, mean", color="tab:orange", per_node=True, x=x
+    )
     train = _rounds(run, "train_loss")
     if len(train["time"]):
         ax.plot(
-            train["time"],
+            _x(train, x),
             train["mean"],
             color="tab:brown",
             linestyle="--",
             label="train loss, mean",
         )
-    _mark_disruptions(ax, run)
+    _mark_disruptions(ax, run, x)
     _per_node_legend(ax, run, "tab:orange")
-    return _save(fig, out, "loss")
+    return fig
 
 
-def plot_consensus(run: RunData, out: Path) -> list[Path]:
+def draw_consensus(run: RunData, x: XAxis = "seconds") -> Figure:
     fig, ax = _time_axes(
-        f"{run.name}: consensus distance", "mean squared distance to the mean model"
+        f"{run.title}: consensus distance", "mean squared distance to the mean model", x
     )
     stats = _rounds(run, "consensus_distance", honest_only=False)
     if len(stats["time"]):
         ax.plot(
-            stats["time"], stats["mean"], color="tab:red", marker=".", label="consensus distance"
+            _x(stats, x), stats["mean"], color="tab:red", marker=".", label="consensus distance"
         )
-        if (stats["mean"] > 0).all():
-            ax.set_yscale("log")
-            ax.yaxis.set_minor_formatter(NullFormatter())
-    _mark_disruptions(ax, run)
+        _scale_for(ax, stats["mean"])
+    _mark_disruptions(ax, run, x)
     ax.legend(loc="best", fontsize=8)
-    return _save(fig, out, "consensus")
+    return fig
 
 
-def _cumulative_bytes(run: RunData) -> tuple[np.ndarray, np.ndarray]:
+def _cumulative_bytes(run: RunData) -> dict[str, np.ndarray]:
+    """Per round: the round, its last virtual time, and megabytes sent by all nodes so far."""
     metrics = run.metrics
     if not metrics or not len(metrics["round"]):
-        return np.array([]), np.array([])
+        return {"round": np.array([]), "time": np.array([]), "mean": np.array([])}
     rounds = np.unique(metrics["round"])
     latest = np.zeros(max(run.nodes, int(metrics["node"].max()) + 1))
     times, totals = [], []
@@ -274,17 +422,17 @@ def _cumulative_bytes(run: RunData) -> tuple[np.ndarray, np.ndarray]:
         latest[metrics["node"][select].astype(int)] = metrics["bytes_sent"][select]
         times.append(float(metrics["virtual_time"][select].max()))
         totals.append(float(latest.sum()) / 1e6)
-    return np.array(times), np.array(totals)
+    return {"round": rounds, "time": np.array(times), "mean": np.array(totals)}
 
 
-def plot_traffic(run: RunData, out: Path) -> list[Path]:
-    fig, ax = _time_axes(f"{run.name}: traffic", "bytes sent, all nodes (MB, cumulative)")
-    times, totals = _cumulative_bytes(run)
-    if len(times):
-        ax.plot(times, totals, color="tab:green", marker=".", label="bytes sent")
-    _mark_disruptions(ax, run)
+def draw_traffic(run: RunData, x: XAxis = "seconds") -> Figure:
+    fig, ax = _time_axes(f"{run.title}: traffic", "bytes sent, all nodes (MB, cumulative)", x)
+    traffic = _cumulative_bytes(run)
+    if len(traffic["time"]):
+        ax.plot(_x(traffic, x), traffic["mean"], color="tab:green", marker=".", label="bytes sent")
+    _mark_disruptions(ax, run, x)
     ax.legend(loc="best", fontsize=8)
-    return _save(fig, out, "traffic")
+    return fig
 
 
 def state_at(run: RunData, time: float) -> tuple[dict[int, str], set[tuple[int, int]]]:
@@ -323,7 +471,7 @@ def default_topology_times(run: RunData) -> list[float]:
     return unique[:4]
 
 
-def plot_topology(run: RunData, out: Path, times: Sequence[float] | None = None) -> list[Path]:
+def draw_topology(run: RunData, times: Sequence[float] | None = None) -> Figure:
     chosen = list(times) if times else default_topology_times(run)
     fig, axes = plt.subplots(1, len(chosen), figsize=(4.2 * len(chosen), 4.6), squeeze=False)
     graph = nx.Graph()
@@ -384,18 +532,17 @@ def plot_topology(run: RunData, out: Path, times: Sequence[float] | None = None)
     ]
     handles.append(Line2D([], [], color="tab:red", linestyle="--", label="link down"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8)
-    fig.suptitle(f"{run.name}: topology and node states over virtual time")
+    fig.suptitle(f"{run.title}: topology and node states over virtual time")
     fig.subplots_adjust(left=0.02, right=0.98, bottom=0.1, top=0.86, wspace=0.05)
-    paths = [out / "topology.png", out / "topology.svg"]
-    fig.savefig(paths[0], dpi=110)
-    fig.savefig(paths[1])
-    plt.close(fig)
-    return paths
+    return fig
 
 
-def component_series(run: RunData) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Mean accuracy per round of: each component (when there are few), or the largest
-    component and the other non-isolated ones; and the isolated nodes."""
+def component_series(
+    run: RunData, x: XAxis = "seconds"
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Mean accuracy per round (at the round's mean time, or the round) of: each component
+    (when there are few), or the largest component and the other non-isolated ones; and the
+    isolated nodes."""
     metrics = run.metrics
     if not metrics or "component" not in metrics or not len(metrics["round"]):
         return {}
@@ -410,7 +557,7 @@ def component_series(run: RunData) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
     for round_ in np.unique(metrics["round"]):
         select = metrics["round"] == round_
-        time = float(metrics["virtual_time"][select].mean())
+        time = float(metrics["virtual_time"][select].mean()) if x == "seconds" else float(round_)
         sizes = metrics["component_size"][select]
         comps = metrics["component"][select]
         accuracy = metrics["test_accuracy"][select]
@@ -433,66 +580,132 @@ def component_series(run: RunData) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {key: (np.array(t), np.array(v)) for key, (t, v) in series.items()}
 
 
-def plot_components(run: RunData, out: Path) -> list[Path]:
+def draw_components(run: RunData, x: XAxis = "seconds") -> Figure:
     fig, ax = _time_axes(
-        f"{run.name}: accuracy per connected component", "test accuracy (fraction correct)"
+        f"{run.title}: accuracy per connected component", "test accuracy (fraction correct)", x
     )
-    for key, (times, values) in component_series(run).items():
-        style = {"linestyle": "--", "color": "black"} if key == "isolated nodes" else {}
-        ax.plot(times, values, marker=".", label=key, **style)
-    _mark_disruptions(ax, run)
+    for key, (xs, values) in component_series(run, x).items():
+        style: dict[str, Any] = (
+            {"linestyle": "--", "color": "black"} if key == "isolated nodes" else {}
+        )
+        ax.plot(xs, values, marker=".", label=key, **style)
+    _mark_disruptions(ax, run, x)
     ax.legend(loc="best", fontsize=8)
-    return _save(fig, out, "components")
+    return fig
+
+
+def draw(
+    run: RunData,
+    name: str,
+    *,
+    topology_times: Sequence[float] | None = None,
+    x: XAxis = "seconds",
+) -> Figure:
+    """The plot ``name`` (one of :data:`PLOT_NAMES`) of a run; close it with ``plt.close``.
+
+    Raises:
+        KeyError: ``name`` is not a plot name.
+        ValueError: ``x`` is not one of :data:`X_AXES`.
+    """
+    if name == "topology":
+        return draw_topology(run, topology_times)
+    return _TIME_PLOTS[name](run, x)
+
+
+_TIME_PLOTS: dict[str, Callable[[RunData, XAxis], Figure]] = {
+    "accuracy": draw_accuracy,
+    "loss": draw_loss,
+    "consensus": draw_consensus,
+    "traffic": draw_traffic,
+    "components": draw_components,
+}
 
 
 def plot_run(
-    directory: Path, *, topology_times: Sequence[float] | None = None, out: Path | None = None
+    directory: Path,
+    *,
+    topology_times: Sequence[float] | None = None,
+    out: Path | None = None,
+    x: XAxis = "seconds",
 ) -> list[Path]:
-    """Draw every plot of a run directory into ``out`` (default: the directory itself).
+    """Draw every plot of a run directory into ``out`` (default: the directory itself),
+    with virtual seconds or rounds on x.
 
     Raises:
         FileNotFoundError: ``directory`` holds no ``metrics.csv``.
+        ValueError: ``x`` is not one of :data:`X_AXES`.
     """
     run = read_run(directory)
     target = out or directory
     target.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
-    paths += plot_accuracy(run, target)
-    paths += plot_loss(run, target)
-    paths += plot_consensus(run, target)
-    paths += plot_traffic(run, target)
-    paths += plot_topology(run, target, topology_times)
-    paths += plot_components(run, target)
+    for name in PLOT_NAMES:  # one figure at a time: a large run's figures are big
+        paths += _save(draw(run, name, topology_times=topology_times, x=x), target, name)
     return paths
 
 
-def compare_runs(directories: Sequence[Path], out: Path) -> list[Path]:
-    """Overlay runs: mean accuracy (with min-max band) and consensus distance over time.
+def compare_labels(runs: Sequence[RunData]) -> list[str]:
+    """One legend label per run naming the scenario keys in which the runs differ
+    (``learner.lr=0.05``); runs of one scenario fall back to their directory names."""
+    differing = differences([run.scenario for run in runs])
+    labels = [describe(keys) for keys in differing]
+    if len(set(labels)) < len(labels):
+        return [f"{label} ({run.directory.name})" if label else run.label
+                for label, run in zip(labels, runs, strict=True)]  # fmt: skip
+    return labels
+
+
+def draw_compare(runs: Sequence[RunData], x: XAxis = "seconds") -> Figure:
+    """Mean accuracy (with min-max band) and consensus distance of several runs.
 
     Raises:
-        FileNotFoundError: a directory holds no ``metrics.csv``.
+        ValueError: ``x`` is not one of :data:`X_AXES`.
     """
-    runs = [read_run(directory) for directory in directories]
+    if x not in X_AXES:
+        raise ValueError(f"x = {x!r}: one of {', '.join(X_AXES)}")
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
     fig.subplots_adjust(left=0.1, right=0.97, bottom=0.08, top=0.94, hspace=0.08)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for number, run in enumerate(runs):
+    consensus_values: list[np.ndarray] = []
+    for number, (run, label) in enumerate(zip(runs, compare_labels(runs), strict=True)):
         color = colors[number % len(colors)]
         stats = _rounds(run, "test_accuracy")
         if len(stats["time"]):
-            top.fill_between(stats["time"], stats["min"], stats["max"], alpha=0.12, color=color)
-            top.plot(stats["time"], stats["mean"], color=color, label=run.label)
+            top.fill_between(_x(stats, x), stats["min"], stats["max"], alpha=0.12, color=color)
+            top.plot(_x(stats, x), stats["mean"], color=color, label=label)
         consensus = _rounds(run, "consensus_distance", honest_only=False)
         if len(consensus["time"]):
-            bottom.plot(consensus["time"], consensus["mean"], color=color, label=run.label)
+            bottom.plot(_x(consensus, x), consensus["mean"], color=color, label=label)
+            consensus_values.append(consensus["mean"])
     names = sorted({run.name for run in runs})
-    top.set_title(f"compare: {', '.join(names)}")
+    differing = list(differences([run.scenario for run in runs])[0])
+    title = f"compare: {', '.join(names)}"
+    if differing:
+        shown = differing[:LABEL_KEYS_SHOWN]
+        more = len(differing) - len(shown)
+        title += f"; differing in {', '.join(shown)}" + (f" +{more} more" if more > 0 else "")
+    top.set_title(title, fontsize=10)
     top.set_ylabel("test accuracy (mean, min–max band)")
     bottom.set_ylabel("consensus distance")
-    bottom.set_xlabel("virtual time (s)")
     for ax in (top, bottom):
-        ax.grid(alpha=0.3)
+        _style_axes(ax, x)
         ax.legend(loc="best", fontsize=8)
+    top.set_xlabel("")
+    top.tick_params(labelbottom=False)
+    if consensus_values:
+        _scale_for(bottom, np.concatenate(consensus_values))
+    return fig
+
+
+def compare_runs(directories: Sequence[Path], out: Path, *, x: XAxis = "seconds") -> list[Path]:
+    """Overlay runs into ``out/compare.png`` and ``.svg``; see :func:`draw_compare`.
+
+    Raises:
+        FileNotFoundError: a directory holds no ``metrics.csv``.
+        ValueError: ``x`` is not one of :data:`X_AXES`.
+    """
+    runs = [read_run(directory) for directory in directories]
+    fig = draw_compare(runs, x)
     out.mkdir(parents=True, exist_ok=True)
     return _save(fig, out, "compare")
 

@@ -83,7 +83,7 @@ BAD_CASES = [
         "misspelt mode",
         r'mode = "dsgd"',
         'mode = "gosip"',
-        "protocol.mode = 'gosip': one of dsgd, gossip",
+        "protocol.mode = 'gosip': one of dsgd, fedavg, gossip",
     ),
     ("zero rounds", r"rounds = 20", "rounds = 0", "protocol.rounds = 0:"),
     ("rounds as text", r"rounds = 20", 'rounds = "ten"', "protocol.rounds = 'ten':"),

@@ -10,9 +10,11 @@ events at the same times give the same actions, all randomness coming from the `
 built with.
 
 Modes (``PROTOCOL_MODES``): ``dsgd`` (:mod:`p2pfl.protocol.dsgd`), ``gossip``
-(:mod:`p2pfl.protocol.gossip`) and ``modest`` (:mod:`p2pfl.protocol.modest`, sampled
-committees over the membership view of :mod:`p2pfl.protocol.membership`); their life cycles are tabulated in
-:mod:`p2pfl.protocol.phases`. Drivers report ``PeerConnected`` for each neighbour they reach;
+(:mod:`p2pfl.protocol.gossip`), ``modest`` (:mod:`p2pfl.protocol.modest`, sampled
+committees over the membership view of :mod:`p2pfl.protocol.membership`) and ``fedavg``
+(:mod:`p2pfl.protocol.fedavg`, one server and sampled clients, the federated reference); their
+life cycles are tabulated in :mod:`p2pfl.protocol.phases`, and what each needs from its
+population is in its :class:`ModeTraits` (:func:`mode_traits`). Drivers report ``PeerConnected`` for each neighbour they reach;
 every neighbour starts out not connected (the simulator connects all before ``Started``).
 """
 
@@ -27,6 +29,7 @@ from p2pfl.identity import Identity, NodeId
 from p2pfl.merge.base import MergeRule, Probe
 from p2pfl.params import ParamLayout
 from p2pfl.protocol import dsgd as dsgd
+from p2pfl.protocol import fedavg as fedavg
 from p2pfl.protocol import gossip as gossip
 from p2pfl.protocol import modest as modest
 from p2pfl.protocol.actions import (
@@ -40,7 +43,14 @@ from p2pfl.protocol.actions import (
     Stop,
 )
 from p2pfl.protocol.config import CoreConfig
-from p2pfl.protocol.core import PROTOCOL_MODES, Core, CoreFactory, register_protocol_mode
+from p2pfl.protocol.core import (
+    PROTOCOL_MODES,
+    Core,
+    CoreFactory,
+    ModeTraits,
+    mode_traits,
+    register_protocol_mode,
+)
 from p2pfl.protocol.events import (
     DeadlineReached,
     Event,
@@ -120,6 +130,7 @@ __all__ = [
     "Emit",
     "Event",
     "MessageReceived",
+    "ModeTraits",
     "PeerConnected",
     "PeerDisconnected",
     "PeerMisbehaved",
@@ -130,5 +141,6 @@ __all__ = [
     "Stop",
     "TrainingFinished",
     "make_core",
+    "mode_traits",
     "register_protocol_mode",
 ]

@@ -8,6 +8,7 @@ from typing import NoReturn, TypeGuard
 
 from p2pfl.codec import WIRE_DTYPES
 from p2pfl.errors import ConfigError
+from p2pfl.identity import NodeId
 from p2pfl.protocol.core import PROTOCOL_MODES
 from p2pfl.protocol.membership import MAX_RECORDS_PER_MESSAGE
 
@@ -23,7 +24,8 @@ class CoreConfig:
     """What every protocol mode needs to know; fields a mode does not use are ignored.
 
     Attributes:
-        mode: a key of ``PROTOCOL_MODES`` (``"dsgd"``, ``"gossip"`` or ``"modest"``).
+        mode: a key of ``PROTOCOL_MODES`` (``"dsgd"``, ``"gossip"``, ``"modest"``,
+            ``"fedavg"``, or a plug-in's).
         rounds: the core stops (emits ``Stop``) after this many rounds (trainings).
         local_steps: local training steps asked for by each ``StartTraining``.
         round_timeout: dsgd: seconds to wait for neighbours' models after own training.
@@ -33,7 +35,14 @@ class CoreConfig:
         wire_dtype: element dtype of models on the wire (a key of ``codec.WIRE_DTYPES``).
         max_rounds_ahead: dsgd: models up to this many rounds ahead are buffered, later dropped.
         replay_window: sequence numbers remembered per sender (``wire.ReplayWindow``).
-        sample_size: modest: trainers per round (``s``).
+        sample_size: modest: trainers per round (``s``); fedavg: clients per round, unless
+            ``sample_fraction`` is set.
+        sample_fraction: fedavg: the share ``C`` of the clients sampled per round, so
+            ``max(1, round(C * K))`` of the ``K`` clients (McMahan et al.); unset: use
+            ``sample_size``.
+        server: fedavg: the server's public key (64 hex characters). The node holding that
+            key is the server; every other node is a client and must have it as a neighbour.
+            The simulator fills it in with the key of the server it adds.
         aggregators: modest: aggregators per round (``a``).
         success_fraction: modest: an aggregator merges once it holds
             ``floor(sample_size * success_fraction)`` models (``sf``).
@@ -72,6 +81,8 @@ class CoreConfig:
     max_rounds_ahead: int = 4
     replay_window: int = 1024
     sample_size: int = 10
+    sample_fraction: float | None = None
+    server: str = ""
     aggregators: int = 1
     success_fraction: float = 1.0
     min_models: int = 3
@@ -118,6 +129,13 @@ class CoreConfig:
         _int_at_least("max_rounds_ahead", self.max_rounds_ahead, 0)
         _int_at_least("replay_window", self.replay_window, 1)
         _int_at_least("sample_size", self.sample_size, 1)
+        share = self.sample_fraction
+        if share is not None and (not _is_real(share) or not 0.0 < share <= 1.0):
+            _fail("sample_fraction", share, "a number in (0, 1] (or absent: use sample_size)")
+        if not isinstance(self.server, str):
+            _fail("server", self.server, "the server's 64-hex-character public key")
+        if self.server:
+            NodeId.from_hex(self.server, key=f"{CONFIG_PREFIX}.server")
         _int_at_least("aggregators", self.aggregators, 1)
         fraction = self.success_fraction
         if not _is_real(fraction) or not 0.0 < fraction <= 1.0:

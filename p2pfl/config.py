@@ -62,7 +62,10 @@ Schema (every relative path is relative to the directory of the config file)::
     weight_decay = 0.0
 
     [protocol]                       # the fields of p2pfl.protocol.CoreConfig
-    mode = "dsgd"                    # dsgd | gossip | modest
+    mode = "dsgd"                    # dsgd | gossip | modest | fedavg (or a plug-in's)
+    # server = "<64 hex>"            # fedavg: the server's key, the same on every node; a
+                                     #   client lists the server in [[peers]], the server
+                                     #   lists its clients
     rounds = 20
     local_steps = 20
     round_timeout = 10.0

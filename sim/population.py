@@ -21,6 +21,12 @@ share of the partition (they hold the whole training set, poisoned for a data at
 advertise the mean holder's sample count); a data attacker's own share is poisoned and its
 sampler walks the poisoned set with the node's own seed.
 
+A server: when the protocol mode declares one (:func:`p2pfl.protocol.mode_traits`, e.g.
+``fedavg``), the topology's nodes are the clients and keep their indices; the server is
+appended as node n, linked to every client, and the topology's own edges are dropped (clients
+talk to the server only). The server is a relay: it holds no data, and ``among = "data"``
+in a disruption leaves it alone. Adversaries with a server mode are refused for now.
+
 Initial models: ``learner.init = "shared"`` starts every node from the federation's model;
 ``"independent"`` gives each node its own initialisation (:func:`initial_vectors`).
 """
@@ -40,6 +46,7 @@ from p2pfl.errors import ConfigError
 from p2pfl.identity import Identity, NodeId
 from p2pfl.learn import Federation, MinibatchSampler, build_federation, derive_seed, mlp
 from p2pfl.params import ParamLayout, flatten
+from p2pfl.protocol import mode_traits
 from sim.adversaries import (
     DATA_ATTACKS,
     STREAM_ADVERSARIES,
@@ -69,6 +76,16 @@ class Population:
     speed: list[float]
     adversaries: AdversaryPlan | None = None
     """Who is Byzantine (None: nobody); Sybil clones are the nodes past the topology's."""
+    server: int | None = None
+    """The server's index, for a mode with a server (the last node); None otherwise."""
+
+    @property
+    def reporting(self) -> list[bool]:
+        """Whose models the metrics report: the server alone when there is one (it holds
+        the global model), else every node."""
+        if self.server is None:
+            return [True] * self.size
+        return [node == self.server for node in range(self.size)]
 
     @property
     def honest(self) -> list[bool]:
@@ -150,8 +167,18 @@ def build_population(scenario: Scenario) -> Population:
         {"kind": scenario.topology.kind, **scenario.topology_params()},
         require_connected=scenario.topology.require_connected,
     )
-    base_size = graph.number_of_nodes()
     relay = choose_relays(scenario, graph)
+    server = None
+    if mode_traits(scenario.protocol.mode).server:
+        if scenario.adversaries:
+            raise ConfigError(
+                "adversaries",
+                [spec.attack for spec in scenario.adversaries],
+                f"none with protocol.mode = {scenario.protocol.mode!r} (not supported yet)",
+            )
+        server, graph = graph.number_of_nodes(), with_server(graph)
+        relay.append(True)
+    base_size = graph.number_of_nodes()
     plan = None
     if scenario.adversaries:
         plan = plan_adversaries(scenario.adversaries, graph, relay, seed=scenario.seed)
@@ -218,7 +245,17 @@ def build_population(scenario: Scenario) -> Population:
         samples=samples,
         speed=draw_speeds(scenario.devices.speed, size, seed=scenario.seed),
         adversaries=plan,
+        server=server,
     )
+
+
+def with_server(graph: nx.Graph) -> nx.Graph:
+    """The star of a server mode: ``graph``'s nodes as clients, and node n linked to each."""
+    size = graph.number_of_nodes()
+    star = nx.Graph()
+    star.add_nodes_from(range(size + 1))
+    star.add_edges_from((size, client) for client in range(size))
+    return star
 
 
 def initial_vectors(scenario: Scenario, population: Population) -> list[Tensor]:

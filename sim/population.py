@@ -25,7 +25,8 @@ A server: when the protocol mode declares one (:func:`p2pfl.protocol.mode_traits
 ``fedavg``), the topology's nodes are the clients and keep their indices; the server is
 appended as node n, linked to every client, and the topology's own edges are dropped (clients
 talk to the server only). The server is a relay: it holds no data, and ``among = "data"``
-in a disruption leaves it alone. Adversaries with a server mode are refused for now.
+in a disruption leaves it alone. Adversaries are placed among the clients (never the server);
+Sybils are refused with a server mode.
 
 Initial models: ``learner.init = "shared"`` starts every node from the federation's model;
 ``"independent"`` gives each node its own initialisation (:func:`initial_vectors`).
@@ -33,6 +34,7 @@ Initial models: ``learner.init = "shared"`` starts every node from the federatio
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 
@@ -168,20 +170,15 @@ def build_population(scenario: Scenario) -> Population:
         require_connected=scenario.topology.require_connected,
     )
     relay = choose_relays(scenario, graph)
-    server = None
-    if mode_traits(scenario.protocol.mode).server:
-        if scenario.adversaries:
-            raise ConfigError(
-                "adversaries",
-                [spec.attack for spec in scenario.adversaries],
-                f"none with protocol.mode = {scenario.protocol.mode!r} (not supported yet)",
-            )
-        server, graph = graph.number_of_nodes(), with_server(graph)
-        relay.append(True)
     base_size = graph.number_of_nodes()
     plan = None
     if scenario.adversaries:
         plan = plan_adversaries(scenario.adversaries, graph, relay, seed=scenario.seed)
+    server = None
+    if mode_traits(scenario.protocol.mode).server:
+        server, graph, plan = _add_server(scenario, graph, plan)
+        relay.append(True)
+        base_size += 1
     size = graph.number_of_nodes()
     relay += [False] * (size - base_size)
     holders = [node for node in range(base_size) if not relay[node]]
@@ -247,6 +244,29 @@ def build_population(scenario: Scenario) -> Population:
         adversaries=plan,
         server=server,
     )
+
+
+def _add_server(
+    scenario: Scenario, graph: nx.Graph, plan: AdversaryPlan | None
+) -> tuple[int, nx.Graph, AdversaryPlan | None]:
+    """The server's index, the star around it and the adversary plan with the server honest.
+
+    Raises:
+        ConfigError: an adversary entry asks for Sybils (they would need their own clients'
+            place in the star; not supported).
+    """
+    for index, spec in enumerate(scenario.adversaries):
+        if spec.sybils is not None:
+            raise ConfigError(
+                f"adversaries[{index}].sybils",
+                spec.sybils,
+                f"absent with protocol.mode = {scenario.protocol.mode!r} (Byzantine clients "
+                "are placed with nodes, fraction or count)",
+            )
+    server = graph.number_of_nodes()
+    if plan is not None:
+        plan = dataclasses.replace(plan, base_size=server + 1, entry_of=(*plan.entry_of, None))
+    return server, with_server(graph), plan
 
 
 def with_server(graph: nx.Graph) -> nx.Graph:

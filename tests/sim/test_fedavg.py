@@ -111,12 +111,25 @@ def test_server_crash_ends_the_federation() -> None:
     assert all(not engine.is_finished(node) for node in range(10))
 
 
+def test_byzantine_clients_break_fedavg_and_not_a_robust_server() -> None:
+    accuracy = {}
+    for rule in ("weighted", "median"):
+        document = digits_iid(sample_size=10)
+        document["merge"] = {"rule": rule}
+        document["adversaries"] = [{"attack": "sign_flip", "count": 3, "scale": 4.0}]
+        engine = run(document)
+        honest = engine.population.honest
+        assert len(honest) == 11 and honest.count(False) == 3 and honest[10]  # server 10
+        accuracy[rule] = curve(engine)[-1]
+    assert accuracy["weighted"] < 0.3 <= 0.85 <= accuracy["median"], accuracy
+
+
 @pytest.mark.parametrize(
     ("change", "key"),
     [
         ({"protocol": {"mode": "fedavgg"}}, "protocol.mode"),
         ({"protocol": {"mode": "fedavg", "sample_fraction": 0}}, "protocol.sample_fraction"),
-        ({"adversaries": [{"attack": "sign_flip", "nodes": [1]}]}, "adversaries"),
+        ({"adversaries": [{"attack": "sign_flip", "sybils": 2}]}, "adversaries[0].sybils"),
     ],
 )
 def test_bad_fedavg_scenarios_are_one_line_errors(change: dict[str, Any], key: str) -> None:

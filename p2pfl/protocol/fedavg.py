@@ -47,16 +47,13 @@ round): it alone holds the global model, so the simulator's metrics report it al
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import Any
 
-import numpy as np
 import torch
 
 from p2pfl.errors import ConfigError
 from p2pfl.identity import Identity, NodeId
-from p2pfl.merge.base import MergeRule, Probe
-from p2pfl.params import ParamLayout
 from p2pfl.protocol.actions import (
     Action,
     Emit,
@@ -68,7 +65,7 @@ from p2pfl.protocol.actions import (
 )
 from p2pfl.protocol.base import BaseCore
 from p2pfl.protocol.config import CoreConfig
-from p2pfl.protocol.core import Core, ModeTraits, register_protocol_mode
+from p2pfl.protocol.core import ModeTraits, register_protocol_mode
 from p2pfl.protocol.messages import ModelUpdate
 from p2pfl.protocol.phases import FEDAVG_TRANSITIONS, Phase
 from p2pfl.wire import Envelope
@@ -95,11 +92,35 @@ class _Round:
     updates: dict[NodeId, ModelUpdate] = field(default_factory=dict)
 
 
-class FedAvgServer(BaseCore):
-    """The server: samples clients, sends them the global model, averages what comes back."""
+@register_protocol_mode("fedavg", traits=ModeTraits(server=True))
+class FedAvgCore(BaseCore):
+    """Building one gives the server's core if ``identity`` holds ``config.server``, else a
+    client's (:func:`p2pfl.protocol.make_core` documents the arguments).
+
+    Raises:
+        ConfigError: ``protocol.server`` is missing or not a key; a client does not have the
+            server as a neighbour; the server has no neighbours (clients).
+    """
 
     TRANSITIONS = FEDAVG_TRANSITIONS
     HISTORY_GOSSIP = False
+
+    def __new__(
+        cls, config: CoreConfig, *args: Any, identity: Identity, **kwargs: Any
+    ) -> FedAvgCore:
+        # One registered class, so ``make_core`` and the registry need no special case; each
+        # node gets the class of its role (a role class built directly keeps its own).
+        if cls is not FedAvgCore:
+            return super().__new__(cls)
+        if not config.server:
+            raise ConfigError("protocol.server", "", "the server's public key (64 hex) for fedavg")
+        server = NodeId.from_hex(config.server, key="protocol.server")
+        role = FedAvgServer if identity.node_id == server else FedAvgClient
+        return super().__new__(role)
+
+
+class FedAvgServer(FedAvgCore):
+    """The server: samples clients, sends them the global model, averages what comes back."""
 
     def _init_mode(self) -> None:
         if not self._peers.neighbours:
@@ -216,11 +237,8 @@ class FedAvgServer(BaseCore):
         return [*actions, Stop(f"completed {self.round} rounds")]
 
 
-class FedAvgClient(BaseCore):
+class FedAvgClient(FedAvgCore):
     """A client: trains each round the server sends it and sends the result back."""
-
-    TRANSITIONS = FEDAVG_TRANSITIONS
-    HISTORY_GOSSIP = False
 
     def _init_mode(self) -> None:
         self.server = NodeId.from_hex(self.config.server, key="protocol.server")
@@ -307,46 +325,4 @@ class FedAvgClient(BaseCore):
         return [StartTraining(self.vector, self.config.local_steps, self.round)]
 
 
-@register_protocol_mode("fedavg", traits=ModeTraits(server=True))
-def make_fedavg_core(
-    config: CoreConfig,
-    *,
-    identity: Identity,
-    neighbours: Collection[NodeId],
-    vector: torch.Tensor,
-    samples: int,
-    merge: MergeRule,
-    rng: np.random.Generator,
-    start_round: int = 0,
-    seq_start: int = 0,
-    layout: ParamLayout | None = None,
-    probe: Probe | None = None,
-    known_peers: Collection[NodeId] = (),
-) -> Core:
-    """The server's core if ``identity`` holds ``config.server``, else a client's.
-
-    Raises:
-        ConfigError: ``protocol.server`` is missing or not a key; a client does not have the
-            server as a neighbour; the server has no neighbours (clients).
-    """
-    if not config.server:
-        raise ConfigError("protocol.server", "", "the server's public key (64 hex) for fedavg")
-    server = NodeId.from_hex(config.server, key="protocol.server")
-    role = FedAvgServer if identity.node_id == server else FedAvgClient
-    return role(
-        config,
-        identity=identity,
-        neighbours=neighbours,
-        vector=vector,
-        samples=samples,
-        merge=merge,
-        rng=rng,
-        start_round=start_round,
-        seq_start=seq_start,
-        layout=layout,
-        probe=probe,
-        known_peers=known_peers,
-    )
-
-
-__all__ = ["FedAvgClient", "FedAvgServer", "clients_per_round", "make_fedavg_core"]
+__all__ = ["FedAvgClient", "FedAvgCore", "FedAvgServer", "clients_per_round"]

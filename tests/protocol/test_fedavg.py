@@ -63,7 +63,9 @@ def network(clients: int = len(CLIENTS), **overrides: object) -> FakeNetwork:
     )
 
 
-def core(index: int, neighbours: tuple[int, ...], **overrides: object) -> FedAvgServer:
+def core(
+    index: int, neighbours: tuple[int, ...], *, start_round: int = 0, **overrides: object
+) -> FedAvgServer:
     built = make_core(
         fedavg_config(**overrides),
         identity=identity_of(index),
@@ -72,6 +74,7 @@ def core(index: int, neighbours: tuple[int, ...], **overrides: object) -> FedAvg
         samples=3,
         merge=make_merge_rule("weighted"),
         rng=np.random.default_rng(0),
+        start_round=start_round,
     )
     assert isinstance(built, FedAvgServer | FedAvgClient)
     return built  # type: ignore[return-value]
@@ -298,16 +301,7 @@ def test_client_stops_on_the_final_model_even_while_training() -> None:
 def test_start_round_at_or_past_rounds_stops_at_once(
     index: int, neighbours: tuple[int, ...]
 ) -> None:
-    built = make_core(
-        fedavg_config(rounds=3),
-        identity=identity_of(index),
-        neighbours=[identity_of(i).node_id for i in neighbours],
-        vector=torch.zeros(SIZE),
-        samples=1,
-        merge=make_merge_rule("weighted"),
-        rng=np.random.default_rng(0),
-        start_round=3,
-    )
+    built = core(index, neighbours, rounds=3, start_round=3)
     assert [type(a) for a in built.handle(Started(), now=0.0)] == [Stop]
     assert built.finished and built.next_deadline() is None
 

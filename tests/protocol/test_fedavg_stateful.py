@@ -17,7 +17,6 @@ from hypothesis.stateful import invariant, rule
 
 from p2pfl.protocol import (
     Action,
-    DeadlineReached,
     Event,
     MessageReceived,
     PeerDisconnected,
@@ -65,16 +64,11 @@ class FedAvgServerMachine(CoreMachine):
         self.connected.discard(peer)
         self.apply(PeerDisconnected(self.peers[peer].node_id))
 
-    @rule(spurious=st.booleans())
-    def wake(self, spurious: bool) -> None:
-        deadline = self.core.next_deadline()
-        due = deadline is not None and self.now >= deadline
-        if not (due or spurious):
-            return
-        collecting = self.core.phase is Phase.COLLECTING  # type: ignore[attr-defined]
-        actions = self.apply(DeadlineReached())
-        if due and collecting:  # the round timed out: it closes with what it holds
-            assert any(isinstance(a, SaveCheckpoint) for a in actions), actions
+    PROGRESS = (SaveCheckpoint,)
+
+    def progress_due(self) -> bool:
+        """A due timer of an open round closes it with what it holds."""
+        return self.core.phase is Phase.COLLECTING  # type: ignore[attr-defined]
 
 
 class FedAvgClientMachine(CoreMachine):

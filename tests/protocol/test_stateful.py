@@ -303,10 +303,17 @@ class CoreMachine(RuleBasedStateMachine):
         due = deadline is not None and self.now >= deadline
         if not (due or spurious):
             return
-        idle = self.outstanding is None and not self.core.finished
+        progress = due and self.progress_due()
         actions = self.apply(DeadlineReached())
-        if due and idle:  # a due timer with no training outstanding makes progress
-            assert any(isinstance(a, StartTraining | Stop) for a in actions), actions
+        if progress:
+            assert any(isinstance(a, self.PROGRESS) for a in actions), actions
+
+    PROGRESS: ClassVar[tuple[type, ...]] = (StartTraining, Stop)
+    """What a due timer must bring when :meth:`progress_due` says it must bring something."""
+
+    def progress_due(self) -> bool:
+        """A due timer with no training outstanding makes progress."""
+        return self.outstanding is None and not self.core.finished
 
     # -- invariants -----------------------------------------------------------------------
 

@@ -80,7 +80,7 @@ Schema (every relative path is relative to the directory of the config file)::
 
 Every mistake (unknown key, wrong type, bad value, missing file) raises
 :class:`~p2pfl.errors.ConfigError` whose one-line message names the dotted key, e.g.
-``protocol.mode = 'gosip': one of dsgd, gossip``.
+``protocol.mode = 'gosip': one of dsgd, fedavg, gossip, modest``.
 """
 
 from __future__ import annotations

@@ -40,6 +40,9 @@ clients (``K`` of them). Both roles speak only ``MODEL_UPDATE`` over the ordinar
   dropped as stale. A client stops when it receives the final model. Models from anyone but
   the server are ``PeerMisbehaved``.
 
+Memory is bounded by the neighbours: the server holds at most one model per client, for the
+open round only; a client holds the global model and its last trained model.
+
 ``core.vector`` is the global model: on the server the last average, on a client the last
 model received from the server. Only the server checkpoints (``SaveCheckpoint`` after every
 round): it alone holds the global model, so the simulator's metrics report it alone.

@@ -9,7 +9,7 @@ from typing import NoReturn, TypeGuard
 from p2pfl.codec import WIRE_DTYPES
 from p2pfl.errors import ConfigError
 from p2pfl.identity import NodeId
-from p2pfl.protocol.core import PROTOCOL_MODES
+from p2pfl.protocol.core import MODE_TRAITS, PROTOCOL_MODES
 from p2pfl.protocol.membership import MAX_RECORDS_PER_MESSAGE
 
 PEER_SAMPLING = ("neighbours", "membership")
@@ -101,11 +101,14 @@ class CoreConfig:
     @property
     def admits_strangers(self) -> bool:
         """Whether the core takes connections and messages from peers that are not its
-        configured neighbours (``modest``, and ``gossip`` with membership peer sampling);
-        drivers use it to route such peers' traffic to the core."""
-        return self.mode == "modest" or (
-            self.mode == "gossip" and self.peer_sampling == "membership"
-        )
+        configured neighbours, as its mode declares (``ModeTraits.strangers``: ``modest``,
+        and ``gossip`` with membership peer sampling); drivers use it to route such peers'
+        traffic to the core. False for a mode that is not registered."""
+        traits = MODE_TRAITS.get(self.mode)
+        if traits is None:
+            return False
+        strangers = traits.strangers
+        return strangers(self) if callable(strangers) else strangers
 
     def validate(self) -> None:
         """Check every field.

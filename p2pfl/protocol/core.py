@@ -97,9 +97,14 @@ class ModeTraits:
             is a client whose only neighbour is the server, and every node's
             ``CoreConfig.server`` names the server's key. The simulator adds the server as
             one more node, linked to every node of the topology.
+        strangers: whether the core takes connections and messages from peers beyond its
+            configured neighbours (``modest``; ``gossip`` with membership peer sampling),
+            always or as its config says; drivers route such peers' traffic to the core and
+            dial them on demand (read it as ``CoreConfig.admits_strangers``).
     """
 
     server: bool = False
+    strangers: bool | Callable[[CoreConfig], bool] = False
 
 
 F = TypeVar("F", bound=CoreFactory)

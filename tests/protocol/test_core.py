@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from p2pfl.protocol import (
     Disconnect,
     Emit,
     MessageReceived,
+    ModeTraits,
     PeerConnected,
     PeerDisconnected,
     PeerMisbehaved,
@@ -30,7 +32,10 @@ from p2pfl.protocol import (
     TrainingFinished,
     make_core,
     mode_traits,
+    register_protocol_mode,
 )
+from p2pfl.protocol.core import MODE_TRAITS
+from p2pfl.protocol.dsgd import DsgdCore
 from p2pfl.wire import MessageKind, PayloadSpec, decode_frame, encode_frame
 
 from .single import NEIGHBOURS, SIZE, STRANGER, make_single, sealed, sealed_raw
@@ -76,6 +81,24 @@ def test_config_errors_name_the_key(field: str, value: object) -> None:
 def test_default_config_is_valid() -> None:
     for mode in MODES:
         CoreConfig(mode=mode).validate()
+
+
+@pytest.fixture
+def plugin_mode() -> Iterator[str]:
+    """A plug-in mode (dsgd under another name) that admits strangers; unregistered after."""
+    name = "plugin-dsgd"
+    register_protocol_mode(name, traits=ModeTraits(strangers=True))(DsgdCore)
+    yield name
+    del PROTOCOL_MODES[name], MODE_TRAITS[name]
+
+
+def test_a_plugin_mode_is_named_and_declares_what_it_needs(plugin_mode: str) -> None:
+    config = CoreConfig(mode=plugin_mode)
+    config.validate()
+    assert config.admits_strangers and mode_traits(plugin_mode) == ModeTraits(strangers=True)
+    assert not CoreConfig(mode="dsgd").admits_strangers
+    with pytest.raises(ValueError, match="already registered"):
+        register_protocol_mode(plugin_mode)(DsgdCore)
 
 
 def test_make_core_rejects_itself_as_neighbour_and_bad_vectors() -> None:

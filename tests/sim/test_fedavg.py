@@ -8,6 +8,9 @@ from typing import Any
 import pytest
 
 from p2pfl.errors import ConfigError
+from p2pfl.protocol import PROTOCOL_MODES, register_protocol_mode
+from p2pfl.protocol.core import MODE_TRAITS
+from p2pfl.protocol.fedavg import FedAvgCore
 from sim.engine import Engine
 from sim.run import build_engine, run_scenario
 from sim.scenario import parse_scenario
@@ -139,6 +142,11 @@ def test_bad_fedavg_scenarios_are_one_line_errors(change: dict[str, Any], key: s
     assert "\n" not in str(caught.value)
 
 
-def test_unknown_mode_error_lists_the_registry() -> None:
+def test_scenario_modes_are_the_registry_s() -> None:
     with pytest.raises(ConfigError, match="one of dsgd, fedavg, gossip, modest"):
         parse_scenario({"protocol": {"mode": "federated"}})
+    register_protocol_mode("federated")(FedAvgCore)  # a plug-in, under its own name
+    try:
+        assert parse_scenario({"protocol": {"mode": "federated"}}).protocol.mode == "federated"
+    finally:
+        del PROTOCOL_MODES["federated"], MODE_TRAITS["federated"]

@@ -158,8 +158,11 @@ class CoreConfig:
             _fail("peer_sampling", self.peer_sampling, f"one of {', '.join(PEER_SAMPLING)}")
         if self.history_gossip is not None and not isinstance(self.history_gossip, bool):
             _fail("history_gossip", self.history_gossip, "true or false (or absent: automatic)")
-        if self.history_gossip is True and self.mode == "modest":
-            _fail("history_gossip", True, "false or absent with mode 'modest' (no neighbours)")
+        # A mode declares whether it can gossip histories (BaseCore.HISTORY_GOSSIP).
+        if self.history_gossip is True and not getattr(
+            PROTOCOL_MODES[self.mode], "HISTORY_GOSSIP", True
+        ):
+            _fail("history_gossip", True, f"false or absent with mode {self.mode!r}")
         lam = self.history_lambda
         if not _is_real(lam) or not math.isfinite(lam) or lam <= 0:
             _fail("history_lambda", lam, "a finite number > 0 (default 0.8)")

@@ -104,6 +104,7 @@ def test_role_follows_the_server_key() -> None:
         (SERVER, (), {}, "neighbours"),
         (SERVER, CLIENTS, {"sample_fraction": 0.0}, "protocol.sample_fraction"),
         (SERVER, CLIENTS, {"sample_fraction": 1.5}, "protocol.sample_fraction"),
+        (SERVER, CLIENTS, {"history_gossip": True}, "protocol.history_gossip"),
     ],
 )
 def test_bad_setup_is_a_config_error(

@@ -43,14 +43,18 @@ Schema (every relative path is relative to the directory of the config file)::
                                      #   start their view with them and dial them on demand
 
     [data]
-    dataset = "digits"               # a name in p2pfl.learn.DATASETS: digits | gaussian_mixture
-    partition = "dirichlet"          # a name in p2pfl.learn.PARTITIONS: iid | dirichlet | shards | quantity_skew
+    dataset = "digits"               # a name in p2pfl.learn.DATASETS: digits | gaussian_mixture |
+                                     #   mnist1d | synthetic_leaf | npz | torchvision | hf
+    partition = "dirichlet"          # a name in p2pfl.learn.PARTITIONS: iid | dirichlet | shards |
+                                     #   quantity_skew | natural (datasets with owners)
     num_nodes = 3                    # nodes sharing the training set
     node_index = 0                   # this node's share, in [0, num_nodes)
     seed = 1                         # the run seed; the same on every node
     test_fraction = 0.2              # share held out as the common test set
     [data.params]                    # keyword arguments of the dataset builder (gaussian_mixture:
-                                     #   n_samples, dim, num_classes, separation)
+                                     #   n_samples, dim, num_classes, separation; npz: path;
+                                     #   torchvision: name, root; see README "Datasets");
+                                     #   path and root are relative to this file
     [data.partition_params]          # keyword arguments of the partition (dirichlet: alpha, ...)
     alpha = 0.5
 
@@ -327,7 +331,7 @@ def config_from_dict(
             limits.max_peers,
             f"an integer >= the number of [[peers]] ({len(peers)})",
         )
-    data = _parse_data(_Table(document, "data", required=True))
+    data = _parse_data(_Table(document, "data", required=True), base_dir)
     learner = _parse_learner(_Table(document, "learner"))
     protocol = _parse_protocol(_Table(document, "protocol"))
     merge_table = _Table(document, "merge")
@@ -493,8 +497,9 @@ def _parse_peers(raw: object, base_dir: Path, *, section: str = "peers") -> tupl
     return tuple(peers)
 
 
-def _parse_data(table: _Table) -> DataConfig:
-    from p2pfl.learn import DATASETS, PARTITIONS
+def _parse_data(table: _Table, base_dir: Path) -> DataConfig:
+    from p2pfl.learn.datasets import DATASETS, PATH_PARAMS
+    from p2pfl.learn.partition import FIXED_ARGUMENTS, PARTITIONS
 
     dataset = table.get("dataset", str)
     if dataset not in DATASETS:
@@ -505,11 +510,15 @@ def _parse_data(table: _Table) -> DataConfig:
     params = table.table("params")
     partition_params = table.table("partition_params")
     _check_params("data.params", params, DATASETS[dataset], fixed=())
+    for key in PATH_PARAMS & set(params):
+        if not isinstance(params[key], str):
+            _fail(f"data.params.{key}", params[key], "a path (string)")
+        params[key] = str(base_dir / Path(params[key]).expanduser())
     _check_params(
         "data.partition_params",
         partition_params,
         PARTITIONS[partition],
-        fixed=("labels", "n", "seed"),
+        fixed=FIXED_ARGUMENTS,
     )
     num_nodes = table.integer("num_nodes", 1, minimum=1)
     node_index = table.integer("node_index", 0, minimum=0)
@@ -609,6 +618,8 @@ _LEARNER_KEYS = {
 
 def _learner_key(key: str, data: DataConfig) -> str:
     """Name a key reported by ``p2pfl.learn`` as it is spelled in the config file."""
+    if key.startswith("data."):  # already spelled as in the file
+        return key
     head, _, rest = key.partition(".")
     if head == "dataset_params" and rest:
         return f"data.params.{rest}"

@@ -53,6 +53,24 @@ class DataSpec(_Strict):
     partition_params: dict[str, Any] = Field(default_factory=lambda: {"alpha": 0.5})
     test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
 
+    @field_validator("params")
+    @classmethod
+    def _absolute_paths(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Resolve file parameters (``path``, ``root``) against the scenario file's folder,
+        or the current directory for a shipped scenario, so every worker reads the same file."""
+        from p2pfl.learn.datasets import PATH_PARAMS
+
+        base = (info.context or {}).get("base_dir")
+        resolved = dict(params)
+        for key in PATH_PARAMS & set(params):
+            if not isinstance(params[key], str):
+                raise ValueError(f"{key} must be a path (a string)")
+            path = Path(params[key]).expanduser()
+            if not path.is_absolute() and base is not None:
+                path = Path(base) / path
+            resolved[key] = str(path.resolve())
+        return resolved
+
 
 class LearnerSpec(_Strict):
     hidden: list[int] = Field(default_factory=lambda: [32])

@@ -1,13 +1,14 @@
 """The Learner interface, the torch learner, models, datasets and non-IID partitions.
 
-Importing this package needs torch and numpy only; scikit-learn is imported on first use
-of the ``digits`` dataset.
+Importing this package needs torch and numpy only; scikit-learn, ``mnist1d`` and
+``datasets`` are imported on first use of a dataset that needs them.
 """
 
 from p2pfl.learn.base import EvalResult, Learner, TrainResult
 from p2pfl.learn.datasets import (
     DATASETS,
     ArrayDataset,
+    SplitDataset,
     gaussian_mixture,
     load_digits,
     make_dataset,
@@ -20,6 +21,7 @@ from p2pfl.learn.partition import (
     dirichlet,
     iid,
     make_partition,
+    natural,
     quantity_skew,
     shards,
 )
@@ -36,6 +38,7 @@ __all__ = [
     "Learner",
     "MinibatchSampler",
     "Partition",
+    "SplitDataset",
     "TorchLearner",
     "TrainResult",
     "build_federation",
@@ -48,6 +51,7 @@ __all__ = [
     "make_dataset",
     "make_partition",
     "mlp",
+    "natural",
     "quantity_skew",
     "shards",
     "train_test_split",

@@ -10,7 +10,6 @@ the same ones.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +19,7 @@ from torch import Tensor
 
 from p2pfl.errors import ConfigError
 from p2pfl.learn._config import check_int, check_seed
-from p2pfl.learn.datasets import DATASETS, ArrayDataset, make_dataset, train_test_split
+from p2pfl.learn.datasets import ArrayDataset, load_split
 from p2pfl.learn.models import mlp
 from p2pfl.learn.partition import make_partition
 from p2pfl.learn.sampling import MinibatchSampler
@@ -127,9 +126,10 @@ def build_federation(
 ) -> Federation:
     """Load a dataset once and share it out over ``num_nodes`` nodes.
 
-    Steps: build the dataset (if its builder takes a ``seed`` and ``dataset_params`` gives
-    none, one derived from ``seed``); split off a stratified test set, common to all nodes;
-    partition the rest; fix an MLP ``[features, *model, classes]`` and its initialisation.
+    Steps: build the dataset and take its test set, common to all nodes (its own, or a
+    stratified split; see :func:`~p2pfl.learn.datasets.load_split`); partition the rest
+    (examples' owners go to partitions that use them); fix an MLP ``[features, *model,
+    classes]`` and its initialisation.
 
     Args:
         dataset: a name in :data:`~p2pfl.learn.datasets.DATASETS`.
@@ -139,7 +139,8 @@ def build_federation(
         num_nodes: number of nodes sharing the training set, >= 1.
         model: hidden layer sizes only (``[]`` gives a linear model).
         seed: the run seed (non-negative).
-        test_fraction: share of the dataset held out as the common test set.
+        test_fraction: share of the dataset held out as the common test set (unused when
+            the dataset comes with its own test set).
         init_seed: seed of the model initialisation; by default one derived from ``seed``,
             so all nodes start from the same parameters.
 
@@ -153,20 +154,23 @@ def build_federation(
     hidden = list(model)
     if any(not isinstance(h, int) or isinstance(h, bool) or h < 1 for h in hidden):
         raise ConfigError("model", hidden, "a list of hidden layer sizes, each an int >= 1")
-    params = dict(dataset_params)
-    builder = DATASETS.get(dataset)
-    if builder is not None and "seed" in inspect.signature(builder).parameters:
-        params.setdefault("seed", derive_seed(seed, _STREAM_DATASET))
-    data = make_dataset(dataset, **params)
-    train, test = train_test_split(data, test_fraction, seed=derive_seed(seed, _STREAM_SPLIT))
+    train, test = load_split(
+        dataset,
+        dataset_params,
+        test_fraction=test_fraction,
+        data_seed=derive_seed(seed, _STREAM_DATASET),
+        split_seed=derive_seed(seed, _STREAM_SPLIT),
+        num_clients=num_nodes,
+    )
     parts = make_partition(
         partition,
         train.labels(),
         num_nodes,
         seed=derive_seed(seed, _STREAM_PARTITION),
+        owners=train.owner_array(),
         **partition_params,
     )
-    sizes = (data.dim, *hidden, data.num_classes)
+    sizes = (train.dim, *hidden, train.num_classes)
     chosen_init = derive_seed(seed, _STREAM_INIT) if init_seed is None else init_seed
     module = mlp(list(sizes), seed=chosen_init)
     return Federation(

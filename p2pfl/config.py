@@ -17,7 +17,8 @@ Schema (every relative path is relative to the directory of the config file)::
     max_handshakes = 16              # unauthenticated connections at once; more are closed at once
     max_frame_bytes = 67108864       # largest frame read from a peer (64 MiB)
     peer_message_rate = 20.0         # frames per second per peer (token bucket) ...
-    peer_message_burst = 40          # ... with this burst; each frame over it is a strike
+    peer_message_burst = 40          # ... with this burst, on top of what the protocol sends
+                                     # per round and per period; each frame over it is a strike
     idle_timeout = 60.0              # no frame for this long drops a peer (keep-alives at 1/3)
     strikes_to_ban = 3               # strikes within 10 minutes that ban a peer's key
     ban_interval = 300.0             # seconds a ban lasts (bans are kept in memory only)
@@ -70,7 +71,7 @@ Schema (every relative path is relative to the directory of the config file)::
     # server = "<64 hex>"            # fedavg: the server's key, the same on every node; a
                                      #   client lists the server in [[peers]], the server
                                      #   lists its clients
-    rounds = 20
+    rounds = 20                      # 1 .. 10**9 (protocol.config.MAX_ROUNDS)
     local_steps = 20
     round_timeout = 10.0
     # period, period_jitter, fanout, wire_dtype, max_rounds_ahead, replay_window,
@@ -278,6 +279,15 @@ def load_config(path: str | os.PathLike[str]) -> NodeConfig:
         raise ConfigError("config", str(source), f"a readable file ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("config", str(source), f"valid TOML ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            "config", str(source), f"a UTF-8 text file (byte {exc.start} is not UTF-8)"
+        ) from None
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively.
+        raise ConfigError(
+            "config", str(source), "TOML nested a few levels deep, not thousands"
+        ) from None
     return config_from_dict(document, base_dir=source.parent, source=source)
 
 
@@ -295,6 +305,12 @@ def config_from_dict(
     node = _Table(document, "node", required=True)
     listen_host, listen_port = _parse_address("node.listen", node.get("listen", str))
     key_file = base_dir / node.get("key_file", str)
+    if key_file.is_dir():
+        _fail(
+            "node.key_file",
+            str(key_file),
+            "a private key file (made by `p2pfl keygen --out FILE`), not a directory",
+        )
     checkpoint_raw = node.get("checkpoint_dir", str, None)
     checkpoint_dir = None if checkpoint_raw is None else base_dir / checkpoint_raw
     startup_timeout = node.seconds("startup_timeout", 30.0)

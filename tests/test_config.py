@@ -12,6 +12,8 @@ from p2pfl.cli import main
 from p2pfl.config import load_config
 from p2pfl.errors import ConfigError
 from p2pfl.identity import Identity
+from p2pfl.protocol.config import MAX_ROUNDS, CoreConfig
+from p2pfl.wire import MAX_ROUND
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "loopback"
 
@@ -369,3 +371,11 @@ def test_fedavg_node_whose_server_is_not_a_peer_exits_2_in_one_line(
     err = capsys.readouterr().err
     assert err.startswith(f"p2pfl: error: protocol.server = '{stranger}': the key of this node")
     assert err.count("\n") == 1
+
+
+def test_rounds_are_bounded_for_nodes_and_scenarios_alike() -> None:
+    """The bound lives in CoreConfig.validate, which node configs and scenarios both call."""
+    CoreConfig(rounds=MAX_ROUNDS).validate()
+    with pytest.raises(ConfigError, match=r"^protocol\.rounds = 1180591620717411303424: "):
+        CoreConfig(rounds=2**70).validate()
+    assert MAX_ROUNDS + CoreConfig().max_rounds_ahead < MAX_ROUND

@@ -12,7 +12,6 @@ from p2pfl.protocol import CoreConfig
 from p2pfl.protocol.fedavg import FedAvgClient, FedAvgServer
 
 from .test_nodes import RUN_TIMEOUT, make_nodes
-from .test_nodes import one_torch_thread as one_torch_thread  # autouse here too
 
 
 async def test_a_server_and_three_clients_run_fedavg(tmp_path: Path) -> None:

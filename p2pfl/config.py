@@ -59,12 +59,18 @@ Schema (every relative path is relative to the directory of the config file)::
     [data.partition_params]          # keyword arguments of the partition (dirichlet: alpha, ...)
     alpha = 0.5
 
-    [learner]
-    hidden = [32]                    # hidden layer sizes of the MLP ([] is a linear model)
+    [learner]                        # the keys of a scenario's [learner] (p2pfl.learn.settings)
+    model = "mlp"                    # mlp | cnn1d | lenet5 | cifar_cnn | "python:package.module:factory"
+    hidden = [32]                    # mlp only: hidden layer sizes ([] is a linear model)
+    # model_params = { channels = [32, 32, 32] }   # the model factory's keyword arguments
+    optimizer = "sgd"                # sgd | adam | adamw
     lr = 0.1
-    batch_size = 32
-    momentum = 0.0
+    momentum = 0.0                   # sgd; nesterov = true for Nesterov momentum
     weight_decay = 0.0
+    # betas = [0.9, 0.999], eps = 1e-8 (adam, adamw)
+    lr_schedule = "constant"         # constant | step (lr_step_size, lr_gamma) | cosine (lr_min)
+    optimizer_state = "keep"         # keep | reset (dropped when a merge changed the model)
+    batch_size = 32
 
     [protocol]                       # the fields of p2pfl.protocol.CoreConfig
     mode = "dsgd"                    # dsgd | gossip | modest | fedavg (or a plug-in's)
@@ -103,7 +109,11 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from p2pfl.errors import ConfigError
 from p2pfl.identity import NodeId
+from p2pfl.learn.settings import LearnerSettings
 from p2pfl.protocol.config import CoreConfig
+
+LearnerConfig = LearnerSettings
+"""The ``[learner]`` table: the same schema as a scenario's (:mod:`p2pfl.learn.settings`)."""
 
 if TYPE_CHECKING:
     from p2pfl.learn import TorchLearner
@@ -138,17 +148,6 @@ class DataConfig:
     node_index: int = 0
     seed: int = 0
     test_fraction: float = 0.2
-
-
-@dataclass(frozen=True, slots=True)
-class LearnerConfig:
-    """The ``[learner]`` table: the MLP and its optimiser."""
-
-    hidden: tuple[int, ...] = (32,)
-    lr: float = 0.1
-    batch_size: int = 32
-    momentum: float = 0.0
-    weight_decay: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,7 +205,7 @@ class NodeConfig:
     bootstrap: tuple[PeerConfig, ...] = ()
     """Nodes beyond the neighbours: known to membership-based modes, dialled on demand."""
     data: DataConfig = field(default_factory=DataConfig)
-    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    learner: LearnerSettings = field(default_factory=LearnerSettings)
     protocol: CoreConfig = field(default_factory=CoreConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     source: Path | None = None
@@ -240,13 +239,13 @@ class NodeConfig:
                 data.partition_params,
                 data.num_nodes,
                 data.node_index,
-                list(learner.hidden),
-                learner.lr,
+                learner.model,
+                None,
                 learner.batch_size,
                 data.seed,
                 data.test_fraction,
-                momentum=learner.momentum,
-                weight_decay=learner.weight_decay,
+                model_params=learner.model_parameters(),
+                optimizer=learner.optimizer_settings(self.protocol.rounds),
             )
         except ConfigError as exc:
             raise ConfigError(_learner_key(exc.key, data), exc.value, exc.allowed) from exc
@@ -572,28 +571,10 @@ def _check_params(prefix: str, params: Mapping[str, Any], fn: Any, fixed: tuple[
             _fail(f"{prefix}.{key}", value, f"not a parameter; parameters are {allowed}")
 
 
-def _parse_learner(table: _Table) -> LearnerConfig:
-    hidden = table.get("hidden", list, [32])
-    if any(not isinstance(h, int) or isinstance(h, bool) or h < 1 for h in hidden):
-        _fail(table.key("hidden"), hidden, "a list of hidden layer sizes, each an integer >= 1")
-    lr = table.number("lr", 0.1)
-    if lr <= 0:
-        _fail(table.key("lr"), lr, "a number > 0")
-    batch_size = table.integer("batch_size", 32, minimum=1)
-    momentum = table.number("momentum", 0.0)
-    if not 0 <= momentum < 1:
-        _fail(table.key("momentum"), momentum, "a number in [0, 1)")
-    weight_decay = table.number("weight_decay", 0.0)
-    if weight_decay < 0:
-        _fail(table.key("weight_decay"), weight_decay, "a number >= 0")
-    table.finish()
-    return LearnerConfig(
-        hidden=tuple(hidden),
-        lr=lr,
-        batch_size=batch_size,
-        momentum=momentum,
-        weight_decay=weight_decay,
-    )
+def _parse_learner(table: _Table) -> LearnerSettings:
+    from p2pfl.learn.settings import parse_learner_settings
+
+    return parse_learner_settings(table.raw, prefix=table.name)
 
 
 def _parse_protocol(table: _Table) -> CoreConfig:
@@ -624,11 +605,8 @@ _LEARNER_KEYS = {
     "node_index": "data.node_index",
     "seed": "data.seed",
     "test_fraction": "data.test_fraction",
-    "model": "learner.hidden",
-    "lr": "learner.lr",
-    "batch_size": "learner.batch_size",
-    "momentum": "learner.momentum",
-    "weight_decay": "learner.weight_decay",
+    "layer_sizes": "learner.hidden",
+    "rounds": "protocol.rounds",
 }
 
 
@@ -637,6 +615,8 @@ def _learner_key(key: str, data: DataConfig) -> str:
     if key.startswith("data."):  # already spelled as in the file
         return key
     head, _, rest = key.partition(".")
+    if head in LearnerSettings.model_fields:
+        return f"learner.{key}"
     if head == "dataset_params" and rest:
         return f"data.params.{rest}"
     if head == "partition_params" and rest:

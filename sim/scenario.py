@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from p2pfl.errors import ConfigError
+from p2pfl.learn.settings import LearnerSettings
 from p2pfl.protocol import PROTOCOL_MODES
 from topologies import registry as topology_registry
 
@@ -72,23 +73,16 @@ class DataSpec(_Strict):
         return resolved
 
 
-class LearnerSpec(_Strict):
-    hidden: list[int] = Field(default_factory=lambda: [32])
-    lr: float = Field(default=0.1, gt=0.0)
-    batch_size: int = Field(default=32, ge=1)
+class LearnerSpec(LearnerSettings):
+    """``[learner]``: the keys a node's config shares (:class:`p2pfl.learn.LearnerSettings`)
+    plus the simulator's own (a node takes ``local_steps`` from ``[protocol]``)."""
+
     local_steps: int = Field(default=10, ge=1)
     step_time: float = Field(default=0.01, gt=0.0, description="virtual seconds per local step")
     init: Literal["shared", "independent"] = Field(
         default="shared",
         description="shared: every node starts from one model; independent: per-node seeds",
     )
-
-    @field_validator("hidden")
-    @classmethod
-    def _positive_hidden(cls, hidden: list[int]) -> list[int]:
-        if any(width < 1 for width in hidden):
-            raise ValueError("hidden layer widths must be >= 1")
-        return hidden
 
 
 class ProtocolSpec(_Strict):

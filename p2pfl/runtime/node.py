@@ -59,6 +59,7 @@ Such a node also accepts connections from ``[[bootstrap]]`` and peer-book keys (
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -620,7 +621,10 @@ class Node:
                 self.stats["sends_unconnected"] += len(dropped)
 
     async def _train(self, action: StartTraining) -> None:
-        result = await trio.to_thread.run_sync(self.learner.train, action.vector, action.steps)
+        train = functools.partial(
+            self.learner.train, action.vector, action.steps, round=action.round
+        )
+        result = await trio.to_thread.run_sync(train)
         self._train_loss[action.round] = result.loss
         await self._events_send.send(TrainingFinished(result.vector, result.loss, result.steps))
 

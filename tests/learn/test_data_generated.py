@@ -144,7 +144,8 @@ def test_synthetic_leaf_natural_federation_gives_each_node_one_client() -> None:
         model=[8],
         seed=4,
     )
-    assert federation.num_nodes == 6 and federation.layer_sizes == (60, 8, 10)
+    assert federation.num_nodes == 6 and federation.input_shape == (60,)
+    assert federation.num_classes == 10 and federation.model_params == {"hidden": [8]}
     for index, part in enumerate(federation.train_parts):
         owners = part.owner_array()
         assert owners is not None and set(owners.tolist()) == {index}

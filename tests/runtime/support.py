@@ -34,12 +34,12 @@ class GatedLearner:
     def initial_vector(self) -> torch.Tensor:
         return self.inner.initial_vector()
 
-    def train(self, vector: torch.Tensor, steps: int) -> TrainResult:
+    def train(self, vector: torch.Tensor, steps: int, *, round: int | None = None) -> TrainResult:
         if self.trainings == self.gate_at:
             self.started.set()
             assert self.gate.wait(GATE_TIMEOUT), "the gate never opened"
         self.trainings += 1
-        return self.inner.train(vector, steps)
+        return self.inner.train(vector, steps, round=round)
 
     def evaluate(self, vector: torch.Tensor) -> EvalResult:
         return self.inner.evaluate(vector)

@@ -36,7 +36,7 @@ def config(tmp_path: Path, **changes: object) -> NodeConfig:
         checkpoint_dir=tmp_path / "state",
         startup_timeout=10.0,
         data=DataConfig(dataset="digits", num_nodes=1, seed=1),
-        learner=LearnerConfig(hidden=(8,)),
+        learner=LearnerConfig(hidden=[8]),
         protocol=CoreConfig(mode="dsgd", rounds=5, local_steps=1, round_timeout=5.0),
         merge=MergeConfig(rule="weighted"),
     )

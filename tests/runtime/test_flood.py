@@ -99,7 +99,7 @@ async def make_nodes(
             data=DataConfig(
                 dataset="digits", partition="iid", num_nodes=len(honest), node_index=i, seed=3
             ),
-            learner=LearnerConfig(hidden=(32,), lr=0.2, batch_size=32),
+            learner=LearnerConfig(hidden=[32], lr=0.2, batch_size=32),
             protocol=CoreConfig(mode="dsgd", rounds=ROUNDS, local_steps=20, round_timeout=20.0),
             merge=MergeConfig(rule="weighted"),
         )

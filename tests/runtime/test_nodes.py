@@ -69,7 +69,7 @@ async def make_nodes(
                 node_index=i,
                 seed=7,
             ),
-            learner=LearnerConfig(hidden=(32,), lr=0.2, batch_size=32),
+            learner=LearnerConfig(hidden=[32], lr=0.2, batch_size=32),
             protocol=dataclasses.replace(
                 mode or CoreConfig(mode="dsgd"),
                 rounds=rounds,

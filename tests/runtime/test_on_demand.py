@@ -62,7 +62,7 @@ async def modest_nodes(
                 node_index=i,
                 seed=11,
             ),
-            learner=LearnerConfig(hidden=(32,), lr=0.1, batch_size=32),
+            learner=LearnerConfig(hidden=[32], lr=0.1, batch_size=32),
             protocol=protocol,
             merge=MergeConfig(rule="mean"),
         )
@@ -132,7 +132,7 @@ async def test_membership_gossip_reaches_peers_learnt_by_peer_exchange(tmp_path:
             peers=tuple(address[j] for j in (i - 1, i + 1) if 0 <= j < n),
             peer_exchange=PeerExchangeConfig(interval=0.2),
             data=DataConfig(dataset="digits", num_nodes=n, node_index=i, seed=3),
-            learner=LearnerConfig(hidden=(16,), lr=0.1, batch_size=32),
+            learner=LearnerConfig(hidden=[16], lr=0.1, batch_size=32),
             protocol=CoreConfig(
                 mode="gossip",
                 rounds=rounds,

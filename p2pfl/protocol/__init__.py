@@ -14,8 +14,9 @@ Modes (``PROTOCOL_MODES``): ``dsgd`` (:mod:`p2pfl.protocol.dsgd`), ``gossip``
 committees over the membership view of :mod:`p2pfl.protocol.membership`) and ``fedavg``
 (:mod:`p2pfl.protocol.fedavg`, one server and sampled clients, the federated reference); their
 life cycles are tabulated in :mod:`p2pfl.protocol.phases`, and what each needs from its
-population is in its :class:`ModeTraits` (:func:`mode_traits`). Drivers report ``PeerConnected`` for each neighbour they reach;
-every neighbour starts out not connected (the simulator connects all before ``Started``).
+population is in its :class:`ModeTraits` (:func:`mode_traits`). Drivers report
+``PeerConnected`` for each neighbour they reach; every neighbour starts out not connected (the
+simulator reports ``NeighboursConnected``, all of them at once, before ``Started``).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from p2pfl.protocol.events import (
     DeadlineReached,
     Event,
     MessageReceived,
+    NeighboursConnected,
     PeerConnected,
     PeerDisconnected,
     Started,
@@ -131,6 +133,7 @@ __all__ = [
     "Event",
     "MessageReceived",
     "ModeTraits",
+    "NeighboursConnected",
     "PeerConnected",
     "PeerDisconnected",
     "PeerMisbehaved",

@@ -202,7 +202,7 @@ class Shard:
             raise ValueError(f"nodes {nodes} are not all in 0..{self.population.size - 1}")
         self.nodes = sorted(nodes)
         self.host = host
-        self.protocol = core_config(scenario)
+        self.protocol = core_config(scenario, self.population)
         self.strangers = self.protocol.admits_strangers
         """The cores talk beyond their neighbours: every node gets the whole address book."""
         self._checkpoint_root = (

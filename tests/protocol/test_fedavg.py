@@ -26,8 +26,8 @@ from p2pfl.protocol import (
     mode_traits,
 )
 from p2pfl.protocol.fedavg import FedAvgClient, FedAvgServer, clients_per_round
+from p2pfl.testing.network import FakeNetwork, identity_of
 
-from .network import FakeNetwork, identity_of
 from .single import SIZE, sealed
 
 SERVER = 0

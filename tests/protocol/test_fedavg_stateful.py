@@ -25,8 +25,8 @@ from p2pfl.protocol import (
     StartTraining,
 )
 from p2pfl.protocol.phases import Phase
+from p2pfl.testing.network import identity_of
 
-from .network import identity_of
 from .single import ME, NEIGHBOURS, sealed
 from .test_stateful import STATEFUL_SETTINGS, CoreMachine, Message, content
 

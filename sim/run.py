@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from p2pfl.errors import ConfigError
 from p2pfl.learn import derive_seed
 from p2pfl.merge import make_merge_rule
 from p2pfl.protocol import CoreConfig, make_core
@@ -36,6 +37,7 @@ from sim.adversaries import Adversary, AttackSuccess, targeted_entry
 from sim.batched import BatchedMLP
 from sim.disruptions import Disruptions
 from sim.engine import Engine
+from sim.interrupts import Interrupted, StopRequest
 from sim.metrics import MetricsRecorder
 from sim.network import LinkModel
 from sim.population import Population, build_population, initial_vectors
@@ -146,31 +148,89 @@ def run_scenario(
     *,
     on_round: Callable[[Engine], None] | None = None,
     plots: bool = True,
+    stop: StopRequest | None = None,
 ) -> RunResult:
     """Run ``scenario`` and write its run directory (with its plots unless ``plots=False``).
 
+    ``summary.json`` is written last: a directory holding it holds a whole run.
+
+    Interrupts (:mod:`sim.interrupts`): once ``stop`` is requested the run ends when the round
+    in progress is complete (every active node has recorded it), as if its horizon were
+    reached there; the directory is written with ``"interrupted": true`` in the summary. A
+    :class:`KeyboardInterrupt` during the run (a second signal, or Ctrl-C without ``stop``)
+    ends it at once: the rounds recorded so far are written the same way, and
+    :class:`~sim.interrupts.Interrupted` is raised after.
+
     Raises:
-        ConfigError, TopologyError: the scenario is invalid.
+        ConfigError, TopologyError: the scenario is invalid, or ``out`` cannot be a directory.
+        Interrupted: a KeyboardInterrupt cut the run; its directory is written.
     """
     started = time.perf_counter()
-    engine = build_engine(scenario, on_round=on_round)
-    virtual_seconds = engine.run()
-    wall_seconds = time.perf_counter() - started
     directory = out or default_run_dir(scenario)
-    directory.mkdir(parents=True, exist_ok=True)
+    make_directory("--out", directory)
+    stopping: list[int] = []
+
+    def round_done(engine: Engine) -> None:
+        if on_round is not None:
+            on_round(engine)
+        if stop is None or not stop.requested:
+            return
+        completed = len(engine.recorder.rounds)
+        if not stopping:
+            stopping.append(completed + 1)  # the round in progress when the stop was seen
+        if completed >= stopping[0]:
+            engine.horizon = engine.now  # the engine ends before the next later event
+
+    engine = build_engine(scenario, on_round=round_done)
+    cut = False
+    try:
+        virtual_seconds = engine.run()
+    except KeyboardInterrupt:
+        cut = True
+        engine.recorder.flush()
+        virtual_seconds = engine.now
+    interrupted = cut or bool(stopping)
+    wall_seconds = time.perf_counter() - started
     (directory / "scenario.toml").write_text(to_toml(scenario))
     (directory / "metrics.csv").write_text(engine.recorder.csv_text())
-    summary = summarise(scenario, engine, virtual_seconds, wall_seconds)
-    (directory / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    summary = summarise(scenario, engine, virtual_seconds, wall_seconds, interrupted=interrupted)
     with (directory / "events.jsonl").open("w") as handle:
         for entry in engine.events_log:
             handle.write(json.dumps(entry, sort_keys=True) + "\n")
     write_topology(engine.population, directory)
-    if plots:
+    if plots and engine.recorder.rounds:
         from sim.plots import plot_run
 
         plot_run(directory)
+    (directory / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    if cut:
+        raise Interrupted(interrupted_line(directory, summary))
     return RunResult(directory, summary)
+
+
+def interrupted_line(directory: Path, summary: dict[str, Any]) -> str:
+    """The one line printed after an interrupted run."""
+    return (
+        f"interrupted after {summary['rounds']} rounds; wrote {directory} "
+        '(summary.json says "interrupted": true)'
+    )
+
+
+def make_directory(key: str, path: Path) -> None:
+    """Create ``path`` (and its parents) as a directory, before any work is done.
+
+    Raises:
+        ConfigError: ``path`` is an existing file, or it cannot be created (a parent is a
+            file, no permission...); ``key`` names the option that gave it.
+    """
+    if path.exists() and not path.is_dir():
+        raise ConfigError(key, str(path), "a directory to write into; this is an existing file")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            key, str(path), f"a directory that can be created ({exc.strerror})"
+        ) from None
 
 
 def write_topology(population: Population, directory: Path) -> None:
@@ -189,7 +249,12 @@ def write_topology(population: Population, directory: Path) -> None:
 
 
 def summarise(
-    scenario: Scenario, engine: Engine, virtual_seconds: float, wall_seconds: float
+    scenario: Scenario,
+    engine: Engine,
+    virtual_seconds: float,
+    wall_seconds: float,
+    *,
+    interrupted: bool = False,
 ) -> dict[str, Any]:
     rounds = engine.recorder.rounds
     final = rounds[-1] if rounds else None
@@ -220,6 +285,7 @@ def summarise(
         "messages_sent": sum(traffic.messages_sent for traffic in engine.traffic),
         "rejected": sum(traffic.rejected for traffic in engine.traffic),
         **adversary_summary(scenario, engine),
+        "interrupted": interrupted,
     }
 
 
@@ -245,8 +311,10 @@ def final_accuracies(engine: Engine) -> dict[str, Any]:
 
     ``largest_component_accuracy`` averages the nodes of the largest component of the final
     live graph; ``isolated_accuracy`` the nodes left alone (a component of one), None if
-    there are none. Relays are included: they hold models too. Byzantine nodes are not: every
-    accuracy here is over honest nodes.
+    there are none. ``protected_accuracy`` averages the alive honest nodes of which less than
+    one third of the topology neighbours are Byzantine (``protected_nodes`` of them): the
+    nodes a robust rule can be expected to protect. Relays are included: they hold models
+    too. Byzantine nodes are not: every accuracy here is over honest nodes.
     """
     from sim.engine import ONLINE
 
@@ -269,13 +337,30 @@ def final_accuracies(engine: Engine) -> dict[str, Any]:
         ]
         return sum(values) / len(values) if values else None
 
+    alive = [node for node, state in enumerate(engine.status) if state != "dead"]
+    protected = [
+        node
+        for node in alive
+        if honest[node] and 3 * _byzantine_neighbours(engine, node) < max(1, _degree(engine, node))
+    ]
     return {
-        "alive_nodes": sum(state != "dead" for state in engine.status),
+        "alive_nodes": len(alive),
         "online_nodes": len(online),
         "components": len(components),
         "largest_component_size": len(largest),
         "isolated_nodes": len(isolated),
-        "final_accuracy_alive": mean([n for n, s in enumerate(engine.status) if s != "dead"]),
+        "final_accuracy_alive": mean(alive),
         "largest_component_accuracy": mean(largest),
         "isolated_accuracy": mean(isolated),
+        "protected_nodes": len(protected),
+        "protected_accuracy": mean(protected),
     }
+
+
+def _degree(engine: Engine, node: int) -> int:
+    return len(engine.population.neighbours[node])
+
+
+def _byzantine_neighbours(engine: Engine, node: int) -> int:
+    honest = engine.recorder.honest
+    return sum(not honest[peer] for peer in engine.population.neighbours[node])

@@ -1,0 +1,70 @@
+"""Stopping a run or a sweep on SIGINT/SIGTERM without losing what was done.
+
+Theory of operation
+-------------------
+The CLI installs :func:`stop_on_signals` around a command. The first SIGINT or SIGTERM only
+sets a :class:`StopRequest`; the code doing the work polls it at points where stopping leaves
+consistent files: a virtual run at the end of the round in progress, a live run at its next
+poll, a sweep at once (its unfinished runs are killed, its finished ones kept). A second
+signal raises :class:`KeyboardInterrupt` wherever the program is, for a user who will not
+wait; the run still writes what its recorder holds.
+
+Whoever stops early and has saved its work raises or reports :class:`Interrupted`, whose
+message is the one line the CLI prints before exiting with :data:`EXIT_INTERRUPTED`.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import FrameType
+
+EXIT_INTERRUPTED = 130
+"""Exit status after an interrupt (128 + SIGINT, the shell's convention)."""
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Stopped by a signal after saving what was done; the message says what and where."""
+
+
+@dataclass
+class StopRequest:
+    """Set by the first SIGINT/SIGTERM; polled by runs and sweeps."""
+
+    requested: bool = False
+    signal_name: str = ""
+
+    def request(self, signum: int) -> None:
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[StopRequest]:
+    """Within the block, the first SIGINT/SIGTERM sets the yielded request, a second raises
+    :class:`KeyboardInterrupt`; the previous handlers are restored on exit.
+
+    Must be entered from the main thread (Python delivers signals only there).
+    """
+    stop = StopRequest()
+
+    def handle(signum: int, _frame: FrameType | None) -> None:
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.request(signum)
+
+    previous = {number: signal.signal(number, handle) for number in SIGNALS}
+    try:
+        yield stop
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def ignore_interrupts() -> None:
+    """Worker processes ignore SIGINT: a terminal's Ctrl-C reaches the whole process group,
+    and the parent alone decides what stops (it terminates its workers itself)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

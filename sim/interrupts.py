@@ -2,12 +2,14 @@
 
 Theory of operation
 -------------------
-The CLI installs :func:`stop_on_signals` around a command. The first SIGINT or SIGTERM only
-sets a :class:`StopRequest`; the code doing the work polls it at points where stopping leaves
-consistent files: a virtual run at the end of the round in progress, a live run at its next
-poll, a sweep at once (its unfinished runs are killed, its finished ones kept). A second
-signal raises :class:`KeyboardInterrupt` wherever the program is, for a user who will not
-wait; the run still writes what its recorder holds.
+The CLI installs :func:`stop_on_signals` around a command. While the work is in a section
+that can stop cleanly (:meth:`StopRequest.deferred`: a run's rounds, a sweep's workers), the
+first SIGINT or SIGTERM only sets the :class:`StopRequest`, which the work polls at points
+where stopping leaves consistent files: a virtual run at the end of the round in progress, a
+live run at its next poll, a sweep at once (its unfinished runs are killed, its finished ones
+kept). Outside such a section (loading data, building a graph: nothing done yet to keep), or
+at a second signal for a user who will not wait, the signal raises :class:`KeyboardInterrupt`
+where the program is; a run cut that way still writes what its recorder holds.
 
 Whoever stops early and has saved its work raises or reports :class:`Interrupted`, whose
 message is the one line the CLI prints before exiting with :data:`EXIT_INTERRUPTED`.
@@ -36,23 +38,36 @@ class StopRequest:
 
     requested: bool = False
     signal_name: str = ""
+    deferring: bool = False
+    """True inside :meth:`deferred`: a signal then requests a stop instead of raising."""
 
     def request(self, signum: int) -> None:
         self.requested = True
         self.signal_name = signal.Signals(signum).name
 
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """A section that polls :attr:`requested` and stops cleanly by itself."""
+        previous = self.deferring
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = previous
+
 
 @contextmanager
 def stop_on_signals() -> Iterator[StopRequest]:
-    """Within the block, the first SIGINT/SIGTERM sets the yielded request, a second raises
-    :class:`KeyboardInterrupt`; the previous handlers are restored on exit.
+    """Within the block, SIGINT/SIGTERM set the yielded request inside its
+    :meth:`~StopRequest.deferred` sections the first time, and raise
+    :class:`KeyboardInterrupt` otherwise; the previous handlers are restored on exit.
 
     Must be entered from the main thread (Python delivers signals only there).
     """
     stop = StopRequest()
 
     def handle(signum: int, _frame: FrameType | None) -> None:
-        if stop.requested:
+        if stop.requested or not stop.deferring:
             raise KeyboardInterrupt
         stop.request(signum)
 

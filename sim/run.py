@@ -18,6 +18,7 @@ A run directory holds:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -154,7 +155,9 @@ def run_scenario(
 
     ``summary.json`` is written last: a directory holding it holds a whole run.
 
-    Interrupts (:mod:`sim.interrupts`): once ``stop`` is requested the run ends when the round
+    Interrupts (:mod:`sim.interrupts`): once ``stop`` is requested (a signal while the nodes
+    run; during set-up a signal raises :class:`KeyboardInterrupt` at once and nothing is
+    written), the run ends when the round
     in progress is complete (every active node has recorded it), as if its horizon were
     reached there; the directory is written with ``"interrupted": true`` in the summary. A
     :class:`KeyboardInterrupt` during the run (a second signal, or Ctrl-C without ``stop``)
@@ -184,7 +187,8 @@ def run_scenario(
     engine = build_engine(scenario, on_round=round_done)
     cut = False
     try:
-        virtual_seconds = engine.run()
+        with stop.deferred() if stop is not None else contextlib.nullcontext():
+            virtual_seconds = engine.run()
     except KeyboardInterrupt:
         cut = True
         engine.recorder.flush()
@@ -223,6 +227,8 @@ def make_directory(key: str, path: Path) -> None:
         ConfigError: ``path`` is an existing file, or it cannot be created (a parent is a
             file, no permission...); ``key`` names the option that gave it.
     """
+    if "\0" in str(path):
+        raise ConfigError(key, str(path), "a path without NUL characters")
     if path.exists() and not path.is_dir():
         raise ConfigError(key, str(path), "a directory to write into; this is an existing file")
     try:
@@ -285,8 +291,15 @@ def summarise(
         "messages_sent": sum(traffic.messages_sent for traffic in engine.traffic),
         "rejected": sum(traffic.rejected for traffic in engine.traffic),
         **adversary_summary(scenario, engine),
+        "unfired_disruptions": unfired_disruptions(scenario, engine.events_log),
         "interrupted": interrupted,
     }
+
+
+def unfired_disruptions(scenario: Scenario, events: list[dict[str, Any]]) -> list[int]:
+    """Indices of the timeline entries that never fired (the run ended before their time)."""
+    fired = {entry.get("index") for entry in events if entry.get("event") == "disruption"}
+    return [index for index in range(len(scenario.disruptions)) if index not in fired]
 
 
 def adversary_summary(scenario: Scenario, engine: Engine) -> dict[str, Any]:

@@ -19,6 +19,7 @@ its wall-clock column.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import itertools
 import json
@@ -267,12 +268,13 @@ def _run_in_workers(
             for run in todo
         }
         pending = set(futures)
-        while pending and not (stop is not None and stop.requested):
-            finished, pending = wait(pending, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
-            for future in finished:
-                summaries[futures[future]] = future.result()
-                if on_done is not None:
-                    on_done(len(summaries), total)
+        with stop.deferred() if stop is not None else contextlib.nullcontext():
+            while pending and not (stop is not None and stop.requested):
+                finished, pending = wait(pending, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    summaries[futures[future]] = future.result()
+                    if on_done is not None:
+                        on_done(len(summaries), total)
         stopped = bool(pending)
         clean = not stopped
     except KeyboardInterrupt:

@@ -14,6 +14,11 @@ from p2pfl.protocol.membership import MAX_RECORDS_PER_MESSAGE
 PEER_SAMPLING = ("neighbours", "membership")
 """The values of ``protocol.peer_sampling``."""
 
+MAX_ROUNDS = 1_000_000
+"""The most rounds a node or a simulation may be configured to run (``rounds``): far more
+than any training needs, and small enough that round numbers, deadlines and per-round
+records stay well inside every integer and float range they meet."""
+
 CONFIG_PREFIX = "protocol"
 """Config keys in errors are named ``protocol.<field>``, as in a scenario file."""
 

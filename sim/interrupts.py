@@ -18,6 +18,7 @@ message is the one line the CLI prints before exiting with :data:`EXIT_INTERRUPT
 from __future__ import annotations
 
 import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -83,3 +84,23 @@ def ignore_interrupts() -> None:
     """Worker processes ignore SIGINT: a terminal's Ctrl-C reaches the whole process group,
     and the parent alone decides what stops (it terminates its workers itself)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextmanager
+def children_ignore_sigint() -> Iterator[None]:
+    """Processes started within the block ignore SIGINT from their first instruction.
+
+    An ignored signal stays ignored across ``exec``, and Python then installs no handler of
+    its own, so a spawned worker still importing its modules is not killed by a terminal's
+    Ctrl-C with a traceback (:func:`ignore_interrupts` runs only once it has imported them).
+    The block should be short: this process ignores SIGINT too while it runs. Outside the
+    main thread (where handlers cannot be set) it does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pfl.errors import ConfigError
-from sim.interrupts import Interrupted, StopRequest, ignore_interrupts
+from sim.interrupts import Interrupted, StopRequest, children_ignore_sigint, ignore_interrupts
 from sim.scenario import apply_overrides, override_path, parse_scenario
 
 SUMMARY_COLUMNS = (
@@ -263,10 +263,11 @@ def _run_in_workers(
     stopped = False
     clean = False
     try:
-        futures = {
-            pool.submit(run_one, run.document, source, str(run.directory), plots): run.index
-            for run in todo
-        }
+        with children_ignore_sigint():  # the pool starts its processes as work is submitted
+            futures = {
+                pool.submit(run_one, run.document, source, str(run.directory), plots): run.index
+                for run in todo
+            }
         pending = set(futures)
         with stop.deferred() if stop is not None else contextlib.nullcontext():
             while pending and not (stop is not None and stop.requested):

@@ -23,6 +23,8 @@ import contextlib
 import csv
 import itertools
 import json
+import math
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -54,6 +56,8 @@ SUMMARY_COLUMNS = (
     "wall_seconds",
 )
 DEFAULT_METRICS = ("final_accuracy_alive",)
+MAX_RUNS = 100_000
+"""The most runs one sweep plans (every run's document is built and checked up front)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +97,8 @@ def parse_grid(assignments: Sequence[str]) -> list[tuple[str, list[str]]]:
     """``["a=1,2", "b=x,y,z"]`` → ``[("a", ["1", "2"]), ("b", ["x", "y", "z"])]``.
 
     Raises:
-        ConfigError: an assignment without ``=``, without values, or a key given twice.
+        ConfigError: an assignment without ``=``, without values, a key given twice, or
+            ``seed`` (seeds come from ``--seeds``).
     """
     grid: list[tuple[str, list[str]]] = []
     for assignment in assignments:
@@ -103,6 +108,10 @@ def parse_grid(assignments: Sequence[str]) -> list[tuple[str, list[str]]]:
             raise ConfigError("--grid", assignment, "key=v1,v2,... e.g. learner.lr=0.05,0.1")
         if any(key.strip() == seen for seen, _ in grid):
             raise ConfigError("--grid", key, "each key once")
+        if key.strip() == "seed":
+            raise ConfigError(
+                "--grid", key, "not seed: use --seeds N (seeds S..S+N-1, S from --set seed=S)"
+            )
         grid.append((key.strip(), values))
     return grid
 
@@ -118,10 +127,14 @@ def plan(
     """Every run of the sweep, each document validated.
 
     Raises:
-        ConfigError: a grid value makes an invalid scenario, or ``seeds`` < 1.
+        ConfigError: a grid value makes an invalid scenario, ``seeds`` < 1, or more than
+            ``MAX_RUNS`` runs.
     """
     if seeds < 1:
         raise ConfigError("--seeds", seeds, "an integer >= 1")
+    total = seeds * math.prod(len(values) for _, values in grid)
+    if total > MAX_RUNS:
+        raise ConfigError("--grid/--seeds", total, f"a sweep of at most {MAX_RUNS} runs")
     base = parse_scenario(document, source=source)
     runs: list[SweepRun] = []
     keys = [key for key, _ in grid]
@@ -204,11 +217,13 @@ def run_sweep(
         The path of ``sweep.csv``.
 
     Raises:
-        ConfigError: ``jobs`` < 1, a metric is not a summary column, or ``out`` is a file.
+        ConfigError: ``jobs`` not in 1..4 per CPU, a metric is not a summary column, or
+            ``out`` is a file.
         Interrupted: stopped early; its message says how many runs were kept.
     """
-    if jobs < 1:
-        raise ConfigError("--jobs", jobs, "an integer >= 1")
+    cpus = os.cpu_count() or 1
+    if not 1 <= jobs <= 4 * cpus:
+        raise ConfigError("--jobs", jobs, f"an integer in 1..{4 * cpus} (4 per CPU)")
     for metric in metrics:
         if metric not in SUMMARY_COLUMNS:
             raise ConfigError("--metric", metric, f"one of {', '.join(SUMMARY_COLUMNS)}")

@@ -159,6 +159,12 @@ def test_bad_grid_and_sweep_options(tiny: Path, capsys: pytest.CaptureFixture[st
     refused(capsys, ["sweep", str(tiny), "--jobs", "0"], "--jobs")
     refused(capsys, ["sweep", str(tiny), "--metric", "nope"], "--metric")
     refused(capsys, ["sweep", str(tiny), "--resume"], "--resume", "--out")
+    refused(capsys, ["sweep", str(tiny), "--grid", "seed=1,2"], "--grid", "--seeds")
+    refused(capsys, ["sweep", str(tiny), "--jobs", "100000"], "--jobs")
+    many = ",".join(str(index / 1000) for index in range(1, 1000))
+    refused(
+        capsys, ["sweep", str(tiny), "--grid", f"learner.lr={many}", "--seeds", "1000"], "at most"
+    )
 
 
 def test_plot_and_compare_on_missing_directories(

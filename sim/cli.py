@@ -18,6 +18,7 @@ import topologies
 from p2pfl.errors import ConfigError, TopologyError
 from sim.engine import Engine
 from sim.interrupts import EXIT_INTERRUPTED, Interrupted, StopRequest, stop_on_signals
+from sim.metrics import COLUMNS
 from sim.plots import PLOT_NAMES, compare_runs, plot_run
 from sim.run import interrupted_line, make_directory, run_scenario
 from sim.scenario import (
@@ -205,9 +206,33 @@ def _run(args: argparse.Namespace, console: Console, stop: StopRequest) -> int:
     return 0
 
 
+def _check_run_dir(directory: Path) -> None:
+    """Refuse a directory that holds no ``metrics.csv`` written by a run.
+
+    Raises:
+        ConfigError: no ``metrics.csv``, or one that is not UTF-8 or has other columns.
+    """
+    path = directory / "metrics.csv"
+    if not path.is_file():
+        raise ConfigError("RUN_DIR", str(directory), "a run directory holding metrics.csv")
+    try:
+        with path.open(encoding="utf-8") as handle:
+            header = handle.readline().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            "RUN_DIR", str(directory), f"a run directory with a readable metrics.csv ({exc})"
+        ) from None
+    if header != ",".join(COLUMNS):
+        raise ConfigError(
+            "RUN_DIR",
+            str(directory),
+            "a run directory whose metrics.csv has the columns a run writes "
+            f"({', '.join(COLUMNS[:3])}, ...)",
+        )
+
+
 def _plot(args: argparse.Namespace, console: Console) -> int:
-    if not (args.run_dir / "metrics.csv").is_file():
-        raise ConfigError("RUN_DIR", str(args.run_dir), "a run directory holding metrics.csv")
+    _check_run_dir(args.run_dir)
     paths = plot_run(args.run_dir, topology_times=args.times)
     console.print(f"wrote {len(paths)} files to {args.run_dir}")
     return 0
@@ -215,8 +240,7 @@ def _plot(args: argparse.Namespace, console: Console) -> int:
 
 def _compare(args: argparse.Namespace, console: Console) -> int:
     for directory in args.run_dirs:
-        if not (directory / "metrics.csv").is_file():
-            raise ConfigError("RUN_DIR", str(directory), "a run directory holding metrics.csv")
+        _check_run_dir(directory)
     make_directory("--out", args.out)
     paths = compare_runs(args.run_dirs, args.out)
     console.print(f"wrote {', '.join(str(path) for path in paths)}")

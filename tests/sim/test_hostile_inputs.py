@@ -177,3 +177,17 @@ def test_plot_and_compare_on_missing_directories(
 
 def test_live_shards_below_one(tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:
     refused(capsys, ["run", str(tiny), "--live", "--shards", "0"], "--shards")
+
+
+def test_plot_and_compare_on_directories_not_written_by_a_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    binary = tmp_path / "binary"
+    binary.mkdir()
+    (binary / "metrics.csv").write_bytes(b"\xff\xfe\x00\n")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "metrics.csv").write_text("a,b\n1,2\n")
+    for directory in (binary, other):
+        refused(capsys, ["plot", str(directory)], directory.name, "metrics.csv")
+        refused(capsys, ["compare", str(directory)], directory.name, "metrics.csv")

@@ -83,6 +83,7 @@ from sim.run import (
     default_run_dir,
     interrupted_line,
     make_directory,
+    removed_if_empty,
     summarise,
     write_topology,
 )
@@ -589,11 +590,20 @@ def run_live(
     """
     started_wall = time.perf_counter()
     directory = out or default_run_dir(scenario)
-    make_directory("--out", directory)
-    population = build_population(scenario)
-    ray_started = False
+    created = make_directory("--out", directory)
     shard_handles: list[ShardHandle] = list(handles) if handles is not None else []
-    try:
+    ray_started: list[bool] = []
+
+    def finish() -> None:
+        _close_all(shard_handles)
+        if ray_started:
+            import ray
+
+            ray.shutdown()
+
+    with removed_if_empty(directory, created), contextlib.ExitStack() as cleanup:
+        cleanup.callback(finish)
+        population = build_population(scenario)
         if handles is None:
             import ray
 
@@ -609,12 +619,10 @@ def run_live(
                         f"{str(exc).splitlines()[0]}); with token authentication set "
                         "RAY_AUTH_MODE=token, or use 'auto' on a cluster node",
                     ) from exc
-                ray_started = True
+                ray_started.append(True)
             count = shards or int(ray.cluster_resources().get("CPU", 1.0))
             blocks = assign(population.size, max(1, count))
-            shard_handles = list(
-                ray_shards(scenario, blocks, checkpoints=_needs_checkpoints(scenario))
-            )
+            shard_handles += ray_shards(scenario, blocks, checkpoints=_needs_checkpoints(scenario))
         world, timed_out, interrupted = _drive(
             scenario,
             population,
@@ -623,12 +631,6 @@ def run_live(
             wall_limit or default_wall_limit(scenario),
             stop,
         )
-    finally:
-        _close_all(shard_handles)
-        if ray_started:
-            import ray
-
-            ray.shutdown()
     wall_seconds = time.perf_counter() - started_wall
     (directory / "scenario.toml").write_text(to_toml(scenario))
     (directory / "metrics.csv").write_text(world.recorder.csv_text())

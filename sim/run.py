@@ -22,7 +22,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -170,7 +170,7 @@ def run_scenario(
     """
     started = time.perf_counter()
     directory = out or default_run_dir(scenario)
-    make_directory("--out", directory)
+    created = make_directory("--out", directory)
     stopping: list[int] = []
 
     def round_done(engine: Engine) -> None:
@@ -184,7 +184,8 @@ def run_scenario(
         if completed >= stopping[0]:
             engine.horizon = engine.now  # the engine ends before the next later event
 
-    engine = build_engine(scenario, on_round=round_done)
+    with removed_if_empty(directory, created):
+        engine = build_engine(scenario, on_round=round_done)
     cut = False
     try:
         with stop.deferred() if stop is not None else contextlib.nullcontext():
@@ -220,8 +221,11 @@ def interrupted_line(directory: Path, summary: dict[str, Any]) -> str:
     )
 
 
-def make_directory(key: str, path: Path) -> None:
+def make_directory(key: str, path: Path) -> bool:
     """Create ``path`` (and its parents) as a directory, before any work is done.
+
+    Returns:
+        Whether the directory was created here (it did not exist).
 
     Raises:
         ConfigError: ``path`` is an existing file, or it cannot be created (a parent is a
@@ -231,12 +235,26 @@ def make_directory(key: str, path: Path) -> None:
         raise ConfigError(key, str(path), "a path without NUL characters")
     if path.exists() and not path.is_dir():
         raise ConfigError(key, str(path), "a directory to write into; this is an existing file")
+    created = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(
             key, str(path), f"a directory that can be created ({exc.strerror})"
         ) from None
+    return created
+
+
+@contextlib.contextmanager
+def removed_if_empty(directory: Path, created: bool) -> Iterator[None]:
+    """If the block fails before anything was written, remove the directory made for it, so
+    a failed run leaves no empty run directory behind."""
+    try:
+        yield
+    except BaseException:
+        if created and directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()
+        raise
 
 
 def write_topology(population: Population, directory: Path) -> None:

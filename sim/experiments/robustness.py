@@ -164,10 +164,18 @@ def report(out: Path) -> dict[str, Any]:
     columns = ["none", *ATTACKS]
     for ax, topology in zip(axes, TOPOLOGIES, strict=True):
         path = RUNS / topology / "sweep.csv"
-        table = read_table(path)
+        table = read_table(path) if path.exists() else {}
+        if not table:
+            print(f"\n{topology}: no runs yet ({path})")
+            continue
         protected = read_table(path, "protected_accuracy")
         nodes = read_table(path, "protected_nodes")
         seeds = max(len(values) for values in table.values())
+        missing = len(RULES) * (1 + len(ATTACKS) * len(FRACTIONS)) * seeds - sum(
+            len(values) for values in table.values()
+        )
+        if missing:
+            print(f"\n{topology}: {missing} runs missing (cells without them show –)")
         result[topology] = {
             f"{rule}/{attack}/{fraction}": {
                 "mean_test_accuracy": mean_std(values),
@@ -179,7 +187,7 @@ def report(out: Path) -> dict[str, Any]:
         }
         grid_values = np.array(
             [
-                [mean_std(table[(rule, "none", 0.0)])[0]]
+                [mean_std(table.get((rule, "none", 0.0), []))[0]]
                 + [mean_std(table.get((rule, attack, 0.2), []))[0] for attack in ATTACKS]
                 for rule in RULES
             ]
@@ -193,12 +201,13 @@ def report(out: Path) -> dict[str, Any]:
         ax.set_title(f"{topology}: honest mean accuracy, 20% Byzantine, mean of {seeds} seeds")
         fig.colorbar(image, ax=ax, fraction=0.046)
         print(f"\n### {topology}: all honest nodes, mean ± std over {seeds} seeds\n")
-        print("| rule | no attack | " + " | ".join(
-            f"{attack} {int(f * 100)}%" for attack in ATTACKS for f in FRACTIONS) + " |")  # fmt: skip
-        print("|---" * (2 + len(ATTACKS) * len(FRACTIONS)) + "|")
+        shares = "/".join(str(int(f * 100)) for f in FRACTIONS)
+        print("| rule | no attack | " + " | ".join(f"{a} {shares}%" for a in ATTACKS) + " |")
+        print("|---" * (2 + len(ATTACKS)) + "|")
         for rule in RULES:
-            cells = [_text(table[(rule, "none", 0.0)])]
-            cells += [_text(table.get((rule, a, f))) for a in ATTACKS for f in FRACTIONS]
+            cells = [_text(table.get((rule, "none", 0.0)))]
+            cells += [" / ".join(_text(table.get((rule, a, f))) for f in FRACTIONS)
+                      for a in ATTACKS]  # fmt: skip
             print(f"| {rule} | " + " | ".join(cells) + " |")
         print(f"\n### {topology}: honest nodes with < 1/3 Byzantine neighbours, 20%\n")
         print("| rule | " + " | ".join(f"{attack}: all / protected" for attack in ATTACKS) + " |")
@@ -207,13 +216,19 @@ def report(out: Path) -> dict[str, Any]:
             cells = [f"{_text(table.get((rule, a, 0.2)))} / {_text(protected.get((rule, a, 0.2)))}"
                      for a in ATTACKS]  # fmt: skip
             print(f"| {rule} | " + " | ".join(cells) + " |")
-        counts = [f"{f:.0%}: {mean_std(nodes[('mean', 'sign_flip', f)])[0]:.1f}" for f in FRACTIONS]
+        counts = [
+            f"{f:.0%}: {mean_std(nodes.get(('mean', 'sign_flip', f), []))[0]:.1f}"
+            for f in FRACTIONS
+        ]
         print(f"\nprotected honest nodes (mean over seeds): {', '.join(counts)}")
     fig.tight_layout()
     out.mkdir(parents=True, exist_ok=True)
     fig.savefig(out / "robustness-matrix.png", dpi=110)
     plt.close(fig)
-    result["acceptance"] = _acceptance(read_table(RUNS / "ba64" / "sweep.csv"))
+    ba_path = RUNS / "ba64" / "sweep.csv"
+    result["acceptance"] = _acceptance(
+        read_table(ba_path), read_table(ba_path, "protected_accuracy")
+    )
     formula = RUNS / "alie-formula" / "sweep.csv"
     if formula.exists():
         result["alie_formula_ba64_20"] = {
@@ -224,11 +239,14 @@ def report(out: Path) -> dict[str, Any]:
     return result
 
 
-def _acceptance(ba: dict[Cell, list[float]]) -> dict[str, Any]:
+def _acceptance(ba: dict[Cell, list[float]], protected: dict[Cell, list[float]]) -> dict[str, Any]:
     """Which rules keep >= 95% of the attack-free accuracy at 20% on BA(64), seed by seed.
 
     Each seed's attacked run is compared with the same seed's attack-free run (same graph,
     data split and initial model); a rule passes when the mean of those ratios is >= 0.95.
+    The same ratio is given for the protected nodes (honest, < 1/3 Byzantine neighbours):
+    their accuracy under attack over the attack-free accuracy of all nodes (with no attacker
+    every node is protected).
     """
     import numpy as np
 
@@ -238,22 +256,35 @@ def _acceptance(ba: dict[Cell, list[float]]) -> dict[str, Any]:
     for attack in KEY_ATTACKS:
         entry: dict[str, Any] = {}
         for rule in RULES:
-            attacked = np.array(ba[(rule, attack, 0.2)])
-            own = attacked / np.array(ba[(rule, "none", 0.0)])
-            versus_mean = attacked / np.array(reference)
+            if (rule, attack, 0.2) not in ba or (rule, "none", 0.0) not in ba:
+                continue  # not run yet
+            baseline = np.array(ba[(rule, "none", 0.0)])
+            own = np.array(ba[(rule, attack, 0.2)]) / baseline
+            shielded = np.array(protected[(rule, attack, 0.2)]) / baseline
             entry[rule] = {
                 "own_baseline": mean_std(list(own)),
-                "mean_baseline": mean_std(list(versus_mean)),
+                "mean_baseline": mean_std(list(np.array(ba[(rule, attack, 0.2)]) / reference)),
+                "protected_own_baseline": mean_std(list(shielded)),
                 "per_seed_own": [round(float(value), 4) for value in own],
+                "per_seed_protected": [round(float(value), 4) for value in shielded],
             }
-        keep = [rule for rule in RULES if entry[rule]["own_baseline"][0] >= 0.95]
-        acceptance[attack] = {"rules": entry, "keep_own_95": keep}
-        print(f"{attack}: mean ratio >= 95% of own attack-free run: {keep}")
-        for rule in ("mean", "geometric_median", "centered_clipping", "median"):
-            own_mean, own_std = entry[rule]["own_baseline"]
-            print(
-                f"  {rule}: {own_mean:.1%} ± {own_std:.1%} (per seed {entry[rule]['per_seed_own']})"
-            )
+        keep = [rule for rule in entry if entry[rule]["own_baseline"][0] >= 0.95]
+        keep_protected = [
+            rule for rule in entry if entry[rule]["protected_own_baseline"][0] >= 0.95
+        ]
+        acceptance[attack] = {
+            "rules": entry,
+            "keep_own_95": keep,
+            "keep_own_95_protected": keep_protected,
+        }
+        print(f"{attack}: >= 95% of own attack-free run: all honest {keep}, "
+              f"protected {keep_protected}")  # fmt: skip
+        for rule, values in entry.items():
+            own_mean, own_std = values["own_baseline"]
+            shield_mean, shield_std = values["protected_own_baseline"]
+            print(f"  {rule}: all {own_mean:.1%} ± {own_std:.1%} {values['per_seed_own']}; "
+                  f"protected {shield_mean:.1%} ± {shield_std:.1%} "
+                  f"{values['per_seed_protected']}")  # fmt: skip
     return acceptance
 
 

@@ -82,6 +82,18 @@ def _text(values: list[float]) -> str:
     return f"{mean:.3f} ± {std:.3f}"
 
 
+def _print_table(results: dict[str, dict[int, dict[str, list[float]]]], cell: str) -> None:
+    """A markdown table, a row per rule and a column per S; ``cell`` names the measures."""
+    print("| rule | " + " | ".join(f"S = {s}" for s in SYBILS) + " |")
+    print("|---" * (len(SYBILS) + 1) + "|")
+    for rule in RULES:
+        cells = [
+            cell.format(**{measure: _text(values) for measure, values in results[rule][s].items()})
+            for s in SYBILS
+        ]
+        print(f"| {rule} | " + " | ".join(cells) + " |")
+
+
 def report(out: Path) -> dict[str, Any]:
     import matplotlib
 
@@ -91,19 +103,9 @@ def report(out: Path) -> dict[str, Any]:
     results = read_results()
     seeds = max(len(cell["accuracy"]) for rule in RULES for cell in results[rule].values())
     print(f"attack success (honest mean accuracy), mean ± std over {seeds} seeds\n")
-    print("| rule | " + " | ".join(f"S = {s}" for s in SYBILS) + " |")
-    print("|---" * (len(SYBILS) + 1) + "|")
-    for rule in RULES:
-        cells = [f"{_text(results[rule][s]['attack_success_rate'])} "
-                 f"({_text(results[rule][s]['accuracy'])})" for s in SYBILS]  # fmt: skip
-        print(f"| {rule} | " + " | ".join(cells) + " |")
+    _print_table(results, "{attack_success_rate} ({accuracy})")
     print("\nhonest accuracy: all honest nodes / those with < 1/3 Sybil neighbours\n")
-    print("| rule | " + " | ".join(f"S = {s}" for s in SYBILS) + " |")
-    print("|---" * (len(SYBILS) + 1) + "|")
-    for rule in RULES:
-        cells = [f"{_text(results[rule][s]['accuracy'])} / "
-                 f"{_text(results[rule][s]['protected_accuracy'])}" for s in SYBILS]  # fmt: skip
-        print(f"| {rule} | " + " | ".join(cells) + " |")
+    _print_table(results, "{accuracy} / {protected_accuracy}")
     counts = [f"S = {s}: {mean_std(results['mean'][s]['protected_nodes'])[0]:.1f}" for s in SYBILS]
     print(f"\nhonest nodes with < 1/3 Sybil neighbours (of 64): {', '.join(counts)}")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))

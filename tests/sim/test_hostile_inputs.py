@@ -7,29 +7,14 @@ the process would print one line naming what is wrong and exit 2: no traceback, 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sim.cli import main
-from sim.scenario import MAX_NESTING, MAX_SCENARIO_BYTES
-
-TINY = """\
-name = "tiny"
-seed = 3
-rounds = 1
-[topology]
-kind = "ring"
-n = 4
-[data]
-dataset = "gaussian_mixture"
-params = { n_samples = 120, dim = 4, num_classes = 2 }
-partition = "iid"
-partition_params = {}
-[learner]
-hidden = [4]
-local_steps = 1
-"""
+from sim.scenario import MAX_NESTING, MAX_SCENARIO_BYTES, parse_scenario, to_toml
 
 
 def refused(capsys: pytest.CaptureFixture[str], argv: list[str], *named: str) -> str:
@@ -44,9 +29,9 @@ def refused(capsys: pytest.CaptureFixture[str], argv: list[str], *named: str) ->
 
 
 @pytest.fixture
-def tiny(tmp_path: Path) -> Path:
+def tiny(tmp_path: Path, small_document: Callable[..., dict[str, Any]]) -> Path:
     path = tmp_path / "tiny.toml"
-    path.write_text(TINY)
+    path.write_text(to_toml(parse_scenario(small_document(rounds=1))))
     return path
 
 

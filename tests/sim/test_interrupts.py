@@ -20,29 +20,36 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sim.interrupts import EXIT_INTERRUPTED
+from sim.scenario import parse_scenario, to_toml
 
 ROOT = Path(__file__).resolve().parents[2]
 NODES = 6
-ENDLESS = """\
-name = "endless"
-seed = 2
-rounds = 100000
-[topology]
-kind = "ring"
-n = 6
-[data]
-dataset = "gaussian_mixture"
-params = { n_samples = 240, dim = 4, num_classes = 2 }
-partition = "iid"
-partition_params = {}
-[learner]
-hidden = [4]
-local_steps = 1
-"""
+ENDLESS: dict[str, Any] = {
+    "name": "endless",
+    "seed": 2,
+    "rounds": 100000,
+    "topology": {"kind": "ring", "n": NODES},
+    "data": {
+        "dataset": "gaussian_mixture",
+        "params": {"n_samples": 240, "dim": 4, "num_classes": 2},
+        "partition": "iid",
+        "partition_params": {},
+    },
+    "learner": {"hidden": [4], "local_steps": 1},
+}
+"""A scenario that runs until it is stopped (a round takes milliseconds)."""
+
+
+def scenario_file(path: Path, **changes: Any) -> Path:
+    path.write_text(to_toml(parse_scenario({**ENDLESS, **changes})))
+    return path
+
+
 ANNOUNCING_CLI = """\
 import sys
 import sim.cli as cli
@@ -191,8 +198,7 @@ def _check_interrupted_run(directory: Path, code: int, err: str) -> dict[str, ob
 def test_signal_during_run_writes_the_rounds_done_and_exits_130(
     tmp_path: Path, signum: signal.Signals
 ) -> None:
-    scenario = tmp_path / "endless.toml"
-    scenario.write_text(ENDLESS)
+    scenario = scenario_file(tmp_path / "endless.toml")
     out = tmp_path / "run"
     with started(["-c", ANNOUNCING_CLI, "run", str(scenario), "--out", str(out), "--quiet"]) as p:
         p.wait_for_line("ROUND", timeout=60)
@@ -203,10 +209,8 @@ def test_signal_during_run_writes_the_rounds_done_and_exits_130(
 
 @pytest.mark.timeout(120)
 def test_signal_during_a_live_run_writes_its_directory(tmp_path: Path) -> None:
-    scenario = tmp_path / "endless-live.toml"
-    scenario.write_text(
-        ENDLESS.replace("rounds = 100000", "rounds = 100000\nhorizon = 90.0")
-        + "[protocol]\nround_timeout = 10.0\n"
+    scenario = scenario_file(
+        tmp_path / "endless-live.toml", horizon=90.0, protocol={"round_timeout": 10.0}
     )
     out = tmp_path / "live"
     with started(["-c", LIVE_DRIVER, str(scenario), str(out)]) as process:
@@ -251,8 +255,7 @@ def _finished_runs(out: Path) -> dict[str, int]:
 
 @pytest.mark.timeout(240)
 def test_sweep_stops_its_workers_keeps_finished_runs_and_resumes(tmp_path: Path) -> None:
-    scenario = tmp_path / "short.toml"
-    scenario.write_text(ENDLESS.replace("rounds = 100000", "rounds = 30"))
+    scenario = scenario_file(tmp_path / "short.toml", rounds=30)
     out = tmp_path / "sweep"
     argv = ["-m", "sim.cli", "sweep", str(scenario), "--grid", "learner.lr=0.1,0.2"]
     argv += ["--seeds", "3", "--jobs", "2", "--out", str(out), "--quiet"]

@@ -53,6 +53,8 @@ ATTACKS: dict[str, str] = {
 }
 FRACTIONS = (0.1, 0.2, 0.3)
 KEY_ATTACKS = ("alie", "ipm", "sign_flip")
+ACCEPTANCE_RULES = ("geometric_median", "centered_clipping", "median", "mean")
+"""The rules of the acceptance table of docs/experiments.md."""
 
 
 def adversary_values() -> list[str]:
@@ -253,6 +255,7 @@ def _acceptance(ba: dict[Cell, list[float]], protected: dict[Cell, list[float]])
     print("\n### acceptance (BA(64), 20%): share of the attack-free run, mean ± std over seeds")
     reference = ba[("mean", "none", 0.0)]
     acceptance: dict[str, Any] = {}
+    table_rows: list[str] = []
     for attack in KEY_ATTACKS:
         entry: dict[str, Any] = {}
         for rule in RULES:
@@ -282,9 +285,21 @@ def _acceptance(ba: dict[Cell, list[float]], protected: dict[Cell, list[float]])
         for rule, values in entry.items():
             own_mean, own_std = values["own_baseline"]
             shield_mean, shield_std = values["protected_own_baseline"]
+            if rule in ACCEPTANCE_RULES:
+                table_rows.append(
+                    f"| {rule} | {attack} | {own_mean:.1%} ± {own_std:.1%} | "
+                    + ", ".join(f"{100 * v:.1f}" for v in values["per_seed_own"])
+                    + f" | {shield_mean:.1%} ± {shield_std:.1%} | "
+                    + ", ".join(f"{100 * v:.1f}" for v in values["per_seed_protected"])
+                    + " |"
+                )
+            shield_mean, shield_std = values["protected_own_baseline"]
             print(f"  {rule}: all {own_mean:.1%} ± {own_std:.1%} {values['per_seed_own']}; "
                   f"protected {shield_mean:.1%} ± {shield_std:.1%} "
                   f"{values['per_seed_protected']}")  # fmt: skip
+    print("\n| rule | attack | all honest nodes | per seed | protected nodes | per seed |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(sorted(table_rows, key=lambda row: ACCEPTANCE_RULES.index(row.split()[1]))))
     return acceptance
 
 

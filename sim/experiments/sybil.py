@@ -79,7 +79,7 @@ def read_results() -> dict[str, dict[int, dict[str, list[float]]]]:
 
 def _text(values: list[float]) -> str:
     mean, std = mean_std(values)
-    return f"{mean:.3f} ± {std:.3f}"
+    return "–" if mean != mean else f"{mean:.3f} ± {std:.3f}"  # NaN: no value (no attacker)
 
 
 def _print_table(results: dict[str, dict[int, dict[str, list[float]]]], cell: str) -> None:

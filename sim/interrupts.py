@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
@@ -41,10 +41,19 @@ class StopRequest:
     signal_name: str = ""
     deferring: bool = False
     """True inside :meth:`deferred`: a signal then requests a stop instead of raising."""
+    handler: Callable[[int, FrameType | None], None] | None = None
+    """The handler :func:`stop_on_signals` installed (for :meth:`reinstall`)."""
 
     def request(self, signum: int) -> None:
         self.requested = True
         self.signal_name = signal.Signals(signum).name
+
+    def reinstall(self) -> None:
+        """Make this request's handler the one for SIGINT/SIGTERM again, after a library
+        replaced it (Ray does, at ``ray.init``). Only from the main thread."""
+        if self.handler is not None and threading.current_thread() is threading.main_thread():
+            for number in SIGNALS:
+                signal.signal(number, self.handler)
 
     @contextmanager
     def deferred(self) -> Iterator[None]:
@@ -72,6 +81,7 @@ def stop_on_signals() -> Iterator[StopRequest]:
             raise KeyboardInterrupt
         stop.request(signum)
 
+    stop.handler = handle
     previous = {number: signal.signal(number, handle) for number in SIGNALS}
     try:
         yield stop

@@ -742,6 +742,10 @@ def _poll_until_done(
     requested; True if the wall limit ended it."""
     size = world.population.size
     quiet_since: float | None = None
+    if stop is not None:
+        # ray.init installs a SIGTERM handler that exits at once, losing the run: the run's
+        # own handler must be the one a signal finds.
+        stop.reinstall()
     while stop is None or not stop.requested:
         world.now = time.time() - started_at
         world.fire_due()

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from sim.interrupts import EXIT_INTERRUPTED
+from sim.interrupts import EXIT_INTERRUPTED, stop_on_signals
 from sim.scenario import parse_scenario, to_toml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -291,3 +291,14 @@ def test_sweep_stops_its_workers_keeps_finished_runs_and_resumes(tmp_path: Path)
     with (out / "sweep.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 6 and all(row["final_accuracy_alive"] for row in rows)
+
+
+def test_reinstall_takes_back_the_signals_a_library_replaced() -> None:
+    """ray.init replaces the SIGTERM handler with one that exits at once; live mode takes
+    it back before its nodes run, so SIGTERM still saves the run."""
+    with stop_on_signals() as stop:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        stop.reinstall()
+        assert signal.getsignal(signal.SIGTERM) is stop.handler
+        assert signal.getsignal(signal.SIGINT) is stop.handler
+    assert signal.getsignal(signal.SIGTERM) is not stop.handler

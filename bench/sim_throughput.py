@@ -60,8 +60,12 @@ def measure_floor(engine_nodes: int, rounds: int, scenario_doc: dict[str, object
         identity.node_id.verify(signature, header)
     vectors = population.federation.init_vector.repeat(engine_nodes, 1)
     datasets = population.train_sets
-    for _ in range(rounds):
-        vectors, _ = engine.trainer.train(vectors, datasets, population.samplers, 2)
+    samplers = [sampler for sampler in population.samplers if sampler is not None]
+    nodes = list(range(engine_nodes))
+    for round_ in range(rounds):
+        vectors, _ = engine.trainer.train(
+            nodes, vectors, datasets, samplers, 2, [round_] * engine_nodes
+        )
     return time.perf_counter() - started
 
 

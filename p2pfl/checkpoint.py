@@ -16,7 +16,8 @@ The header is a msgpack map::
 ``SaveCheckpoint`` action's meaning). Data are little-endian float32, whatever the host.
 
 Writes are atomic (temporary file in the same directory, fsync, rename, fsync of the
-directory) with mode 0600, so a crash leaves either the old or the new checkpoint. Reads
+directory) with mode 0600, so a crash leaves either the old or the new checkpoint (and
+perhaps a temporary file, which :func:`prepare_checkpoint_dir` removes at the next start). Reads
 check the magic, bound the header before reading it, check that the file holds exactly
 the bytes the shape needs before allocating them, and check both digests; any defect raises
 :class:`~p2pfl.errors.DecodeError` naming the file. A well-formed checkpoint that does not
@@ -29,6 +30,7 @@ import hashlib
 import math
 import os
 import struct
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +40,9 @@ import msgpack
 import numpy as np
 import torch
 
-from p2pfl.errors import ConfigError, DecodeError
+from p2pfl.errors import ConfigError, DecodeError, WireError
 from p2pfl.identity import write_private_file
+from p2pfl.wire import shape_elements
 
 MAGIC = b"P2PFLCK\x01"
 FORMAT_VERSION = 1
@@ -85,6 +88,31 @@ class Checkpoint:
 def checkpoint_path(directory: str | os.PathLike[str]) -> Path:
     """Where a node keeps its checkpoint inside its ``checkpoint_dir``."""
     return Path(directory) / CHECKPOINT_FILE
+
+
+def prepare_checkpoint_dir(directory: str | os.PathLike[str]) -> list[Path]:
+    """Make ``directory`` ready before the first round: create it, remove the temporary files
+    of a save that was interrupted (a crash between writing and renaming), and prove that a
+    checkpoint can be written there by creating and removing one such temporary file.
+
+    Returns:
+        The leftover temporary files removed.
+
+    Raises:
+        OSError: the directory cannot be created, or written to.
+    """
+    target = checkpoint_path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{target.name}."  # write_private_file's temporary names
+    removed = []
+    for leftover in sorted(target.parent.glob(f"{prefix}*")):
+        if leftover.is_file():
+            leftover.unlink(missing_ok=True)
+            removed.append(leftover)
+    fd, probe = tempfile.mkstemp(prefix=prefix, dir=target.parent)
+    os.close(fd)
+    Path(probe).unlink()
+    return removed
 
 
 def vector_digest(vector: torch.Tensor) -> str:
@@ -256,8 +284,13 @@ def _parse_header(source: Path, raw: bytes) -> CheckpointHeader:
         or not all(_is_int(d) and d >= 0 for d in shape)
     ):
         raise DecodeError(f"{source}: shape {shape!r} is not a list of non-negative integers")
-    if math.prod(shape) > MAX_ELEMENTS:
-        raise DecodeError(f"{source}: shape {shape} exceeds {MAX_ELEMENTS} elements")
+    try:
+        shape_elements(tuple(shape), MAX_ELEMENTS)
+    except WireError:
+        raise DecodeError(
+            f"{source}: shape {shape} exceeds {MAX_ELEMENTS} elements "
+            "(counting every non-zero dimension)"
+        ) from None
     if not isinstance(digest, bytes) or len(digest) != 32:
         raise DecodeError(f"{source}: sha256 is not 32 bytes")
     if not isinstance(header["node"], str) or not isinstance(header["info"], dict):

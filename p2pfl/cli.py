@@ -21,7 +21,7 @@ from typing import Any
 
 import msgpack
 
-from p2pfl.errors import ConfigError, IdentityError, P2PFLError, WireError
+from p2pfl.errors import BadSignature, ConfigError, IdentityError, P2PFLError, WireError
 from p2pfl.identity import Identity, NodeId
 
 EXIT_OK = 0
@@ -149,17 +149,29 @@ def _node(config_file: Path, log_level: str, torch_threads: int, log_format: str
         node = Node(config)
     except (WireError, ImportError) as exc:  # a corrupt checkpoint, a missing optional dependency
         return _error(str(exc))
+    except OSError as exc:  # the key or checkpoint file cannot be read
+        return _error(f"{exc.filename or 'a file'}: {exc.strerror or exc}")
     # Everything loaded so far (torch, the dataset) lives until exit: keep it out of the
     # collector's way, which also spares seconds of collection at interpreter shutdown.
     gc.freeze()
     try:
         trio.run(run_until_signalled, node)
-    except OSError as exc:
-        return _error(
-            f"node.listen = {config.listen!r} or node.status_listen = {config.status_listen!r}: "
-            f"cannot listen ({exc.strerror or exc})"
-        )
+    except BaseExceptionGroup as group:
+        # trio's nurseries wrap a startup failure (an address that cannot be listened on)
+        # in exception groups; a group of nothing but ConfigErrors is one line.
+        errors, rest = group.split(ConfigError)
+        if errors is None or rest is not None:
+            raise
+        return _error(str(_first_leaf(errors)))
     return EXIT_OK
+
+
+def _first_leaf(group: BaseExceptionGroup[ConfigError]) -> BaseException:
+    """The first exception inside ``group`` that is not itself a group."""
+    first: BaseException = group
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first
 
 
 # -- status ---------------------------------------------------------------------------------
@@ -326,8 +338,13 @@ def _inspect_frame(path: Path, data: bytes) -> int:
         print(f"  meta:    {meta!r}")
     try:
         envelope = decode_frame(data)
-    except WireError as exc:
+    except BadSignature as exc:
         print(f"  signature: INVALID ({type(exc).__name__}: {exc})")
+        return EXIT_UNVERIFIED
+    except WireError as exc:
+        # Checks run cheapest first: a frame refused for its shape or header never reached
+        # the signature check.
+        print(f"  refused: {type(exc).__name__}: {exc} (signature not checked)")
         return EXIT_UNVERIFIED
     print(f"  signature: valid (signed by {envelope.sender.short()})")
     if envelope.kind in (MessageKind.HELLO, MessageKind.HELLO_PROOF):
@@ -368,7 +385,8 @@ def _peek_frame(path: Path, data: bytes) -> tuple[dict[str, Any], bytes]:
             data[8 : 8 + header_len], raw=False, strict_map_key=False, max_ext_len=0
         )
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.UnpackException) as exc:
-        raise ConfigError("file", str(path), f"a frame with a msgpack header ({exc})") from None
+        reason = str(exc) or type(exc).__name__  # msgpack's depth error has no message
+        raise ConfigError("file", str(path), f"a frame with a msgpack header ({reason})") from None
     if not isinstance(header, dict):
         raise ConfigError("file", str(path), "a frame whose header is a msgpack map")
     return header, data[8 + header_len :]

@@ -13,8 +13,8 @@ from typing import Any, Final
 
 import torch
 
-from p2pfl.errors import DecodeError, FrameTooLarge
-from p2pfl.wire import DEFAULT_LIMITS, Limits, PayloadSpec
+from p2pfl.errors import DecodeError
+from p2pfl.wire import DEFAULT_LIMITS, Limits, PayloadSpec, shape_elements
 
 DENSE: Final = "dense"
 WIRE_DTYPES: Final[dict[str, torch.dtype]] = {
@@ -58,19 +58,19 @@ def decode_vector(
     that keep it beyond the buffer's life must own the buffer.
 
     Raises:
-        DecodeError: unknown codec or dtype, or a byte count that does not match the shape.
-        FrameTooLarge: the shape exceeds ``limits.max_elements``.
+        DecodeError: unknown codec or dtype, a malformed shape, or a byte count that does
+            not match the shape.
+        FrameTooLarge: the shape spans more than ``limits.max_elements`` (zero dimensions
+            aside: see :func:`p2pfl.wire.shape_elements`).
     """
     if spec.codec != DENSE:
         raise DecodeError(f"payload codec {spec.codec!r} is not supported (known: {DENSE!r})")
     torch_dtype = WIRE_DTYPES.get(spec.dtype)
     if torch_dtype is None:
         raise DecodeError(f"payload dtype {spec.dtype!r} not in {sorted(WIRE_DTYPES)}")
-    elements = 1
-    for dim in spec.shape:
-        elements *= dim
-    if elements > limits.max_elements:
-        raise FrameTooLarge(f"payload of {elements} elements exceeds {limits.max_elements}")
+    if len(spec.shape) > limits.max_shape_dims:
+        raise DecodeError(f"shape has {len(spec.shape)} dims, limit {limits.max_shape_dims}")
+    elements = shape_elements(tuple(spec.shape), limits.max_elements)
     view = memoryview(payload).cast("B")
     itemsize = torch.empty((), dtype=torch_dtype).element_size()
     if view.nbytes != elements * itemsize:

@@ -17,7 +17,8 @@ Schema (every relative path is relative to the directory of the config file)::
     max_handshakes = 16              # unauthenticated connections at once; more are closed at once
     max_frame_bytes = 67108864       # largest frame read from a peer (64 MiB)
     peer_message_rate = 20.0         # frames per second per peer (token bucket) ...
-    peer_message_burst = 40          # ... with this burst; each frame over it is a strike
+    peer_message_burst = 40          # ... with this burst, on top of what the protocol sends
+                                     # per round and per period; each frame over it is a strike
     idle_timeout = 60.0              # no frame for this long drops a peer (keep-alives at 1/3)
     strikes_to_ban = 3               # strikes within 10 minutes that ban a peer's key
     ban_interval = 300.0             # seconds a ban lasts (bans are kept in memory only)
@@ -43,27 +44,37 @@ Schema (every relative path is relative to the directory of the config file)::
                                      #   start their view with them and dial them on demand
 
     [data]
-    dataset = "digits"               # a name in p2pfl.learn.DATASETS: digits | gaussian_mixture
-    partition = "dirichlet"          # a name in p2pfl.learn.PARTITIONS: iid | dirichlet | shards | quantity_skew
+    dataset = "digits"               # a name in p2pfl.learn.DATASETS: digits | gaussian_mixture |
+                                     #   mnist1d | synthetic_leaf | npz | torchvision | hf
+    partition = "dirichlet"          # a name in p2pfl.learn.PARTITIONS: iid | dirichlet | shards |
+                                     #   quantity_skew | natural (datasets with owners)
     num_nodes = 3                    # nodes sharing the training set
     node_index = 0                   # this node's share, in [0, num_nodes)
     seed = 1                         # the run seed; the same on every node
     test_fraction = 0.2              # share held out as the common test set
     [data.params]                    # keyword arguments of the dataset builder (gaussian_mixture:
-                                     #   n_samples, dim, num_classes, separation)
+                                     #   n_samples, dim, num_classes, separation; npz: path;
+                                     #   torchvision: name, root; see README "Datasets");
+                                     #   path and root are relative to this file
     [data.partition_params]          # keyword arguments of the partition (dirichlet: alpha, ...)
     alpha = 0.5
 
-    [learner]
-    hidden = [32]                    # hidden layer sizes of the MLP ([] is a linear model)
+    [learner]                        # the keys of a scenario's [learner] (p2pfl.learn.settings)
+    model = "mlp"                    # mlp | cnn1d | lenet5 | cifar_cnn | "python:package.module:factory"
+    hidden = [32]                    # mlp only: hidden layer sizes ([] is a linear model)
+    # model_params = { channels = [32, 32, 32] }   # the model factory's keyword arguments
+    optimizer = "sgd"                # sgd | adam | adamw
     lr = 0.1
-    batch_size = 32
-    momentum = 0.0
+    momentum = 0.0                   # sgd; nesterov = true for Nesterov momentum
     weight_decay = 0.0
+    # betas = [0.9, 0.999], eps = 1e-8 (adam, adamw)
+    lr_schedule = "constant"         # constant | step (lr_step_size, lr_gamma) | cosine (lr_min)
+    optimizer_state = "keep"         # keep | reset (dropped when a merge changed the model)
+    batch_size = 32
 
     [protocol]                       # the fields of p2pfl.protocol.CoreConfig
     mode = "dsgd"                    # dsgd | gossip | modest
-    rounds = 20
+    rounds = 20                      # 1 .. 10**9 (protocol.config.MAX_ROUNDS)
     local_steps = 20
     round_timeout = 10.0
     # period, period_jitter, fanout, wire_dtype, max_rounds_ahead, replay_window,
@@ -95,7 +106,11 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from p2pfl.errors import ConfigError
 from p2pfl.identity import NodeId
+from p2pfl.learn.settings import LearnerSettings
 from p2pfl.protocol.config import CoreConfig
+
+LearnerConfig = LearnerSettings
+"""The ``[learner]`` table: the same schema as a scenario's (:mod:`p2pfl.learn.settings`)."""
 
 if TYPE_CHECKING:
     from p2pfl.learn import TorchLearner
@@ -130,17 +145,6 @@ class DataConfig:
     node_index: int = 0
     seed: int = 0
     test_fraction: float = 0.2
-
-
-@dataclass(frozen=True, slots=True)
-class LearnerConfig:
-    """The ``[learner]`` table: the MLP and its optimiser."""
-
-    hidden: tuple[int, ...] = (32,)
-    lr: float = 0.1
-    batch_size: int = 32
-    momentum: float = 0.0
-    weight_decay: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +202,7 @@ class NodeConfig:
     bootstrap: tuple[PeerConfig, ...] = ()
     """Nodes beyond the neighbours: known to membership-based modes, dialled on demand."""
     data: DataConfig = field(default_factory=DataConfig)
-    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    learner: LearnerSettings = field(default_factory=LearnerSettings)
     protocol: CoreConfig = field(default_factory=CoreConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     source: Path | None = None
@@ -232,13 +236,13 @@ class NodeConfig:
                 data.partition_params,
                 data.num_nodes,
                 data.node_index,
-                list(learner.hidden),
-                learner.lr,
+                learner.model,
+                None,
                 learner.batch_size,
                 data.seed,
                 data.test_fraction,
-                momentum=learner.momentum,
-                weight_decay=learner.weight_decay,
+                model_params=learner.model_parameters(),
+                optimizer=learner.optimizer_settings(self.protocol.rounds),
             )
         except ConfigError as exc:
             raise ConfigError(_learner_key(exc.key, data), exc.value, exc.allowed) from exc
@@ -271,6 +275,15 @@ def load_config(path: str | os.PathLike[str]) -> NodeConfig:
         raise ConfigError("config", str(source), f"a readable file ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("config", str(source), f"valid TOML ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            "config", str(source), f"a UTF-8 text file (byte {exc.start} is not UTF-8)"
+        ) from None
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively.
+        raise ConfigError(
+            "config", str(source), "TOML nested a few levels deep, not thousands"
+        ) from None
     return config_from_dict(document, base_dir=source.parent, source=source)
 
 
@@ -288,6 +301,12 @@ def config_from_dict(
     node = _Table(document, "node", required=True)
     listen_host, listen_port = _parse_address("node.listen", node.get("listen", str))
     key_file = base_dir / node.get("key_file", str)
+    if key_file.is_dir():
+        _fail(
+            "node.key_file",
+            str(key_file),
+            "a private key file (made by `p2pfl keygen --out FILE`), not a directory",
+        )
     checkpoint_raw = node.get("checkpoint_dir", str, None)
     checkpoint_dir = None if checkpoint_raw is None else base_dir / checkpoint_raw
     startup_timeout = node.seconds("startup_timeout", 30.0)
@@ -324,7 +343,7 @@ def config_from_dict(
             limits.max_peers,
             f"an integer >= the number of [[peers]] ({len(peers)})",
         )
-    data = _parse_data(_Table(document, "data", required=True))
+    data = _parse_data(_Table(document, "data", required=True), base_dir)
     learner = _parse_learner(_Table(document, "learner"))
     protocol = _parse_protocol(_Table(document, "protocol"))
     merge_table = _Table(document, "merge")
@@ -490,8 +509,9 @@ def _parse_peers(raw: object, base_dir: Path, *, section: str = "peers") -> tupl
     return tuple(peers)
 
 
-def _parse_data(table: _Table) -> DataConfig:
-    from p2pfl.learn import DATASETS, PARTITIONS
+def _parse_data(table: _Table, base_dir: Path) -> DataConfig:
+    from p2pfl.learn.datasets import DATASETS, PATH_PARAMS
+    from p2pfl.learn.partition import FIXED_ARGUMENTS, PARTITIONS
 
     dataset = table.get("dataset", str)
     if dataset not in DATASETS:
@@ -502,11 +522,15 @@ def _parse_data(table: _Table) -> DataConfig:
     params = table.table("params")
     partition_params = table.table("partition_params")
     _check_params("data.params", params, DATASETS[dataset], fixed=())
+    for key in PATH_PARAMS & set(params):
+        if not isinstance(params[key], str):
+            _fail(f"data.params.{key}", params[key], "a path (string)")
+        params[key] = str(base_dir / Path(params[key]).expanduser())
     _check_params(
         "data.partition_params",
         partition_params,
         PARTITIONS[partition],
-        fixed=("labels", "n", "seed"),
+        fixed=FIXED_ARGUMENTS,
     )
     num_nodes = table.integer("num_nodes", 1, minimum=1)
     node_index = table.integer("node_index", 0, minimum=0)
@@ -544,28 +568,10 @@ def _check_params(prefix: str, params: Mapping[str, Any], fn: Any, fixed: tuple[
             _fail(f"{prefix}.{key}", value, f"not a parameter; parameters are {allowed}")
 
 
-def _parse_learner(table: _Table) -> LearnerConfig:
-    hidden = table.get("hidden", list, [32])
-    if any(not isinstance(h, int) or isinstance(h, bool) or h < 1 for h in hidden):
-        _fail(table.key("hidden"), hidden, "a list of hidden layer sizes, each an integer >= 1")
-    lr = table.number("lr", 0.1)
-    if lr <= 0:
-        _fail(table.key("lr"), lr, "a number > 0")
-    batch_size = table.integer("batch_size", 32, minimum=1)
-    momentum = table.number("momentum", 0.0)
-    if not 0 <= momentum < 1:
-        _fail(table.key("momentum"), momentum, "a number in [0, 1)")
-    weight_decay = table.number("weight_decay", 0.0)
-    if weight_decay < 0:
-        _fail(table.key("weight_decay"), weight_decay, "a number >= 0")
-    table.finish()
-    return LearnerConfig(
-        hidden=tuple(hidden),
-        lr=lr,
-        batch_size=batch_size,
-        momentum=momentum,
-        weight_decay=weight_decay,
-    )
+def _parse_learner(table: _Table) -> LearnerSettings:
+    from p2pfl.learn.settings import parse_learner_settings
+
+    return parse_learner_settings(table.raw, prefix=table.name)
 
 
 def _parse_protocol(table: _Table) -> CoreConfig:
@@ -596,17 +602,18 @@ _LEARNER_KEYS = {
     "node_index": "data.node_index",
     "seed": "data.seed",
     "test_fraction": "data.test_fraction",
-    "model": "learner.hidden",
-    "lr": "learner.lr",
-    "batch_size": "learner.batch_size",
-    "momentum": "learner.momentum",
-    "weight_decay": "learner.weight_decay",
+    "layer_sizes": "learner.hidden",
+    "rounds": "protocol.rounds",
 }
 
 
 def _learner_key(key: str, data: DataConfig) -> str:
     """Name a key reported by ``p2pfl.learn`` as it is spelled in the config file."""
+    if key.startswith("data."):  # already spelled as in the file
+        return key
     head, _, rest = key.partition(".")
+    if head in LearnerSettings.model_fields:
+        return f"learner.{key}"
     if head == "dataset_params" and rest:
         return f"data.params.{rest}"
     if head == "partition_params" and rest:

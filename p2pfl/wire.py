@@ -407,18 +407,35 @@ def _spec_from_wire(raw: dict[str, Any], limits: Limits) -> PayloadSpec:
     shape_raw = _field(raw, "s", list)
     if len(shape_raw) > limits.max_shape_dims:
         raise DecodeError(f"shape has {len(shape_raw)} dims, limit {limits.max_shape_dims}")
-    if not all(
-        isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in shape_raw
-    ):
-        raise DecodeError("shape entries must be non-negative integers")
     if samples < 0:
         raise DecodeError("sample count is negative")
-    elements = 1
-    for dim in shape_raw:
-        elements *= dim
-        if elements > limits.max_elements:
-            raise FrameTooLarge(f"payload shape {shape_raw} exceeds {limits.max_elements} elements")
-    return PayloadSpec(codec=codec, dtype=dtype, shape=tuple(shape_raw), samples=samples)
+    shape = tuple(shape_raw)
+    shape_elements(shape, limits.max_elements)
+    return PayloadSpec(codec=codec, dtype=dtype, shape=shape, samples=samples)
+
+
+def shape_elements(shape: tuple[int, ...], max_elements: int) -> int:
+    """The element count of ``shape``, checked whatever the order of its dimensions.
+
+    A zero dimension makes the count 0 but does not excuse the others: a tensor's strides
+    are products of its non-zero dimensions, so ``[0, 2**63]`` is refused like ``[2**63]``.
+
+    Raises:
+        DecodeError: a dimension is not a non-negative integer.
+        FrameTooLarge: the product of the non-zero dimensions exceeds ``max_elements``.
+    """
+    if not all(isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in shape):
+        raise DecodeError("shape entries must be non-negative integers")
+    spanned = 1
+    for dim in shape:
+        if dim:
+            spanned *= dim
+            if spanned > max_elements:
+                raise FrameTooLarge(
+                    f"payload shape {list(shape)} exceeds {max_elements} elements "
+                    "(counting every non-zero dimension)"
+                )
+    return 0 if 0 in shape else spanned
 
 
 class ReplayWindow:

@@ -278,7 +278,8 @@ class AttackSuccess:
     Args:
         spec: a targeted label flip or a backdoor.
         test: the common test set ``(x, y)``.
-        logits: ``logits(vectors [B, P], x [N, D]) -> [B, N, C]`` (e.g. ``BatchedMLP.logits``).
+        logits: ``logits(vectors [B, P], x [N, ...]) -> [B, N, C]`` (e.g.
+            :meth:`p2pfl.learn.batched.BatchedLearner.logits`).
     """
 
     def __init__(

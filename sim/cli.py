@@ -331,6 +331,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, TopologyError) as exc:
         print(f"p2pfl-sim: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except ImportError as exc:  # an optional dependency of the chosen dataset: its install hint
+        print(f"p2pfl-sim: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except Interrupted as exc:
         print(f"p2pfl-sim: {exc}", file=sys.stderr)
         return EXIT_INTERRUPTED

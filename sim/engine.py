@@ -14,7 +14,8 @@ turns it into a core event and carries out the actions the core returns:
 * ``StartTraining``: the training is parked and its completion scheduled at
   ``now + steps * step_time / speed`` (the node's compute speed factor). When the first parked
   training's completion comes due, every parked training is computed in one batched call
-  (:mod:`sim.batched`); a training depends only on its inputs at its start, so deferring it
+  (:class:`p2pfl.learn.batched.BatchedLearner`, which keeps each node's optimiser state); a
+  training depends only on its inputs at its start, so deferring it
   changes nothing but speed. A *relay* (a node without data) does not train: its training
   takes the same virtual time and returns the vector unchanged (loss NaN), so a relay merges
   and forwards at the pace of the data holders.
@@ -65,6 +66,7 @@ import torch
 from torch import Tensor
 
 from p2pfl.errors import WireError
+from p2pfl.learn.batched import BatchedLearner
 from p2pfl.protocol import Core
 from p2pfl.protocol.actions import (
     Disconnect,
@@ -85,7 +87,6 @@ from p2pfl.protocol.events import (
     TrainingFinished,
 )
 from p2pfl.wire import Envelope, decode_frame, encode_frame
-from sim.batched import BatchedMLP
 from sim.metrics import MetricsRecorder, Traffic
 from sim.network import LinkModel
 from sim.population import Population
@@ -145,6 +146,7 @@ class SendFilter(Protocol):
 class _ParkedTraining:
     vector: Tensor
     steps: int
+    round: int
 
 
 class Engine:
@@ -156,7 +158,7 @@ class Engine:
         cores: list[Core],
         *,
         links: LinkModel,
-        trainer: BatchedMLP,
+        trainer: BatchedLearner,
         step_time: float,
         horizon: float | None = None,
         recorder: MetricsRecorder,
@@ -289,11 +291,11 @@ class Engine:
                     if arrival is not None:
                         connection = self._connection(node, receiver)
                         self.push(arrival, receiver, _Delivery(node, verified, size, connection))
-                case StartTraining(vector, steps, _round):
+                case StartTraining(vector, steps, round_):
                     if self.disruptions is not None and not self.disruptions.may_train(self, node):
                         return
                     self.trainings_started[node] += 1
-                    self._begin_training(node, _ParkedTraining(vector, steps))
+                    self._begin_training(node, _ParkedTraining(vector, steps, round_))
                 case SaveCheckpoint(round_, vector):
                     component, component_size = self.network.component_of(node)
                     self.completed_rounds[node] = round_
@@ -376,10 +378,12 @@ class Engine:
             vectors = torch.stack([self._parked[node].vector for node in nodes])
             samplers = [self.population.samplers[node] for node in nodes]
             trained, losses = self.trainer.train(
+                nodes,
                 vectors,
                 [self.population.train_sets[node] for node in nodes],
                 [sampler for sampler in samplers if sampler is not None],
                 steps,
+                [self._parked[node].round for node in nodes],
             )
             for row, node in enumerate(nodes):
                 self._trained[node] = (trained[row], float(losses[row]), steps)

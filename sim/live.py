@@ -73,13 +73,13 @@ from typing import Any, Protocol
 import torch
 
 from p2pfl.errors import ConfigError
-from sim.batched import BatchedMLP
 from sim.engine import WORLD, WorldItem
 from sim.interrupts import Interrupted, StopRequest, ignore_interrupts
 from sim.metrics import MetricsRecorder, Traffic
 from sim.population import Population, build_population
 from sim.run import (
     RunResult,
+    build_trainer,
     default_run_dir,
     interrupted_line,
     make_directory,
@@ -681,7 +681,7 @@ def _drive(
     ):
         raise ValueError("the shards must hold every node of the scenario exactly once")
     federation = population.federation
-    trainer = BatchedMLP(federation.layout, lr=scenario.learner.lr)
+    trainer = build_trainer(scenario, population)
     test_x, test_y = federation.test.x, federation.test.y
     recorder = MetricsRecorder(
         num_nodes=population.size,

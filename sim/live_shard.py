@@ -74,7 +74,6 @@ from p2pfl.config import (
 from p2pfl.identity import NodeId
 from p2pfl.learn import TorchLearner
 from p2pfl.learn.base import EvalResult, TrainResult
-from p2pfl.learn.models import mlp
 from p2pfl.merge import make_merge_rule
 from p2pfl.params import ParamLayout
 from p2pfl.protocol.base import BaseCore
@@ -121,7 +120,7 @@ class RelayLearner:
     def initial_vector(self) -> torch.Tensor:
         return self._inner.initial_vector()
 
-    def train(self, vector: torch.Tensor, steps: int) -> TrainResult:
+    def train(self, vector: torch.Tensor, steps: int, *, round: int | None = None) -> TrainResult:
         return TrainResult(vector=vector.clone(), loss=math.nan, samples=0, steps=0)
 
     def evaluate(self, vector: torch.Tensor) -> EvalResult:
@@ -484,15 +483,16 @@ class Shard:
     def _learner(self, index: int) -> TorchLearner | RelayLearner:
         federation = self.population.federation
         learner = self.scenario.learner
+        optimizer = learner.optimizer_settings(self.scenario.rounds)
         part = self._holder_index.get(index)
         if part is not None:
-            return federation.learner(part, lr=learner.lr, batch_size=learner.batch_size)
+            return federation.learner(part, batch_size=learner.batch_size, optimizer=optimizer)
         inner = TorchLearner(
-            mlp(list(federation.layer_sizes), seed=federation.init_seed),
+            federation.build_model(),
             federation.test,
             federation.test,
-            lr=learner.lr,
             batch_size=learner.batch_size,
+            optimizer=optimizer,
             seed=0,
         )
         return RelayLearner(inner, self.population.samples[index])

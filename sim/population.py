@@ -38,7 +38,7 @@ from torch import Tensor
 import topologies
 from p2pfl.errors import ConfigError
 from p2pfl.identity import Identity, NodeId
-from p2pfl.learn import Federation, MinibatchSampler, build_federation, derive_seed, mlp
+from p2pfl.learn import Federation, MinibatchSampler, build_federation, derive_seed
 from p2pfl.params import ParamLayout, flatten
 from sim.adversaries import (
     DATA_ATTACKS,
@@ -158,22 +158,27 @@ def build_population(scenario: Scenario) -> Population:
     size = graph.number_of_nodes()
     relay += [False] * (size - base_size)
     holders = [node for node in range(base_size) if not relay[node]]
-    federation = build_federation(
-        scenario.data.dataset,
-        scenario.data.params,
-        scenario.data.partition,
-        scenario.data.partition_params,
-        num_nodes=len(holders),
-        model=scenario.learner.hidden,
-        seed=scenario.seed,
-        test_fraction=scenario.data.test_fraction,
-    )
+    try:
+        federation = build_federation(
+            scenario.data.dataset,
+            scenario.data.params,
+            scenario.data.partition,
+            scenario.data.partition_params,
+            num_nodes=len(holders),
+            model=scenario.learner.model,
+            model_params=scenario.learner.model_parameters(),
+            seed=scenario.seed,
+            test_fraction=scenario.data.test_fraction,
+        )
+    except ConfigError as exc:
+        if exc.key == "model" or exc.key.startswith("model_params."):
+            raise ConfigError(f"learner.{exc.key}", exc.value, exc.allowed) from None
+        raise
     part_of = {node: index for index, node in enumerate(holders)}
     holder_samples = [len(part) for part in federation.train_parts]
     relay_samples = max(1, round(sum(holder_samples) / len(holder_samples)))
-    dim = federation.layer_sizes[0]
-    classes = federation.layer_sizes[-1]
-    empty = (torch.zeros(0, dim), torch.zeros(0, dtype=torch.long))
+    classes = federation.num_classes
+    empty = (torch.zeros(0, *federation.input_shape), torch.zeros(0, dtype=torch.long))
     full = (
         torch.cat([part.x for part in federation.train_parts]),
         torch.cat([part.y for part in federation.train_parts]),
@@ -227,8 +232,7 @@ def initial_vectors(scenario: Scenario, population: Population) -> list[Tensor]:
     federation = population.federation
     if scenario.learner.init == "shared":
         return [federation.init_vector.clone() for _ in range(population.size)]
-    sizes = list(federation.layer_sizes)
     return [
-        flatten(mlp(sizes, seed=derive_seed(scenario.seed, STREAM_INIT_NODE, node)))
+        flatten(federation.build_model(derive_seed(scenario.seed, STREAM_INIT_NODE, node)))
         for node in range(population.size)
     ]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,10 +33,10 @@ import numpy as np
 
 from p2pfl.errors import ConfigError
 from p2pfl.learn import derive_seed
+from p2pfl.learn.batched import BatchedLearner
 from p2pfl.merge import make_merge_rule
 from p2pfl.protocol import CoreConfig, make_core
 from sim.adversaries import Adversary, AttackSuccess, targeted_entry
-from sim.batched import BatchedMLP
 from sim.disruptions import Disruptions
 from sim.engine import Engine
 from sim.interrupts import Interrupted, StopRequest
@@ -96,7 +97,7 @@ def build_engine(
         )
         for node in range(population.size)
     ]
-    trainer = BatchedMLP(federation.layout, lr=scenario.learner.lr)
+    trainer = build_trainer(scenario, population)
     test_x, test_y = federation.test.x, federation.test.y
     plan = population.adversaries
     targeted = targeted_entry(plan.specs) if plan is not None else None
@@ -123,6 +124,8 @@ def build_engine(
         recorder=recorder,
         on_round=on_round,
     )
+    if trainer.notice is not None:
+        engine.log({"event": "learner", "notice": trainer.notice})
     if scenario.disruptions:
         disruptions = Disruptions(scenario.disruptions, population, seed=scenario.seed)
         engine.disruptions = disruptions
@@ -136,6 +139,27 @@ def build_engine(
             seed=scenario.seed,
         )
     return engine
+
+
+def build_trainer(scenario: Scenario, population: Population) -> BatchedLearner:
+    """The batched learner of a run; if the model cannot batch, one line on stderr says so
+    (the engine also writes it to ``events.jsonl``).
+
+    Raises:
+        ConfigError: the learner settings are invalid.
+    """
+    federation = population.federation
+    try:
+        trainer = BatchedLearner(
+            federation.build_model(),
+            scenario.learner.optimizer_settings(scenario.rounds),
+            federation.input_shape,
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"learner.{exc.key}", exc.value, exc.allowed) from None
+    if trainer.notice is not None:
+        print(f"p2pfl-sim: {trainer.notice}", file=sys.stderr)
+    return trainer
 
 
 def default_run_dir(scenario: Scenario) -> Path:

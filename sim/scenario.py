@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from p2pfl.errors import ConfigError
+from p2pfl.learn.settings import LearnerSettings
 from p2pfl.protocol.config import MAX_ROUNDS
 from topologies import registry as topology_registry
 
@@ -70,24 +71,38 @@ class DataSpec(_Strict):
     partition_params: dict[str, Any] = Field(default_factory=lambda: {"alpha": 0.5})
     test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
 
+    @field_validator("params")
+    @classmethod
+    def _absolute_paths(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Resolve file parameters (``path``, ``root``) against the scenario file's folder,
+        or the current directory for a shipped scenario, so every worker reads the same file."""
+        from p2pfl.learn.datasets import PATH_PARAMS
 
-class LearnerSpec(_Strict):
-    hidden: list[int] = Field(default_factory=lambda: [32])
-    lr: float = Field(default=0.1, gt=0.0)
-    batch_size: int = Field(default=32, ge=1)
+        base = (info.context or {}).get("base_dir")
+        resolved = dict(params)
+        for key in PATH_PARAMS & set(params):
+            if not isinstance(params[key], str):
+                raise ValueError(f"{key} must be a path (a string)")
+            path = Path(params[key]).expanduser()
+            if not path.is_absolute() and base is not None:
+                path = Path(base) / path
+            resolved[key] = str(path.resolve())
+        return resolved
+
+
+class LearnerSpec(LearnerSettings):
+    """``[learner]``: the keys a node's config shares (:class:`p2pfl.learn.LearnerSettings`)
+    plus the simulator's own (a node takes ``local_steps`` from ``[protocol]``)."""
+
+    # The scenario's rules (see _Strict) on top of LearnerSettings': no inf or nan anywhere.
+    model_config = ConfigDict(allow_inf_nan=False)
+
     local_steps: int = Field(default=10, ge=1)
     step_time: float = Field(default=0.01, gt=0.0, description="virtual seconds per local step")
     init: Literal["shared", "independent"] = Field(
         default="shared",
         description="shared: every node starts from one model; independent: per-node seeds",
     )
-
-    @field_validator("hidden")
-    @classmethod
-    def _positive_hidden(cls, hidden: list[int]) -> list[int]:
-        if any(width < 1 for width in hidden):
-            raise ValueError("hidden layer widths must be >= 1")
-        return hidden
 
 
 class ProtocolSpec(_Strict):

@@ -122,6 +122,8 @@ def forged(tmp_path: Path, **changes: object) -> Path:
     ("changes", "message"),
     [
         ({"shape": [2**40]}, "exceeds"),  # refused before allocating anything
+        ({"shape": [0, 2**63]}, "exceeds"),  # a zero dimension does not excuse a huge one
+        ({"shape": [0, 2**62, 2**62]}, "exceeds"),
         ({"shape": [1_000_000]}, "bytes"),  # size does not match: not read
         ({"format": 2}, "format"),
         ({"dtype": "float64"}, "dtype"),

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import io
+import logging
 import re
+import socket
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +20,8 @@ from p2pfl.checkpoint import save_checkpoint
 from p2pfl.cli import main
 from p2pfl.codec import encode_vector
 from p2pfl.identity import Identity
-from p2pfl.wire import MessageKind, encode_frame, seal
+from p2pfl.protocol.config import MAX_ROUNDS
+from p2pfl.wire import MessageKind, PayloadSpec, encode_frame, seal
 
 SIGNER = Identity.from_seed(bytes([42]) * 32)
 
@@ -80,6 +87,21 @@ def test_inspect_tampered_frame_reports_bad_signature(
     out = capsys.readouterr().out
     assert "DOES NOT match payload" in out
     assert "signature: INVALID (BadSignature" in out
+
+
+@pytest.mark.parametrize("shape", [[0, 2**63], [0, 2**64 - 1], [0, 2**62, 2**62], [2**40, 0]])
+def test_inspect_frame_with_a_refused_shape_says_so_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], shape: list[int]
+) -> None:
+    spec = PayloadSpec("dense", "float32", tuple(shape), 1)
+    envelope = seal(SIGNER, MessageKind.MODEL_UPDATE, seq=1, round=0, payload=b"", spec=spec)
+    path = tmp_path / "zero.frame"
+    path.write_bytes(encode_frame(envelope))
+    assert main(["inspect", str(path)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    refused = [line for line in captured.out.splitlines() if "refused" in line]
+    assert len(refused) == 1 and "FrameTooLarge" in refused[0], captured.out
 
 
 def test_inspect_handshake_frame_shows_the_nonce(
@@ -220,3 +242,144 @@ local_steps = 1
     events = {record["event"] for record in records}
     assert {"status_listening", "stopped"} <= events, events
     assert all({"time", "level", "event", "fields"} <= set(record) for record in records)
+
+
+# -- p2pfl node: every startup failure is one line, exit 2 (issue 12, defect 3) -------------
+
+
+@pytest.fixture
+def node_command() -> Iterator[Callable[[Path], tuple[int, str]]]:
+    """Run ``p2pfl node --config FILE`` in this process; returns (exit code, stderr).
+
+    Restores what the command changes for the whole process (logging, torch threads, the
+    collector's frozen generation).
+    """
+    root = logging.getLogger()
+    handlers, level, threads = list(root.handlers), root.level, torch.get_num_threads()
+
+    def run(config: Path) -> tuple[int, str]:
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            code = main(["node", "--config", str(config)])
+        return code, stderr.getvalue()
+
+    try:
+        yield run
+    finally:
+        gc.unfreeze()
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
+        torch.set_num_threads(threads)
+
+
+def node_toml(tmp_path: Path, node: str = "", rest: str = "") -> Path:
+    """A one-node config (fresh key) with extra ``[node]`` lines and extra sections."""
+    key = tmp_path / "node.key"
+    if not key.exists():
+        Identity.generate().save(key)
+    lines = {"listen": '"127.0.0.1:0"', "key_file": '"node.key"'}
+    for line in node.splitlines():
+        name, _, value = line.partition("=")
+        if name.strip():
+            lines[name.strip()] = value.strip()
+    body = "\n".join(f"{name} = {value}" for name, value in lines.items())
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f'[node]\n{body}\n[data]\ndataset = "digits"\n[protocol]\nrounds = 1\nlocal_steps = 1\n'
+        + rest
+    )
+    return config
+
+
+def one_line(code: int, err: str, *fragments: str) -> None:
+    assert code == 2, err
+    assert err.startswith("p2pfl: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+def test_node_listen_address_in_use(
+    tmp_path: Path, node_command: Callable[[Path], tuple[int, str]], busy_port: int
+) -> None:
+    code, err = node_command(node_toml(tmp_path, f'listen = "127.0.0.1:{busy_port}"'))
+    one_line(code, err, f"node.listen = '127.0.0.1:{busy_port}'", "in use", "pick a free port")
+
+
+def test_node_listen_host_that_does_not_resolve(
+    tmp_path: Path, node_command: Callable[[Path], tuple[int, str]]
+) -> None:
+    code, err = node_command(node_toml(tmp_path, 'listen = "no-such-host.invalid:7101"'))
+    one_line(code, err, "node.listen = 'no-such-host.invalid:7101'", "cannot listen")
+
+
+def test_node_listen_host_of_another_machine(
+    tmp_path: Path, node_command: Callable[[Path], tuple[int, str]]
+) -> None:
+    # 192.0.2.1 (TEST-NET-1, RFC 5737) is no address of this machine.
+    code, err = node_command(node_toml(tmp_path, 'listen = "192.0.2.1:7101"'))
+    one_line(code, err, "node.listen = '192.0.2.1:7101'", "a host of this machine")
+
+
+def test_node_status_listen_in_use(
+    tmp_path: Path, node_command: Callable[[Path], tuple[int, str]], busy_port: int
+) -> None:
+    code, err = node_command(node_toml(tmp_path, f'status_listen = "127.0.0.1:{busy_port}"'))
+    one_line(code, err, f"node.status_listen = '127.0.0.1:{busy_port}'", "in use")
+
+
+def test_node_key_file_naming_a_directory(
+    tmp_path: Path, node_command: Callable[[Path], tuple[int, str]]
+) -> None:
+    (tmp_path / "keys").mkdir()
+    code, err = node_command(node_toml(tmp_path, 'key_file = "keys"'))
+    one_line(code, err, "node.key_file", "not a directory")
+
+
+def test_node_config_that_is_not_utf8(
+    tmp_path: Path, node_command: Callable[[Path], tuple[int, str]]
+) -> None:
+    config = tmp_path / "node.toml"
+    config.write_bytes(b'[node]\nlisten = "127.0.0.1:0" # caf\xe9\n')
+    code, err = node_command(config)
+    one_line(code, err, "config = ", "UTF-8")
+
+
+@pytest.mark.parametrize("depth", [900, 5000])
+def test_node_config_nested_thousands_deep(
+    tmp_path: Path, node_command: Callable[[Path], tuple[int, str]], depth: int
+) -> None:
+    config = node_toml(tmp_path, rest=f"[merge.params]\nx = {'[' * depth}{']' * depth}\n")
+    code, err = node_command(config)
+    one_line(code, err)
+    assert len(err) < 1000  # the value is not printed thousands of brackets long
+
+
+def test_node_unwritable_checkpoint_dir_fails_before_the_first_round(
+    tmp_path: Path, node_command: Callable[[Path], tuple[int, str]]
+) -> None:
+    # A path below a regular file cannot be created, even by root (who ignores modes).
+    (tmp_path / "plain.txt").write_text("not a directory")
+    config = node_toml(tmp_path, 'checkpoint_dir = "plain.txt/state"')
+    code, err = node_command(config)
+    one_line(code, err, "node.checkpoint_dir", "can create and write")
+
+
+def test_node_rounds_beyond_the_bound(
+    tmp_path: Path, node_command: Callable[[Path], tuple[int, str]]
+) -> None:
+    config = node_toml(tmp_path)
+    config.write_text(config.read_text().replace("rounds = 1\n", f"rounds = {2**70}\n"))
+    code, err = node_command(config)
+    one_line(code, err, f"protocol.rounds = {2**70}", f"[1, {MAX_ROUNDS}]")

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from p2pfl.codec import DENSE, WIRE_DTYPES, decode_vector, encode_vector
-from p2pfl.errors import DecodeError, FrameTooLarge
+from p2pfl.errors import DecodeError, FrameTooLarge, WireError
 from p2pfl.identity import Identity
 from p2pfl.wire import (
     DEFAULT_LIMITS,
@@ -238,3 +238,62 @@ def test_end_to_end_through_a_signed_frame(dtype: str, writable: bool) -> None:
     assert torch.equal(decoded, expected)
     if dtype == "float32":
         assert torch.equal(decoded, vector)
+
+
+# ------------------------------------------------------------- any shape, signed (issue 12)
+
+dims = st.one_of(
+    st.just(0),
+    st.integers(1, 5),
+    st.integers(0, 2**64 - 1),
+    st.integers(2**62, 2**64 - 1),  # near 2**64: strides overflow int64 if admitted
+    st.integers(2**24 - 2, 2**24 + 2),  # around the element limit
+)
+
+
+@given(
+    shape=st.lists(dims, max_size=10),
+    dtype=st.sampled_from(sorted(WIRE_DTYPES)),
+    extra=st.integers(-3, 3),
+)
+def test_every_signed_frame_decodes_to_a_tensor_or_raises_a_wire_error(
+    shape: list[int], dtype: str, extra: int
+) -> None:
+    """Whatever shape a (validly signed) frame declares, decoding it yields a float32 tensor
+    of that shape or a ``WireError``; never a plain exception from msgpack or torch."""
+    itemsize = torch.empty((), dtype=WIRE_DTYPES[dtype]).element_size()
+    spanned = 1
+    for dim in shape:
+        spanned *= max(dim, 1)
+    elements = 0 if 0 in shape else spanned
+    length = max(0, elements * itemsize + extra) if spanned <= 4096 else 16
+    spec = PayloadSpec(DENSE, dtype, tuple(shape), 1)
+    envelope = seal(
+        ALICE, MessageKind.MODEL_UPDATE, seq=1, round=0, payload=bytes(length), spec=spec
+    )
+    try:
+        decoded = decode_vector(decode_frame(encode_frame(envelope)).spec, envelope.payload)
+    except WireError:
+        return
+    assert decoded.dtype == torch.float32
+    assert tuple(decoded.shape) == tuple(shape)
+    assert spanned <= DEFAULT_LIMITS.max_elements  # only shapes within the limit decode
+
+
+@pytest.mark.parametrize(
+    "shape", [[0, 2**63], [0, 2**64 - 1], [0, 2**62, 2**62], [0, 2**40], [2**40, 0]]
+)
+def test_zero_dimensions_do_not_excuse_huge_ones(shape: list[int]) -> None:
+    spec = PayloadSpec(DENSE, "float32", tuple(shape), 1)
+    frame = encode_frame(
+        seal(ALICE, MessageKind.MODEL_UPDATE, seq=1, round=0, payload=b"", spec=spec)
+    )
+    with pytest.raises(FrameTooLarge):
+        decode_frame(frame)  # the wire refuses it, in either dimension order
+    with pytest.raises(FrameTooLarge):
+        decode_vector(spec, b"")  # and so does the codec, for a spec built any other way
+
+
+def test_a_zero_dimension_beside_allowed_ones_decodes_to_an_empty_tensor() -> None:
+    spec = PayloadSpec(DENSE, "float32", (0, DEFAULT_LIMITS.max_elements), 1)
+    assert decode_vector(spec, b"").shape == (0, DEFAULT_LIMITS.max_elements)

@@ -12,6 +12,8 @@ from p2pfl.cli import main
 from p2pfl.config import load_config
 from p2pfl.errors import ConfigError
 from p2pfl.identity import Identity
+from p2pfl.protocol.config import MAX_ROUNDS, CoreConfig
+from p2pfl.wire import MAX_ROUND
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "loopback"
 
@@ -41,7 +43,7 @@ def test_loopback_example_loads_with_paths_relative_to_the_file(example: Path) -
     assert config.data.partition == "dirichlet"
     assert config.data.partition_params == {"alpha": 0.5}
     assert (config.data.num_nodes, config.data.node_index) == (3, 1)
-    assert config.learner.hidden == (32,)
+    assert config.learner.hidden == [32]
     assert config.protocol.mode == "dsgd"
     assert config.protocol.rounds == 20
     assert config.merge.rule == "weighted"
@@ -153,6 +155,17 @@ BAD_CASES = [
     ("node index out of range", r"node_index = 0", "node_index = 3", "data.node_index = 3:"),
     ("zero hidden units", r"hidden = \[32\]", "hidden = [0]", "learner.hidden = [0]:"),
     ("lr as text", r"lr = 0.1", 'lr = "fast"', "learner.lr = 'fast':"),
+    ("hidden as text", r"hidden = \[32\]", 'hidden = ["32"]', "learner.hidden[0] = '32':"),
+    ("unknown model", r"hidden = \[32\]", 'model = "resnet"', "learner.model = 'resnet': one of"),
+    ("unknown optimizer", r"lr = 0.1", 'optimizer = "rmsprop"', "learner.optimizer = 'rmsprop':"),
+    ("adam with momentum", r"lr = 0.1", 'optimizer = "adam"\nmomentum = 0.9', "learner.momentum"),
+    ("one beta", r"lr = 0.1", "betas = [0.9]", "learner.betas = [0.9]:"),
+    (
+        "unknown learner key",
+        r"lr = 0.1",
+        "lr = 0.1\nlearning_rate = 1",
+        "learner.learning_rate = 1:",
+    ),
     ("unknown merge rule", r'rule = "weighted"', 'rule = "averge"', "merge.rule = 'averge':"),
     ("not toml", r"\[learner\]", "[learner", "config = "),
     (
@@ -292,6 +305,18 @@ def test_value_out_of_range_found_when_building_the_learner_names_the_key(
     assert err.count("\n") == 1
 
 
+def test_absurd_model_is_refused_in_one_line_before_allocating(
+    example: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = example / "node1.toml"
+    path.write_text(path.read_text().replace("hidden = [32]", "hidden = [1000000000]"))
+    with pytest.raises(ConfigError, match=r"^learner\.model = 'mlp': a model of at most"):
+        load_config(path).build_learner()
+    assert main(["node", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("p2pfl: error: learner.model = 'mlp'") and err.count("\n") == 1
+
+
 def test_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["node", "--config", str(tmp_path / "none.toml")]) == 2
     assert capsys.readouterr().err.startswith("p2pfl: error: config = ")
@@ -349,3 +374,11 @@ history_lambda = 1
     path.write_text(text.replace("[[bootstrap]]", "[bootstrap]", 1))
     with pytest.raises(ConfigError, match="bootstrap"):
         load_config(path)
+
+
+def test_rounds_are_bounded_for_nodes_and_scenarios_alike() -> None:
+    """The bound lives in CoreConfig.validate, which node configs and scenarios both call."""
+    CoreConfig(rounds=MAX_ROUNDS).validate()
+    with pytest.raises(ConfigError, match=r"^protocol\.rounds = 1180591620717411303424: "):
+        CoreConfig(rounds=2**70).validate()
+    assert MAX_ROUNDS + CoreConfig().max_rounds_ahead < MAX_ROUND

@@ -65,10 +65,11 @@ class Learner(Protocol):
         """A new copy of the model's parameters before any training."""
         ...
 
-    def train(self, vector: Tensor, steps: int) -> TrainResult:
+    def train(self, vector: Tensor, steps: int, *, round: int | None = None) -> TrainResult:
         """Start from ``vector``, take ``steps`` optimiser steps, return a new vector.
 
-        ``vector`` is never modified.
+        ``vector`` is never modified. ``round`` is the protocol round the training belongs
+        to (0-based; a learning-rate schedule is keyed on it); None when unknown.
 
         Raises:
             ConfigError: ``vector`` does not match :attr:`layout` or ``steps`` is negative.

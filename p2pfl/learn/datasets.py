@@ -1,84 +1,46 @@
-"""Classification datasets held as in-memory tensors, a name registry, and a seeded split.
+"""The dataset registry: built-in generators, loaders of files on disk, and the run's split.
 
-scikit-learn is an optional dependency (``p2pfl-gossip[sim]``): it is imported only inside
-:func:`load_digits`, so ``import p2pfl.learn`` works on a device without it.
+The types and the split live in :mod:`p2pfl.learn.data.core`, one module per loader family
+beside it. Optional dependencies (scikit-learn for ``digits``, ``mnist1d``, ``datasets``)
+are imported only when their dataset is built, so ``import p2pfl.learn`` works on a device
+without them.
 """
 
 from __future__ import annotations
 
 import gzip
 import importlib.util
+import inspect
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import torch
-from torch import Tensor
 
 from p2pfl.errors import ConfigError
 from p2pfl.learn._config import call_with_params, check_int, check_seed
+from p2pfl.learn.data.core import ArrayDataset, SplitDataset, train_test_split
+from p2pfl.learn.data.hf import load_hf
+from p2pfl.learn.data.mnist1d import mnist1d
+from p2pfl.learn.data.npz import load_npz
+from p2pfl.learn.data.synthetic import synthetic_leaf
+from p2pfl.learn.data.vision import torchvision_dataset
+
+__all__ = [
+    "DATASETS",
+    "PATH_PARAMS",
+    "ArrayDataset",
+    "SplitDataset",
+    "gaussian_mixture",
+    "load_digits",
+    "load_split",
+    "make_dataset",
+    "train_test_split",
+]
 
 SIM_EXTRA_HINT = "pip install 'p2pfl-gossip[sim]'"
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class ArrayDataset:
-    """A labelled dataset in memory.
-
-    Attributes:
-        x: features, float32, shape ``[N, D]``.
-        y: class labels, int64, shape ``[N]``, each in ``[0, num_classes)``.
-        num_classes: number of classes.
-
-    Raises:
-        ConfigError: on construction, a field has the wrong dtype or shape, or a label is
-            outside ``[0, num_classes)``.
-    """
-
-    x: Tensor
-    y: Tensor
-    num_classes: int
-
-    def __post_init__(self) -> None:
-        if self.x.dtype != torch.float32 or self.x.ndim != 2:
-            raise ConfigError(
-                "x", f"{self.x.dtype} tensor of shape {tuple(self.x.shape)}", "float32 [N, D]"
-            )
-        if self.y.dtype != torch.int64 or self.y.shape != (self.x.shape[0],):
-            raise ConfigError(
-                "y",
-                f"{self.y.dtype} tensor of shape {tuple(self.y.shape)}",
-                f"int64 [{self.x.shape[0]}], one label per row of x",
-            )
-        if self.num_classes < 1:
-            raise ConfigError("num_classes", self.num_classes, "an int >= 1")
-        if len(self.y) and (int(self.y.min()) < 0 or int(self.y.max()) >= self.num_classes):
-            raise ConfigError("y", "labels out of range", f"every label in [0, {self.num_classes})")
-
-    def __len__(self) -> int:
-        return int(self.x.shape[0])
-
-    @property
-    def dim(self) -> int:
-        """Number of features per example."""
-        return int(self.x.shape[1])
-
-    def labels(self) -> npt.NDArray[np.int64]:
-        """The labels as a new numpy array, the input that partitions expect."""
-        return self.y.numpy().copy()
-
-    def subset(self, indices: npt.ArrayLike) -> ArrayDataset:
-        """A new dataset of the rows at ``indices``, in that order.
-
-        Raises:
-            IndexError: an index is out of range.
-        """
-        index = torch.as_tensor(np.asarray(indices, dtype=np.int64))
-        return ArrayDataset(self.x[index], self.y[index], self.num_classes)
 
 
 def load_digits() -> ArrayDataset:
@@ -140,60 +102,24 @@ def gaussian_mixture(
     return ArrayDataset(torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y), num_classes)
 
 
-def train_test_split(
-    ds: ArrayDataset, test_fraction: float, *, seed: int, stratify: bool = True
-) -> tuple[ArrayDataset, ArrayDataset]:
-    """Split ``ds`` into ``(train, test)``, seeded, stratified by label by default.
-
-    The test set has ``round(test_fraction * len(ds))`` examples (at least 1, leaving at
-    least 1 for training). Stratified, each class contributes in proportion to its size,
-    remainders going to the classes with the largest fractional share.
-
-    Args:
-        ds: the dataset to split, at least 2 examples.
-        test_fraction: share of examples for the test set, strictly between 0 and 1.
-        seed: seed of the numpy generator that picks the examples (non-negative).
-        stratify: keep class proportions (True) or pick uniformly at random (False).
-
-    Raises:
-        ConfigError: ``test_fraction`` is not in (0, 1), ``ds`` has fewer than 2 examples,
-            or ``seed`` is negative.
-    """
-    if not (isinstance(test_fraction, int | float) and 0 < test_fraction < 1):
-        raise ConfigError("test_fraction", test_fraction, "a number strictly between 0 and 1")
-    n = len(ds)
-    if n < 2:
-        raise ConfigError("dataset", f"{n} examples", "at least 2 examples to split")
-    check_seed(seed)
-    rng = np.random.default_rng(seed)
-    n_test = min(max(round(test_fraction * n), 1), n - 1)
-    if stratify:
-        labels = ds.labels()
-        classes, counts = np.unique(labels, return_counts=True)
-        exact = counts * (n_test / n)
-        quota = np.floor(exact).astype(np.int64)
-        leftover = n_test - int(quota.sum())
-        quota[np.argsort(-(exact - quota), kind="stable")[:leftover]] += 1
-        picked = [
-            rng.permutation(np.flatnonzero(labels == c))[:q]
-            for c, q in zip(classes, quota, strict=True)
-        ]
-        test_idx = np.concatenate(picked)
-    else:
-        test_idx = rng.permutation(n)[:n_test]
-    is_test = np.zeros(n, dtype=bool)
-    is_test[test_idx] = True
-    return ds.subset(np.flatnonzero(~is_test)), ds.subset(np.flatnonzero(is_test))
-
-
-DATASETS: dict[str, Callable[..., ArrayDataset]] = {
+DATASETS: dict[str, Callable[..., ArrayDataset | SplitDataset]] = {
     "digits": load_digits,
     "gaussian_mixture": gaussian_mixture,
+    "mnist1d": mnist1d,
+    "synthetic_leaf": synthetic_leaf,
+    "npz": load_npz,
+    "torchvision": torchvision_dataset,
+    "hf": load_hf,
 }
-"""Dataset builders by name; a plug-in registers a new one by adding an entry."""
+"""Dataset builders by name; a plug-in registers a new one by adding an entry. A builder
+returns an :class:`ArrayDataset` (the run splits off a test set) or a :class:`SplitDataset`
+(the source has its own)."""
+
+PATH_PARAMS = frozenset({"path", "root"})
+"""Builder parameters that name files: configs resolve them against their own folder."""
 
 
-def make_dataset(name: str, /, **params: Any) -> ArrayDataset:
+def make_dataset(name: str, /, **params: Any) -> ArrayDataset | SplitDataset:
     """Build the dataset registered as ``name`` with ``params``.
 
     Raises:
@@ -203,5 +129,45 @@ def make_dataset(name: str, /, **params: Any) -> ArrayDataset:
     """
     if name not in DATASETS:
         raise ConfigError("dataset", name, f"one of {', '.join(sorted(DATASETS))}")
-    dataset: ArrayDataset = call_with_params("dataset", name, DATASETS[name], params)
+    dataset: ArrayDataset | SplitDataset = call_with_params("dataset", name, DATASETS[name], params)
     return dataset
+
+
+def load_split(
+    name: str,
+    params: Mapping[str, Any],
+    *,
+    test_fraction: float,
+    data_seed: int,
+    split_seed: int,
+    num_clients: int,
+) -> tuple[ArrayDataset, ArrayDataset]:
+    """Build dataset ``name`` for a run and return its ``(train, test)`` halves.
+
+    A builder that takes a ``seed`` gets ``data_seed`` unless ``params`` sets one; one that
+    takes ``num_clients`` (``synthetic_leaf``) gets the run's number of data holders unless
+    set. A :class:`SplitDataset` keeps its own test set; an :class:`ArrayDataset` is split
+    with :func:`train_test_split` (``test_fraction``, ``split_seed``).
+
+    Raises:
+        ConfigError: as :func:`make_dataset` or :func:`train_test_split`; a key that is a
+            parameter of the builder is reported as ``data.params.KEY``.
+        ImportError: the dataset needs an optional dependency that is not installed.
+    """
+    given = dict(params)
+    builder = DATASETS.get(name)
+    accepted = inspect.signature(builder).parameters if builder is not None else {}
+    if "seed" in accepted:
+        given.setdefault("seed", data_seed)
+    if "num_clients" in accepted:
+        given.setdefault("num_clients", num_clients)
+    try:
+        data = make_dataset(name, **given)
+    except ConfigError as exc:
+        key = exc.key.removeprefix("dataset_params.")
+        if key in accepted:
+            raise ConfigError(f"data.params.{key}", exc.value, exc.allowed) from exc
+        raise
+    if isinstance(data, SplitDataset):
+        return data.train, data.test
+    return train_test_split(data, test_fraction, seed=split_seed)

@@ -1,13 +1,15 @@
-"""Partitions of a training set across nodes: IID and the usual non-IID families.
+"""Partitions of a training set across nodes: IID, the usual non-IID families, and natural.
 
 Every partition takes the labels of the training set, the number of nodes ``n`` and a
 ``seed``, and returns ``n`` arrays of int64 indices into the labels, one per node, sorted.
 Every index appears in exactly one array; node ``i`` gets ``result[i]``. All randomness comes
 from ``numpy.random.default_rng(seed)``, so a seed fixes the partition on every host.
+``natural`` also takes each example's owner (client, writer) and keeps owners whole.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -124,19 +126,78 @@ def quantity_skew(labels: npt.ArrayLike, n: int, alpha: float, *, seed: int) -> 
     return _sorted(np.split(rng.permutation(len(y)), np.cumsum(sizes)[:-1]))
 
 
+def natural(
+    labels: npt.ArrayLike, n: int, *, seed: int, owners: npt.ArrayLike | None = None
+) -> Partition:
+    """The data's own split: every owner's examples go to one node, owners dealt round-robin.
+
+    Owners are taken in sorted order of their ids: owner ``j`` (0-based in that order) goes
+    to node ``j % n``, so with as many owners as nodes each node holds exactly one owner,
+    and with more, node sizes follow the owners'. Nothing is random; ``seed`` is accepted
+    for a uniform signature.
+
+    Raises:
+        ConfigError: the dataset has no owners, ``owners`` does not match ``labels``, or
+            there are fewer owners than nodes (a node would get no data).
+    """
+    y = _check_common(labels, n, seed)
+    if owners is None:
+        raise ConfigError(
+            "partition",
+            "natural",
+            "a dataset whose examples carry an owner (synthetic_leaf, npz with a client "
+            "array, hf with owner_column); use iid, dirichlet, shards or quantity_skew",
+        )
+    who = np.asarray(owners)
+    if who.shape != y.shape or not np.issubdtype(who.dtype, np.integer):
+        raise ConfigError(
+            "owners", f"array of {who.dtype} {who.shape}", f"int ids of shape {y.shape}"
+        )
+    ids, code = np.unique(who, return_inverse=True)
+    if len(ids) < n:
+        raise ConfigError(
+            "partition",
+            "natural",
+            f"{len(ids)} owners for {n} nodes: at least one owner per data-holding node; "
+            "use fewer nodes or another partition",
+        )
+    node_of = code.reshape(-1) % n
+    return _sorted([np.flatnonzero(node_of == i) for i in range(n)])
+
+
 PARTITIONS: dict[str, Callable[..., Partition]] = {
     "iid": iid,
     "dirichlet": dirichlet,
     "shards": shards,
     "quantity_skew": quantity_skew,
+    "natural": natural,
 }
-"""Partition functions by name; each is ``fn(labels, n, *, seed, **params)``."""
+"""Partition functions by name; each is ``fn(labels, n, *, seed, **params)``; those with an
+``owners`` parameter also get each example's owner (or ``None``)."""
+
+FIXED_ARGUMENTS = ("labels", "n", "seed", "owners")
+"""Arguments a partition gets from the run, never from its ``partition_params``."""
 
 
 def make_partition(
-    name: str, labels: npt.ArrayLike, n: int, /, *, seed: int, **params: Any
+    name: str,
+    labels: npt.ArrayLike,
+    n: int,
+    /,
+    *,
+    seed: int,
+    owners: npt.ArrayLike | None = None,
+    **params: Any,
 ) -> Partition:
     """Partition ``labels`` over ``n`` nodes with the registered function ``name``.
+
+    Args:
+        name: a name in :data:`PARTITIONS`.
+        labels: class label of every training example.
+        n: number of nodes.
+        seed: seed of the partition's draws.
+        owners: each example's owner, for partitions that use it (``natural``).
+        **params: the partition's own parameters.
 
     Raises:
         ConfigError: ``name`` is not in :data:`PARTITIONS`, a parameter is unknown, missing
@@ -144,7 +205,9 @@ def make_partition(
     """
     if name not in PARTITIONS:
         raise ConfigError("partition", name, f"one of {', '.join(sorted(PARTITIONS))}")
-    fixed = {"labels": labels, "n": n, "seed": seed}
+    fixed: dict[str, Any] = {"labels": labels, "n": n, "seed": seed}
+    if "owners" in inspect.signature(PARTITIONS[name]).parameters:
+        fixed["owners"] = owners
     partition: Partition = call_with_params("partition", name, PARTITIONS[name], params, fixed)
     return partition
 

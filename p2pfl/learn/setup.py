@@ -10,18 +10,18 @@ the same ones.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from torch import Tensor
+from torch import Tensor, nn
 
 from p2pfl.errors import ConfigError
 from p2pfl.learn._config import check_int, check_seed
-from p2pfl.learn.datasets import DATASETS, ArrayDataset, make_dataset, train_test_split
-from p2pfl.learn.models import mlp
+from p2pfl.learn.datasets import ArrayDataset, load_split
+from p2pfl.learn.models import build_model
+from p2pfl.learn.optim import OptimizerSettings
 from p2pfl.learn.partition import make_partition
 from p2pfl.learn.sampling import MinibatchSampler
 from p2pfl.learn.torch_learner import TorchLearner
@@ -60,11 +60,28 @@ class Federation:
 
     train_parts: tuple[ArrayDataset, ...]
     test: ArrayDataset
-    layer_sizes: tuple[int, ...]
+    model_name: str
+    model_params: Mapping[str, Any]
+    input_shape: tuple[int, ...]
+    num_classes: int
     init_seed: int
     seed: int
     layout: ParamLayout
     init_vector: Tensor
+
+    def build_model(self, seed: int | None = None) -> nn.Module:
+        """A new copy of the model, initialised from ``seed`` (default: the shared init seed).
+
+        Raises:
+            ConfigError: the model cannot be built (as :func:`~p2pfl.learn.models.build_model`).
+        """
+        return build_model(
+            self.model_name,
+            self.model_params,
+            self.input_shape,
+            self.num_classes,
+            seed=self.init_seed if seed is None else seed,
+        )
 
     @property
     def num_nodes(self) -> int:
@@ -88,12 +105,14 @@ class Federation:
         self,
         node_index: int,
         *,
-        lr: float,
         batch_size: int,
+        lr: float | None = None,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
+        optimizer: OptimizerSettings | None = None,
     ) -> TorchLearner:
-        """The :class:`TorchLearner` of node ``node_index``.
+        """The :class:`TorchLearner` of node ``node_index`` (``optimizer``, or plain SGD
+        from ``lr``, ``momentum``, ``weight_decay``).
 
         Raises:
             ConfigError: ``node_index`` out of range or a hyper-parameter out of range.
@@ -102,13 +121,14 @@ class Federation:
         if node_index >= self.num_nodes:
             raise ConfigError("node_index", node_index, f"an int in [0, {self.num_nodes})")
         return TorchLearner(
-            mlp(list(self.layer_sizes), seed=self.init_seed),
+            self.build_model(),
             self.train_parts[node_index],
             self.test,
             lr=lr,
             batch_size=batch_size,
             momentum=momentum,
             weight_decay=weight_decay,
+            optimizer=optimizer,
             seed=self.batch_seed(node_index),
         )
 
@@ -120,16 +140,18 @@ def build_federation(
     partition_params: Mapping[str, Any],
     *,
     num_nodes: int,
-    model: Sequence[int],
+    model: str | Sequence[int],
     seed: int,
     test_fraction: float = 0.2,
     init_seed: int | None = None,
+    model_params: Mapping[str, Any] | None = None,
 ) -> Federation:
     """Load a dataset once and share it out over ``num_nodes`` nodes.
 
-    Steps: build the dataset (if its builder takes a ``seed`` and ``dataset_params`` gives
-    none, one derived from ``seed``); split off a stratified test set, common to all nodes;
-    partition the rest; fix an MLP ``[features, *model, classes]`` and its initialisation.
+    Steps: build the dataset and take its test set, common to all nodes (its own, or a
+    stratified split; see :func:`~p2pfl.learn.datasets.load_split`); partition the rest
+    (examples' owners go to partitions that use them); fix the model and its
+    initialisation.
 
     Args:
         dataset: a name in :data:`~p2pfl.learn.datasets.DATASETS`.
@@ -137,11 +159,14 @@ def build_federation(
         partition: a name in :data:`~p2pfl.learn.partition.PARTITIONS`.
         partition_params: keyword arguments of that partition, besides labels, n and seed.
         num_nodes: number of nodes sharing the training set, >= 1.
-        model: hidden layer sizes only (``[]`` gives a linear model).
+        model: a model name or ``python:`` factory (:func:`~p2pfl.learn.models.build_model`),
+            or a list of hidden layer sizes as a shortcut for ``mlp`` (``[]``: linear).
         seed: the run seed (non-negative).
-        test_fraction: share of the dataset held out as the common test set.
+        test_fraction: share of the dataset held out as the common test set (unused when
+            the dataset comes with its own test set).
         init_seed: seed of the model initialisation; by default one derived from ``seed``,
             so all nodes start from the same parameters.
+        model_params: keyword arguments of the model factory.
 
     Raises:
         ConfigError: any argument is out of range or names an unknown dataset, partition or
@@ -150,29 +175,33 @@ def build_federation(
     """
     check_seed(seed)
     check_int("num_nodes", num_nodes, 1)
-    hidden = list(model)
-    if any(not isinstance(h, int) or isinstance(h, bool) or h < 1 for h in hidden):
-        raise ConfigError("model", hidden, "a list of hidden layer sizes, each an int >= 1")
-    params = dict(dataset_params)
-    builder = DATASETS.get(dataset)
-    if builder is not None and "seed" in inspect.signature(builder).parameters:
-        params.setdefault("seed", derive_seed(seed, _STREAM_DATASET))
-    data = make_dataset(dataset, **params)
-    train, test = train_test_split(data, test_fraction, seed=derive_seed(seed, _STREAM_SPLIT))
+    name, factory_params = _model_spec(model, model_params)
+    train, test = load_split(
+        dataset,
+        dataset_params,
+        test_fraction=test_fraction,
+        data_seed=derive_seed(seed, _STREAM_DATASET),
+        split_seed=derive_seed(seed, _STREAM_SPLIT),
+        num_clients=num_nodes,
+    )
     parts = make_partition(
         partition,
         train.labels(),
         num_nodes,
         seed=derive_seed(seed, _STREAM_PARTITION),
+        owners=train.owner_array(),
         **partition_params,
     )
-    sizes = (data.dim, *hidden, data.num_classes)
+    input_shape = tuple(int(size) for size in train.x.shape[1:])
     chosen_init = derive_seed(seed, _STREAM_INIT) if init_seed is None else init_seed
-    module = mlp(list(sizes), seed=chosen_init)
+    module = build_model(name, factory_params, input_shape, train.num_classes, seed=chosen_init)
     return Federation(
         train_parts=tuple(train.subset(part) for part in parts),
         test=test,
-        layer_sizes=sizes,
+        model_name=name,
+        model_params=factory_params,
+        input_shape=input_shape,
+        num_classes=train.num_classes,
         init_seed=chosen_init,
         seed=seed,
         layout=layout_of(module),
@@ -187,8 +216,8 @@ def build_node_learner(
     partition_params: Mapping[str, Any],
     num_nodes: int,
     node_index: int,
-    model: Sequence[int],
-    lr: float,
+    model: str | Sequence[int],
+    lr: float | None,
     batch_size: int,
     seed: int,
     test_fraction: float = 0.2,
@@ -196,6 +225,8 @@ def build_node_learner(
     init_seed: int | None = None,
     momentum: float = 0.0,
     weight_decay: float = 0.0,
+    model_params: Mapping[str, Any] | None = None,
+    optimizer: OptimizerSettings | None = None,
 ) -> TorchLearner:
     """The learner of node ``node_index`` out of ``num_nodes``: see :func:`build_federation`.
 
@@ -218,7 +249,27 @@ def build_node_learner(
         seed=seed,
         test_fraction=test_fraction,
         init_seed=init_seed,
+        model_params=model_params,
     )
     return federation.learner(
-        node_index, lr=lr, batch_size=batch_size, momentum=momentum, weight_decay=weight_decay
+        node_index,
+        lr=lr,
+        batch_size=batch_size,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        optimizer=optimizer,
     )
+
+
+def _model_spec(
+    model: str | Sequence[int], params: Mapping[str, Any] | None
+) -> tuple[str, dict[str, Any]]:
+    """(factory name, its parameters) from a name or an mlp hidden-size list."""
+    if isinstance(model, str):
+        return model, dict(params or {})
+    hidden = list(model)
+    if any(not isinstance(h, int) or isinstance(h, bool) or h < 1 for h in hidden):
+        raise ConfigError("model", hidden, "a list of hidden layer sizes, each an int >= 1")
+    if params:
+        raise ConfigError("model_params", dict(params), "empty when model is a hidden-size list")
+    return "mlp", {"hidden": hidden}

@@ -1,4 +1,4 @@
-"""A :class:`~p2pfl.learn.base.Learner` that trains a torch classifier with SGD on cross-entropy.
+"""A :class:`~p2pfl.learn.base.Learner` that trains a torch classifier on cross-entropy.
 
 Determinism: minibatches come from a private ``torch.Generator`` seeded from ``seed``. The
 learner walks a shuffled order of its training set and reshuffles when it runs out, carrying
@@ -19,9 +19,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from p2pfl.errors import ConfigError
-from p2pfl.learn._config import check_int, check_positive
+from p2pfl.learn._config import check_int
 from p2pfl.learn.base import EvalResult, TrainResult
 from p2pfl.learn.datasets import ArrayDataset
+from p2pfl.learn.functional import row_gradient
+from p2pfl.learn.optim import (
+    OptimizerSettings,
+    OptimizerState,
+    optimizer_step,
+    stack_states,
+    unstack_states,
+)
 from p2pfl.learn.sampling import MinibatchSampler
 from p2pfl.params import ParamLayout, flatten, layout_of, load_vector
 
@@ -31,14 +39,17 @@ TensorPair = tuple[Tensor, Tensor]
 
 
 class TorchLearner:
-    """SGD on cross-entropy for a torch module mapping ``[B, D]`` features to ``[B, C]`` logits.
+    """One node's optimiser on cross-entropy for a torch module mapping ``[N, ...]`` to logits.
 
     The module's parameters at construction are the :meth:`initial_vector`. Each
-    :meth:`train` call first loads the given vector into the module, so training state is
-    only the vector passed in, the minibatch generator and, when ``momentum > 0``, the SGD
-    momentum buffer, which is kept across calls (a node that merges and then trains keeps
-    its velocity, as local SGD with momentum does). With ``momentum == 0`` there is no
-    optimiser state at all.
+    :meth:`train` call starts from the vector it is given; the learner keeps, across calls,
+    the minibatch generator, the optimiser state (momentum or Adam moments, per the
+    ``optimizer_state`` policy of :mod:`p2pfl.learn.optim`) and the module's buffers
+    (BatchNorm running statistics). None of these is ever sent.
+
+    The forward, loss and gradient are :mod:`p2pfl.learn.functional`'s and the update is
+    :func:`p2pfl.learn.optim.optimizer_step`, the code the simulator's
+    :class:`~p2pfl.learn.batched.BatchedLearner` runs for many nodes at once.
     """
 
     def __init__(
@@ -47,34 +58,38 @@ class TorchLearner:
         train: ArrayDataset | TensorPair,
         test: ArrayDataset | TensorPair,
         *,
-        lr: float,
+        lr: float | None = None,
         batch_size: int,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
+        optimizer: OptimizerSettings | None = None,
         seed: int,
     ) -> None:
         """Wrap ``model`` and its local data.
 
         Args:
             model: the classifier; it is owned by the learner from now on.
-            train: training features ``[N, D]`` and int labels ``[N]``, ``N >= 1``.
-            test: evaluation features and labels, at least one example.
-            lr: SGD learning rate, > 0.
+            train: training examples ``[N, ...]`` and int labels ``[N]``, ``N >= 1``.
+            test: evaluation examples and labels, at least one example.
+            lr: SGD learning rate, > 0 (shortcut for ``optimizer``).
             batch_size: examples per step, >= 1 (capped at the training set size).
-            momentum: SGD momentum in ``[0, 1)``; 0 disables the momentum buffer.
-            weight_decay: L2 penalty, >= 0.
+            momentum: SGD momentum in ``[0, 1)`` (shortcut for ``optimizer``).
+            weight_decay: L2 penalty, >= 0 (shortcut for ``optimizer``).
+            optimizer: the optimiser and learning-rate schedule; give either this or ``lr``.
             seed: seed of the minibatch generator (any int, reduced modulo 2**64).
 
         Raises:
-            ConfigError: a hyper-parameter is out of range, a dataset is empty or
-                misshapen, or ``model`` has no trainable parameter (the message names which).
+            ConfigError: a hyper-parameter is out of range, both or neither of ``lr`` and
+                ``optimizer`` are given, a dataset is empty or misshapen, or ``model`` has no
+                trainable parameter (the message names which).
         """
-        check_positive("lr", lr)
+        if optimizer is None:
+            if lr is None:
+                raise ConfigError("lr", None, "a learning rate (or an optimizer)")
+            optimizer = OptimizerSettings(lr=lr, momentum=momentum, weight_decay=weight_decay)
+        elif lr is not None or momentum or weight_decay:
+            raise ConfigError("lr", lr, "None when optimizer is given (it holds lr)")
         check_int("batch_size", batch_size, 1)
-        if not (isinstance(momentum, int | float) and 0 <= momentum < 1):
-            raise ConfigError("momentum", momentum, "a number in [0, 1)")
-        if not (isinstance(weight_decay, int | float) and 0 <= weight_decay < math.inf):
-            raise ConfigError("weight_decay", weight_decay, "a finite number >= 0")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ConfigError("seed", seed, "an int")
         self._train_x, self._train_y = _as_pair("train", train)
@@ -82,13 +97,12 @@ class TorchLearner:
         self._model = model
         self._layout = layout_of(model)
         self._initial = flatten(model)
-        self._params = [p for _, p in model.named_parameters() if p.requires_grad]
-        if not self._params:
+        if not any(p.requires_grad for p in model.parameters()):
             raise ConfigError("model", type(model).__name__, "a module with trainable parameters")
-        self._lr = float(lr)
-        self._momentum = float(momentum)
-        self._weight_decay = float(weight_decay)
-        self._velocity: list[Tensor] | None = None
+        self._buffers = dict(model.named_buffers())
+        _check_forward(model, self._train_x[:2])
+        self._optimizer = optimizer
+        self._state = OptimizerState()
         self._sampler = MinibatchSampler(len(self._train_y), batch_size, seed=seed)
         self._lock = threading.Lock()
 
@@ -104,39 +118,58 @@ class TorchLearner:
 
     @property
     def model(self) -> nn.Module:
-        """The wrapped module; its parameters hold whatever vector was loaded last."""
+        """The wrapped module; :meth:`train` leaves the returned vector loaded in it."""
         return self._model
+
+    @property
+    def optimizer(self) -> OptimizerSettings:
+        """The optimiser and learning-rate schedule."""
+        return self._optimizer
 
     def initial_vector(self) -> Tensor:
         """A new copy of the parameters the model had when the learner was built."""
         return self._initial.clone()
 
-    def train(self, vector: Tensor, steps: int) -> TrainResult:
-        """Load ``vector``, take ``steps`` SGD steps on minibatches, return the new vector.
+    def train(self, vector: Tensor, steps: int, *, round: int | None = None) -> TrainResult:
+        """Start from ``vector``, take ``steps`` optimiser steps on minibatches.
 
         ``vector`` is never modified. With ``steps == 0`` the result is a copy of
-        ``vector`` with NaN loss.
+        ``vector`` with NaN loss. ``round`` (0-based, as ``StartTraining`` carries it) picks
+        the learning rate of the schedule; None means round 0.
 
         Raises:
             ConfigError: ``vector`` does not match :attr:`layout` or ``steps < 0``.
         """
         check_int("steps", steps, 0)
+        if vector.shape != (self._layout.size,):
+            raise ConfigError("vector", tuple(vector.shape), f"a vector of {self._layout.size}")
         with self._lock:
-            load_vector(self._model, vector)
+            settings = self._optimizer
+            row = vector.detach().to(torch.float32).clone().unsqueeze(0)
+            self._state.begin(settings, row[0])
+            state = stack_states(settings, [self._state], self._layout.size)
+            lrs = [settings.lr_at(0 if round is None else round)]
             self._model.train()
             total_loss = torch.zeros((), dtype=torch.float64)
-            with torch.enable_grad():
-                for _ in range(steps):
-                    index = self._sampler.next_batch()
-                    loss = F.cross_entropy(self._model(self._train_x[index]), self._train_y[index])
-                    grads = torch.autograd.grad(
-                        loss, self._params, allow_unused=True, materialize_grads=True
-                    )
-                    self._sgd_step(grads)
-                    total_loss += loss.detach()
+            for step in range(steps):
+                index = self._sampler.next_batch()
+                loss, grads = row_gradient(
+                    self._model,
+                    self._layout,
+                    row,
+                    self._buffers,
+                    self._train_x[index],
+                    self._train_y[index],
+                )
+                counts = [self._state.steps + step + 1]
+                optimizer_step(settings, row, grads, state, lrs=lrs, step_counts=counts)
+                total_loss += loss
+            unstack_states(state, [self._state], steps)
+            self._state.finish(settings, row[0])
+            load_vector(self._model, row[0])
             mean_loss = float(total_loss) / steps if steps else math.nan
             return TrainResult(
-                vector=flatten(self._model),
+                vector=row[0].clone(),
                 loss=mean_loss,
                 samples=steps * self._sampler.batch_size,
                 steps=steps,
@@ -145,7 +178,7 @@ class TorchLearner:
     def evaluate(self, vector: Tensor) -> EvalResult:
         """Mean cross-entropy and accuracy of ``vector`` on the test set, in batches of 4096.
 
-        Training state (generator, momentum) is untouched.
+        Training state (generator, optimiser state) is untouched.
 
         Raises:
             ConfigError: ``vector`` does not match :attr:`layout`.
@@ -165,24 +198,29 @@ class TorchLearner:
                     correct += int((logits.argmax(dim=1) == y).sum())
             return EvalResult(loss=total_loss / n, accuracy=correct / n, samples=n)
 
-    def _sgd_step(self, grads: tuple[Tensor, ...]) -> None:
-        # The update rule of torch.optim.SGD (no dampening, no Nesterov), written out because
-        # constructing a torch.optim optimiser imports torch._dynamo, about two seconds on a
-        # small device.
+
+def _check_forward(model: nn.Module, x: Tensor) -> None:
+    """Raise ConfigError unless ``model`` maps examples ``x`` to one row of logits each.
+
+    Run in eval mode without gradients, so no buffer or parameter changes; a node learns at
+    start-up, in one line, that its model does not fit its data.
+    """
+    training = model.training
+    model.eval()
+    try:
         with torch.no_grad():
-            steps = [
-                g.add(p, alpha=self._weight_decay) if self._weight_decay else g
-                for p, g in zip(self._params, grads, strict=True)
-            ]
-            if self._momentum:
-                if self._velocity is None:
-                    self._velocity = [s.clone() for s in steps]
-                else:
-                    for v, s in zip(self._velocity, steps, strict=True):
-                        v.mul_(self._momentum).add_(s)
-                steps = self._velocity
-            for p, s in zip(self._params, steps, strict=True):
-                p.add_(s, alpha=-self._lr)
+            logits = model(x)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        shape = ", ".join(map(str, x.shape[1:]))
+        raise ConfigError(
+            "model", type(model).__name__, f"a module mapping [N, {shape}] inputs ({reason})"
+        ) from None
+    finally:
+        model.train(training)
+    if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] != x.shape[0]:
+        got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ConfigError("model", type(model).__name__, f"[N, classes] logits, not {got}")
 
 
 def _as_pair(key: str, data: ArrayDataset | TensorPair) -> TensorPair:

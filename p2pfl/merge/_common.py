@@ -122,15 +122,27 @@ def gram_matrix(stack: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
     return gram
 
 
-def pairwise_squared_distances(stack: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
-    """``[n, n]`` float64 squared Euclidean distances between the rows of ``stack``, from
-    their Gram matrix around ``centre`` (see :func:`gram_matrix`)."""
-    gram = gram_matrix(stack, centre)
-    norms = torch.diagonal(gram)
-    distances = norms[:, None] + norms[None, :] - 2.0 * gram
-    distances.clamp_(min=0.0)
-    distances.fill_diagonal_(0.0)
-    return distances
+_PAIR_COLUMNS = 1 << 14
+
+
+def pairwise_squared_distances(stack: torch.Tensor) -> torch.Tensor:
+    """``[n, n]`` float64 squared Euclidean distances between the rows of ``stack``, each
+    summed from its own coordinate differences.
+
+    Exact up to rounding whatever the scale of any row: a Gram matrix (``‖a‖² + ‖b‖² −
+    2⟨a, b⟩``) loses everything to cancellation when two rows are close to each other but
+    far from the centre, and a Byzantine sender chooses the scale of its row. Differences of
+    float32 values are exact in float64; the column blocks keep the work in cache. It takes
+    1.4-2.1x the time of the Gram matrix for 5-17 rows (``bench/krum_distances.py``).
+    """
+    n, size = stack.shape
+    upper = torch.zeros((n, n), dtype=torch.float64)
+    for start in range(0, size, _PAIR_COLUMNS):
+        block = stack[:, start : start + _PAIR_COLUMNS].to(torch.float64)
+        for i in range(n - 1):
+            diffs = block[i + 1 :] - block[i]
+            upper[i, i + 1 :] += (diffs * diffs).sum(dim=1)
+    return upper + upper.T
 
 
 def _compare_rows(a: torch.Tensor, b: torch.Tensor) -> int:

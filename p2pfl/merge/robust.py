@@ -116,8 +116,7 @@ def _krum_scores(inputs: Inputs, f: int, rule: str) -> torch.Tensor:
         raise InsufficientInputs(
             f"{rule} needs n > 2f + 2 inputs (own included), got f={f} and n={n}"
         )
-    stack = inputs.stack()
-    distances = pairwise_squared_distances(stack, reference(inputs))
+    distances = pairwise_squared_distances(inputs.stack())
     distances.fill_diagonal_(float("inf"))
     nearest = torch.sort(distances, dim=1).values[:, : n - f - 2]
     return nearest.sum(dim=1)
@@ -127,8 +126,12 @@ class Krum:
     """Krum (Blanchard et al.): the input whose ``n − f − 2`` nearest other inputs are closest.
 
     ``score(i) = Σ_{j ∈ N_{n−f−2}(i)} ‖x_i − x_j‖²`` with *squared* distances; the output is a
-    copy of the lowest-scoring input. Quirk not reproduced: epfml's ``aggregator.py`` squares
-    the already-squared distances, ranking by sums of 4th powers. Exact score ties go to the
+    copy of the lowest-scoring input. Each distance is summed from its own coordinate
+    differences in float64, so the choice is exact up to rounding whatever the scale of any
+    input (a Byzantine sender picks the scale of its row; distances derived from a Gram
+    matrix lose the small ones to cancellation next to a large row). Quirk not reproduced:
+    epfml's ``aggregator.py`` squares the already-squared distances, ranking by sums of 4th
+    powers. Exact score ties go to the
     own vector, then to the lexicographically smaller row, so the choice is order invariant.
     Requires ``n > 2f + 2`` (raises ``InsufficientInputs`` naming ``f`` and ``n`` otherwise).
 

@@ -189,6 +189,11 @@ class VarianceCorrected:
         else:
             merged = self._average(inputs)
         corrected = variance_correct(merged, self.targets(inputs, spans), spans, eps=self.eps)
+        # Rescaling finite inputs near the dtype's largest value can step past it (the target
+        # variance may exceed the merged one); saturate so a finite own vector stays finite.
+        limit = torch.finfo(own.dtype).max if own.dtype.is_floating_point else None
+        if limit is not None:
+            corrected = corrected.clamp(-limit, limit)
         return result(corrected, own)
 
 

@@ -14,10 +14,9 @@ from p2pfl.protocol.membership import MAX_RECORDS_PER_MESSAGE
 PEER_SAMPLING = ("neighbours", "membership")
 """The values of ``protocol.peer_sampling``."""
 
-MAX_ROUNDS = 1_000_000
-"""The most rounds a node or a simulation may be configured to run (``rounds``): far more
-than any training needs, and small enough that round numbers, deadlines and per-round
-records stay well inside every integer and float range they meet."""
+MAX_ROUNDS = 10**9
+"""The most rounds a run may ask for (nodes and scenarios alike): far beyond any real run,
+and far below the wire's round field (``wire.MAX_ROUND``) however far ahead peers run."""
 
 CONFIG_PREFIX = "protocol"
 """Config keys in errors are named ``protocol.<field>``, as in a scenario file."""
@@ -111,6 +110,8 @@ class CoreConfig:
         if self.mode not in PROTOCOL_MODES:
             _fail("mode", self.mode, f"one of {', '.join(sorted(PROTOCOL_MODES))}")
         _int_at_least("rounds", self.rounds, 1)
+        if self.rounds > MAX_ROUNDS:
+            _fail("rounds", self.rounds, f"an integer in [1, {MAX_ROUNDS}]")
         _int_at_least("local_steps", self.local_steps, 1)
         _positive_seconds("round_timeout", self.round_timeout)
         _positive_seconds("period", self.period)

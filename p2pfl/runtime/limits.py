@@ -7,8 +7,16 @@ clock; the node passes ``trio.current_time()``), so tests drive it with numbers 
 sleep. Every container has a fixed capacity chosen by the caller, and none grows with the
 traffic an attacker can send:
 
-- :class:`TokenBucket` admits ``rate`` events per second with bursts up to ``burst``; the
-  node keeps one per authenticated connection and counts an event it refuses as a strike.
+- :class:`TokenBucket` admits ``rate`` events per second with bursts up to ``burst``, plus
+  whatever :meth:`TokenBucket.credit` adds; the node keeps one per authenticated connection
+  and counts an event it refuses as a strike.
+- :func:`peer_allowance` sizes that bucket from the protocol settings, because a peer's
+  legitimate traffic is paced by rounds, not seconds: a ``dsgd`` neighbour sends one model
+  per round (plus two history records with history gossip), however fast rounds go when
+  training is short. The node credits every bucket ``per_round`` tokens each time its own
+  round advances, and the bucket refills ``per_second`` tokens per second for the traffic that
+  time paces (gossip pushes, keep-alives, peer exchange, a peer running rounds alone on its
+  ``round_timeout``). A peer flooding faster than both is still refused and struck.
 - :class:`BanList` maps a key (a peer's ``NodeId``, or a remote IP address for peers that
   failed before authenticating) to the time its ban ends. Expired bans are dropped when
   seen; when the list is full, the ban that ends soonest is evicted to make room.
@@ -27,9 +35,87 @@ import heapq
 import math
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from p2pfl.protocol.config import CoreConfig
+
 K = TypeVar("K", bound=Hashable)
+
+ALLOWANCE_MARGIN = 2.0
+"""Factor over what the protocol sends, so reordering and jitter never strike an honest peer."""
+HISTORY_FRAMES = 2
+"""History gossip adds, per model sent, the sender's own record and one relayed record."""
+MODEST_FRAMES_PER_ROUND = 8
+"""What one modest peer may send this node per round: ping, pong, trained model, its
+fail-over copy, aggregate, ack, nack and a membership announcement."""
+PEER_EXCHANGE_MIN_FACTOR = 0.8
+"""Peer exchange sleeps ``interval * U(0.8, 1.2)`` between advertisements."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerAllowance:
+    """What one authenticated peer may send: the shape of its token bucket."""
+
+    per_round: float
+    """Tokens credited each time this node's round advances."""
+    per_second: float
+    """Tokens refilled per second whatever the rounds do."""
+    burst: float
+    """Tokens banked at most (the bucket starts full)."""
+
+    def bucket(self, now: float) -> TokenBucket:
+        """A full bucket of this allowance."""
+        return TokenBucket(self.per_second, self.burst, now=now)
+
+
+def peer_allowance(
+    protocol: CoreConfig,
+    *,
+    base_rate: float,
+    base_burst: float,
+    histories: bool,
+    idle_timeout: float | None,
+    exchange_interval: float | None,
+) -> PeerAllowance:
+    """Size a peer's bucket from the protocol it runs, assuming peers configured alike.
+
+    Args:
+        protocol: the core's settings (mode, period, round timeout, rounds ahead).
+        base_rate: ``node.peer_message_rate``: frames per second always allowed.
+        base_burst: ``node.peer_message_burst``: frames always allowed at once.
+        histories: whether models are followed by history records (history gossip).
+        idle_timeout: the idle watchdog's timeout (keep-alives at a third of it), or None.
+        exchange_interval: seconds between peer-exchange messages, or None when off.
+
+    Returns:
+        ``base_*`` plus ``ALLOWANCE_MARGIN`` times what the protocol sends per round and per
+        second, and a burst covering every round a peer may legitimately run ahead.
+    """
+    model = 1 + (HISTORY_FRAMES if histories else 0)
+    per_round = 0.0
+    per_second = 0.0
+    if protocol.mode == "dsgd":
+        # One model (and its history records) per round; a neighbour that gives up on this
+        # node runs a round at most every round_timeout seconds.
+        per_round = model
+        per_second = model / protocol.round_timeout
+    elif protocol.mode == "gossip":
+        # A push reaches a given neighbour at most once per (shortest) period.
+        per_second = model / (protocol.period * (1.0 - protocol.period_jitter))
+    else:
+        per_round = MODEST_FRAMES_PER_ROUND
+        per_second = MODEST_FRAMES_PER_ROUND / protocol.ping_timeout
+    if idle_timeout is not None:
+        per_second += 3.0 / idle_timeout
+    if exchange_interval is not None:
+        per_second += 1.0 / (PEER_EXCHANGE_MIN_FACTOR * exchange_interval)
+    ahead = protocol.max_rounds_ahead + 2  # the rounds buffered ahead, the current, one late
+    return PeerAllowance(
+        per_round=ALLOWANCE_MARGIN * per_round,
+        per_second=base_rate + ALLOWANCE_MARGIN * per_second,
+        burst=base_burst + ALLOWANCE_MARGIN * per_round * ahead,
+    )
 
 
 class TokenBucket:
@@ -60,9 +146,13 @@ class TokenBucket:
             return True
         return False
 
+    def credit(self, tokens: float) -> None:
+        """Add ``tokens`` (never beyond ``burst``): allowance earned by protocol progress."""
+        self._tokens = min(self.burst, self._tokens + tokens)
+
     @property
     def tokens(self) -> float:
-        """Tokens banked at the last :meth:`take`."""
+        """Tokens banked at the last :meth:`take` or :meth:`credit`."""
         return self._tokens
 
 

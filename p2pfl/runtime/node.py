@@ -28,16 +28,20 @@ checkpoint (round and model) when one exists.
 Defences (see README, "Operate a node"). Before a handshake: a banned remote IP is closed at
 once; so is every accepted socket beyond ``max_handshakes`` concurrent handshakes; a failed
 handshake counts against the remote IP (``ip_failures_to_ban`` within ``ip_failure_window``
-bans it). After it: a banned key is refused; each connection has a token bucket
-(``peer_message_rate``, ``peer_message_burst``) whose every refused frame is a strike, and an
-idle watchdog; unusable frames and the core's ``PeerMisbehaved`` are strikes too;
-``strikes_to_ban`` strikes ban the key for ``ban_interval`` seconds and close the connection.
-Runtime-level kinds (``KEEPALIVE``, ``PEER_EXCHANGE``) are handled here and never reach the
-core; learned peers (:mod:`p2pfl.runtime.peerx`) are dialled only when
-``accept_unknown_peers`` is set. For a core with fixed neighbours (``dsgd``, ``gossip``), a
-learned peer's connection carries keep-alives and peer exchange but no models. Every table
-is bounded (bans, failure counters, strikes, the peer book), so bad traffic costs bounded
-memory. ``status_listen`` serves :class:`~p2pfl.runtime.status.Metrics` as Prometheus text.
+bans it), except the refusal of a key the node knows (banned, no free slot, a configured
+peer that should wait to be dialled): honest peers may share the address. After it: a banned
+key is refused; each connection has a token bucket sized from the protocol
+(:func:`~p2pfl.runtime.limits.peer_allowance`: ``peer_message_rate`` and
+``peer_message_burst`` plus what the mode sends, credited per round this node completes)
+whose every refused frame is a strike, and an idle watchdog; unusable frames and the core's
+``PeerMisbehaved`` are strikes too; ``strikes_to_ban`` strikes ban the key for
+``ban_interval`` seconds and close the connection. Runtime-level kinds (``KEEPALIVE``,
+``PEER_EXCHANGE``) are handled here and never reach the core; learned peers
+(:mod:`p2pfl.runtime.peerx`) are dialled only when ``accept_unknown_peers`` is set. For a
+core with fixed neighbours (``dsgd``, ``gossip``), a learned peer's connection carries
+keep-alives and peer exchange but no models. Every table is bounded (bans, failure counters,
+strikes, the peer book), so bad traffic costs bounded memory. ``status_listen`` serves
+:class:`~p2pfl.runtime.status.Metrics` as Prometheus text.
 
 Peers beyond the neighbours. A core whose config ``admits_strangers`` (``modest``, ``gossip``
 with ``peer_sampling = "membership"``) is told about every authenticated connection and gets
@@ -55,9 +59,11 @@ Such a node also accepts connections from ``[[bootstrap]]`` and peer-book keys (
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
+import os
 import random
 import signal
 import time
@@ -69,7 +75,13 @@ import numpy as np
 import torch
 import trio
 
-from p2pfl.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, vector_digest
+from p2pfl.checkpoint import (
+    checkpoint_path,
+    load_checkpoint,
+    prepare_checkpoint_dir,
+    save_checkpoint,
+    vector_digest,
+)
 from p2pfl.config import NodeConfig, PeerConfig
 from p2pfl.errors import (
     BadSignature,
@@ -82,6 +94,7 @@ from p2pfl.errors import (
 from p2pfl.identity import Identity, NodeId
 from p2pfl.learn.base import Learner
 from p2pfl.merge.base import MergeRule
+from p2pfl.merge.sybil import uses_history_gossip
 from p2pfl.protocol import make_core
 from p2pfl.protocol.actions import (
     Action,
@@ -102,7 +115,7 @@ from p2pfl.protocol.events import (
     Started,
     TrainingFinished,
 )
-from p2pfl.runtime.limits import BanList, FailureCounter, TokenBucket
+from p2pfl.runtime.limits import BanList, FailureCounter, PeerAllowance, TokenBucket, peer_allowance
 from p2pfl.runtime.logs import log_event
 from p2pfl.runtime.peer import Backoff, PeerConnection
 from p2pfl.runtime.peerx import PeerAd, PeerBook, decode_ads, parse_address, seal_ads
@@ -125,6 +138,8 @@ RUNTIME_KINDS = frozenset(
     {MessageKind.HELLO, MessageKind.HELLO_PROOF, MessageKind.KEEPALIVE, MessageKind.PEER_EXCHANGE}
 )
 """Kinds the runtime consumes itself; every other kind goes to the protocol core."""
+KEY_REFUSALS = frozenset({"banned_key", "peer_limit", "wrong_direction"})
+"""Refusals of a key the node knows; they never count against the remote IP."""
 FLUSH_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 5.0
 
@@ -176,7 +191,8 @@ class Node:
 
         Raises:
             ConfigError: the config is inconsistent (e.g. a peer holds this node's own key),
-                or the checkpoint belongs to another model or node.
+                the checkpoint directory cannot be written, or the checkpoint belongs to
+                another model or node.
             IdentityError: the key file is missing or unsafe.
             DecodeError: the checkpoint file is corrupt.
         """
@@ -215,6 +231,18 @@ class Node:
         self._checkpoint_file = (
             checkpoint_path(config.checkpoint_dir) if config.checkpoint_dir is not None else None
         )
+        if config.checkpoint_dir is not None:
+            # Checked now, not at the first save after a round of work.
+            try:
+                leftovers = prepare_checkpoint_dir(config.checkpoint_dir)
+            except OSError as exc:
+                raise ConfigError(
+                    "node.checkpoint_dir",
+                    str(config.checkpoint_dir),
+                    f"a directory this node can create and write ({exc.strerror or exc})",
+                ) from None
+            for leftover in leftovers:
+                log.info("removed %s, left by an interrupted checkpoint save", leftover)
         if self._checkpoint_file is not None and self._checkpoint_file.exists():
             checkpoint = load_checkpoint(
                 self._checkpoint_file,
@@ -257,6 +285,22 @@ class Node:
         self.ip_bans = BanList[str](limits.max_bans)
         self._ip_failures = FailureCounter[str](MAX_IP_ENTRIES, limits.ip_failure_window)
         self._buckets: dict[NodeId, TokenBucket] = {}
+        histories = config.protocol.history_gossip
+        if histories is None:
+            histories = config.protocol.mode != "modest" and uses_history_gossip(self.merge)
+        self.allowance: PeerAllowance = peer_allowance(
+            config.protocol,
+            base_rate=limits.peer_message_rate,
+            base_burst=limits.peer_message_burst,
+            histories=histories,
+            idle_timeout=limits.idle_timeout,
+            exchange_interval=(
+                config.peer_exchange.interval if config.peer_exchange.enabled else None
+            ),
+        )
+        self._credited_round = self.start_round
+        self._alone = False
+        self._dial_errors: dict[NodeId, str] = {}
         self._exchange_buckets: dict[NodeId, TokenBucket] = {}
         self._handshakes = 0
         self.peer_book = PeerBook(config.peer_exchange.max_known_peers)
@@ -311,13 +355,28 @@ class Node:
         Reports the listening port through ``task_status`` (so ``nursery.start`` returns it).
 
         Raises:
-            OSError: the listening address cannot be bound.
+            ConfigError: ``node.listen`` or ``node.status_listen`` cannot be listened on (in
+                use, not an address of this machine, a host name that does not resolve).
         """
         listeners = self._listeners
         if listeners is None:
-            listeners = await trio.open_tcp_listeners(
-                self.config.listen_port, host=self.config.listen_host
+            listeners = await _listen(
+                "node.listen", self.config.listen_host, self.config.listen_port
             )
+        status_listeners: list[trio.SocketListener] = []
+        if self.config.status_host is not None:
+            # Bound before anything is logged or started: a failure is one error, no more.
+            try:
+                status_listeners = await _listen(
+                    "node.status_listen", self.config.status_host, self.config.status_port
+                )
+            except ConfigError:
+                if self._listeners is None:
+                    with trio.CancelScope(shield=True):
+                        for listener in listeners:
+                            await listener.aclose()
+                raise
+            self.status_port = int(status_listeners[0].socket.getsockname()[1])
         self.port = int(listeners[0].socket.getsockname()[1])
         if self.resumed_from is not None:
             log.info(
@@ -334,14 +393,9 @@ class Node:
             len(self.config.peers),
             self.start_round,
         )
-        status_listeners: list[trio.SocketListener] = []
         try:
             async with trio.open_nursery() as nursery:
-                if self.config.status_host is not None:
-                    status_listeners = await trio.open_tcp_listeners(
-                        self.config.status_port, host=self.config.status_host
-                    )
-                    self.status_port = int(status_listeners[0].socket.getsockname()[1])
+                if status_listeners:
                     await nursery.start(serve_status, status_listeners, self.render_metrics)
                     log_event(
                         log,
@@ -406,8 +460,24 @@ class Node:
             with trio.move_on_at(math.inf if deadline is None else deadline):
                 event = await self._events_receive.receive()
             actions = self.core.handle(event, now=trio.current_time())
-            for action in actions:
-                await self._carry_out(action)
+            self._credit_progress()
+            # The core has moved on: its actions (a checkpoint above all) are carried out
+            # even if a stop arrives meanwhile, so the round logged at stop is the one saved
+            # and resumed. None blocks for long: sends queue, training starts a task.
+            with trio.CancelScope(shield=True):
+                for action in actions:
+                    await self._carry_out(action)
+
+    def _credit_progress(self) -> None:
+        """Each round this node completes earns every peer the frames a round lets it send."""
+        advanced = self.core.round - self._credited_round
+        if advanced <= 0:
+            return
+        self._credited_round = self.core.round
+        tokens = advanced * self.allowance.per_round
+        if tokens:
+            for bucket in self._buckets.values():
+                bucket.credit(tokens)
 
     async def _carry_out(self, action: Action) -> None:
         match action:
@@ -438,6 +508,8 @@ class Node:
             case Emit(name=name, fields=fields):
                 record = {"event": name, "node": self.node_id.short(), **fields}
                 log_event(log, logging.INFO, name, "%s", json.dumps(record), **fields)
+                if name == "round":
+                    self._check_alone(int(fields.get("round", self.core.round)))
             case Stop(reason=reason):
                 self.stop_reason = reason
                 log_event(
@@ -451,6 +523,41 @@ class Node:
                 )
             case _:
                 assert_never(action)
+
+    def _check_alone(self, round_: int) -> None:
+        """Say once, clearly, when rounds go on with no configured neighbour connected."""
+        if self._alone or not self._peers_by_id or self._admits_strangers:
+            return
+        if any(peer in self._connections for peer in self._peers_by_id):
+            return
+        self._alone = True
+        log_event(
+            log,
+            logging.WARNING,
+            "alone",
+            "round %d ran with none of the %d neighbours connected (%s): they are gone or "
+            "finished their rounds; this node trains alone until one connects",
+            round_,
+            len(self._peers_by_id),
+            self._missing_reasons(),
+            round=round_,
+            neighbours=len(self._peers_by_id),
+        )
+
+    def _missing_reasons(self) -> str:
+        """Each configured peer not connected, with why as far as this node knows."""
+        reasons = []
+        for peer in self.config.peers:
+            if peer.node_id in self._connections:
+                continue
+            if self._is_banned(peer.node_id):
+                why = "banned by this node"
+            elif self.node_id < peer.node_id:
+                why = self._dial_errors.get(peer.node_id, "not reached yet")
+            else:
+                why = "it did not connect to this node"
+            reasons.append(f"{peer.address}: {why}")
+        return "; ".join(reasons)
 
     def _send(self, peer: NodeId, envelope: Envelope) -> None:
         connection = self._connections.get(peer)
@@ -514,7 +621,10 @@ class Node:
                 self.stats["sends_unconnected"] += len(dropped)
 
     async def _train(self, action: StartTraining) -> None:
-        result = await trio.to_thread.run_sync(self.learner.train, action.vector, action.steps)
+        train = functools.partial(
+            self.learner.train, action.vector, action.steps, round=action.round
+        )
+        result = await trio.to_thread.run_sync(train)
         self._train_loss[action.round] = result.loss
         await self._events_send.send(TrainingFinished(result.vector, result.loss, result.steps))
 
@@ -522,11 +632,21 @@ class Node:
         target = self._checkpoint_file
         if target is not None:
             info = {"saved_at": time.time(), "loss": self._train_loss.get(round_ - 1, math.nan)}
-            await trio.to_thread.run_sync(
-                lambda: save_checkpoint(
-                    target, round=round_, vector=vector, node=self.node_id.hex(), info=info
+            try:
+                await trio.to_thread.run_sync(
+                    lambda: save_checkpoint(
+                        target, round=round_, vector=vector, node=self.node_id.hex(), info=info
+                    )
                 )
-            )
+            except OSError as exc:
+                # The directory was writable at start (prepare_checkpoint_dir); it no longer
+                # is. Going on would lose every round from here on a restart.
+                raise ConfigError(
+                    "node.checkpoint_dir",
+                    str(target.parent),
+                    f"a directory this node can write (saving round {round_} failed: "
+                    f"{exc.strerror or exc}); the node stopped",
+                ) from None
         if self._on_round is not None:
             self._on_round(round_ - 1, vector, self._train_loss.get(round_ - 1, math.nan))
         self._evals_send.send_nowait((round_, vector, len(self._connections)))
@@ -580,10 +700,13 @@ class Node:
                 log,
                 logging.WARNING,
                 "startup_incomplete",
-                "starting without %d peers after %gs: %s",
+                "starting round %d without %d of %d peers after waiting %g s (%s); peers that "
+                "are down or finished their rounds leave this node training alone",
+                self.core.round,
                 len(missing),
+                len(self.config.peers),
                 self.config.startup_timeout,
-                ", ".join(missing),
+                self._missing_reasons(),
                 missing=missing,
             )
         await self._events_send.send(Started())
@@ -620,7 +743,7 @@ class Node:
         # per pair even if a peer is misconfigured. A core that talks beyond its neighbours
         # is dialled on demand from either side.
         if peer in self._peers_by_id:
-            return None if peer < self.node_id else "handshake"
+            return None if peer < self.node_id else "wrong_direction"
         known = peer in self._bootstrap_by_id or peer in self.peer_book
         if not (self._admits_strangers and known):
             if not self.config.peer_exchange.accept_unknown_peers:
@@ -678,7 +801,10 @@ class Node:
     ) -> None:
         self.stats["handshakes_failed"] += 1
         self.metrics.inc("handshakes_failed_total")
-        self._reject(refusal or _wire_reason(exc.__cause__, default="handshake"))
+        if refusal == "wrong_direction":
+            self._reject("handshake")  # a configured peer that should wait to be dialled
+        else:
+            self._reject(refusal or _wire_reason(exc.__cause__, default="handshake"))
         log_event(
             log,
             logging.INFO,
@@ -690,7 +816,9 @@ class Node:
             reason=str(exc),
         )
         threshold = self.limits.ip_failures_to_ban
-        if ip is None or threshold == 0:
+        if ip is None or threshold == 0 or refusal in KEY_REFUSALS:
+            # A key this node refuses by policy (banned, no slot) signed its HELLO: its
+            # redials are not failures of the address, which honest peers may share.
             return
         now = trio.current_time()
         if self._ip_failures.record(ip, now) >= threshold:
@@ -728,12 +856,15 @@ class Node:
             whether the handshake succeeded.
         """
         stream: trio.SocketStream | None = None
+        failure = f"no answer within {CONNECT_TIMEOUT:g} s"
         with trio.move_on_after(CONNECT_TIMEOUT):
             try:
                 stream = await trio.open_tcp_stream(host, port)
             except OSError as exc:
                 log.debug("connecting to %s failed: %s", address, exc)
+                failure = f"cannot connect ({_os_reason(exc)})"
         if stream is None:
+            self._note_dial(peer, failure)
             return False
         frames = FrameStream(stream, self._frame_limits)
         try:
@@ -745,6 +876,7 @@ class Node:
                     timeout=self.config.handshake_timeout,
                 )
             except HandshakeFailed as exc:
+                self._note_dial(peer, str(exc))
                 self.stats["handshakes_failed"] += 1
                 self.metrics.inc("handshakes_failed_total")
                 log_event(
@@ -758,10 +890,18 @@ class Node:
                     reason=str(exc),
                 )
                 return False
+            self._note_dial(peer, None)
             await self._serve(frames, peer, address, outbound=True)
             return True
         finally:
             await frames.aclose()
+
+    def _note_dial(self, peer: NodeId, failure: str | None) -> None:
+        """Remember why the last dial of a configured peer failed (for the logs)."""
+        if failure is None:
+            self._dial_errors.pop(peer, None)
+        elif peer in self._peers_by_id:
+            self._dial_errors[peer] = failure
 
     async def _dial_learned(self, ad: PeerAd) -> None:
         """Try a learned peer a few times; forget it if it never answers as itself."""
@@ -812,9 +952,7 @@ class Node:
                 connection.enqueue(envelope)
         for envelope in self._pending_sends.pop(peer, ()):
             connection.enqueue(envelope)
-        self._buckets[peer] = TokenBucket(
-            limits.peer_message_rate, limits.peer_message_burst, now=now
-        )
+        self._buckets[peer] = self.allowance.bucket(now)
         interval = self.config.peer_exchange.interval
         self._exchange_buckets[peer] = TokenBucket(2.0 / interval, 2.0, now=now)
         if previous is not None:
@@ -833,6 +971,9 @@ class Node:
             address=address,
             configured=configured,
         )
+        if configured and self._alone:
+            self._alone = False
+            log.info("neighbour %s connected; this node no longer trains alone", peer)
         if tells_core:
             await self._events_send.send(PeerConnected(peer))
         if all(p in self._connections for p in self._peers_by_id):
@@ -875,7 +1016,11 @@ class Node:
         bucket = self._buckets.get(peer)
         if bucket is not None and not bucket.take(trio.current_time()):
             self._reject("rate")
-            self._strike(peer, f"more than {self.limits.peer_message_rate:g} frames/s")
+            self._strike(
+                peer,
+                f"more frames than the protocol sends ({self.allowance.per_round:g} per round "
+                f"and {self.allowance.per_second:g}/s, burst {self.allowance.burst:g})",
+            )
             return
         kind = envelope.kind
         if kind not in RUNTIME_KINDS:
@@ -1027,6 +1172,37 @@ def _wire_reason(exc: BaseException | None, *, default: str) -> str:
     if isinstance(exc, WireError):
         return "malformed"
     return default
+
+
+async def _listen(key: str, host: str, port: int) -> list[trio.SocketListener]:
+    """Listen on ``host:port``, or say which config key names an address that cannot be used.
+
+    Raises:
+        ConfigError: naming ``key``: the address is in use, not this machine's, or its host
+            name does not resolve.
+    """
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise ConfigError(
+            key,
+            address,
+            f"an address of this machine that is free to listen on (cannot listen: "
+            f"{exc.strerror or exc}); pick a free port, or a host of this machine such as "
+            "127.0.0.1",
+        ) from None
+
+
+def _os_reason(exc: OSError) -> str:
+    """Why a connection failed: trio reports every address it tried as the cause."""
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup):
+        for inner in cause.exceptions:
+            # trio's message repeats the address; the errno's own text is enough here.
+            if isinstance(inner, OSError) and inner.errno and inner.errno > 0:
+                return os.strerror(inner.errno)
+    return exc.strerror or str(exc)  # e.g. a host name that does not resolve
 
 
 def _remote_ip(stream: trio.SocketStream) -> str | None:

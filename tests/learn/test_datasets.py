@@ -119,7 +119,15 @@ def test_split_fraction_out_of_range(fraction: float) -> None:
 
 
 def test_registry_errors_name_the_key() -> None:
-    assert set(DATASETS) == {"digits", "gaussian_mixture"}
+    assert set(DATASETS) == {
+        "digits",
+        "gaussian_mixture",
+        "mnist1d",
+        "synthetic_leaf",
+        "npz",
+        "torchvision",
+        "hf",
+    }
     with pytest.raises(ConfigError, match="digits, gaussian_mixture") as info:
         make_dataset("mnist")
     assert info.value.key == "dataset"

@@ -13,6 +13,7 @@ from p2pfl.learn.partition import (
     dirichlet,
     iid,
     make_partition,
+    natural,
     quantity_skew,
     shards,
 )
@@ -174,6 +175,30 @@ def test_bad_arguments_name_the_key(key: str, call: Call) -> None:
 
 
 def test_registry_lists_names() -> None:
-    assert set(PARTITIONS) == {"iid", "dirichlet", "shards", "quantity_skew"}
-    with pytest.raises(ConfigError, match="dirichlet, iid, quantity_skew, shards"):
+    assert set(PARTITIONS) == {"iid", "dirichlet", "shards", "quantity_skew", "natural"}
+    with pytest.raises(ConfigError, match="dirichlet, iid, natural, quantity_skew, shards"):
         make_partition("nope", LABELS, 2, seed=0)
+
+
+def test_natural_deals_owners_round_robin_in_sorted_order() -> None:
+    owners = np.array([30, 10, 20, 10, 40, 30, 20, 50])  # sorted: 10 20 30 40 50
+    parts = natural(np.zeros(8, dtype=np.int64), 2, seed=0, owners=owners)
+    assert_exact_cover(parts, 2, 8)
+    # node 0: owners 10, 30, 50; node 1: owners 20, 40 - every owner whole
+    assert parts[0].tolist() == [0, 1, 3, 5, 7] and parts[1].tolist() == [2, 4, 6]
+    one_each = natural(np.zeros(8, dtype=np.int64), 5, seed=0, owners=owners)
+    assert [sorted(set(owners[p].tolist())) for p in one_each] == [[10], [20], [30], [40], [50]]
+
+
+def test_natural_errors_name_the_policy() -> None:
+    labels = np.zeros(6, dtype=np.int64)
+    with pytest.raises(ConfigError, match="3 owners for 4 nodes") as info:
+        natural(labels, 4, seed=0, owners=np.array([0, 0, 1, 1, 2, 2]))
+    assert info.value.key == "partition"
+    with pytest.raises(ConfigError, match="carry an owner"):
+        make_partition("natural", labels, 2, seed=0)
+    with pytest.raises(ConfigError) as info:
+        make_partition("natural", labels, 2, seed=0, owners=np.arange(5))
+    assert info.value.key == "owners"
+    # the other partitions ignore owners; none takes it as a parameter
+    assert len(make_partition("iid", labels, 2, seed=0, owners=np.arange(6))) == 2

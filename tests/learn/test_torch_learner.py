@@ -199,3 +199,14 @@ def test_update_rule_matches_torch_sgd() -> None:
         F.cross_entropy(reference(data.x[index]), data.y[index]).backward()
         optimizer.step()
     assert torch.allclose(ours, flatten(reference), rtol=0, atol=1e-6)
+
+
+def test_a_model_that_does_not_fit_the_data_is_refused_at_construction() -> None:
+    from torch import nn
+
+    x, y = torch.zeros(4, 12), torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(ConfigError, match=r"^model = 'Sequential': a module mapping \[N, 12\]"):
+        TorchLearner(nn.Sequential(nn.Linear(7, 3)), (x, y), (x, y), lr=0.1, batch_size=2, seed=0)
+    three_d = nn.Sequential(nn.Linear(12, 12), nn.Unflatten(1, (3, 4)))
+    with pytest.raises(ConfigError, match=r"logits, not \(2, 3, 4\)"):
+        TorchLearner(three_d, (x, y), (x, y), lr=0.1, batch_size=2, seed=0)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from p2pfl.errors import ConfigError
@@ -349,3 +350,67 @@ def test_order_invariance(name: str, params: dict[str, Any], data: st.DataObject
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+# -- Krum at any scale (issue 12, defect 7) -----------------------------------------------
+
+
+def direct_krum_scores(rows: np.ndarray, f: int) -> np.ndarray:
+    """Krum scores from every pairwise distance summed from its own differences (float64)."""
+    n = rows.shape[0]
+    distances = np.array(
+        [[float(np.sum((rows[i] - rows[j]) ** 2)) for j in range(n)] for i in range(n)]
+    )
+    np.fill_diagonal(distances, np.inf)
+    scores: np.ndarray = np.sort(distances, axis=1)[:, : n - f - 2].sum(axis=1)
+    return scores
+
+
+scales = st.floats(-8.0, 8.0).map(lambda e: 10.0**e)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    dim=st.integers(1, 6),
+    k=st.integers(4, 8),
+    f=st.integers(0, 2),
+    data=st.data(),
+)
+def test_krum_and_multi_krum_choose_as_direct_krum_whatever_the_scales(
+    dim: int, k: int, f: int, data: st.DataObject
+) -> None:
+    """Own and received rows scaled independently by up to 1e8 (an attacker picks the scale
+    of its rows): the rules choose what Krum from direct pairwise distances chooses."""
+    assume(k + 1 > 2 * f + 2)
+    values = st.floats(-10.0, 10.0, width=32)
+    base = data.draw(
+        st.lists(st.lists(values, min_size=dim, max_size=dim), min_size=k + 1, max_size=k + 1)
+    )
+    factors = data.draw(st.lists(scales, min_size=k + 1, max_size=k + 1))
+    rows32 = torch.tensor([[v * s for v in row] for row, s in zip(base, factors, strict=True)])
+    assume(bool(torch.isfinite(rows32).all()))
+    rows = rows32.to(torch.float64).numpy()
+    scores = direct_krum_scores(rows, f)
+    order = np.argsort(scores, kind="stable")
+    ranked = scores[order]
+    # Rounding decides near-ties in any implementation; compare clear choices only.
+    assume(ranked[1] - ranked[0] > 1e-9 * abs(ranked[1]))
+    own, received = rows32[0], rows32[1:]
+    chosen = call("krum", own, received, f=f)
+    assert torch.equal(chosen, rows32[order[0]]), (scores, order)
+    m = data.draw(st.integers(1, k + 1))
+    if m < k + 1:
+        assume(ranked[m] - ranked[m - 1] > 1e-9 * abs(ranked[m]))
+    mean = rows[sorted(order[:m])].mean(axis=0)
+    merged = call("multi_krum", own, received, f=f, m=m)
+    np.testing.assert_allclose(merged.numpy(), mean.astype(np.float32), rtol=1e-6, atol=0)
+
+
+def test_krum_is_not_fooled_by_an_own_vector_far_larger_than_the_others() -> None:
+    """The own vector 1e6 times the received ones: distances from a Gram matrix centred on
+    it lost the 1e-5 that makes the last row the best choice (it picked a 0 row)."""
+    received = [[0.0], [0.0], [0.0], [0.0], [1.0], [1e-5]]
+    # Scores (f = 0): each row's 5 nearest; 1e-5 is nearest to the four zeros and to 1.
+    chosen = call("krum", [1e6], received, f=0)
+    assert torch.equal(chosen, torch.tensor([1e-5]))
+    assert torch.equal(call("multi_krum", [1e6], received, f=0, m=1), chosen)

@@ -181,3 +181,16 @@ def test_bad_parameters_name_the_key(params: dict[str, object], key: str) -> Non
     with pytest.raises(ConfigError) as info:
         make_merge_rule("variance_corrected", **params)
     assert info.value.key == key
+
+
+def test_inputs_near_the_largest_float_give_a_finite_output() -> None:
+    # Found by the property battery: the target variance exceeds the merged one, and the
+    # rescaled values stepped past float32's largest value into inf.
+    largest = torch.finfo(torch.float32).max
+    own = torch.zeros(3)
+    received = torch.tensor(
+        [[math.nan, 0.0, 0.0], [largest, -largest, largest], [-largest, largest, 0.5]]
+    )
+    out = make_merge_rule("variance_corrected")(own, received, torch.ones(3), MergeContext())
+    assert bool(torch.isfinite(out).all())
+    assert float(out.abs().max()) <= largest

@@ -25,8 +25,6 @@ import os
 import threading
 from pathlib import Path
 
-import pytest
-import torch
 import trio
 
 from p2pfl.config import (
@@ -40,13 +38,12 @@ from p2pfl.config import (
 )
 from p2pfl.errors import HandshakeFailed, NodeClosedError, TransportBroken
 from p2pfl.identity import Identity, NodeId
-from p2pfl.learn.base import EvalResult, Learner, TrainResult
-from p2pfl.params import ParamLayout
 from p2pfl.protocol import CoreConfig
 from p2pfl.runtime.node import Node
 from p2pfl.runtime.status import parse_metrics
 from p2pfl.runtime.transport import FrameStream, handshake
 from p2pfl.wire import LENGTH_PREFIX, MessageKind, encode_frame, seal
+from tests.runtime.support import GatedLearner
 
 BOGUS_CONNECTIONS = 1000
 ATTACK_CONCURRENCY = 128
@@ -59,44 +56,6 @@ HOLD_TIMEOUT = 4.0
 """How long a stalled attacker connection waits for the node to close it."""
 TEST_TIMEOUT = 90.0
 ATTACKS = ("open_close", "garbage", "stalled", "oversized", "bad_signature", "wrong_key")
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> object:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-class GatedLearner:
-    """A learner whose training number ``gate_at`` (0-based) waits for ``gate`` to open."""
-
-    def __init__(self, inner: Learner, gate: threading.Event, gate_at: int) -> None:
-        self.inner = inner
-        self.gate = gate
-        self.gate_at = gate_at
-        self.trainings = 0
-
-    @property
-    def layout(self) -> ParamLayout:
-        return self.inner.layout
-
-    @property
-    def num_samples(self) -> int:
-        return self.inner.num_samples
-
-    def initial_vector(self) -> torch.Tensor:
-        return self.inner.initial_vector()
-
-    def train(self, vector: torch.Tensor, steps: int) -> TrainResult:
-        if self.trainings == self.gate_at:
-            assert self.gate.wait(TEST_TIMEOUT), "the flood never ended"
-        self.trainings += 1
-        return self.inner.train(vector, steps)
-
-    def evaluate(self, vector: torch.Tensor) -> EvalResult:
-        return self.inner.evaluate(vector)
 
 
 def keys() -> tuple[Identity, list[Identity]]:
@@ -140,7 +99,7 @@ async def make_nodes(
             data=DataConfig(
                 dataset="digits", partition="iid", num_nodes=len(honest), node_index=i, seed=3
             ),
-            learner=LearnerConfig(hidden=(32,), lr=0.2, batch_size=32),
+            learner=LearnerConfig(hidden=[32], lr=0.2, batch_size=32),
             protocol=CoreConfig(mode="dsgd", rounds=ROUNDS, local_steps=20, round_timeout=20.0),
             merge=MergeConfig(rule="weighted"),
         )

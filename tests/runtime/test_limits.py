@@ -7,7 +7,8 @@ import trio
 import trio.testing
 
 from p2pfl.identity import Identity, NodeId
-from p2pfl.runtime.limits import BanList, FailureCounter, TokenBucket
+from p2pfl.protocol import CoreConfig
+from p2pfl.runtime.limits import BanList, FailureCounter, TokenBucket, peer_allowance
 from p2pfl.runtime.peer import PeerConnection
 from p2pfl.runtime.transport import FrameStream
 from p2pfl.wire import Envelope, MessageKind, seal
@@ -42,6 +43,71 @@ def test_token_bucket_refused_take_costs_nothing_and_time_never_runs_back() -> N
 def test_token_bucket_rejects_bad_parameters(rate: float, burst: float) -> None:
     with pytest.raises(ValueError):
         TokenBucket(rate, burst, now=0.0)
+
+
+def test_credit_adds_tokens_up_to_the_burst() -> None:
+    bucket = TokenBucket(rate=1.0, burst=4, now=0.0)
+    assert [bucket.take(0.0) for _ in range(5)] == [True] * 4 + [False]
+    bucket.credit(2)
+    assert [bucket.take(0.0) for _ in range(3)] == [True, True, False]
+    bucket.credit(100)
+    assert bucket.tokens == 4
+
+
+def dsgd_allowance() -> tuple[TokenBucket, float]:
+    """The bucket of a dsgd neighbour with the default limits, and its per-round credit."""
+    allowance = peer_allowance(
+        CoreConfig(mode="dsgd"),
+        base_rate=20.0,
+        base_burst=40,
+        histories=False,
+        idle_timeout=60.0,
+        exchange_interval=30.0,
+    )
+    return allowance.bucket(0.0), allowance.per_round
+
+
+@pytest.mark.parametrize("rounds_per_second", [0.1, 10.0, 1e3, 1e6])
+def test_an_honest_dsgd_neighbour_is_never_refused_at_any_round_pace(
+    rounds_per_second: float,
+) -> None:
+    """A neighbour sends its model of round r+1 as soon as it has ours of round r, so it is
+    at most one round ahead; it is never refused, however short a round is."""
+    bucket, per_round = dsgd_allowance()
+    for round_ in range(5000):
+        now = round_ / rounds_per_second
+        assert bucket.take(now), round_  # the neighbour's model of the next round arrives
+        bucket.credit(per_round)  # ... and then this node closes its round
+
+
+def test_a_peer_sending_more_than_the_protocol_allows_is_refused() -> None:
+    bucket, per_round = dsgd_allowance()
+    refused = 0
+    for round_ in range(1000):
+        now = round_ / 1e3
+        refused += sum(not bucket.take(now) for _ in range(4))  # four models per round
+        bucket.credit(per_round)
+    assert refused > 1000
+
+
+def test_the_allowance_follows_the_protocol_settings() -> None:
+    def make(protocol: CoreConfig, *, histories: bool = False) -> tuple[float, float, float]:
+        a = peer_allowance(
+            protocol,
+            base_rate=20.0,
+            base_burst=40,
+            histories=histories,
+            idle_timeout=None,
+            exchange_interval=None,
+        )
+        return a.per_round, a.per_second, a.burst
+
+    dsgd = CoreConfig(mode="dsgd", round_timeout=10.0, max_rounds_ahead=4)
+    assert make(dsgd) == (2.0, pytest.approx(20.2), 40 + 2.0 * 6)
+    assert make(dsgd, histories=True)[0] == 6.0  # model and two history records, twice
+    # gossip: a push per (shortest) period reaches a neighbour at most once.
+    _, fast, _ = make(CoreConfig(mode="gossip", period=0.01, period_jitter=0.5))
+    assert fast == pytest.approx(20.0 + 2 * 1 / 0.005)
 
 
 # -- bans -----------------------------------------------------------------------------------

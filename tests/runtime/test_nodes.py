@@ -12,8 +12,15 @@ import torch
 import trio
 
 from p2pfl.checkpoint import checkpoint_path, load_checkpoint
-from p2pfl.config import DataConfig, LearnerConfig, MergeConfig, NodeConfig, PeerConfig
-from p2pfl.errors import TransportBroken
+from p2pfl.config import (
+    DataConfig,
+    LearnerConfig,
+    LimitsConfig,
+    MergeConfig,
+    NodeConfig,
+    PeerConfig,
+)
+from p2pfl.errors import HandshakeFailed, TransportBroken
 from p2pfl.identity import Identity
 from p2pfl.protocol import CoreConfig
 from p2pfl.runtime.node import STRIKES_TO_DISCONNECT, Node
@@ -21,14 +28,6 @@ from p2pfl.runtime.transport import FrameStream, handshake
 from p2pfl.wire import MessageKind, encode_frame, seal
 
 RUN_TIMEOUT = 90
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> object:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 async def make_nodes(
@@ -68,7 +67,7 @@ async def make_nodes(
                 node_index=i,
                 seed=7,
             ),
-            learner=LearnerConfig(hidden=(32,), lr=0.2, batch_size=32),
+            learner=LearnerConfig(hidden=[32], lr=0.2, batch_size=32),
             protocol=CoreConfig(
                 mode="dsgd", rounds=rounds, local_steps=local_steps, round_timeout=round_timeout
             ),
@@ -124,19 +123,25 @@ async def test_others_finish_when_one_node_is_killed(tmp_path: Path) -> None:
         assert [entry["round"] for entry in node.history] == list(range(rounds))
 
 
-async def test_peer_sending_bad_frames_is_disconnected_after_three_strikes(tmp_path: Path) -> None:
-    a, b = Identity.from_seed(bytes([30]) * 32), Identity.from_seed(bytes([31]) * 32)
-    attacker, victim = (a, b) if a.node_id < b.node_id else (b, a)  # the smaller key dials
+async def node_with_one_dialling_peer(
+    tmp_path: Path, seed: int, limits: LimitsConfig | None = None
+) -> tuple[Identity, Identity, Node]:
+    """(peer, own identity, node): a node configured with one peer, which has the smaller
+    key (so the peer dials) and an address nothing listens on."""
+    a, b = Identity.from_seed(bytes([seed]) * 32), Identity.from_seed(bytes([seed + 1]) * 32)
+    peer, own = (a, b) if a.node_id < b.node_id else (b, a)
     [node] = await make_nodes(tmp_path, 1, rounds=3, local_steps=1, round_timeout=60.0)
-    node = Node(
-        dataclasses.replace(
-            node.config,
-            peers=(PeerConfig("127.0.0.1", 9, attacker.node_id),),
-            startup_timeout=60.0,
-        ),
-        identity=victim,
-        listeners=node._listeners,
+    config = dataclasses.replace(
+        node.config,
+        peers=(PeerConfig("127.0.0.1", 9, peer.node_id),),
+        startup_timeout=60.0,
+        limits=limits or node.config.limits,
     )
+    return peer, own, Node(config, identity=own, listeners=node._listeners)
+
+
+async def test_peer_sending_bad_frames_is_disconnected_after_three_strikes(tmp_path: Path) -> None:
+    attacker, victim, node = await node_with_one_dialling_peer(tmp_path, 30)
     with trio.fail_after(RUN_TIMEOUT):
         async with trio.open_nursery() as nursery:
             port = await nursery.start(node.run)
@@ -157,3 +162,32 @@ async def test_peer_sending_bad_frames_is_disconnected_after_three_strikes(tmp_p
             node.request_stop("test over")
         await frames.aclose()
     assert node.stop_reason == "test over"
+
+
+async def test_redials_of_a_banned_key_never_ban_the_ip_it_shares(tmp_path: Path) -> None:
+    """A banned peer redialling is refused as a key; the address, which honest peers on the
+    same host share, is banned only for failures of unauthenticated connections."""
+    limits = dataclasses.replace(LimitsConfig(), ip_failures_to_ban=3)
+    banned, victim, node = await node_with_one_dialling_peer(tmp_path, 32, limits=limits)
+    with trio.fail_after(RUN_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(node.run)
+            now = trio.current_time()
+            node.key_bans.ban(banned.node_id, now + 300.0, now=now)
+            for _ in range(3 * limits.ip_failures_to_ban):
+                frames = FrameStream(await trio.open_tcp_stream("127.0.0.1", port))
+                with pytest.raises(HandshakeFailed):
+                    await handshake(frames, banned, expected=victim.node_id, timeout=5)
+                await frames.aclose()
+            assert len(node.ip_bans) == 0
+            assert node.metrics.get("frames_rejected_total", "banned_key") == 9
+            # Failures of unauthenticated connections still ban the address.
+            for _ in range(limits.ip_failures_to_ban):
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                await stream.send_all(b"\x00\x00\x00\x05garbage")
+                with contextlib.suppress(trio.BrokenResourceError):
+                    while await stream.receive_some(65536):
+                        pass
+                await stream.aclose()
+            assert node.ip_bans.is_banned("127.0.0.1", trio.current_time())
+            node.request_stop("test over")

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-import torch
 import trio
 
 from p2pfl.config import (
@@ -27,23 +25,17 @@ N = 6
 ROUNDS = 10
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> object:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-async def modest_nodes(tmp_path: Path) -> list[Node]:
+async def modest_nodes(
+    tmp_path: Path, *, rounds: int = ROUNDS, local_steps: int = 20
+) -> list[Node]:
     identities = [Identity.from_seed(bytes([60 + i]) * 32) for i in range(N)]
     listeners = [await trio.open_tcp_listeners(0, host="127.0.0.1") for _ in range(N)]
     ports = [int(ls[0].socket.getsockname()[1]) for ls in listeners]
     everyone = tuple(PeerConfig("127.0.0.1", ports[i], identities[i].node_id) for i in range(N))
     protocol = CoreConfig(
         mode="modest",
-        rounds=ROUNDS,
-        local_steps=20,
+        rounds=rounds,
+        local_steps=local_steps,
         sample_size=3,
         aggregators=1,
         min_models=2,
@@ -70,7 +62,7 @@ async def modest_nodes(tmp_path: Path) -> list[Node]:
                 node_index=i,
                 seed=11,
             ),
-            learner=LearnerConfig(hidden=(32,), lr=0.1, batch_size=32),
+            learner=LearnerConfig(hidden=[32], lr=0.1, batch_size=32),
             protocol=protocol,
             merge=MergeConfig(rule="mean"),
         )
@@ -78,8 +70,9 @@ async def modest_nodes(tmp_path: Path) -> list[Node]:
     return nodes
 
 
-async def test_six_modest_nodes_learn_through_on_demand_connections(tmp_path: Path) -> None:
-    nodes = await modest_nodes(tmp_path)
+async def run_until_one_finishes(nodes: list[Node]) -> None:
+    """Run every node; stop them all once one finished. Nodes not sampled at the end never
+    hold the last model and stay idle, as in MoDeST: once one node finished, the run is over."""
     with trio.fail_after(RUN_TIMEOUT):
         async with trio.open_nursery() as nursery:
             done = trio.Event()
@@ -90,11 +83,14 @@ async def test_six_modest_nodes_learn_through_on_demand_connections(tmp_path: Pa
 
             for node in nodes:
                 nursery.start_soon(run, node)
-            # Nodes not sampled at the end never hold the last model and stay idle, as in
-            # MoDeST: once one node finished, the run is over.
             await done.wait()
             for node in nodes:
                 node.request_stop("run over")
+
+
+async def test_six_modest_nodes_learn_through_on_demand_connections(tmp_path: Path) -> None:
+    nodes = await modest_nodes(tmp_path)
+    await run_until_one_finishes(nodes)
     history = sorted(
         (entry["round"], entry["test_accuracy"]) for node in nodes for entry in node.history
     )
@@ -107,6 +103,15 @@ async def test_six_modest_nodes_learn_through_on_demand_connections(tmp_path: Pa
     assert sum(node.stats["misbehaviour"] for node in nodes) == 0
     assert sum(node.stats["dials_on_demand"] for node in nodes) > 0
     assert any(node.core.finished for node in nodes)
+
+
+async def test_modest_at_dozens_of_rounds_a_second_draws_no_strikes(tmp_path: Path) -> None:
+    """Issue 12: the rate limit fits modest's pace too (one local step: ~50 rounds/s here)."""
+    rounds = 150
+    nodes = await modest_nodes(tmp_path, rounds=rounds, local_steps=1)
+    await run_until_one_finishes(nodes)
+    assert any(node.core.round == rounds for node in nodes)
+    assert [node.stats["misbehaviour"] for node in nodes] == [0] * N
 
 
 async def test_membership_gossip_reaches_peers_learnt_by_peer_exchange(tmp_path: Path) -> None:
@@ -127,7 +132,7 @@ async def test_membership_gossip_reaches_peers_learnt_by_peer_exchange(tmp_path:
             peers=tuple(address[j] for j in (i - 1, i + 1) if 0 <= j < n),
             peer_exchange=PeerExchangeConfig(interval=0.2),
             data=DataConfig(dataset="digits", num_nodes=n, node_index=i, seed=3),
-            learner=LearnerConfig(hidden=(16,), lr=0.1, batch_size=32),
+            learner=LearnerConfig(hidden=[16], lr=0.1, batch_size=32),
             protocol=CoreConfig(
                 mode="gossip",
                 rounds=rounds,

@@ -168,7 +168,7 @@ async def line_of_nodes(tmp_path: Path, *, accept_unknown: bool) -> list[Node]:
             peer_exchange=PeerExchangeConfig(interval=0.2, accept_unknown_peers=accept_unknown),
             peers=tuple(PeerConfig("127.0.0.1", ports[j], identities[j].node_id) for j in edges[i]),
             data=DataConfig(dataset="digits", num_nodes=3, node_index=i, seed=1),
-            learner=LearnerConfig(hidden=(8,)),
+            learner=LearnerConfig(hidden=[8]),
             protocol=CoreConfig(mode="dsgd", rounds=1000, local_steps=1, round_timeout=30.0),
         )
         nodes.append(Node(config, identity=identity, listeners=listeners[i]))

@@ -1,0 +1,402 @@
+"""Many nodes' copies of one model trained and evaluated as one vectorised computation.
+
+The simulator defers trainings and runs all pending ones of the same length together (a
+training depends only on its inputs at its start). B nodes' parameters are one ``[B, P]``
+tensor; ``torch.func.vmap`` runs ``functional_call`` of the node's module over the B rows,
+each row on its own minibatch, and one backward pass of the *sum* of the B mean losses gives
+every row exactly its own gradient (row b's loss does not depend on any other row). The
+optimiser (:mod:`p2pfl.learn.optim`) then updates the B rows at once with each node's own
+learning rate (the schedule is keyed on the node's round) and state.
+
+Each node draws its minibatches from its own :class:`~p2pfl.learn.MinibatchSampler` and keeps
+its own :class:`~p2pfl.learn.optim.OptimizerState`, as a :class:`~p2pfl.learn.TorchLearner`
+does, so a node trained here and the same node trained one by one agree to float rounding.
+
+Which modules batch: whatever ``vmap`` can run; tested: Linear, Conv1d, Conv2d, max pooling,
+LayerNorm, GroupNorm and elementwise activations. Not: BatchNorm in training
+(it updates running statistics in place), Dropout and other random layers (each node would
+need its own random stream), and data-dependent Python control flow (``if x.sum() > 0``).
+This is detected, not guessed from the layer types: at construction one training step is
+run under ``vmap`` on two copies of the model and two examples; if it raises, or changes one
+of the module's buffers, training falls back to one node at a time (plain autograd, as
+``TorchLearner`` trains; each node keeps its own buffers) and :attr:`BatchedLearner.notice`
+says why in one line. In that fallback, evaluation uses the model's initial buffers: the
+metrics cannot tell which node a vector came from (use GroupNorm or LayerNorm instead of
+BatchNorm in simulations).
+
+Memory: a group is trained in chunks of at most :data:`TRAIN_BUDGET` parameters times rows
+and :data:`SAMPLE_BUDGET` examples times rows; evaluation in chunks of
+:data:`SAMPLE_BUDGET` (model, example) pairs.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from p2pfl.errors import ConfigError
+from p2pfl.learn.functional import flat_grads, mean_loss, row_gradient, row_params
+from p2pfl.learn.optim import (
+    OptimizerSettings,
+    OptimizerState,
+    optimizer_step,
+    stack_states,
+    unstack_states,
+)
+from p2pfl.learn.sampling import MinibatchSampler
+from p2pfl.params import ParamLayout, flatten, layout_of
+
+TRAIN_BUDGET = 2**26
+"""Rows times parameters trained in one chunk (256 MB per float32 ``[rows, P]`` tensor)."""
+SAMPLE_BUDGET = 2**15
+"""Rows times examples in one chunk of a forward pass."""
+EVAL_EXAMPLES = 4096
+"""Test examples per evaluation chunk."""
+
+Dataset = tuple[Tensor, Tensor]
+
+
+class BatchedLearner:
+    """Trains and evaluates B copies of one module at once; holds each node's optimiser state."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: OptimizerSettings,
+        sample_shape: Sequence[int],
+        *,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        """Probe whether ``model`` batches under ``vmap`` (see the module docstring).
+
+        Args:
+            model: the module every node trains (its parameters are ignored: rows are given
+                to :meth:`train`); the learner keeps it.
+            optimizer: the optimiser and schedule of every node.
+            sample_shape: one example's shape, for the probe.
+            log: called once with a one-line notice if training falls back to one by one.
+
+        Raises:
+            ConfigError: the model fails a training step on examples of ``sample_shape``
+                even one node at a time.
+        """
+        self.model = model
+        self.layout: ParamLayout = layout_of(model)
+        self.optimizer = optimizer
+        self._buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+        self._states: dict[int, OptimizerState] = {}
+        self._node_buffers: dict[int, dict[str, Tensor]] = {}
+        # A Linear/ReLU stack without buffers is known to batch; anything else is probed.
+        self._stack = LinearStack.of(model, self.layout)
+        self.notice = None if self._stack is not None else self._probe(tuple(sample_shape))
+        self.batched = self.notice is None
+        if self.notice is not None and log is not None:
+            log(self.notice)
+
+    def state(self, node: int) -> OptimizerState:
+        """Node ``node``'s optimiser state (created empty on first use)."""
+        state = self._states.get(node)
+        if state is None:
+            state = self._states[node] = OptimizerState()
+        return state
+
+    def train(
+        self,
+        nodes: Sequence[int],
+        vectors: Tensor,
+        datasets: Sequence[Dataset],
+        samplers: Sequence[MinibatchSampler],
+        steps: int,
+        rounds: Sequence[int],
+    ) -> tuple[Tensor, Tensor]:
+        """Take ``steps`` optimiser steps for every node at once.
+
+        Args:
+            nodes: the nodes trained (keys of their optimiser state).
+            vectors: ``[B, P]`` starting parameters (not modified).
+            datasets: each node's ``(x [N_b, ...], y [N_b])`` training data.
+            samplers: each node's minibatch sampler; all must have the same batch size.
+            steps: local steps, the same for all B nodes.
+            rounds: each node's protocol round (the learning-rate schedule's key).
+
+        Returns:
+            The new ``[B, P]`` parameters and each node's mean loss over the steps ``[B]``.
+
+        Raises:
+            ValueError: the samplers disagree on the batch size, or the lists on B.
+        """
+        count = vectors.shape[0]
+        if not len(nodes) == len(datasets) == len(samplers) == len(rounds) == count:
+            raise ValueError("one node, dataset, sampler and round per row")
+        batch_sizes = {sampler.batch_size for sampler in samplers}
+        if len(batch_sizes) > 1:
+            raise ValueError(f"one batched call needs one batch size, got {sorted(batch_sizes)}")
+        batch = batch_sizes.pop() if batch_sizes else 1
+        if not self.batched:
+            chunk = 1
+        else:
+            size = max(self.layout.size, 1)
+            chunk = max(1, min(TRAIN_BUDGET // size, SAMPLE_BUDGET // batch))
+        params = vectors.detach().clone()
+        losses = torch.zeros(count, dtype=torch.float64)
+        for start in range(0, count, chunk):
+            rows = slice(start, min(start + chunk, count))
+            losses[rows] = self._train_rows(
+                nodes[rows], params[rows], datasets[rows], samplers[rows], steps, rounds[rows]
+            )
+        return params, (losses / max(steps, 1)).to(torch.float32)
+
+    def _train_rows(
+        self,
+        nodes: Sequence[int],
+        params: Tensor,
+        datasets: Sequence[Dataset],
+        samplers: Sequence[MinibatchSampler],
+        steps: int,
+        rounds: Sequence[int],
+    ) -> Tensor:
+        settings = self.optimizer
+        states = [self.state(node) for node in nodes]
+        for state, row in zip(states, params, strict=True):
+            state.begin(settings, row)
+        stacked = stack_states(settings, states, self.layout.size)
+        lrs = [settings.lr_at(round_) for round_ in rounds]
+        total = torch.zeros(len(nodes), dtype=torch.float64)
+        self.model.train()
+        for step in range(steps):
+            picks = [sampler.next_batch() for sampler in samplers]
+            if self.batched:
+                x = torch.stack([data[0][pick] for data, pick in zip(datasets, picks, strict=True)])
+                y = torch.stack([data[1][pick] for data, pick in zip(datasets, picks, strict=True)])
+                loss, grads = self._vmap_gradient(params, x, y)
+            else:
+                (data,), (pick,) = datasets, picks
+                buffers = self._buffers_of(nodes[0])
+                loss, grads = row_gradient(
+                    self.model, self.layout, params, buffers, data[0][pick], data[1][pick]
+                )
+                loss = loss.view(1)
+            counts = [state.steps + step + 1 for state in states]
+            optimizer_step(settings, params, grads, stacked, lrs=lrs, step_counts=counts)
+            total += loss
+        unstack_states(stacked, states, steps)
+        for state, row in zip(states, params, strict=True):
+            state.finish(settings, row)
+        return total
+
+    def _vmap_gradient(self, params: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        if self._stack is not None:
+            return self._stack.gradient(params, x, y)
+        from torch.func import vmap
+
+        leaves = row_params(self.layout, params, leaves=True)
+        with torch.enable_grad():
+            per_row = vmap(mean_loss, in_dims=(None, 0, None, 0, 0))(
+                self.model, leaves, self._buffers, x, y
+            )
+            # Row b's loss depends on row b's parameters only, so the gradient of the sum
+            # with respect to row b is node b's own gradient.
+            grads = torch.autograd.grad(
+                per_row.sum(), list(leaves.values()), allow_unused=True, materialize_grads=True
+            )
+        flat = flat_grads(self.layout, dict(zip(leaves, grads, strict=True)), params.shape[0])
+        return per_row.detach().to(torch.float64), flat
+
+    def _buffers_of(self, node: int) -> dict[str, Tensor]:
+        buffers = self._node_buffers.get(node)
+        if buffers is None:
+            buffers = {name: b.clone() for name, b in self._buffers.items()}
+            self._node_buffers[node] = buffers
+        return buffers
+
+    @torch.no_grad()
+    def logits(self, vectors: Tensor, x: Tensor) -> Tensor:
+        """``vectors [B, P]`` on ``x [N, ...]`` shared by all → logits ``[B, N, C]`` (eval mode)."""
+        self.model.eval()
+        count = vectors.shape[0]
+        if not self.batched:
+            return torch.stack(
+                [
+                    torch.cat(
+                        [
+                            _logits(
+                                self.model, _single(self.layout, vectors, b), self._buffers, part
+                            )
+                            for part in torch.split(x, EVAL_EXAMPLES)
+                        ]
+                    )
+                    for b in range(count)
+                ]
+            )
+        if self._stack is not None:
+            return torch.cat(
+                [self._stack.logits(vectors, part) for part in torch.split(x, EVAL_EXAMPLES)], dim=1
+            )
+        from torch.func import vmap
+
+        forward = vmap(_logits, in_dims=(None, 0, None, None))
+        parts = []
+        rows = max(1, SAMPLE_BUDGET // max(min(len(x), EVAL_EXAMPLES), 1))
+        for start in range(0, count, rows):
+            params = row_params(self.layout, vectors[start : start + rows])
+            parts.append(
+                torch.cat(
+                    [
+                        forward(self.model, params, self._buffers, x[i : i + EVAL_EXAMPLES])
+                        for i in range(0, len(x), EVAL_EXAMPLES)
+                    ],
+                    dim=1,
+                )
+            )
+        return torch.cat(parts)
+
+    @torch.no_grad()
+    def evaluate(self, vectors: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean cross-entropy and accuracy of every row on one shared test set.
+
+        Returns:
+            ``(loss [B], accuracy [B])`` as float64 tensors.
+        """
+        losses = []
+        accuracies = []
+        rows = max(1, SAMPLE_BUDGET // max(min(len(x), EVAL_EXAMPLES), 1))
+        for start in range(0, vectors.shape[0], rows):
+            logits = self.logits(vectors[start : start + rows], x)
+            count = logits.shape[0]
+            flat = logits.reshape(-1, logits.shape[-1])
+            loss = F.cross_entropy(flat, y.repeat(count), reduction="none").view(count, -1)
+            losses.append(loss.mean(dim=1).to(torch.float64))
+            correct = (logits.argmax(dim=-1) == y.unsqueeze(0)).to(torch.float64)
+            accuracies.append(correct.mean(dim=1))
+        return torch.cat(losses), torch.cat(accuracies)
+
+    def _probe(self, sample_shape: tuple[int, ...]) -> str | None:
+        """None if one vmapped training step works; else the one-line reason it does not."""
+        from torch.func import vmap
+
+        name = type(self.model).__name__
+        probe = copy.deepcopy(self.model)
+        before = {key: b.clone() for key, b in probe.named_buffers()}
+        buffers = {key: b.clone() for key, b in before.items()}
+        rows = flatten(probe).unsqueeze(0).repeat(2, 1)
+        x = torch.zeros(2, 2, *sample_shape)
+        y = torch.zeros(2, 2, dtype=torch.int64)
+        probe.train()
+        leaves = row_params(self.layout, rows, leaves=True)
+        try:
+            with torch.enable_grad():
+                loss = vmap(mean_loss, in_dims=(None, 0, None, 0, 0))(probe, leaves, buffers, x, y)
+                torch.autograd.grad(loss.sum(), list(leaves.values()), allow_unused=True)
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            self._check_runs(sample_shape)
+            return (
+                f"model {name} does not batch under vmap ({_first_line(exc)}); "
+                "training one node at a time"
+            )
+        changed = [key for key, b in buffers.items() if not torch.equal(b, before[key])]
+        if changed:
+            return (
+                f"model {name} updates buffers in training ({', '.join(changed)}); "
+                "training one node at a time"
+            )
+        return None
+
+    def _check_runs(self, sample_shape: tuple[int, ...]) -> None:
+        """Raise ConfigError if the model fails one plain (unbatched) training step too."""
+        probe = copy.deepcopy(self.model)
+        buffers = {key: b.clone() for key, b in probe.named_buffers()}
+        row = flatten(probe).unsqueeze(0)
+        x = torch.zeros(2, *sample_shape)
+        try:
+            row_gradient(probe, self.layout, row, buffers, x, torch.zeros(2, dtype=torch.int64))
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            raise ConfigError(
+                "model",
+                type(self.model).__name__,
+                f"a module mapping [N, {', '.join(map(str, sample_shape))}] inputs to logits "
+                f"({_first_line(exc)})",
+            ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class LinearStack:
+    """The fast path for a ``Sequential`` of ``Linear`` and ``ReLU`` layers (the ``mlp``).
+
+    ``vmap`` of such a model computes, per layer, a batched matrix product plus the bias; this
+    class writes the same products as one ``baddbmm`` per layer on ``[B, out, in]`` views of
+    the rows, without ``functional_call`` and ``vmap``'s per-call bookkeeping, which dominates
+    for the small groups of small models the simulator trains (about 1.5 ms a step). The
+    numbers are the same bit for bit (tests/learn/test_batched.py checks both paths
+    against each other), so this is purely a speed choice.
+    """
+
+    def __init__(self, plan: list[tuple[slice, slice, int, int] | None]) -> None:
+        self.plan = plan
+
+    @classmethod
+    def of(cls, model: nn.Module, layout: ParamLayout) -> LinearStack | None:
+        """The fast path for ``model``, or None if it is not a plain Linear/ReLU stack."""
+        if not isinstance(model, nn.Sequential) or any(True for _ in model.buffers()):
+            return None
+        slots = {slot.name: slot for slot in layout.slots}
+        plan: list[tuple[slice, slice, int, int] | None] = []
+        for name, layer in model.named_children():
+            if isinstance(layer, nn.ReLU) and not layer.inplace:
+                plan.append(None)
+            elif isinstance(layer, nn.Linear) and layer.bias is not None:
+                weight, bias = slots.get(f"{name}.weight"), slots.get(f"{name}.bias")
+                if weight is None or bias is None:
+                    return None
+                plan.append((weight.span, bias.span, *layer.weight.shape))
+            else:
+                return None
+        return cls(plan) if plan and plan[-1] is not None else None
+
+    def logits(self, params: Tensor, x: Tensor) -> Tensor:
+        """``params [B, P]``, ``x [B, N, D]`` (or ``[N, D]`` shared by all) → ``[B, N, C]``."""
+        count = params.shape[0]
+        hidden = x if x.ndim == 3 else x.unsqueeze(0).expand(count, -1, -1)
+        for step in self.plan:
+            if step is None:
+                hidden = torch.relu(hidden)
+                continue
+            weight, bias, fan_out, fan_in = step
+            matrix = params[:, weight].view(count, fan_out, fan_in)
+            hidden = torch.baddbmm(params[:, bias].unsqueeze(1), hidden, matrix.transpose(1, 2))
+        return hidden
+
+    def gradient(self, params: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Each row's mean loss ``[B]`` (float64) and gradient ``[B, P]`` on its minibatch."""
+        count = params.shape[0]
+        leaf = params.detach().requires_grad_()
+        with torch.enable_grad():
+            logits = self.logits(leaf, x)
+            per_row = (
+                F.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none"
+                )
+                .view(count, -1)
+                .mean(dim=1)
+            )
+            (grad,) = torch.autograd.grad(per_row.sum(), leaf)
+        return per_row.detach().to(torch.float64), grad
+
+
+def _single(layout: ParamLayout, vectors: Tensor, row: int) -> dict[str, Tensor]:
+    return {name: t[0] for name, t in row_params(layout, vectors[row : row + 1]).items()}
+
+
+def _logits(
+    model: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor
+) -> Tensor:
+    from torch.func import functional_call
+
+    return functional_call(model, (params, buffers), (x,))  # type: ignore[no-any-return]

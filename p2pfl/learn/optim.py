@@ -1,0 +1,247 @@
+"""The optimisers of every p2pfl learner: SGD (momentum, Nesterov, weight decay), Adam, AdamW.
+
+One implementation serves the one-by-one :class:`~p2pfl.learn.TorchLearner` of a node and the
+simulator's :class:`~p2pfl.learn.batched.BatchedLearner`: it updates *rows* of flat parameter
+vectors, ``[R, P]`` tensors where R is 1 for a node and B for B simulated nodes trained at
+once. The rules are torch.optim's (``SGD`` with ``dampening = 0``, ``Adam``, ``AdamW``, all
+single-tensor, not ``amsgrad``), written as tensor operations for two reasons:
+
+* constructing a ``torch.optim`` optimiser imports ``torch._dynamo``, about two seconds on a
+  small device, paid by every ``p2pfl node`` start;
+* the simulator needs a per-row learning rate and Adam step count (nodes in different rounds
+  train together), which torch.optim's scalar arguments cannot express.
+
+The per-row scalars are applied with the operations torch.optim applies its scalars with
+(``addcmul`` where it calls ``add_(..., alpha=)``, ``addcdiv`` with the step size folded into
+the numerator), which round alike on CPU, so a row updated here equals torch.optim's update
+bit for bit when given the same gradient (tests/learn/test_optim.py checks it).
+
+State: SGD with momentum keeps a ``momentum_buffer``; Adam and AdamW keep ``exp_avg``,
+``exp_avg_sq`` and a step count. A buffer starts at zeros, which gives torch's first step
+exactly (its momentum buffer starts as a copy of the gradient: ``0 * m + g == g``).
+
+Learning-rate schedules are keyed on the protocol round (0-based, as ``StartTraining``
+carries it): ``constant``; ``step`` (``lr * lr_gamma ** (round // lr_step_size)``);
+``cosine`` (``lr_min + (lr - lr_min) * (1 + cos(pi * round / total_rounds)) / 2``, the
+formula of torch's ``CosineAnnealingLR`` with one "epoch" per round and ``T_max`` the run's
+rounds; rounds past the end keep ``lr_min``).
+
+After a merge: ``optimizer_state = "keep"`` carries the state into the next training whatever
+vector it starts from (local SGD with momentum as usually simulated). ``"reset"`` drops it at
+the start of a training whenever the starting vector is not bit-identical to the vector that
+node's previous training returned, that is whenever anything (a merge, a received model) changed
+the model between two trainings; a node whose model was left alone keeps its state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from p2pfl.errors import ConfigError
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_SCHEDULES = ("constant", "step", "cosine")
+STATE_POLICIES = ("keep", "reset")
+
+
+@dataclass(frozen=True, slots=True)
+class OptimizerSettings:
+    """An optimiser, its hyper-parameters and its learning-rate schedule.
+
+    Built from the ``[learner]`` keys by
+    :meth:`p2pfl.learn.settings.LearnerSettings.optimizer_settings`; the defaults are plain
+    SGD at ``lr = 0.1``.
+    """
+
+    name: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    lr_schedule: str = "constant"
+    lr_step_size: int = 1
+    lr_gamma: float = 0.1
+    lr_min: float = 0.0
+    total_rounds: int = 1
+    state_policy: str = "keep"
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ConfigError("optimizer", self.name, f"one of {', '.join(OPTIMIZERS)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError("lr_schedule", self.lr_schedule, f"one of {', '.join(LR_SCHEDULES)}")
+        if self.state_policy not in STATE_POLICIES:
+            raise ConfigError(
+                "optimizer_state", self.state_policy, f"one of {', '.join(STATE_POLICIES)}"
+            )
+        _check_number("lr", self.lr, low=0.0, low_open=True)
+        _check_number("momentum", self.momentum, low=0.0, high=1.0)
+        _check_number("weight_decay", self.weight_decay, low=0.0)
+        _check_number("eps", self.eps, low=0.0, low_open=True)
+        _check_number("lr_gamma", self.lr_gamma, low=0.0, low_open=True)
+        _check_number("lr_min", self.lr_min, low=0.0)
+        for index, beta in enumerate(self.betas):
+            _check_number(f"betas[{index}]", beta, low=0.0, high=1.0)
+        if len(self.betas) != 2:
+            raise ConfigError("betas", list(self.betas), "two numbers in [0, 1)")
+        if self.nesterov and (self.name != "sgd" or self.momentum == 0):
+            raise ConfigError(
+                "nesterov", self.nesterov, "true only with optimizer sgd, momentum > 0"
+            )
+        if self.momentum and self.name != "sgd":
+            raise ConfigError("momentum", self.momentum, "0 unless optimizer is sgd (adam: betas)")
+        for key, value in (("lr_step_size", self.lr_step_size), ("rounds", self.total_rounds)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(key, value, "an int >= 1")
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        """Names of the per-parameter state tensors this optimiser keeps (none for plain SGD)."""
+        if self.name == "sgd":
+            return ("momentum_buffer",) if self.momentum else ()
+        return ("exp_avg", "exp_avg_sq")
+
+    def lr_at(self, round_: int) -> float:
+        """The learning rate of a training started in protocol round ``round_`` (0-based)."""
+        if self.lr_schedule == "step":
+            return self.lr * self.lr_gamma ** (max(round_, 0) // self.lr_step_size)
+        if self.lr_schedule == "cosine":
+            t = min(max(round_, 0), self.total_rounds)
+            cosine = (1 + math.cos(math.pi * t / self.total_rounds)) / 2
+            return self.lr_min + (self.lr - self.lr_min) * cosine
+        return self.lr
+
+
+class OptimizerState:
+    """One node's optimiser state over flat ``[P]`` parameter vectors; never sent to peers."""
+
+    __slots__ = ("last_vector", "steps", "tensors")
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, Tensor] = {}
+        self.steps = 0
+        self.last_vector: Tensor | None = None
+
+    def begin(self, settings: OptimizerSettings, vector: Tensor) -> None:
+        """Apply the ``optimizer_state`` policy before a training that starts from ``vector``."""
+        if settings.state_policy == "reset" and not (
+            self.last_vector is not None and torch.equal(self.last_vector, vector)
+        ):
+            self.tensors = {}
+            self.steps = 0
+
+    def finish(self, settings: OptimizerSettings, vector: Tensor) -> None:
+        """Remember the vector a training returned (what ``"reset"`` compares against); a
+        copy, since whoever receives the result may change it in place."""
+        self.last_vector = vector.clone() if settings.state_policy == "reset" else None
+
+
+def stack_states(
+    settings: OptimizerSettings, states: Sequence[OptimizerState], size: int
+) -> dict[str, Tensor]:
+    """The state tensors of ``states`` as ``[R, size]`` rows (zeros where a node has none)."""
+    stacked: dict[str, Tensor] = {}
+    for name in settings.state_names:
+        rows = [state.tensors.get(name) for state in states]
+        if all(row is None for row in rows):
+            stacked[name] = torch.zeros(len(states), size)
+        else:
+            stacked[name] = torch.stack([torch.zeros(size) if r is None else r for r in rows])
+    return stacked
+
+
+def unstack_states(
+    stacked: dict[str, Tensor], states: Sequence[OptimizerState], steps: int
+) -> None:
+    """Give each node its row of ``stacked`` back and count ``steps`` more optimiser steps."""
+    for row, state in enumerate(states):
+        state.tensors = {name: tensor[row] for name, tensor in stacked.items()}
+        state.steps += steps
+
+
+def optimizer_step(
+    settings: OptimizerSettings,
+    params: Tensor,
+    grads: Tensor,
+    state: dict[str, Tensor],
+    *,
+    lrs: Sequence[float],
+    step_counts: Sequence[int],
+) -> None:
+    """Update ``params [R, P]`` in place with ``grads [R, P]``, one optimiser step per row.
+
+    Args:
+        settings: the optimiser.
+        params: rows of flat parameters, updated in place.
+        grads: their gradients (not modified).
+        state: the rows' state tensors by name (``[R, P]`` each, from :func:`stack_states`),
+            updated in place.
+        lrs: each row's learning rate for this step.
+        step_counts: each row's step number counting this step (1 for the first step); Adam's
+            bias corrections need it.
+    """
+    rows = params.shape[0]
+
+    def column(values: Sequence[float]) -> Tensor:
+        return torch.tensor(values, dtype=params.dtype).view(rows, 1)
+
+    with torch.no_grad():
+        if settings.name == "sgd":
+            update = grads
+            if settings.weight_decay:
+                update = update.add(params, alpha=settings.weight_decay)
+            if settings.momentum:
+                buffer = state["momentum_buffer"]
+                buffer.mul_(settings.momentum).add_(update)
+                if settings.nesterov:
+                    update = update.add(buffer, alpha=settings.momentum)
+                else:
+                    update = buffer
+            # torch.optim.SGD: param.add_(update, alpha=-lr); addcmul rounds the same way.
+            torch.addcmul(params, update, column([-lr for lr in lrs]), out=params)
+            return
+        beta1, beta2 = settings.betas
+        if settings.name == "adamw":
+            params.mul_(column([1 - lr * settings.weight_decay for lr in lrs]))
+            gradient = grads
+        elif settings.weight_decay:
+            gradient = grads.add(params, alpha=settings.weight_decay)
+        else:
+            gradient = grads
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(gradient, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
+        step_sizes = [-lr / (1 - beta1**count) for lr, count in zip(lrs, step_counts, strict=True)]
+        correction = [(1 - beta2**count) ** 0.5 for count in step_counts]
+        denom = (exp_avg_sq.sqrt() / column(correction)).add_(settings.eps)
+        # torch.optim.Adam: param.addcdiv_(exp_avg, denom, value=-step_size), which rounds as
+        # addcdiv with the step size multiplied into the numerator.
+        torch.addcdiv(params, exp_avg * column(step_sizes), denom, out=params)
+
+
+def _check_number(
+    key: str,
+    value: object,
+    *,
+    low: float,
+    high: float | None = None,
+    low_open: bool = False,
+) -> None:
+    ok = (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value > low if low_open else value >= low)
+        and (high is None or value < high)
+    )
+    if not ok:
+        bound = f"> {low}" if low_open else f">= {low}"
+        allowed = f"a finite number {bound}" + (f" and < {high}" if high is not None else "")
+        raise ConfigError(key, value, allowed)

@@ -1,0 +1,216 @@
+"""Batched training of many nodes equals training each node one by one, for any model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from p2pfl.errors import ConfigError
+from p2pfl.learn import MinibatchSampler, TorchLearner
+from p2pfl.learn.batched import BatchedLearner, LinearStack
+from p2pfl.learn.models import build_model
+from p2pfl.learn.optim import OptimizerSettings
+from p2pfl.params import flatten
+
+NODES = 3
+STEPS = 5
+BATCH = 8
+
+# Adam divides each gradient coordinate by its own running scale, so a coordinate whose
+# gradient is at float-rounding level (the batched and one-by-one convolutions sum in
+# different orders) can move by up to lr per step in either direction; at lr 1e-3 LeNet-5
+# differs by 1.7e-5 after 5 steps. The agreement is checked at lr 1e-4, where it is 2e-6.
+OPTIMIZERS = {
+    "sgd": OptimizerSettings(name="sgd", lr=0.05),
+    "sgd-nesterov": OptimizerSettings(
+        name="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3
+    ),
+    "adam": OptimizerSettings(name="adam", lr=1e-4, weight_decay=1e-4),
+    "adamw": OptimizerSettings(name="adamw", lr=1e-4, weight_decay=0.01),
+}
+
+
+class _Normed(nn.Module):
+    """GroupNorm after a convolution and LayerNorm before the classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 4, 3, padding=1)
+        self.group = nn.GroupNorm(2, 4)
+        self.layer = nn.LayerNorm(4 * 12)
+        self.head = nn.Linear(4 * 12, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.group(self.conv(x.unsqueeze(1))))
+        return self.head(self.layer(h.flatten(1)))  # type: ignore[no-any-return]
+
+
+def _normed(seed: int) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _Normed()
+
+
+MODELS: dict[str, tuple[Callable[[int], nn.Module], tuple[int, ...]]] = {
+    "mlp": (lambda seed: build_model("mlp", {"hidden": [16]}, (12,), 3, seed=seed), (12,)),
+    "cnn1d": (lambda seed: build_model("cnn1d", {"channels": [4, 4]}, (12,), 3, seed=seed), (12,)),
+    "lenet5": (lambda seed: build_model("lenet5", {}, (1, 12, 12), 3, seed=seed), (1, 12, 12)),
+    "group-layer-norm": (_normed, (12,)),
+}
+
+
+def _data(shape: tuple[int, ...], node: int) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(100 + node)
+    size = 20 + 3 * node
+    return torch.randn(size, *shape, generator=generator), torch.randint(
+        0, 3, (size,), generator=generator
+    )
+
+
+def _compare(
+    build: Callable[[int], nn.Module],
+    shape: tuple[int, ...],
+    settings: OptimizerSettings,
+    *,
+    calls: int = 1,
+    rounds: tuple[int, ...] = (0, 0, 0),
+) -> BatchedLearner:
+    data = [_data(shape, node) for node in range(NODES)]
+    starts = torch.stack([flatten(build(node)) for node in range(NODES)])
+    singles = [
+        TorchLearner(build(0), data[n], data[n], batch_size=BATCH, optimizer=settings, seed=n)
+        for n in range(NODES)
+    ]
+    learner = BatchedLearner(build(0), settings, shape)
+    samplers = [MinibatchSampler(len(data[n][1]), BATCH, seed=n) for n in range(NODES)]
+    vectors = starts
+    expected = list(starts)
+    for call in range(calls):
+        vectors, losses = learner.train(
+            list(range(NODES)),
+            vectors,
+            data,
+            samplers,
+            STEPS,
+            [r + call for r in rounds],
+        )
+        for n in range(NODES):
+            result = singles[n].train(expected[n], STEPS, round=rounds[n] + call)
+            expected[n] = result.vector
+            assert abs(float(losses[n]) - result.loss) < 1e-5
+    for n in range(NODES):
+        assert torch.allclose(vectors[n], expected[n], atol=1e-5, rtol=0), (
+            f"node {n}: {(vectors[n] - expected[n]).abs().max()}"
+        )
+        assert not torch.allclose(vectors[n], starts[n], atol=1e-4)
+    return learner
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("model", MODELS)
+def test_batched_equals_one_by_one_after_5_steps(model: str, optimizer: str) -> None:
+    build, shape = MODELS[model]
+    learner = _compare(build, shape, OPTIMIZERS[optimizer])
+    assert learner.batched and learner.notice is None
+
+
+def test_state_carries_across_calls_and_schedule_follows_each_nodes_round() -> None:
+    build, shape = MODELS["cnn1d"]
+    settings = OptimizerSettings(
+        name="sgd", lr=0.05, momentum=0.9, lr_schedule="step", lr_step_size=1, lr_gamma=0.5
+    )
+    _compare(build, shape, settings, calls=3, rounds=(0, 2, 5))
+    adam = OptimizerSettings(name="adam", lr=1e-2, lr_schedule="cosine", total_rounds=6)
+    _compare(build, shape, adam, calls=2, rounds=(0, 3, 1))
+
+
+def test_reset_policy_agrees_between_paths() -> None:
+    build, shape = MODELS["mlp"]
+    settings = OptimizerSettings(name="adam", lr=1e-2, state_policy="reset")
+    _compare(build, shape, settings, calls=2)
+
+
+def test_linear_stack_fast_path_is_bit_identical_to_vmap() -> None:
+    model = build_model("mlp", {"hidden": [16, 8]}, (12,), 3, seed=0)
+    settings = OptimizerSettings(name="sgd", lr=0.1, momentum=0.5)
+    fast = BatchedLearner(model, settings, (12,))
+    slow = BatchedLearner(model, settings, (12,))
+    slow._stack = None
+    assert isinstance(fast._stack, LinearStack)
+    data = [_data((12,), node) for node in range(NODES)]
+    starts = torch.stack(
+        [flatten(build_model("mlp", {"hidden": [16, 8]}, (12,), 3, seed=n)) for n in range(NODES)]
+    )
+    results = []
+    for learner in (fast, slow):
+        samplers = [MinibatchSampler(len(data[n][1]), BATCH, seed=n) for n in range(NODES)]
+        results.append(learner.train(list(range(NODES)), starts, data, samplers, STEPS, [0] * 3))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+    x, y = _data((12,), 9)
+    assert torch.equal(fast.evaluate(results[0][0], x, y)[0], slow.evaluate(results[0][0], x, y)[0])
+
+
+def test_evaluation_equals_learner_evaluation() -> None:
+    build, shape = MODELS["lenet5"]
+    x, y = _data(shape, 7)
+    vectors = torch.stack([flatten(build(n)) for n in range(NODES)])
+    losses, accuracies = BatchedLearner(build(0), OPTIMIZERS["sgd"], shape).evaluate(vectors, x, y)
+    for n in range(NODES):
+        single = TorchLearner(build(0), (x, y), (x, y), lr=0.1, batch_size=4, seed=0)
+        expected = single.evaluate(vectors[n])
+        assert abs(float(losses[n]) - expected.loss) < 1e-5
+        assert float(accuracies[n]) == expected.accuracy
+
+
+class _BatchNormNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(12, 6)
+        self.norm = nn.BatchNorm1d(6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.relu(self.norm(self.linear(x))))  # type: ignore[no-any-return]
+
+
+def _batchnorm(seed: int) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _BatchNormNet()
+
+
+def test_batchnorm_falls_back_to_one_by_one_with_a_notice() -> None:
+    notices: list[str] = []
+    learner = BatchedLearner(_batchnorm(0), OPTIMIZERS["sgd"], (12,), log=notices.append)
+    assert not learner.batched
+    assert len(notices) == 1 and "\n" not in notices[0]
+    assert "one node at a time" in notices[0] and "_BatchNormNet" in notices[0]
+    # the fallback trains each node as TorchLearner does, running statistics included
+    fallback = _compare(_batchnorm, (12,), OPTIMIZERS["sgd-nesterov"])
+    assert not fallback.batched
+    for node in range(NODES):
+        assert fallback._node_buffers[node]["norm.num_batches_tracked"] == STEPS
+
+
+def test_data_dependent_control_flow_falls_back() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(12, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            out = self.linear(x)
+            return out if bool(out.detach().sum() > 0) else -out
+
+    learner = BatchedLearner(Branchy(), OPTIMIZERS["sgd"], (12,))
+    assert not learner.batched and learner.notice is not None
+
+
+def test_a_model_that_cannot_take_the_data_is_a_config_error() -> None:
+    wrong = nn.Sequential(nn.Flatten(), nn.Linear(7, 3))  # the data has 12 features
+    with pytest.raises(ConfigError, match=r"^model = 'Sequential': a module mapping \[N, 12\]"):
+        BatchedLearner(wrong, OPTIMIZERS["sgd"], (12,))

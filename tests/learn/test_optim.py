@@ -1,0 +1,132 @@
+"""The optimiser rules equal torch.optim's, step by step, and the schedules and policies."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from p2pfl.errors import ConfigError
+from p2pfl.learn.optim import OptimizerSettings, OptimizerState, optimizer_step, stack_states
+
+CASES = [
+    OptimizerSettings(name="sgd", lr=0.1),
+    OptimizerSettings(name="sgd", lr=0.05, momentum=0.9, weight_decay=1e-3),
+    OptimizerSettings(name="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2),
+    OptimizerSettings(name="adam", lr=1e-2),
+    OptimizerSettings(name="adam", lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=1e-2),
+    OptimizerSettings(name="adamw", lr=1e-2, weight_decay=0.05),
+]
+
+
+def _torch_optimizer(
+    settings: OptimizerSettings, params: list[nn.Parameter]
+) -> torch.optim.Optimizer:
+    if settings.name == "sgd":
+        return torch.optim.SGD(
+            params,
+            lr=settings.lr,
+            momentum=settings.momentum,
+            nesterov=settings.nesterov,
+            weight_decay=settings.weight_decay,
+            foreach=False,
+        )
+    kind = torch.optim.Adam if settings.name == "adam" else torch.optim.AdamW
+    return kind(
+        params,
+        lr=settings.lr,
+        betas=settings.betas,
+        eps=settings.eps,
+        weight_decay=settings.weight_decay,
+        foreach=False,
+    )
+
+
+@pytest.mark.parametrize("settings", CASES, ids=lambda s: f"{s.name}-m{s.momentum}-n{s.nesterov}")
+def test_matches_torch_optim_bit_for_bit(settings: OptimizerSettings) -> None:
+    generator = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator))
+    reference = _torch_optimizer(settings, list(model.parameters()))
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).unsqueeze(0)
+    state = stack_states(settings, [OptimizerState()], flat.shape[1])
+    for step in range(1, 8):
+        x = torch.randn(6, 5, generator=generator)
+        y = torch.randint(0, 3, (6,), generator=generator)
+        reference.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).unsqueeze(0)  # type: ignore[union-attr]
+        reference.step()
+        optimizer_step(settings, flat, grads, state, lrs=[settings.lr], step_counts=[step])
+        expected = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        assert torch.equal(flat[0], expected), f"step {step}: {(flat[0] - expected).abs().max()}"
+        # keep the model on our trajectory so any difference cannot compound
+        with torch.no_grad():
+            offset = 0
+            for p in model.parameters():
+                p.copy_(flat[0, offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+
+
+def test_rows_update_independently_with_their_own_lr_and_step() -> None:
+    settings = OptimizerSettings(name="adam", lr=0.1)
+    params = torch.randn(3, 7)
+    grads = torch.randn(3, 7)
+    both = params.clone()
+    state = stack_states(settings, [OptimizerState() for _ in range(3)], 7)
+    optimizer_step(settings, both, grads, state, lrs=[0.1, 0.2, 0.3], step_counts=[1, 1, 1])
+    for row, lr in enumerate([0.1, 0.2, 0.3]):
+        one = params[row : row + 1].clone()
+        single = stack_states(settings, [OptimizerState()], 7)
+        optimizer_step(settings, one, grads[row : row + 1], single, lrs=[lr], step_counts=[1])
+        assert torch.equal(one[0], both[row])
+
+
+def test_schedules() -> None:
+    step = OptimizerSettings(lr=1.0, lr_schedule="step", lr_step_size=3, lr_gamma=0.5)
+    assert [step.lr_at(r) for r in range(7)] == [1, 1, 1, 0.5, 0.5, 0.5, 0.25]
+    cosine = OptimizerSettings(lr=1.0, lr_schedule="cosine", lr_min=0.1, total_rounds=4)
+    assert cosine.lr_at(0) == 1.0
+    assert math.isclose(cosine.lr_at(2), 0.55)
+    assert math.isclose(cosine.lr_at(4), 0.1) and math.isclose(cosine.lr_at(9), 0.1)
+    assert OptimizerSettings(lr=0.3).lr_at(50) == 0.3
+
+
+def test_reset_policy_drops_state_only_when_the_vector_changed() -> None:
+    settings = OptimizerSettings(momentum=0.9, state_policy="reset")
+    state = OptimizerState()
+    returned = torch.ones(4)
+    state.tensors = {"momentum_buffer": torch.ones(4)}
+    state.steps = 3
+    state.finish(settings, returned)
+    state.begin(settings, returned.clone())
+    assert state.steps == 3 and "momentum_buffer" in state.tensors
+    state.begin(settings, returned + 1)
+    assert state.steps == 0 and state.tensors == {}
+    keep = OptimizerSettings(momentum=0.9)
+    state.tensors = {"momentum_buffer": torch.ones(4)}
+    state.begin(keep, torch.zeros(4))
+    assert "momentum_buffer" in state.tensors
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"name": "rmsprop"}, "optimizer"),
+        ({"lr": 0.0}, "lr"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"nesterov": True}, "nesterov"),
+        ({"name": "adam", "momentum": 0.9}, "momentum"),
+        ({"betas": (0.9, 1.0)}, "betas[1]"),
+        ({"lr_schedule": "linear"}, "lr_schedule"),
+        ({"state_policy": "forget"}, "optimizer_state"),
+    ],
+)
+def test_bad_settings_name_the_key(kwargs: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        OptimizerSettings(**kwargs)  # type: ignore[arg-type]
+    assert info.value.key == key

@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="run seed (overrides the scenario's)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument(
+        "--force", action="store_true", help="run even if the memory estimate exceeds the machine"
+    )
+    run.add_argument(
         "--live",
         action="store_true",
         help="run the trio runtime over real TCP, nodes in shards on Ray (docs/live.md)",
@@ -167,7 +170,16 @@ def _run(args: argparse.Namespace, console: Console, stop: StopRequest) -> int:
                 stop=stop,
             )
         else:
-            result = run_scenario(scenario, args.out, on_round=on_round, stop=stop)
+            result = run_scenario(
+                scenario,
+                args.out,
+                on_round=on_round,
+                stop=stop,
+                force=args.force,
+                on_phase=lambda phase: progress.update(
+                    task, description=f"{scenario.name}: {phase}"
+                ),
+            )
         progress.update(task, completed=result.summary["rounds"])
     for index in result.summary["unfired_disruptions"]:
         if index not in warned and not result.summary["interrupted"]:

@@ -114,6 +114,8 @@ class MetricsRecorder:
     rows: list[tuple[object, ...]] = field(default_factory=list)
     rounds: list[RoundSummary] = field(default_factory=list)
     _pending: dict[int, list[_Pending]] = field(default_factory=dict)
+    _pending_nodes: dict[int, set[int]] = field(default_factory=dict)
+    """The nodes in ``_pending[round]``, so a status change costs O(rounds), not O(nodes)."""
     _reported_active: dict[int, int] = field(default_factory=dict)
     _completed: dict[int, float] = field(default_factory=dict)
     _active: list[bool] = field(default_factory=list)
@@ -134,8 +136,8 @@ class MetricsRecorder:
         self._active[node] = active
         self._active_count += 1 if active else -1
         step = 1 if active else -1
-        for round_, entries in self._pending.items():
-            if any(entry.node == node for entry in entries):
+        for round_, nodes in self._pending_nodes.items():
+            if node in nodes:
                 self._reported_active[round_] += step
         if not active:
             for round_ in sorted(self._pending):
@@ -160,8 +162,8 @@ class MetricsRecorder:
         if round_ in self._completed:
             self._late(round_, entry)
             return
-        entries = self._pending.setdefault(round_, [])
-        entries.append(entry)
+        self._pending.setdefault(round_, []).append(entry)
+        self._pending_nodes.setdefault(round_, set()).add(node)
         self._reported_active[round_] = self._reported_active.get(round_, 0) + int(
             self._active[node]
         )
@@ -225,6 +227,7 @@ class MetricsRecorder:
 
     def _complete(self, round_: int) -> None:
         entries = sorted(self._pending.pop(round_), key=lambda entry: entry.node)
+        del self._pending_nodes[round_]
         del self._reported_active[round_]
         vectors = torch.stack([entry.vector for entry in entries])
         test_loss, test_accuracy = self.evaluate(vectors)

@@ -28,6 +28,7 @@ Initial models: ``learner.init = "shared"`` starts every node from the federatio
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import networkx as nx
@@ -49,6 +50,9 @@ from sim.adversaries import (
 )
 from sim.scenario import Scenario, SpeedSpec
 
+PhaseHook = Callable[[str], None]
+"""Told the name of each setup phase as it begins, for a progress display."""
+
 STREAM_ROLES = 12
 STREAM_SPEED = 13
 STREAM_INIT_NODE = 16
@@ -56,10 +60,14 @@ STREAM_INIT_NODE = 16
 
 @dataclass(slots=True)
 class Population:
-    """The nodes of one run, indexed 0..n-1 as in the topology."""
+    """The nodes of one run, indexed 0..n-1 as in the topology.
 
-    graph: nx.Graph
-    neighbours: list[list[int]]
+    ``neighbours[i]`` is node i's sorted neighbour list; for a complete graph it is an implicit
+    view (:class:`topologies.CompleteAdjacency`), and the networkx :attr:`graph` is only built
+    if something asks for it (a disruption that cuts links, a centrality choice, a plot).
+    """
+
+    neighbours: Sequence[Sequence[int]]
     identities: list[Identity]
     federation: Federation
     samplers: list[MinibatchSampler | None]
@@ -69,6 +77,21 @@ class Population:
     speed: list[float]
     adversaries: AdversaryPlan | None = None
     """Who is Byzantine (None: nobody); Sybil clones are the nodes past the topology's."""
+    topology: dict[str, object] | None = None
+    """The topology spec :attr:`graph` is rebuilt from when it was not built at setup."""
+    built_graph: nx.Graph | None = None
+
+    @property
+    def graph(self) -> nx.Graph:
+        """The topology as a networkx graph (built on first use for an implicit topology)."""
+        if self.built_graph is None:
+            assert self.topology is not None, "a population holds a graph or its spec"
+            self.built_graph = topologies.build(self.topology)
+        return self.built_graph
+
+    @property
+    def edge_count(self) -> int:
+        return sum(len(peers) for peers in self.neighbours) // 2
 
     @property
     def honest(self) -> list[bool]:
@@ -92,13 +115,13 @@ def simulated_identity(seed: int, node: int) -> Identity:
     return Identity.from_seed(hashlib.sha256(f"p2pfl-sim/{seed}/{node}".encode()).digest())
 
 
-def choose_relays(scenario: Scenario, graph: nx.Graph) -> list[bool]:
+def choose_relays(scenario: Scenario, neighbours: Sequence[Sequence[int]]) -> list[bool]:
     """Which nodes are relays: listed, or a fraction chosen at random or by highest degree.
 
     Raises:
         ConfigError: a listed relay is not a node, or no data holder would remain.
     """
-    size = graph.number_of_nodes()
+    size = len(neighbours)
     roles = scenario.roles
     relays = set(roles.relays)
     if any(node >= size for node in relays):
@@ -107,7 +130,7 @@ def choose_relays(scenario: Scenario, graph: nx.Graph) -> list[bool]:
     if count:
         candidates = [node for node in range(size) if node not in relays]
         if roles.relay_choice == "degree":
-            candidates.sort(key=lambda node: (-graph.degree(node), node))
+            candidates.sort(key=lambda node: (-len(neighbours[node]), node))
             relays.update(candidates[:count])
         else:
             rng = np.random.default_rng(derive_seed(scenario.seed, STREAM_ROLES))
@@ -139,25 +162,41 @@ def draw_speeds(spec: SpeedSpec, size: int, *, seed: int) -> list[float]:
     raise AssertionError(spec.dist)
 
 
-def build_population(scenario: Scenario) -> Population:
+def build_population(scenario: Scenario, *, on_phase: PhaseHook | None = None) -> Population:
     """Build the graph, identities, roles, data and speeds of ``scenario``.
+
+    ``on_phase`` is told each setup phase as it begins ("building the graph", "partitioning
+    data", "generating keys").
 
     Raises:
         TopologyError: the topology is invalid or disconnected where it must be connected.
         ConfigError: a data, learner, role or device setting is invalid.
     """
-    graph = topologies.build(
-        {"kind": scenario.topology.kind, **scenario.topology_params()},
-        require_connected=scenario.topology.require_connected,
-    )
-    base_size = graph.number_of_nodes()
-    relay = choose_relays(scenario, graph)
+    phase = on_phase or (lambda _name: None)
+    phase("building the graph")
+    topology: dict[str, object] = {"kind": scenario.topology.kind, **scenario.topology_params()}
+    # Sybil clones extend the graph, so adversaries need it built; otherwise a topology with
+    # an implicit form (complete) is never stored as n^2 edges.
+    implicit = None if scenario.adversaries else topologies.implicit_neighbours(topology)
+    graph: nx.Graph | None = None
+    if implicit is None:
+        graph = topologies.build(topology, require_connected=scenario.topology.require_connected)
+        neighbours: Sequence[Sequence[int]] = [
+            sorted(graph.neighbors(node)) for node in range(graph.number_of_nodes())
+        ]
+    else:
+        neighbours = implicit
+    base_size = len(neighbours)
+    relay = choose_relays(scenario, neighbours)
     plan = None
     if scenario.adversaries:
+        assert graph is not None
         plan = plan_adversaries(scenario.adversaries, graph, relay, seed=scenario.seed)
-    size = graph.number_of_nodes()
+        neighbours = [sorted(graph.neighbors(node)) for node in range(graph.number_of_nodes())]
+    size = len(neighbours)
     relay += [False] * (size - base_size)
     holders = [node for node in range(base_size) if not relay[node]]
+    phase("partitioning data")
     try:
         federation = build_federation(
             scenario.data.dataset,
@@ -212,10 +251,11 @@ def build_population(scenario: Scenario) -> Population:
                 samplers.append(federation.sampler(part, batch_size=batch_size))
             train_sets.append(data)
             samples.append(len(data[0]))
+    phase("generating keys")
+    identities = [simulated_identity(scenario.seed, node) for node in range(size)]
     return Population(
-        graph=graph,
-        neighbours=[sorted(graph.neighbors(node)) for node in range(size)],
-        identities=[simulated_identity(scenario.seed, node) for node in range(size)],
+        neighbours=neighbours,
+        identities=identities,
         federation=federation,
         samplers=samplers,
         train_sets=train_sets,
@@ -223,6 +263,8 @@ def build_population(scenario: Scenario) -> Population:
         samples=samples,
         speed=draw_speeds(scenario.devices.speed, size, seed=scenario.seed),
         adversaries=plan,
+        topology=topology,
+        built_graph=graph,
     )
 
 

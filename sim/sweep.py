@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pfl.errors import ConfigError
+from sim.footprint import available_bytes, check_fits
 from sim.interrupts import Interrupted, StopRequest, children_ignore_sigint, ignore_interrupts
 from sim.scenario import apply_overrides, override_path, parse_scenario
 
@@ -166,7 +167,8 @@ def run_one(document: dict[str, Any], source: str, directory: str, plots: bool) 
     from sim.run import run_scenario
 
     scenario = parse_scenario(document, source=source)
-    return run_scenario(scenario, Path(directory), plots=plots).summary
+    # run_sweep checked the memory estimate against each worker's share of the machine.
+    return run_scenario(scenario, Path(directory), plots=plots, force=True).summary
 
 
 def finished_summary(run: SweepRun, source: str) -> dict[str, Any] | None:
@@ -202,10 +204,13 @@ def run_sweep(
     name: str = "sweep",
     resume: bool = False,
     stop: StopRequest | None = None,
+    force: bool = False,
 ) -> Path:
     """Run every run (``jobs`` spawned processes), write ``sweep.csv`` and the plot.
 
-    With ``resume``, runs whose directory already holds a finished run of the same scenario
+    Unless ``force``, every run's memory estimate (:mod:`sim.footprint`) must fit in its
+    worker's share of the available memory before any run starts. With ``resume``, runs
+    whose directory already holds a finished run of the same scenario
     (:func:`finished_summary`) are taken from it and not run again.
 
     On ``stop`` (polled every :data:`POLL_SECONDS`) or :class:`KeyboardInterrupt`, the
@@ -217,13 +222,18 @@ def run_sweep(
         The path of ``sweep.csv``.
 
     Raises:
-        ConfigError: ``jobs`` not in 1..4 per CPU, a metric is not a summary column, or
-            ``out`` is a file.
+        ConfigError: ``jobs`` not in 1..4 per CPU, a metric is not a summary column, ``out``
+            is a file, or a run does not fit.
         Interrupted: stopped early; its message says how many runs were kept.
     """
     cpus = os.cpu_count() or 1
     if not 1 <= jobs <= 4 * cpus:
         raise ConfigError("--jobs", jobs, f"an integer in 1..{4 * cpus} (4 per CPU)")
+    available = available_bytes()
+    if not force and available is not None and runs:
+        share = available // min(jobs, len(runs))
+        for run in runs:
+            check_fits(parse_scenario(run.document, source=source), available=share)
     for metric in metrics:
         if metric not in SUMMARY_COLUMNS:
             raise ConfigError("--metric", metric, f"one of {', '.join(SUMMARY_COLUMNS)}")

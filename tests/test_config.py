@@ -376,6 +376,23 @@ history_lambda = 1
         load_config(path)
 
 
+def test_model_larger_than_max_frame_bytes_is_refused_at_startup(
+    example: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = example / "node1.toml"
+    text = path.read_text().replace("[node]\n", "[node]\nmax_frame_bytes = 8192\n", 1)
+    path.write_text(text)
+    config = load_config(path)
+    # digits: 64 features, 10 classes; MLP 64-32-10 = 2,410 float32 parameters > 8 KiB.
+    with pytest.raises(ConfigError, match=r"^node\.max_frame_bytes = 8192: a model of 2410 "):
+        config.check_frame_size()
+    assert main(["node", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("p2pfl: error: node.max_frame_bytes = 8192: ")
+    assert err.count("\n") == 1
+    assert load_config(example / "node2.toml").check_frame_size() > 2410 * 4
+
+
 def test_rounds_are_bounded_for_nodes_and_scenarios_alike() -> None:
     """The bound lives in CoreConfig.validate, which node configs and scenarios both call."""
     CoreConfig(rounds=MAX_ROUNDS).validate()

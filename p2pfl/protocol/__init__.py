@@ -13,7 +13,8 @@ Modes (``PROTOCOL_MODES``): ``dsgd`` (:mod:`p2pfl.protocol.dsgd`), ``gossip``
 (:mod:`p2pfl.protocol.gossip`) and ``modest`` (:mod:`p2pfl.protocol.modest`, sampled
 committees over the membership view of :mod:`p2pfl.protocol.membership`); their life cycles are tabulated in
 :mod:`p2pfl.protocol.phases`. Drivers report ``PeerConnected`` for each neighbour they reach;
-every neighbour starts out not connected (the simulator connects all before ``Started``).
+every neighbour starts out not connected (the simulator reports ``NeighboursConnected``, all
+of them at once, before ``Started``).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from p2pfl.protocol.events import (
     DeadlineReached,
     Event,
     MessageReceived,
+    NeighboursConnected,
     PeerConnected,
     PeerDisconnected,
     Started,
@@ -120,6 +122,7 @@ __all__ = [
     "Emit",
     "Event",
     "MessageReceived",
+    "NeighboursConnected",
     "PeerConnected",
     "PeerDisconnected",
     "PeerMisbehaved",

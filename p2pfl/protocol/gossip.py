@@ -45,6 +45,7 @@ target, by the own signed history and one relayed record.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -183,6 +184,7 @@ class GossipCore(BaseCore):
 
     def _push(self) -> list[Action]:
         membership = self.membership
+        pool: Sequence[NodeId]
         if membership is not None:
             membership.set_round(self.round)
             membership.apply_pending()
@@ -203,8 +205,9 @@ class GossipCore(BaseCore):
         return actions + self._gossip_histories(targets, self.vector)
 
     def _merge_and_train(self) -> list[Action]:
-        order = self._peers.neighbours if self.membership is None else None
-        updates = self._buffer.take(order)
+        # Every buffered model passed check_sender, so in neighbours mode it is a neighbour's:
+        # the held models in key order are the neighbours' order, at O(held), not O(degree).
+        updates = self._buffer.take(None)
         self.vector = self._merger.merge(self.vector, updates, own_round=self.round)
         return self._train(merged=len(updates))
 

@@ -17,9 +17,17 @@ from rich.table import Table
 import topologies
 from p2pfl.errors import ConfigError, TopologyError
 from sim.engine import Engine
+from sim.interrupts import EXIT_INTERRUPTED, Interrupted, StopRequest, stop_on_signals
+from sim.metrics import COLUMNS
 from sim.plots import PLOT_NAMES, X_AXES, compare_runs, plot_run
-from sim.run import run_scenario
-from sim.scenario import apply_overrides, parse_scenario, read_document, shipped_scenarios
+from sim.run import interrupted_line, make_directory, run_scenario
+from sim.scenario import (
+    apply_overrides,
+    parse_scenario,
+    read_document,
+    shipped_scenarios,
+    timeline_warnings,
+)
 from sim.sweep import DEFAULT_METRICS, parse_grid, plan, run_sweep
 
 EXIT_USAGE = 2
@@ -105,6 +113,11 @@ def _parser() -> argparse.ArgumentParser:
         help="summary column(s) to plot (repeatable; default final_accuracy_alive)",
     )
     sweep.add_argument("--out", type=Path, help="sweep directory (default: runs/sweep-NAME-TIME)")
+    sweep.add_argument(
+        "--resume",
+        action="store_true",
+        help="with the --out of an earlier sweep: run only the runs it has not finished",
+    )
     sweep.add_argument("--plots", action="store_true", help="also draw every run's plots")
     sweep.add_argument("--quiet", action="store_true", help="no progress bar")
     commands.add_parser("topologies", help="list topology generators and their parameters")
@@ -112,12 +125,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args: argparse.Namespace, console: Console) -> int:
+def _run(args: argparse.Namespace, console: Console, stop: StopRequest) -> int:
+    if args.shards is not None and args.shards < 1:
+        raise ConfigError("--shards", args.shards, "an integer >= 1")
     document, source = read_document(args.scenario)
     overrides = list(args.overrides)
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
     scenario = parse_scenario(apply_overrides(document, overrides), source=source)
+    warned = timeline_warnings(scenario)
+    for line in warned.values():
+        print(f"p2pfl-sim: warning: {line}", file=sys.stderr)
     if args.live:
         from sim.live import RAY_HINT, ray_available
 
@@ -151,19 +169,31 @@ def _run(args: argparse.Namespace, console: Console) -> int:
                 shards=args.shards,
                 ray_address=args.ray_address,
                 on_round=on_round,  # type: ignore[arg-type]
+                stop=stop,
             )
         else:
             result = run_scenario(
                 scenario,
                 args.out,
                 on_round=on_round,
+                stop=stop,
                 force=args.force,
                 on_phase=lambda phase: progress.update(
                     task, description=f"{scenario.name}: {phase}"
                 ),
             )
-        on_round_final = result.summary
-        progress.update(task, completed=on_round_final["rounds"])
+        progress.update(task, completed=result.summary["rounds"])
+    for index in result.summary["unfired_disruptions"]:
+        if index not in warned and not result.summary["interrupted"]:
+            kind = scenario.disruptions[index].kind
+            print(
+                f"p2pfl-sim: warning: disruptions[{index}] ({kind}) never fired: the run "
+                f"ended at t = {result.summary['virtual_seconds']:g} s, before its time",
+                file=sys.stderr,
+            )
+    if result.summary["interrupted"]:
+        print(f"p2pfl-sim: {interrupted_line(result.directory, result.summary)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     table = Table(title=f"{scenario.name}: {result.directory}")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -190,9 +220,33 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _check_run_dir(directory: Path) -> None:
+    """Refuse a directory that holds no ``metrics.csv`` written by a run.
+
+    Raises:
+        ConfigError: no ``metrics.csv``, or one that is not UTF-8 or has other columns.
+    """
+    path = directory / "metrics.csv"
+    if not path.is_file():
+        raise ConfigError("RUN_DIR", str(directory), "a run directory holding metrics.csv")
+    try:
+        with path.open(encoding="utf-8") as handle:
+            header = handle.readline().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            "RUN_DIR", str(directory), f"a run directory with a readable metrics.csv ({exc})"
+        ) from None
+    if header != ",".join(COLUMNS):
+        raise ConfigError(
+            "RUN_DIR",
+            str(directory),
+            "a run directory whose metrics.csv has the columns a run writes "
+            f"({', '.join(COLUMNS[:3])}, ...)",
+        )
+
+
 def _plot(args: argparse.Namespace, console: Console) -> int:
-    if not (args.run_dir / "metrics.csv").is_file():
-        raise ConfigError("RUN_DIR", str(args.run_dir), "a run directory holding metrics.csv")
+    _check_run_dir(args.run_dir)
     paths = plot_run(args.run_dir, topology_times=args.times, x=args.x)
     console.print(f"wrote {len(paths)} files to {args.run_dir}")
     return 0
@@ -200,14 +254,16 @@ def _plot(args: argparse.Namespace, console: Console) -> int:
 
 def _compare(args: argparse.Namespace, console: Console) -> int:
     for directory in args.run_dirs:
-        if not (directory / "metrics.csv").is_file():
-            raise ConfigError("RUN_DIR", str(directory), "a run directory holding metrics.csv")
+        _check_run_dir(directory)
+    make_directory("--out", args.out)
     paths = compare_runs(args.run_dirs, args.out, x=args.x)
     console.print(f"wrote {', '.join(str(path) for path in paths)}")
     return 0
 
 
-def _sweep(args: argparse.Namespace, console: Console) -> int:
+def _sweep(args: argparse.Namespace, console: Console, stop: StopRequest) -> int:
+    if args.resume and args.out is None:
+        raise ConfigError("--resume", True, "give the --out of the sweep to resume")
     document, source = read_document(args.scenario)
     document = apply_overrides(document, list(args.overrides))
     grid = parse_grid(args.grid)
@@ -215,6 +271,13 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     out = args.out or Path(str(document.get("output_dir", "runs"))) / f"sweep-{name}-{stamp}"
     runs = plan(document, source, grid, seeds=args.seeds, out=out)
+    warnings = {
+        line
+        for run in runs
+        for line in timeline_warnings(parse_scenario(run.document, source=source)).values()
+    }
+    for line in sorted(warnings):
+        print(f"p2pfl-sim: warning: {line}", file=sys.stderr)
     progress = Progress(
         TextColumn("[bold]sweep {task.description}"),
         BarColumn(),
@@ -234,6 +297,8 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
             metrics=tuple(args.metrics or DEFAULT_METRICS),
             on_done=lambda done, _total: progress.update(task, completed=done),
             name=name,
+            resume=args.resume,
+            stop=stop,
         )
     console.print(f"{len(runs)} runs; table {table}; plot {out / 'sweep.png'}")
     return 0
@@ -250,6 +315,11 @@ def _topologies(console: Console) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; bad input is one line on stderr and exit 2, an interrupt exit 130.
+
+    ``run`` and ``sweep`` stop cleanly on SIGINT/SIGTERM (:mod:`sim.interrupts`): they save
+    what was done, print one line and exit 130; the other commands exit 130 at once.
+    """
     args = _parser().parse_args(argv)
     # The models are tiny: torch's intra-op threads only contend with each other (measured
     # on the default scenario, 2 loaded cores: 91 s with 2 threads, 10 s with 1).
@@ -258,13 +328,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         match args.command:
             case "run":
-                return _run(args, console)
+                with stop_on_signals() as stop:
+                    return _run(args, console, stop)
             case "plot":
                 return _plot(args, console)
             case "compare":
                 return _compare(args, console)
             case "sweep":
-                return _sweep(args, console)
+                with stop_on_signals() as stop:
+                    return _sweep(args, console, stop)
             case "topologies":
                 return _topologies(console)
             case "scenarios":
@@ -276,6 +348,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as exc:  # an optional dependency of the chosen dataset: its install hint
         print(f"p2pfl-sim: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except Interrupted as exc:
+        print(f"p2pfl-sim: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("p2pfl-sim: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     raise AssertionError(args.command)
 
 

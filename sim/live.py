@@ -74,9 +74,19 @@ import torch
 
 from p2pfl.errors import ConfigError
 from sim.engine import WORLD, WorldItem
+from sim.interrupts import Interrupted, StopRequest, ignore_interrupts
 from sim.metrics import MetricsRecorder, Traffic
 from sim.population import Population, build_population
-from sim.run import RunResult, build_trainer, default_run_dir, summarise, write_topology
+from sim.run import (
+    RunResult,
+    build_trainer,
+    default_run_dir,
+    interrupted_line,
+    make_directory,
+    removed_if_empty,
+    summarise,
+    write_topology,
+)
 from sim.scenario import BatterySpec, Scenario, parse_scenario, to_toml
 from sim.world import DEAD, ONLINE, NetworkState
 
@@ -551,6 +561,7 @@ def run_live(
     plots: bool = True,
     wall_limit: float | None = None,
     ray_init: dict[str, Any] | None = None,
+    stop: StopRequest | None = None,
 ) -> RunResult:
     """Run ``scenario`` live and write its run directory (the format of a virtual run).
 
@@ -565,18 +576,34 @@ def run_live(
         plots: also draw the plots.
         wall_limit: stop after this many wall seconds (default :func:`default_wall_limit`).
         ray_init: extra ``ray.init`` keyword arguments (when this call starts Ray).
+        stop: once requested (:mod:`sim.interrupts`), the run ends at the next poll: the
+            records the shards hold are taken, every shard is closed and the directory is
+            written with ``"interrupted": true``. A :class:`KeyboardInterrupt` while the
+            nodes run does the same, and :class:`~sim.interrupts.Interrupted` is raised after.
 
     Raises:
         ConfigError, TopologyError: the scenario is invalid.
         ImportError: Ray is needed (no ``handles``) and not installed.
         ConfigError: the Ray cluster at ``ray_address`` cannot be reached.
         LiveRunError: a shard failed or stopped answering (every shard is closed first).
+        Interrupted: a KeyboardInterrupt cut the run; its directory is written.
     """
     started_wall = time.perf_counter()
-    population = build_population(scenario)
-    ray_started = False
+    directory = out or default_run_dir(scenario)
+    created = make_directory("--out", directory)
     shard_handles: list[ShardHandle] = list(handles) if handles is not None else []
-    try:
+    ray_started: list[bool] = []
+
+    def finish() -> None:
+        _close_all(shard_handles)
+        if ray_started:
+            import ray
+
+            ray.shutdown()
+
+    with removed_if_empty(directory, created), contextlib.ExitStack() as cleanup:
+        cleanup.callback(finish)
+        population = build_population(scenario)
         if handles is None:
             import ray
 
@@ -592,46 +619,41 @@ def run_live(
                         f"{str(exc).splitlines()[0]}); with token authentication set "
                         "RAY_AUTH_MODE=token, or use 'auto' on a cluster node",
                     ) from exc
-                ray_started = True
+                ray_started.append(True)
             count = shards or int(ray.cluster_resources().get("CPU", 1.0))
             blocks = assign(population.size, max(1, count))
-            shard_handles = list(
-                ray_shards(scenario, blocks, checkpoints=_needs_checkpoints(scenario))
-            )
-        world, timed_out = _drive(
+            shard_handles += ray_shards(scenario, blocks, checkpoints=_needs_checkpoints(scenario))
+        world, timed_out, interrupted = _drive(
             scenario,
             population,
             shard_handles,
             on_round,
             wall_limit or default_wall_limit(scenario),
+            stop,
         )
-    finally:
-        _close_all(shard_handles)
-        if ray_started:
-            import ray
-
-            ray.shutdown()
     wall_seconds = time.perf_counter() - started_wall
-    directory = out or default_run_dir(scenario)
-    directory.mkdir(parents=True, exist_ok=True)
     (directory / "scenario.toml").write_text(to_toml(scenario))
     (directory / "metrics.csv").write_text(world.recorder.csv_text())
-    summary = summarise(scenario, world, world.now, wall_seconds)  # type: ignore[arg-type]
+    summary = summarise(  # type: ignore[arg-type]
+        scenario, world, world.now, wall_seconds, interrupted=interrupted is not None
+    )
     summary["clock"] = "wall"
     summary["live"] = {
         "shards": len(shard_handles),
         "timed_out": timed_out,
         "ray_address": ray_address or os.environ.get("RAY_ADDRESS"),
     }
-    (directory / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     with (directory / "events.jsonl").open("w") as handle:
         for entry in world.events_log:
             handle.write(json.dumps(entry, sort_keys=True) + "\n")
     write_topology(population, directory)
-    if plots:
+    if plots and world.recorder.rounds:
         from sim.plots import plot_run
 
         plot_run(directory)
+    (directory / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    if interrupted == "cut":
+        raise Interrupted(interrupted_line(directory, summary))
     return RunResult(directory, summary)
 
 
@@ -645,7 +667,14 @@ def _drive(
     handles: list[ShardHandle],
     on_round: Callable[[LiveWorld], None] | None,
     wall_limit: float,
-) -> tuple[LiveWorld, bool]:
+    stop: StopRequest | None = None,
+) -> tuple[LiveWorld, bool, str | None]:
+    """Start the shards and feed their records to the recorder until the run ends.
+
+    Returns:
+        The world, whether the wall limit ended the run, and why it was interrupted:
+        ``"stop"`` (``stop`` requested), ``"cut"`` (:class:`KeyboardInterrupt`) or None.
+    """
     owners = {node: handle for handle in handles for node in handle.nodes}
     if sorted(owners) != list(range(population.size)) or sum(len(h.nodes) for h in handles) != len(
         owners
@@ -684,9 +713,41 @@ def _drive(
         world.disruptions.schedule(world)
     deadline = time.monotonic() + wall_limit
     timed_out = False
-    size = population.size
+    interrupted: str | None = None
+    try:
+        with stop.deferred() if stop is not None else contextlib.nullcontext():
+            timed_out = _poll_until_done(world, handles, started_at, deadline, wall_limit, stop)
+    except KeyboardInterrupt:
+        interrupted = "cut"
+    if interrupted is None and stop is not None and stop.requested:
+        interrupted = "stop"
+    if interrupted is not None:
+        world.log({"event": "interrupted"})
+    world.now = time.time() - started_at
+    for handle in handles:  # rounds reported while the run ended
+        for record in handle.poll()["records"]:
+            world.record(record)
+    world.recorder.flush()
+    return world, timed_out, interrupted
+
+
+def _poll_until_done(
+    world: LiveWorld,
+    handles: list[ShardHandle],
+    started_at: float,
+    deadline: float,
+    wall_limit: float,
+    stop: StopRequest | None,
+) -> bool:
+    """Poll the shards until the run ends (see the module docstring) or ``stop`` is
+    requested; True if the wall limit ended it."""
+    size = world.population.size
     quiet_since: float | None = None
-    while True:
+    if stop is not None:
+        # ray.init installs a SIGTERM handler that exits at once, losing the run: the run's
+        # own handler must be the one a signal finds.
+        stop.reinstall()
+    while stop is None or not stop.requested:
         world.now = time.time() - started_at
         world.fire_due()
         records: list[dict[str, Any]] = []
@@ -706,9 +767,9 @@ def _drive(
         for record in sorted(records, key=lambda record: (record["time"], record["node"])):
             world.record(record)
         if all(world.finished[node] or world.status[node] is DEAD for node in range(size)):
-            break
+            return False
         if running == 0 and not world.pending():
-            break
+            return False
         settled = any(world.finished) and all(
             world.finished[node] or world.status[node] is DEAD or node in idle
             for node in range(size)
@@ -718,21 +779,15 @@ def _drive(
         elif quiet_since is None:
             quiet_since = time.monotonic()
         elif time.monotonic() - quiet_since >= QUIET_SECONDS:
-            break  # nothing left to happen: the nodes still running wait for nobody
+            return False  # nothing left to happen: the nodes still running wait for nobody
         if time.monotonic() > deadline:
-            timed_out = True
             world.log({"event": "timeout", "wall_limit": wall_limit})
             print(
                 f"p2pfl-sim: live run stopped at its wall limit ({wall_limit:g} s)", file=sys.stderr
             )
-            break
+            return True
         time.sleep(POLL_INTERVAL)
-    world.now = time.time() - started_at
-    for handle in handles:  # rounds reported while the run ended
-        for record in handle.poll()["records"]:
-            world.record(record)
-    world.recorder.flush()
-    return world, timed_out
+    return False
 
 
 def _close_all(handles: Sequence[ShardHandle]) -> None:
@@ -771,6 +826,7 @@ def shard_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", required=True, help="the address to bind (and be reached at)")
     parser.add_argument("--checkpoints", action="store_true", help="keep checkpoints (join)")
     args = parser.parse_args(argv)
+    ignore_interrupts()  # the driver closes its shards; a terminal's Ctrl-C is for the driver
     torch.set_num_threads(1)
     import logging
 

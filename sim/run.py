@@ -24,12 +24,13 @@ A run directory holds:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import sys
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,6 +49,7 @@ from sim.adversaries import Adversary, AttackSuccess, targeted_entry
 from sim.disruptions import Disruptions
 from sim.engine import Engine
 from sim.footprint import check_fits
+from sim.interrupts import Interrupted, StopRequest
 from sim.metrics import MetricsRecorder
 from sim.network import LinkModel
 from sim.population import PhaseHook, Population, build_population, initial_vectors
@@ -205,6 +207,7 @@ def run_scenario(
     *,
     on_round: Callable[[Engine], None] | None = None,
     plots: bool = True,
+    stop: StopRequest | None = None,
     force: bool = False,
     on_phase: PhaseHook | None = None,
 ) -> RunResult:
@@ -213,37 +216,116 @@ def run_scenario(
     Before allocating anything, the scenario's memory footprint is estimated
     (:mod:`sim.footprint`) and a scenario that does not fit the machine is refused, unless
     ``force``. ``on_phase`` is told each phase as it begins (setup, then ``"running"``).
+    ``summary.json`` is written last: a directory holding it holds a whole run.
+
+    Interrupts (:mod:`sim.interrupts`): once ``stop`` is requested (a signal while the nodes
+    run; during set-up a signal raises :class:`KeyboardInterrupt` at once and nothing is
+    written), the run ends when the round in progress is complete (every active node has
+    recorded it), as if its horizon were reached there; the directory is written with
+    ``"interrupted": true`` in the summary. A :class:`KeyboardInterrupt` during the run (a
+    second signal, or Ctrl-C without ``stop``) ends it at once: the rounds recorded so far
+    are written the same way, and :class:`~sim.interrupts.Interrupted` is raised after.
 
     Raises:
-        ConfigError, TopologyError: the scenario is invalid, or does not fit in memory.
+        ConfigError, TopologyError: the scenario is invalid, does not fit in memory, or
+            ``out`` cannot be a directory.
+        Interrupted: a KeyboardInterrupt cut the run; its directory is written.
     """
     started = time.perf_counter()
-    if on_phase is not None:
-        on_phase("estimating memory")
-    if not force:
-        check_fits(scenario)
-    engine = build_engine(scenario, on_round=on_round, on_phase=on_phase)
+    directory = out or default_run_dir(scenario)
+    created = make_directory("--out", directory)
+    stopping: list[int] = []
+
+    def round_done(engine: Engine) -> None:
+        if on_round is not None:
+            on_round(engine)
+        if stop is None or not stop.requested:
+            return
+        completed = len(engine.recorder.rounds)
+        if not stopping:
+            stopping.append(completed + 1)  # the round in progress when the stop was seen
+        if completed >= stopping[0]:
+            engine.horizon = engine.now  # the engine ends before the next later event
+
+    with removed_if_empty(directory, created):
+        if on_phase is not None:
+            on_phase("estimating memory")
+        if not force:
+            check_fits(scenario)
+        engine = build_engine(scenario, on_round=round_done, on_phase=on_phase)
     if on_phase is not None:
         on_phase("running")
-    virtual_seconds = engine.run()
+    cut = False
+    try:
+        with stop.deferred() if stop is not None else contextlib.nullcontext():
+            virtual_seconds = engine.run()
+    except KeyboardInterrupt:
+        cut = True
+        engine.recorder.flush()
+        virtual_seconds = engine.now
+    interrupted = cut or bool(stopping)
     wall_seconds = time.perf_counter() - started
-    directory = out or default_run_dir(scenario)
-    directory.mkdir(parents=True, exist_ok=True)
     (directory / "scenario.toml").write_text(to_toml(scenario))
     (directory / "metrics.csv").write_text(engine.recorder.csv_text())
-    summary = summarise(scenario, engine, virtual_seconds, wall_seconds)
+    summary = summarise(scenario, engine, virtual_seconds, wall_seconds, interrupted=interrupted)
     skipped = write_topology(engine.population, directory)
     if skipped is not None:
         summary["edges_csv"] = skipped
-    (directory / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     with (directory / "events.jsonl").open("w") as handle:
         for entry in engine.events_log:
             handle.write(json.dumps(entry, sort_keys=True) + "\n")
-    if plots:
+    if plots and engine.recorder.rounds:
         from sim.plots import plot_run
 
         plot_run(directory)
+    (directory / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    if cut:
+        raise Interrupted(interrupted_line(directory, summary))
     return RunResult(directory, summary)
+
+
+def interrupted_line(directory: Path, summary: dict[str, Any]) -> str:
+    """The one line printed after an interrupted run."""
+    return (
+        f"interrupted after {summary['rounds']} rounds; wrote {directory} "
+        '(summary.json says "interrupted": true)'
+    )
+
+
+def make_directory(key: str, path: Path) -> bool:
+    """Create ``path`` (and its parents) as a directory, before any work is done.
+
+    Returns:
+        Whether the directory was created here (it did not exist).
+
+    Raises:
+        ConfigError: ``path`` is an existing file, or it cannot be created (a parent is a
+            file, no permission...); ``key`` names the option that gave it.
+    """
+    if "\0" in str(path):
+        raise ConfigError(key, str(path), "a path without NUL characters")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(key, str(path), "a directory to write into; this is an existing file")
+    created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            key, str(path), f"a directory that can be created ({exc.strerror})"
+        ) from None
+    return created
+
+
+@contextlib.contextmanager
+def removed_if_empty(directory: Path, created: bool) -> Iterator[None]:
+    """If the block fails before anything was written, remove the directory made for it, so
+    a failed run leaves no empty run directory behind."""
+    try:
+        yield
+    except BaseException:
+        if created and directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()
+        raise
 
 
 MAX_EDGES_WRITTEN = 200_000
@@ -272,7 +354,12 @@ def write_topology(population: Population, directory: Path) -> str | None:
 
 
 def summarise(
-    scenario: Scenario, engine: Engine, virtual_seconds: float, wall_seconds: float
+    scenario: Scenario,
+    engine: Engine,
+    virtual_seconds: float,
+    wall_seconds: float,
+    *,
+    interrupted: bool = False,
 ) -> dict[str, Any]:
     rounds = engine.recorder.rounds
     final = rounds[-1] if rounds else None
@@ -304,7 +391,15 @@ def summarise(
         "messages_sent": sum(traffic.messages_sent for traffic in engine.traffic),
         "rejected": sum(traffic.rejected for traffic in engine.traffic),
         **adversary_summary(scenario, engine),
+        "unfired_disruptions": unfired_disruptions(scenario, engine.events_log),
+        "interrupted": interrupted,
     }
+
+
+def unfired_disruptions(scenario: Scenario, events: list[dict[str, Any]]) -> list[int]:
+    """Indices of the timeline entries that never fired (the run ended before their time)."""
+    fired = {entry.get("index") for entry in events if entry.get("event") == "disruption"}
+    return [index for index in range(len(scenario.disruptions)) if index not in fired]
 
 
 def adversary_summary(scenario: Scenario, engine: Engine) -> dict[str, Any]:
@@ -329,8 +424,10 @@ def final_accuracies(engine: Engine) -> dict[str, Any]:
 
     ``largest_component_accuracy`` averages the nodes of the largest component of the final
     live graph; ``isolated_accuracy`` the nodes left alone (a component of one), None if
-    there are none. Relays are included: they hold models too. Byzantine nodes are not: every
-    accuracy here is over honest nodes.
+    there are none. ``protected_accuracy`` averages the alive honest nodes of which less than
+    one third of the topology neighbours are Byzantine (``protected_nodes`` of them): the
+    nodes a robust rule can be expected to protect. Relays are included: they hold models
+    too. Byzantine nodes are not: every accuracy here is over honest nodes.
     """
     from sim.engine import ONLINE
 
@@ -353,13 +450,30 @@ def final_accuracies(engine: Engine) -> dict[str, Any]:
         ]
         return sum(values) / len(values) if values else None
 
+    alive = [node for node, state in enumerate(engine.status) if state != "dead"]
+    protected = [
+        node
+        for node in alive
+        if honest[node] and 3 * _byzantine_neighbours(engine, node) < max(1, _degree(engine, node))
+    ]
     return {
-        "alive_nodes": sum(state != "dead" for state in engine.status),
+        "alive_nodes": len(alive),
         "online_nodes": len(online),
         "components": len(components),
         "largest_component_size": len(largest),
         "isolated_nodes": len(isolated),
-        "final_accuracy_alive": mean([n for n, s in enumerate(engine.status) if s != "dead"]),
+        "final_accuracy_alive": mean(alive),
         "largest_component_accuracy": mean(largest),
         "isolated_accuracy": mean(isolated),
+        "protected_nodes": len(protected),
+        "protected_accuracy": mean(protected),
     }
+
+
+def _degree(engine: Engine, node: int) -> int:
+    return len(engine.population.neighbours[node])
+
+
+def _byzantine_neighbours(engine: Engine, node: int) -> int:
+    honest = engine.recorder.honest
+    return sum(not honest[peer] for peer in engine.population.neighbours[node])

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -29,6 +30,7 @@ from pydantic import (
 from p2pfl.errors import ConfigError
 from p2pfl.learn.settings import LearnerSettings
 from p2pfl.protocol import PROTOCOL_MODES
+from p2pfl.protocol.config import MAX_ROUNDS
 from topologies import registry as topology_registry
 
 SCENARIO_PACKAGE = "sim.scenarios"
@@ -36,7 +38,23 @@ DEFAULT_SCENARIO = "default"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    """Base of every scenario table: unknown keys are errors, and values are never coerced.
+
+    Strict mode takes a value only as the type it is written as: ``"0.1"`` is not a number,
+    ``1`` is not ``true``, ``2.0`` is not an integer (an integer is still a float: ``lr = 1``).
+    No float is infinite or NaN, except where a field says so (``allow_inf_nan=True``).
+    Fields typed as tuples take TOML arrays through :data:`Pair`.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+def _tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+Pair = Annotated[tuple[int, int], BeforeValidator(_tuple)]
+"""Two integers, written as a TOML array ``[u, v]`` (strict mode takes no list as a tuple)."""
 
 
 class TopologySpec(_Strict):
@@ -76,6 +94,9 @@ class DataSpec(_Strict):
 class LearnerSpec(LearnerSettings):
     """``[learner]``: the keys a node's config shares (:class:`p2pfl.learn.LearnerSettings`)
     plus the simulator's own (a node takes ``local_steps`` from ``[protocol]``)."""
+
+    # The scenario's rules (see _Strict) on top of LearnerSettings': no inf or nan anywhere.
+    model_config = ConfigDict(allow_inf_nan=False)
 
     local_steps: int = Field(default=10, ge=1)
     step_time: float = Field(default=0.01, gt=0.0, description="virtual seconds per local step")
@@ -144,7 +165,7 @@ class LatencySpec(_Strict):
 class LinkOverride(_Strict):
     """Settings for the links between given pairs of nodes (both directions); unset = global."""
 
-    between: list[tuple[int, int]] = Field(min_length=1, description="node pairs [[u, v], ...]")
+    between: list[Pair] = Field(min_length=1, description="node pairs [[u, v], ...]")
     latency: LatencySpec | None = None
     bandwidth: float | None = Field(default=None, gt=0.0)
     jitter: float | None = Field(default=None, ge=0.0)
@@ -273,7 +294,10 @@ class CrashSpec(_Selection):
 
     kind: Literal["crash", "remove"]
     detect_after: float = Field(
-        default=0.0, ge=0.0, description="seconds until neighbours notice; inf = never"
+        default=0.0,
+        ge=0.0,
+        allow_inf_nan=True,
+        description="seconds until neighbours notice; inf = never",
     )
 
 
@@ -552,14 +576,28 @@ _ADVERSARY_MODELS: dict[str, type[BaseModel]] = {
 ATTACKS = tuple(_ADVERSARY_MODELS)
 
 
+def _file_name(value: str) -> str:
+    if not value or any(char in value for char in "/\\") or not value.isprintable():
+        raise ValueError("a non-empty name of printable characters without / or \\")
+    return value
+
+
+def _path_text(value: str) -> str:
+    if not value or not value.isprintable():
+        raise ValueError("a non-empty path of printable characters")
+    return value
+
+
 class Scenario(_Strict):
     """A whole simulation run."""
 
-    name: str = "unnamed"
+    name: Annotated[str, AfterValidator(_file_name)] = Field(
+        default="unnamed", description="also names the run directory"
+    )
     seed: int = Field(default=1, ge=0)
-    rounds: int = Field(default=30, ge=1)
+    rounds: int = Field(default=30, ge=1, le=MAX_ROUNDS)
     horizon: float | None = Field(default=None, gt=0.0, description="virtual seconds")
-    output_dir: str = "runs"
+    output_dir: Annotated[str, AfterValidator(_path_text)] = "runs"
     signatures: bool = True
     topology: TopologySpec = Field(default_factory=TopologySpec)
     data: DataSpec = Field(default_factory=DataSpec)
@@ -660,6 +698,12 @@ def _first_error(exc: ValidationError, source: str) -> ConfigError:
         value = None
         what = "disruption needs a" if tag == "kind" else "adversary needs an"
         message = f"every {what} `{tag}`: one of {', '.join(tags)}"
+    elif error["type"] in _TYPE_WORDS:
+        message = _TYPE_WORDS[error["type"]]
+        if isinstance(value, str):
+            message += ", not a string: write it without quotes"
+    elif error["type"] == "finite_number":
+        message = "a finite number (inf and nan make no sense here)"
     else:
         message = error["msg"].removeprefix("Value error, ")
     if isinstance(value, dict):
@@ -667,7 +711,22 @@ def _first_error(exc: ValidationError, source: str) -> ConfigError:
     return ConfigError(f"{source}: {key}", value, message)
 
 
+_TYPE_WORDS = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string (in quotes)",
+    "list_type": "an array",
+    "tuple_type": "an array",
+    "dict_type": "a table",
+    "model_type": "a table",
+}
+"""What a strict type error asks for, in the words of a TOML file."""
+
+
 class _Elided:
+    """Stands for a value too large to print in a one-line error."""
+
     def __repr__(self) -> str:
         return "{...}"
 
@@ -684,12 +743,43 @@ def parse_scenario(
         ConfigError: the first problem found, on one line, naming the dotted key
             (list items as ``disruptions[2].fraction``).
     """
+    if nesting(document) > MAX_NESTING:
+        raise ConfigError(
+            source, "(document)", f"tables and arrays nested at most {MAX_NESTING} deep"
+        )
     if base_dir is None and Path(source).is_file():
         base_dir = Path(source).resolve().parent
     try:
-        return Scenario.model_validate(dict(document), context={"base_dir": base_dir})
+        scenario = Scenario.model_validate(dict(document), context={"base_dir": base_dir})
     except ValidationError as exc:
         raise _first_error(exc, source) from None
+    return scenario
+
+
+def timeline_warnings(scenario: Scenario) -> dict[int, str]:
+    """One line for each timeline entry that can never fire: scheduled after the last round
+    or after the horizon.
+
+    These are warnings, not errors: an entry that never fires is how a sweep gets its
+    undisrupted baseline with the grid unchanged (``--set 'disruptions[0].round=31'`` with
+    30 rounds, docs/experiments.md). An entry at a virtual time without a ``horizon`` cannot
+    be judged before the run (its end time is not known); a run lists the entries that did
+    not fire in ``unfired_disruptions`` of its summary, and the CLI warns about them.
+    """
+    lines: dict[int, str] = {}
+    for index, spec in enumerate(scenario.disruptions):
+        key = f"disruptions[{index}]"
+        if spec.round is not None and spec.round > scenario.rounds:
+            lines[index] = (
+                f"{key}.round = {spec.round} is after the last round (rounds = "
+                f"{scenario.rounds}): this {spec.kind} never fires"
+            )
+        if spec.at is not None and scenario.horizon is not None and spec.at > scenario.horizon:
+            lines[index] = (
+                f"{key}.at = {spec.at:g} s is after the horizon ({scenario.horizon:g} s): "
+                f"this {spec.kind} never fires"
+            )
+    return lines
 
 
 def shipped_scenarios() -> list[str]:
@@ -703,20 +793,22 @@ def shipped_scenarios() -> list[str]:
     return [DEFAULT_SCENARIO, *names]
 
 
+MAX_SCENARIO_BYTES = 16 * 1024 * 1024
+"""Largest scenario file read (a per-node list for 100,000 nodes is about 1 MiB)."""
+MAX_NESTING = 32
+"""Deepest nesting of tables and arrays accepted (the schema itself needs 5)."""
+
+
 def read_document(name_or_path: str) -> tuple[dict[str, Any], str]:
     """Load a scenario document from a path, or a shipped scenario by name.
 
     Raises:
-        ConfigError: neither a readable TOML file nor a shipped name.
+        ConfigError: neither a readable UTF-8 TOML file (of at most ``MAX_SCENARIO_BYTES``,
+            nested at most ``MAX_NESTING`` deep) nor a shipped name.
     """
     path = Path(name_or_path)
     if path.suffix == ".toml" or path.exists():
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ConfigError(
-                "scenario", name_or_path, f"a readable TOML file ({exc.strerror})"
-            ) from None
+        text = _read_scenario_file(path, name_or_path)
         source = str(path)
     else:
         shipped = resources.files(SCENARIO_PACKAGE).joinpath(f"{name_or_path}.toml")
@@ -726,12 +818,66 @@ def read_document(name_or_path: str) -> tuple[dict[str, Any], str]:
                 name_or_path,
                 f"a .toml path or one of: {', '.join(shipped_scenarios())}",
             )
-        text = shipped.read_text()
+        text = shipped.read_text(encoding="utf-8")
         source = f"{name_or_path}.toml"
+    return parse_toml(text, source), source
+
+
+def _read_scenario_file(path: Path, name: str) -> str:
+    if path.is_dir():
+        raise ConfigError("scenario", name, "a TOML file; this is a directory")
+    if path.exists() and not path.is_file():
+        raise ConfigError("scenario", name, "a regular TOML file (not a device or pipe)")
     try:
-        return tomllib.loads(text), source
+        with path.open("rb") as handle:
+            data = handle.read(MAX_SCENARIO_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError("scenario", name, f"a readable TOML file ({exc.strerror})") from None
+    if len(data) > MAX_SCENARIO_BYTES:
+        raise ConfigError("scenario", name, f"a TOML file of at most {MAX_SCENARIO_BYTES} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            "scenario", name, f"a UTF-8 text file (byte {exc.start} is not UTF-8)"
+        ) from None
+
+
+def parse_toml(text: str, source: str) -> dict[str, Any]:
+    """Decode TOML text, refusing nesting deeper than ``MAX_NESTING``.
+
+    Raises:
+        ConfigError: not valid TOML, or nested too deep; ``source`` names the text.
+    """
+    try:
+        document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, "(file)", f"valid TOML ({exc})") from None
+    except RecursionError:
+        document = None
+    if document is None or nesting(document) > MAX_NESTING:
+        raise ConfigError(
+            source, "(file)", f"TOML with tables and arrays nested at most {MAX_NESTING} deep"
+        )
+    return document
+
+
+def nesting(value: Any) -> int:
+    """How deep tables and arrays nest in ``value`` (0 for a scalar), without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if depth <= MAX_NESTING:  # deeper is refused anyway: stop counting there
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 _INDEXED = re.compile(r"^([A-Za-z_][\w-]*)\[(\d+)\]$")
@@ -767,7 +913,15 @@ def apply_overrides(document: dict[str, Any], assignments: Sequence[str]) -> dic
             value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
             value = raw
+        except RecursionError:
+            value = None
+        if value is None or nesting(value) >= MAX_NESTING:
+            raise ConfigError(
+                f"--set {key.strip()}", _Elided(), f"a value nested at most {MAX_NESTING} deep"
+            )
         path = override_path(key)
+        if len(path) > MAX_NESTING:
+            raise ConfigError("--set", f"{key[:40]}...", f"a key of at most {MAX_NESTING} parts")
         container: Any = result
         for part, following in zip(path[:-1], path[1:], strict=True):
             if isinstance(part, int):
@@ -827,7 +981,7 @@ def _dump_value(value: Any) -> str:
     if isinstance(value, str):
         escaped = value.replace("\\", "\\\\").replace('"', '\\"')
         return f'"{escaped}"'
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return "[" + ", ".join(_dump_value(item) for item in value) + "]"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k} = {_dump_value(v)}" for k, v in value.items()) + "}"

@@ -7,6 +7,11 @@ from the scenario). Every run gets its own directory ``run-NNN`` under the sweep
 metrics) and ``sweep.png``/``sweep.svg`` the comparison plot (each metric against the first
 grid key, one line per combination of the other keys, mean over seeds with their spread).
 
+``--resume`` (same ``--out``) reuses every run whose directory already holds a finished run of
+the same resolved scenario and runs only the others. SIGINT/SIGTERM stops the workers at once,
+writes ``sweep.csv`` (and the plot) for the runs that finished, and exits 130
+(:mod:`sim.interrupts`).
+
 Workers are started with ``spawn`` (no state inherited from the parent) and each sets torch
 to one thread; runs are independent, so the table is the same whatever ``--jobs`` is, but for
 its wall-clock column.
@@ -14,11 +19,14 @@ its wall-clock column.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import itertools
 import json
+import math
+import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -26,6 +34,7 @@ from typing import Any
 
 from p2pfl.errors import ConfigError
 from sim.footprint import available_bytes, check_fits
+from sim.interrupts import Interrupted, StopRequest, children_ignore_sigint, ignore_interrupts
 from sim.scenario import apply_overrides, override_path, parse_scenario
 
 SUMMARY_COLUMNS = (
@@ -34,6 +43,8 @@ SUMMARY_COLUMNS = (
     "final_accuracy_alive",
     "largest_component_accuracy",
     "isolated_accuracy",
+    "protected_accuracy",
+    "protected_nodes",
     "largest_component_size",
     "isolated_nodes",
     "alive_nodes",
@@ -46,6 +57,8 @@ SUMMARY_COLUMNS = (
     "wall_seconds",
 )
 DEFAULT_METRICS = ("final_accuracy_alive",)
+MAX_RUNS = 100_000
+"""The most runs one sweep plans (every run's document is built and checked up front)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +98,8 @@ def parse_grid(assignments: Sequence[str]) -> list[tuple[str, list[str]]]:
     """``["a=1,2", "b=x,y,z"]`` → ``[("a", ["1", "2"]), ("b", ["x", "y", "z"])]``.
 
     Raises:
-        ConfigError: an assignment without ``=``, without values, or a key given twice.
+        ConfigError: an assignment without ``=``, without values, a key given twice, or
+            ``seed`` (seeds come from ``--seeds``).
     """
     grid: list[tuple[str, list[str]]] = []
     for assignment in assignments:
@@ -95,6 +109,10 @@ def parse_grid(assignments: Sequence[str]) -> list[tuple[str, list[str]]]:
             raise ConfigError("--grid", assignment, "key=v1,v2,... e.g. learner.lr=0.05,0.1")
         if any(key.strip() == seen for seen, _ in grid):
             raise ConfigError("--grid", key, "each key once")
+        if key.strip() == "seed":
+            raise ConfigError(
+                "--grid", key, "not seed: use --seeds N (seeds S..S+N-1, S from --set seed=S)"
+            )
         grid.append((key.strip(), values))
     return grid
 
@@ -110,10 +128,14 @@ def plan(
     """Every run of the sweep, each document validated.
 
     Raises:
-        ConfigError: a grid value makes an invalid scenario, or ``seeds`` < 1.
+        ConfigError: a grid value makes an invalid scenario, ``seeds`` < 1, or more than
+            ``MAX_RUNS`` runs.
     """
     if seeds < 1:
         raise ConfigError("--seeds", seeds, "an integer >= 1")
+    total = seeds * math.prod(len(values) for _, values in grid)
+    if total > MAX_RUNS:
+        raise ConfigError("--grid/--seeds", total, f"a sweep of at most {MAX_RUNS} runs")
     base = parse_scenario(document, source=source)
     runs: list[SweepRun] = []
     keys = [key for key, _ in grid]
@@ -149,6 +171,27 @@ def run_one(document: dict[str, Any], source: str, directory: str, plots: bool) 
     return run_scenario(scenario, Path(directory), plots=plots, force=True).summary
 
 
+def finished_summary(run: SweepRun, source: str) -> dict[str, Any] | None:
+    """The summary of ``run`` if its directory holds a finished run of the same scenario.
+
+    A run directory is finished when it has ``summary.json`` (written last) not marked
+    ``interrupted``, and its ``scenario.toml`` is the resolved scenario this run would write,
+    so a changed grid or scenario is run again rather than reused.
+    """
+    from sim.scenario import to_toml
+
+    try:
+        summary = json.loads((run.directory / "summary.json").read_text())
+        written = (run.directory / "scenario.toml").read_text()
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(summary, dict) or summary.get("interrupted"):
+        return None
+    if written != to_toml(parse_scenario(run.document, source=source)):
+        return None
+    return summary
+
+
 def run_sweep(
     runs: Sequence[SweepRun],
     source: str,
@@ -159,21 +202,33 @@ def run_sweep(
     metrics: Sequence[str] = DEFAULT_METRICS,
     on_done: Callable[[int, int], None] | None = None,
     name: str = "sweep",
+    resume: bool = False,
+    stop: StopRequest | None = None,
     force: bool = False,
 ) -> Path:
     """Run every run (``jobs`` spawned processes), write ``sweep.csv`` and the plot.
 
     Unless ``force``, every run's memory estimate (:mod:`sim.footprint`) must fit in its
-    worker's share of the available memory before any run starts.
+    worker's share of the available memory before any run starts. With ``resume``, runs
+    whose directory already holds a finished run of the same scenario
+    (:func:`finished_summary`) are taken from it and not run again.
+
+    On ``stop`` (polled every :data:`POLL_SECONDS`) or :class:`KeyboardInterrupt`, the
+    workers are killed at once (their unfinished runs are lost), ``sweep.csv`` and the plot
+    are written for the runs that finished, and :class:`~sim.interrupts.Interrupted` is
+    raised.
 
     Returns:
         The path of ``sweep.csv``.
 
     Raises:
-        ConfigError: ``jobs`` < 1, a metric is not a summary column, or a run does not fit.
+        ConfigError: ``jobs`` not in 1..4 per CPU, a metric is not a summary column, ``out``
+            is a file, or a run does not fit.
+        Interrupted: stopped early; its message says how many runs were kept.
     """
-    if jobs < 1:
-        raise ConfigError("--jobs", jobs, "an integer >= 1")
+    cpus = os.cpu_count() or 1
+    if not 1 <= jobs <= 4 * cpus:
+        raise ConfigError("--jobs", jobs, f"an integer in 1..{4 * cpus} (4 per CPU)")
     available = available_bytes()
     if not force and available is not None and runs:
         share = available // min(jobs, len(runs))
@@ -182,32 +237,110 @@ def run_sweep(
     for metric in metrics:
         if metric not in SUMMARY_COLUMNS:
             raise ConfigError("--metric", metric, f"one of {', '.join(SUMMARY_COLUMNS)}")
-    out.mkdir(parents=True, exist_ok=True)
+    from sim.run import make_directory
+
+    make_directory("--out", out)
     summaries: dict[int, dict[str, Any]] = {}
-    context = get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        futures = {
-            pool.submit(run_one, run.document, source, str(run.directory), plots): run.index
-            for run in runs
-        }
-        for future in as_completed(futures):
-            summaries[futures[future]] = future.result()
-            if on_done is not None:
-                on_done(len(summaries), len(runs))
+    if resume:
+        for run in runs:
+            summary = finished_summary(run, source)
+            if summary is not None:
+                summaries[run.index] = summary
+    todo = [run for run in runs if run.index not in summaries]
+    if on_done is not None and summaries:
+        on_done(len(summaries), len(runs))
+    interrupted = False
+    if todo:
+        interrupted = _run_in_workers(
+            todo, source, jobs, plots, summaries, len(runs), on_done, stop
+        )
     table = out / "sweep.csv"
+    done = [run for run in runs if run.index in summaries]
     write_table(runs, summaries, table)
     keys = [key for key, _ in runs[0].values] if runs else []
-    plot_sweep(table, keys, metrics, out, name=name)
+    if done:
+        plot_sweep(table, keys, metrics, out, name=name)
+    if interrupted:
+        raise Interrupted(
+            f"interrupted: {len(done)} of {len(runs)} runs finished, in {table}; "
+            "run the same sweep with --resume to run the rest"
+        )
     return table
 
 
+POLL_SECONDS = 0.2
+"""How often the sweep's parent looks at the stop request while its workers run."""
+
+
+def _run_in_workers(
+    todo: Sequence[SweepRun],
+    source: str,
+    jobs: int,
+    plots: bool,
+    summaries: dict[int, dict[str, Any]],
+    total: int,
+    on_done: Callable[[int, int], None] | None,
+    stop: StopRequest | None,
+) -> bool:
+    """Run ``todo`` in a process pool, filling ``summaries``; True if stopped early."""
+    context = get_context("spawn")
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=ignore_interrupts)
+    stopped = False
+    clean = False
+    try:
+        with children_ignore_sigint():  # the pool starts its processes as work is submitted
+            futures = {
+                pool.submit(run_one, run.document, source, str(run.directory), plots): run.index
+                for run in todo
+            }
+        pending = set(futures)
+        with stop.deferred() if stop is not None else contextlib.nullcontext():
+            while pending and not (stop is not None and stop.requested):
+                finished, pending = wait(pending, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    summaries[futures[future]] = future.result()
+                    if on_done is not None:
+                        on_done(len(summaries), total)
+        stopped = bool(pending)
+        clean = not stopped
+    except KeyboardInterrupt:
+        stopped = True
+    finally:
+        if not clean:  # stopped, or a run failed: nothing the workers do now is kept
+            _kill_workers(pool)
+        pool.shutdown(wait=True, cancel_futures=True)
+    return stopped
+
+
+def _kill_workers(pool: ProcessPoolExecutor) -> None:
+    """Stop the pool's worker processes now (SIGTERM), not after their current run.
+
+    Python 3.11 has no public call for it (3.14 adds ``terminate_workers``), so the pool's
+    process table is read directly.
+    """
+    terminate = getattr(pool, "terminate_workers", None)
+    if terminate is not None:
+        terminate()
+        return
+    processes = dict(getattr(pool, "_processes", None) or {})
+    for process in processes.values():
+        process.terminate()
+    for process in processes.values():
+        process.join(timeout=2.0)
+        if process.is_alive():
+            process.kill()
+
+
 def write_table(runs: Sequence[SweepRun], summaries: dict[int, dict[str, Any]], path: Path) -> None:
+    """One row per run that has a summary, in run order."""
     keys = [key for key, _ in runs[0].values] if runs else []
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(["run", *keys, "seed", *SUMMARY_COLUMNS, "directory"])
         for run in runs:
-            summary = summaries[run.index]
+            summary = summaries.get(run.index)
+            if summary is None:
+                continue
             writer.writerow(
                 [
                     run.index,

@@ -117,7 +117,7 @@ def figure(rows: Sequence[dict[str, str]], baseline: Sequence[dict[str, str]], o
         ax.grid(axis="y", alpha=0.3)
     first = next(iter(getattr(axes, "flat", [axes])))
     first.set_ylabel("final test accuracy")
-    first.legend(fontsize=7, loc="lower left")
+    first.legend(fontsize=7, loc="upper left")
     low = min(_values(rows, "final_accuracy_alive") + [base])
     first.set_ylim(max(0.0, low - 0.1), 1.0)
     fig.tight_layout()

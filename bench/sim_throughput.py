@@ -21,6 +21,7 @@ import time
 import torch
 
 from p2pfl.identity import Identity
+from sim.engine import Engine
 from sim.run import build_engine
 from sim.scenario import parse_scenario
 
@@ -47,24 +48,24 @@ def workload(nodes: int, rounds: int) -> dict[str, object]:
     }
 
 
-def measure_floor(engine_nodes: int, rounds: int, scenario_doc: dict[str, object]) -> float:
-    scenario = parse_scenario(scenario_doc)
-    engine = build_engine(scenario)
+def measure_floor(engine: Engine, *, models: int, rounds: int, steps: int) -> float:
+    """Seconds to sign and verify ``models`` models and train every node of ``engine``'s
+    population ``rounds`` times, ``steps`` local steps each, in batched calls."""
     population = engine.population
     identity = Identity.generate()
     header = os.urandom(200)
     signature = identity.sign(header)
     started = time.perf_counter()
-    for _ in range(engine_nodes * rounds):
+    for _ in range(models):
         identity.sign(header)
         identity.node_id.verify(signature, header)
-    vectors = population.federation.init_vector.repeat(engine_nodes, 1)
+    vectors = population.federation.init_vector.repeat(population.size, 1)
     datasets = population.train_sets
     samplers = [sampler for sampler in population.samplers if sampler is not None]
-    nodes = list(range(engine_nodes))
+    nodes = list(range(population.size))
     for round_ in range(rounds):
         vectors, _ = engine.trainer.train(
-            nodes, vectors, datasets, samplers, 2, [round_] * engine_nodes
+            nodes, vectors, datasets, samplers, steps, [round_] * population.size
         )
     return time.perf_counter() - started
 
@@ -83,7 +84,7 @@ def main() -> None:
     engine.run()
     wall = time.perf_counter() - started
     node_rounds = len(engine.recorder.rows)
-    floor = measure_floor(args.nodes, args.rounds, document)
+    floor = measure_floor(engine, models=node_rounds, rounds=args.rounds, steps=2)
     final = engine.recorder.rounds[-1]
     print(
         f"workload: {args.nodes} nodes, random 6-regular, MLP 64-32-10, dsgd, {args.rounds} rounds"

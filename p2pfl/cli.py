@@ -141,6 +141,7 @@ def _node(config_file: Path, log_level: str, torch_threads: int, log_format: str
     from p2pfl.runtime.node import Node, run_until_signalled
 
     config = load_config(config_file)
+    config.check_frame_size()
     configure_logging(log_level, log_format)
     if torch_threads < 1:
         raise ConfigError("--torch-threads", torch_threads, "an integer >= 1")

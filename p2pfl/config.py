@@ -73,7 +73,10 @@ Schema (every relative path is relative to the directory of the config file)::
     batch_size = 32
 
     [protocol]                       # the fields of p2pfl.protocol.CoreConfig
-    mode = "dsgd"                    # dsgd | gossip | modest
+    mode = "dsgd"                    # dsgd | gossip | modest | fedavg (or a plug-in's)
+    # server = "<64 hex>"            # fedavg: the server's key, the same on every node; a
+                                     #   client lists the server in [[peers]], the server
+                                     #   lists its clients
     rounds = 20                      # 1 .. 10**9 (protocol.config.MAX_ROUNDS)
     local_steps = 20
     round_timeout = 10.0
@@ -88,7 +91,7 @@ Schema (every relative path is relative to the directory of the config file)::
 
 Every mistake (unknown key, wrong type, bad value, missing file) raises
 :class:`~p2pfl.errors.ConfigError` whose one-line message names the dotted key, e.g.
-``protocol.mode = 'gosip': one of dsgd, gossip``.
+``protocol.mode = 'gosip': one of dsgd, fedavg, gossip, modest``.
 """
 
 from __future__ import annotations
@@ -246,6 +249,47 @@ class NodeConfig:
             )
         except ConfigError as exc:
             raise ConfigError(_learner_key(exc.key, data), exc.value, exc.allowed) from exc
+
+    def check_frame_size(self) -> int:
+        """Refuse a model whose frames would exceed ``node.max_frame_bytes``, before the
+        dataset and model are built (peers would drop every model this node sends).
+
+        Returns:
+            The bytes of one model frame.
+
+        Raises:
+            ConfigError: the frame is larger than ``node.max_frame_bytes``; the message
+                names both sizes and the keys to change.
+        """
+        from p2pfl.sizes import dataset_shape, model_frame_bytes, parameter_count
+
+        try:
+            _, sample_shape, classes = dataset_shape(self.data.dataset, self.data.params)
+        except ConfigError as exc:
+            raise ConfigError(_learner_key(exc.key, self.data), exc.value, exc.allowed) from exc
+        learner = self.learner
+        try:
+            params = parameter_count(
+                learner.model, learner.model_parameters(), sample_shape, classes
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"learner.{exc.key}", exc.value, exc.allowed) from None
+        protocol = self.protocol
+        frame = model_frame_bytes(
+            params,
+            wire_dtype=protocol.wire_dtype,
+            view_entries=protocol.view_entries if protocol.admits_strangers else 0,
+        )
+        limit = self.limits.max_frame_bytes
+        if frame > limit:
+            raise ConfigError(
+                "node.max_frame_bytes",
+                limit,
+                f"a model of {params} parameters needs frames of {frame} bytes; raise "
+                f"node.max_frame_bytes to at least {frame}, or shrink learner.hidden "
+                f"or use protocol.wire_dtype = 'float16'",
+            )
+        return frame
 
     def build_merge(self) -> MergeRule:
         """The configured merge rule.

@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="run seed (overrides the scenario's)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument(
+        "--force", action="store_true", help="run even if the memory estimate exceeds the machine"
+    )
+    run.add_argument(
         "--live",
         action="store_true",
         help="run the trio runtime over real TCP, nodes in shards on Ray (docs/live.md)",
@@ -148,7 +151,15 @@ def _run(args: argparse.Namespace, console: Console) -> int:
                 on_round=on_round,  # type: ignore[arg-type]
             )
         else:
-            result = run_scenario(scenario, args.out, on_round=on_round)
+            result = run_scenario(
+                scenario,
+                args.out,
+                on_round=on_round,
+                force=args.force,
+                on_phase=lambda phase: progress.update(
+                    task, description=f"{scenario.name}: {phase}"
+                ),
+            )
         on_round_final = result.summary
         progress.update(task, completed=on_round_final["rounds"])
     table = Table(title=f"{scenario.name}: {result.directory}")

@@ -108,7 +108,6 @@ class Disruptions:
 
     def _check(self, index: int, spec: DisruptionSpec) -> None:
         size = self.population.size
-        graph = self.population.graph
         key = f"disruptions[{index}]"
 
         def check_nodes(name: str, nodes: Sequence[int] | None) -> None:
@@ -126,7 +125,7 @@ class Disruptions:
                     self._traces[index] = trace
             case CutSpec() | RestoreSpec():
                 for u, v in spec.links or []:
-                    if not graph.has_edge(u, v):
+                    if not (0 <= u < size and v in self.population.neighbours[u]):
                         raise ConfigError(f"{key}.links", [u, v], "an edge of the topology")
             case PartitionSpec():
                 seen: set[int] = set()

@@ -23,6 +23,11 @@ turns it into a core event and carries out the actions the core returns:
   entry whose time no longer matches the core's deadline is stale and skipped.
 * ``SaveCheckpoint`` marks the end of a node's round for the metrics.
 
+At time 0 every node gets ``NeighboursConnected`` then ``Started``: one event per node, not one
+per neighbour, so a dense graph costs no heap entries per edge. If a disruption at time 0 has
+already taken something down, the engine hands the node one ``PeerConnected`` per reachable
+neighbour instead, back to back, which the cores treat alike.
+
 Adversaries: when ``engine.adversary`` is set (:class:`sim.adversaries.Adversary`), every
 ``Send`` of a node it marks Byzantine is first handed to ``adversary.forge``, which may return
 another envelope for that receiver (a model attack, re-sealed with the sender's own key);
@@ -81,6 +86,7 @@ from p2pfl.protocol.events import (
     DeadlineReached,
     Event,
     MessageReceived,
+    NeighboursConnected,
     PeerConnected,
     PeerDisconnected,
     Started,
@@ -210,8 +216,7 @@ class Engine:
         if self.disruptions is not None:
             self.disruptions.schedule(self)
         for node in range(len(self.cores)):
-            for neighbour in self.population.neighbours[node]:
-                self.push(0.0, node, PeerConnected(self.cores[neighbour].node_id))
+            self.push(0.0, node, NeighboursConnected())
             self.push(0.0, node, Started())
         size = len(self.cores)
         while self._heap and self._finished < size:
@@ -226,6 +231,9 @@ class Engine:
                 continue
             if self.status[node] is not ONLINE:
                 continue
+            if isinstance(item, NeighboursConnected) and not self.network.all_up():
+                self._connect_reachable(node)
+                continue
             event = self._to_event(node, item)
             if event is None:
                 continue
@@ -234,6 +242,18 @@ class Engine:
                 self._rearm(node)
         self.recorder.flush()
         return self.now
+
+    def _connect_reachable(self, node: int) -> None:
+        """The start's connections when something is down already: one ``PeerConnected``
+        per reachable neighbour, handled back to back as one event would be."""
+        for neighbour in self.population.neighbours[node]:
+            if self.status[node] is not ONLINE:
+                return
+            if self.network.reachable(node, neighbour):
+                peer = self.cores[neighbour].node_id
+                self._carry_out(node, self.cores[node].handle(PeerConnected(peer), now=self.now))
+                if self.status[node] is ONLINE:
+                    self._rearm(node)
 
     def _to_event(self, node: int, item: _Item) -> Event | None:
         match item:

@@ -17,6 +17,11 @@ nodes, links not cut) the node was in when it reported: the component's smallest
 and its number of nodes. Rows are written in (round, node) order with ``repr`` floats, so one
 seed gives one byte string.
 
+``reporting`` says which nodes report rounds at all (default: every node). With a server mode
+(``fedavg``) only the server does: it holds the global model, so its row *is* the round's
+model and the per-round summaries are the global model's accuracy; clients' local models are
+never recorded, and rounds do not wait for them.
+
 ``honest`` is 0 for Byzantine nodes (:mod:`sim.adversaries`); the per-round summaries
 (mean/min/max accuracy) cover honest nodes only. ``attack_success`` is the attack success rate
 of the node's model for a targeted attack (share of the attack's test inputs predicted as its
@@ -109,11 +114,14 @@ class MetricsRecorder:
     evaluate: Evaluator
     honest: list[bool] = field(default_factory=list)
     relay: list[bool] = field(default_factory=list)
+    reporting: list[bool] = field(default_factory=list)
     on_complete: Callable[[int], None] | None = None
     attack_success: SuccessRate | None = None
     rows: list[tuple[object, ...]] = field(default_factory=list)
     rounds: list[RoundSummary] = field(default_factory=list)
     _pending: dict[int, list[_Pending]] = field(default_factory=dict)
+    _pending_nodes: dict[int, set[int]] = field(default_factory=dict)
+    """The nodes in ``_pending[round]``, so a status change costs O(rounds), not O(nodes)."""
     _reported_active: dict[int, int] = field(default_factory=dict)
     _completed: dict[int, float] = field(default_factory=dict)
     _active: list[bool] = field(default_factory=list)
@@ -124,18 +132,20 @@ class MetricsRecorder:
             self.honest = [True] * self.num_nodes
         if not self.relay:
             self.relay = [False] * self.num_nodes
-        self._active = [True] * self.num_nodes
-        self._active_count = self.num_nodes
+        if not self.reporting:
+            self.reporting = [True] * self.num_nodes
+        self._active = list(self.reporting)
+        self._active_count = sum(self.reporting)
 
     def set_active(self, node: int, active: bool) -> None:
         """``node`` went offline or died (False) or came back (True)."""
-        if self._active[node] == active:
+        if not self.reporting[node] or self._active[node] == active:
             return
         self._active[node] = active
         self._active_count += 1 if active else -1
         step = 1 if active else -1
-        for round_, entries in self._pending.items():
-            if any(entry.node == node for entry in entries):
+        for round_, nodes in self._pending_nodes.items():
+            if node in nodes:
                 self._reported_active[round_] += step
         if not active:
             for round_ in sorted(self._pending):
@@ -160,8 +170,8 @@ class MetricsRecorder:
         if round_ in self._completed:
             self._late(round_, entry)
             return
-        entries = self._pending.setdefault(round_, [])
-        entries.append(entry)
+        self._pending.setdefault(round_, []).append(entry)
+        self._pending_nodes.setdefault(round_, set()).add(node)
         self._reported_active[round_] = self._reported_active.get(round_, 0) + int(
             self._active[node]
         )
@@ -225,6 +235,7 @@ class MetricsRecorder:
 
     def _complete(self, round_: int) -> None:
         entries = sorted(self._pending.pop(round_), key=lambda entry: entry.node)
+        del self._pending_nodes[round_]
         del self._reported_active[round_]
         vectors = torch.stack([entry.vector for entry in entries])
         test_loss, test_accuracy = self.evaluate(vectors)

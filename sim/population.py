@@ -21,13 +21,22 @@ share of the partition (they hold the whole training set, poisoned for a data at
 advertise the mean holder's sample count); a data attacker's own share is poisoned and its
 sampler walks the poisoned set with the node's own seed.
 
+A server: when the protocol mode declares one (:func:`p2pfl.protocol.mode_traits`, e.g.
+``fedavg``), the topology's nodes are the clients and keep their indices; the server is
+appended as node n, linked to every client, and the topology's own edges are dropped (clients
+talk to the server only). The server is a relay: it holds no data, and ``among = "data"``
+in a disruption leaves it alone. Adversaries are placed among the clients (never the server);
+Sybils are refused with a server mode.
+
 Initial models: ``learner.init = "shared"`` starts every node from the federation's model;
 ``"independent"`` gives each node its own initialisation (:func:`initial_vectors`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import networkx as nx
@@ -40,6 +49,7 @@ from p2pfl.errors import ConfigError
 from p2pfl.identity import Identity, NodeId
 from p2pfl.learn import Federation, MinibatchSampler, build_federation, derive_seed
 from p2pfl.params import ParamLayout, flatten
+from p2pfl.protocol import mode_traits
 from sim.adversaries import (
     DATA_ATTACKS,
     STREAM_ADVERSARIES,
@@ -49,6 +59,9 @@ from sim.adversaries import (
 )
 from sim.scenario import Scenario, SpeedSpec
 
+PhaseHook = Callable[[str], None]
+"""Told the name of each setup phase as it begins, for a progress display."""
+
 STREAM_ROLES = 12
 STREAM_SPEED = 13
 STREAM_INIT_NODE = 16
@@ -56,10 +69,14 @@ STREAM_INIT_NODE = 16
 
 @dataclass(slots=True)
 class Population:
-    """The nodes of one run, indexed 0..n-1 as in the topology."""
+    """The nodes of one run, indexed 0..n-1 as in the topology.
 
-    graph: nx.Graph
-    neighbours: list[list[int]]
+    ``neighbours[i]`` is node i's sorted neighbour list; for a complete graph it is an implicit
+    view (:class:`topologies.CompleteAdjacency`), and the networkx :attr:`graph` is only built
+    if something asks for it (a disruption that cuts links, a centrality choice, a plot).
+    """
+
+    neighbours: Sequence[Sequence[int]]
     identities: list[Identity]
     federation: Federation
     samplers: list[MinibatchSampler | None]
@@ -69,6 +86,31 @@ class Population:
     speed: list[float]
     adversaries: AdversaryPlan | None = None
     """Who is Byzantine (None: nobody); Sybil clones are the nodes past the topology's."""
+    topology: dict[str, object] | None = None
+    """The topology spec :attr:`graph` is rebuilt from when it was not built at setup."""
+    built_graph: nx.Graph | None = None
+    server: int | None = None
+    """The server's index, for a mode with a server (the last node); None otherwise."""
+
+    @property
+    def graph(self) -> nx.Graph:
+        """The topology as a networkx graph (built on first use for an implicit topology)."""
+        if self.built_graph is None:
+            assert self.topology is not None, "a population holds a graph or its spec"
+            self.built_graph = topologies.build(self.topology)
+        return self.built_graph
+
+    @property
+    def edge_count(self) -> int:
+        return sum(len(peers) for peers in self.neighbours) // 2
+
+    @property
+    def reporting(self) -> list[bool]:
+        """Whose models the metrics report: the server alone when there is one (it holds
+        the global model), else every node."""
+        if self.server is None:
+            return [True] * self.size
+        return [node == self.server for node in range(self.size)]
 
     @property
     def honest(self) -> list[bool]:
@@ -92,13 +134,13 @@ def simulated_identity(seed: int, node: int) -> Identity:
     return Identity.from_seed(hashlib.sha256(f"p2pfl-sim/{seed}/{node}".encode()).digest())
 
 
-def choose_relays(scenario: Scenario, graph: nx.Graph) -> list[bool]:
+def choose_relays(scenario: Scenario, neighbours: Sequence[Sequence[int]]) -> list[bool]:
     """Which nodes are relays: listed, or a fraction chosen at random or by highest degree.
 
     Raises:
         ConfigError: a listed relay is not a node, or no data holder would remain.
     """
-    size = graph.number_of_nodes()
+    size = len(neighbours)
     roles = scenario.roles
     relays = set(roles.relays)
     if any(node >= size for node in relays):
@@ -107,7 +149,7 @@ def choose_relays(scenario: Scenario, graph: nx.Graph) -> list[bool]:
     if count:
         candidates = [node for node in range(size) if node not in relays]
         if roles.relay_choice == "degree":
-            candidates.sort(key=lambda node: (-graph.degree(node), node))
+            candidates.sort(key=lambda node: (-len(neighbours[node]), node))
             relays.update(candidates[:count])
         else:
             rng = np.random.default_rng(derive_seed(scenario.seed, STREAM_ROLES))
@@ -139,25 +181,47 @@ def draw_speeds(spec: SpeedSpec, size: int, *, seed: int) -> list[float]:
     raise AssertionError(spec.dist)
 
 
-def build_population(scenario: Scenario) -> Population:
+def build_population(scenario: Scenario, *, on_phase: PhaseHook | None = None) -> Population:
     """Build the graph, identities, roles, data and speeds of ``scenario``.
+
+    ``on_phase`` is told each setup phase as it begins ("building the graph", "partitioning
+    data", "generating keys").
 
     Raises:
         TopologyError: the topology is invalid or disconnected where it must be connected.
         ConfigError: a data, learner, role or device setting is invalid.
     """
-    graph = topologies.build(
-        {"kind": scenario.topology.kind, **scenario.topology_params()},
-        require_connected=scenario.topology.require_connected,
-    )
-    base_size = graph.number_of_nodes()
-    relay = choose_relays(scenario, graph)
+    phase = on_phase or (lambda _name: None)
+    phase("building the graph")
+    topology: dict[str, object] = {"kind": scenario.topology.kind, **scenario.topology_params()}
+    # Sybil clones extend the graph, so adversaries need it built; otherwise a topology with
+    # an implicit form (complete) is never stored as n^2 edges.
+    implicit = None if scenario.adversaries else topologies.implicit_neighbours(topology)
+    graph: nx.Graph | None = None
+    if implicit is None:
+        graph = topologies.build(topology, require_connected=scenario.topology.require_connected)
+        neighbours: Sequence[Sequence[int]] = [
+            sorted(graph.neighbors(node)) for node in range(graph.number_of_nodes())
+        ]
+    else:
+        neighbours = implicit
+    base_size = len(neighbours)
+    relay = choose_relays(scenario, neighbours)
     plan = None
     if scenario.adversaries:
+        assert graph is not None
         plan = plan_adversaries(scenario.adversaries, graph, relay, seed=scenario.seed)
-    size = graph.number_of_nodes()
+        neighbours = [sorted(graph.neighbors(node)) for node in range(graph.number_of_nodes())]
+    server = None
+    if mode_traits(scenario.protocol.mode).server:
+        server, graph, plan = _add_server(scenario, len(neighbours), plan)
+        neighbours = [sorted(graph.neighbors(node)) for node in range(graph.number_of_nodes())]
+        relay.append(True)
+        base_size += 1
+    size = len(neighbours)
     relay += [False] * (size - base_size)
     holders = [node for node in range(base_size) if not relay[node]]
+    phase("partitioning data")
     try:
         federation = build_federation(
             scenario.data.dataset,
@@ -212,10 +276,11 @@ def build_population(scenario: Scenario) -> Population:
                 samplers.append(federation.sampler(part, batch_size=batch_size))
             train_sets.append(data)
             samples.append(len(data[0]))
+    phase("generating keys")
+    identities = [simulated_identity(scenario.seed, node) for node in range(size)]
     return Population(
-        graph=graph,
-        neighbours=[sorted(graph.neighbors(node)) for node in range(size)],
-        identities=[simulated_identity(scenario.seed, node) for node in range(size)],
+        neighbours=neighbours,
+        identities=identities,
         federation=federation,
         samplers=samplers,
         train_sets=train_sets,
@@ -223,7 +288,41 @@ def build_population(scenario: Scenario) -> Population:
         samples=samples,
         speed=draw_speeds(scenario.devices.speed, size, seed=scenario.seed),
         adversaries=plan,
+        topology=topology,
+        built_graph=graph,
+        server=server,
     )
+
+
+def _add_server(
+    scenario: Scenario, clients: int, plan: AdversaryPlan | None
+) -> tuple[int, nx.Graph, AdversaryPlan | None]:
+    """The server's index, the star around it and the adversary plan with the server honest.
+
+    Raises:
+        ConfigError: an adversary entry asks for Sybils (they would need their own clients'
+            place in the star; not supported).
+    """
+    for index, spec in enumerate(scenario.adversaries):
+        if spec.sybils is not None:
+            raise ConfigError(
+                f"adversaries[{index}].sybils",
+                spec.sybils,
+                f"absent with protocol.mode = {scenario.protocol.mode!r} (Byzantine clients "
+                "are placed with nodes, fraction or count)",
+            )
+    if plan is not None:
+        plan = dataclasses.replace(plan, base_size=clients + 1, entry_of=(*plan.entry_of, None))
+    return clients, with_server(clients), plan
+
+
+def with_server(size: int) -> nx.Graph:
+    """The star of a server mode: nodes 0..size-1 as clients, and node ``size`` linked to each
+    (``size`` edges, whatever the clients' topology was)."""
+    star = nx.Graph()
+    star.add_nodes_from(range(size + 1))
+    star.add_edges_from((size, client) for client in range(size))
+    return star
 
 
 def initial_vectors(scenario: Scenario, population: Population) -> list[Tensor]:

@@ -9,20 +9,27 @@ A run directory holds:
   ``node`` (a node's state became online/offline/dead, with the cause), ``link`` (a link went
   down/up), ``misbehaved`` and ``disconnect`` (from the cores);
 * ``nodes.csv`` (node, relay, samples, speed, degree) and ``edges.csv`` (u, v): the topology
-  the plots draw;
+  the plots draw (``edges.csv`` is left out above 200,000 edges, and ``summary.json`` says so
+  in ``edges_csv``);
 * ``summary.json``: totals and final accuracies (of all alive honest nodes, of the largest
   component, of isolated nodes), the number of honest and Byzantine nodes and, for a targeted
-  attack, ``attack_success_rate`` (mean over honest nodes of their last model's rate);
+  attack, ``attack_success_rate`` (mean over honest nodes of their last model's rate). With a
+  server mode (``fedavg``), ``server`` is the server's index (else null) and only the server
+  reports rounds, so every accuracy is the global model's: ``mean_test_accuracy`` (= min =
+  max) and ``final_accuracy_alive`` are the last global model's accuracy (null if the server
+  died), ``final_consensus_distance`` is 0, and ``nodes`` counts the clients and the server;
+  the traffic totals cover every node;
 * the plots, PNG and SVG (:mod:`sim.plots`), redrawn from these files by ``p2pfl-sim plot``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,17 +38,21 @@ from typing import Any
 import numpy as np
 
 from p2pfl.errors import ConfigError
+from p2pfl.identity import NodeId
 from p2pfl.learn import derive_seed
 from p2pfl.learn.batched import BatchedLearner
 from p2pfl.merge import make_merge_rule
 from p2pfl.protocol import CoreConfig, make_core
+from p2pfl.protocol.peers import AllPeersBut, SortedPeers
 from sim.adversaries import Adversary, AttackSuccess, targeted_entry
 from sim.disruptions import Disruptions
 from sim.engine import Engine
+from sim.footprint import check_fits
 from sim.metrics import MetricsRecorder
 from sim.network import LinkModel
-from sim.population import Population, build_population, initial_vectors
+from sim.population import PhaseHook, Population, build_population, initial_vectors
 from sim.scenario import Scenario, to_toml
+from topologies import CompleteAdjacency
 
 STREAM_CORE = 10
 STREAM_NETWORK = 11
@@ -53,7 +64,12 @@ class RunResult:
     summary: dict[str, Any]
 
 
-def core_config(scenario: Scenario) -> CoreConfig:
+def core_config(scenario: Scenario, population: Population | None = None) -> CoreConfig:
+    """The cores' settings; with a server mode, ``population`` names the server's key.
+
+    Raises:
+        ConfigError: a protocol setting is invalid.
+    """
     protocol = scenario.protocol
     # ProtocolSpec's fields are CoreConfig's, named alike; rounds and steps live elsewhere.
     config = CoreConfig(
@@ -61,6 +77,9 @@ def core_config(scenario: Scenario) -> CoreConfig:
         rounds=scenario.rounds,
         local_steps=scenario.learner.local_steps,
     )
+    if population is not None and population.server is not None:
+        server = population.identities[population.server].node_id
+        config = dataclasses.replace(config, server=server.hex())
     config.validate()
     return config
 
@@ -70,23 +89,27 @@ def build_engine(
     population: Population | None = None,
     *,
     on_round: Callable[[Engine], None] | None = None,
+    on_phase: PhaseHook | None = None,
 ) -> Engine:
     """Wire a scenario's population, cores, network and metrics into an engine.
+
+    ``on_phase`` is told each setup phase as it begins (see :data:`sim.population.PhaseHook`).
 
     Raises:
         ConfigError, TopologyError: the scenario is invalid.
     """
-    population = population or build_population(scenario)
-    config = core_config(scenario)
+    population = population or build_population(scenario, on_phase=on_phase)
+    if on_phase is not None:
+        on_phase("building cores")
+    config = core_config(scenario, population)
     federation = population.federation
     initial = initial_vectors(scenario, population)
+    neighbours = neighbour_ids(population)
     cores = [
         make_core(
             config,
             identity=population.identities[node],
-            neighbours=[
-                population.identities[peer].node_id for peer in population.neighbours[node]
-            ],
+            neighbours=neighbours[node],
             vector=initial[node],
             samples=population.samples[node],
             merge=make_merge_rule(scenario.merge.rule, **scenario.merge.params),
@@ -104,6 +127,7 @@ def build_engine(
         evaluate=lambda vectors: trainer.evaluate(vectors, test_x, test_y),
         honest=population.honest,
         relay=list(population.relay),
+        reporting=population.reporting,
         attack_success=AttackSuccess(targeted, (test_x, test_y), trainer.logits)
         if targeted is not None
         else None,
@@ -160,6 +184,16 @@ def build_trainer(scenario: Scenario, population: Population) -> BatchedLearner:
     return trainer
 
 
+def neighbour_ids(population: Population) -> list[Collection[NodeId]]:
+    """Each node's neighbours' ids: for a complete graph a view of one sorted table that all
+    cores share (O(n) in all, not O(n^2)), otherwise a list per node."""
+    node_ids = population.node_ids
+    if isinstance(population.neighbours, CompleteAdjacency):
+        universe = SortedPeers(node_ids)
+        return [AllPeersBut(universe, own) for own in node_ids]
+    return [[node_ids[peer] for peer in peers] for peers in population.neighbours]
+
+
 def default_run_dir(scenario: Scenario) -> Path:
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     return Path(scenario.output_dir) / f"{scenario.name}-seed{scenario.seed}-{stamp}"
@@ -171,14 +205,26 @@ def run_scenario(
     *,
     on_round: Callable[[Engine], None] | None = None,
     plots: bool = True,
+    force: bool = False,
+    on_phase: PhaseHook | None = None,
 ) -> RunResult:
     """Run ``scenario`` and write its run directory (with its plots unless ``plots=False``).
 
+    Before allocating anything, the scenario's memory footprint is estimated
+    (:mod:`sim.footprint`) and a scenario that does not fit the machine is refused, unless
+    ``force``. ``on_phase`` is told each phase as it begins (setup, then ``"running"``).
+
     Raises:
-        ConfigError, TopologyError: the scenario is invalid.
+        ConfigError, TopologyError: the scenario is invalid, or does not fit in memory.
     """
     started = time.perf_counter()
-    engine = build_engine(scenario, on_round=on_round)
+    if on_phase is not None:
+        on_phase("estimating memory")
+    if not force:
+        check_fits(scenario)
+    engine = build_engine(scenario, on_round=on_round, on_phase=on_phase)
+    if on_phase is not None:
+        on_phase("running")
     virtual_seconds = engine.run()
     wall_seconds = time.perf_counter() - started
     directory = out or default_run_dir(scenario)
@@ -186,11 +232,13 @@ def run_scenario(
     (directory / "scenario.toml").write_text(to_toml(scenario))
     (directory / "metrics.csv").write_text(engine.recorder.csv_text())
     summary = summarise(scenario, engine, virtual_seconds, wall_seconds)
+    skipped = write_topology(engine.population, directory)
+    if skipped is not None:
+        summary["edges_csv"] = skipped
     (directory / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     with (directory / "events.jsonl").open("w") as handle:
         for entry in engine.events_log:
             handle.write(json.dumps(entry, sort_keys=True) + "\n")
-    write_topology(engine.population, directory)
     if plots:
         from sim.plots import plot_run
 
@@ -198,19 +246,29 @@ def run_scenario(
     return RunResult(directory, summary)
 
 
-def write_topology(population: Population, directory: Path) -> None:
-    """``nodes.csv`` and ``edges.csv``: what the topology plot draws."""
-    graph = population.graph
+MAX_EDGES_WRITTEN = 200_000
+"""Above this many edges ``edges.csv`` is not written (the topology plot draws no edges)."""
+
+
+def write_topology(population: Population, directory: Path) -> str | None:
+    """``nodes.csv`` and ``edges.csv``: what the topology plot draws. Writing a dense
+    graph's edges is itself quadratic, so above :data:`MAX_EDGES_WRITTEN` edges the file is
+    left out; returns why it was, or None."""
+    neighbours = population.neighbours
     lines = ["node,relay,samples,speed,degree,honest"]
     honest = population.honest
     for node in range(population.size):
         lines.append(
             f"{node},{int(population.relay[node])},{population.samples[node]},"
-            f"{population.speed[node]!r},{graph.degree(node)},{int(honest[node])}"
+            f"{population.speed[node]!r},{len(neighbours[node])},{int(honest[node])}"
         )
     (directory / "nodes.csv").write_text("\n".join(lines) + "\n")
-    edges = sorted((min(u, v), max(u, v)) for u, v in graph.edges())
+    edge_count = population.edge_count
+    if edge_count > MAX_EDGES_WRITTEN:
+        return f"not written: {edge_count} edges > {MAX_EDGES_WRITTEN}"
+    edges = [(u, v) for u in range(population.size) for v in neighbours[u] if u < v]
     (directory / "edges.csv").write_text("u,v\n" + "".join(f"{u},{v}\n" for u, v in edges))
+    return None
 
 
 def summarise(
@@ -229,6 +287,7 @@ def summarise(
         "rounds": len(rounds),
         "seed": scenario.seed,
         "mode": scenario.protocol.mode,
+        "server": engine.population.server,
         "merge_rule": scenario.merge.rule,
         "mean_test_accuracy": finite(final.mean_test_accuracy) if final else None,
         "min_test_accuracy": finite(final.min_test_accuracy) if final else None,

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pfl.errors import ConfigError
+from sim.footprint import available_bytes, check_fits
 from sim.scenario import apply_overrides, override_path, parse_scenario
 
 SUMMARY_COLUMNS = (
@@ -144,7 +145,8 @@ def run_one(document: dict[str, Any], source: str, directory: str, plots: bool) 
     from sim.run import run_scenario
 
     scenario = parse_scenario(document, source=source)
-    return run_scenario(scenario, Path(directory), plots=plots).summary
+    # run_sweep checked the memory estimate against each worker's share of the machine.
+    return run_scenario(scenario, Path(directory), plots=plots, force=True).summary
 
 
 def run_sweep(
@@ -157,17 +159,26 @@ def run_sweep(
     metrics: Sequence[str] = DEFAULT_METRICS,
     on_done: Callable[[int, int], None] | None = None,
     name: str = "sweep",
+    force: bool = False,
 ) -> Path:
     """Run every run (``jobs`` spawned processes), write ``sweep.csv`` and the plot.
+
+    Unless ``force``, every run's memory estimate (:mod:`sim.footprint`) must fit in its
+    worker's share of the available memory before any run starts.
 
     Returns:
         The path of ``sweep.csv``.
 
     Raises:
-        ConfigError: ``jobs`` < 1 or a metric is not a summary column.
+        ConfigError: ``jobs`` < 1, a metric is not a summary column, or a run does not fit.
     """
     if jobs < 1:
         raise ConfigError("--jobs", jobs, "an integer >= 1")
+    available = available_bytes()
+    if not force and available is not None and runs:
+        share = available // min(jobs, len(runs))
+        for run in runs:
+            check_fits(parse_scenario(run.document, source=source), available=share)
     for metric in metrics:
         if metric not in SUMMARY_COLUMNS:
             raise ConfigError("--metric", metric, f"one of {', '.join(SUMMARY_COLUMNS)}")

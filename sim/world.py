@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from topologies import CompleteAdjacency
+
 ONLINE = "online"
 OFFLINE = "offline"
 DEAD = "dead"
@@ -33,11 +35,16 @@ class NetworkState:
     ) -> None:
         self.neighbours = neighbours
         self.status = [ONLINE] * len(neighbours)
+        self._not_online = 0
         self._log = log
         self._down_links: dict[tuple[int, int], set[str]] = {}
         self._components: tuple[list[int], list[int]] | None = None
 
     # -- reading ----------------------------------------------------------------------------
+
+    def all_up(self) -> bool:
+        """Every node online and every link up (O(1))."""
+        return not self._not_online and not self._down_links
 
     def link_up(self, u: int, v: int) -> bool:
         return not self._down_links.get(link_key(u, v))
@@ -64,6 +71,7 @@ class NetworkState:
         if before is DEAD or (before is OFFLINE and not dead):
             return None
         self.status[node] = DEAD if dead else OFFLINE
+        self._not_online += before is ONLINE
         self._log({"event": "node", "node": node, "state": self.status[node], "cause": cause,
                    "disruption": disruption})  # fmt: skip
         self._components = None
@@ -74,6 +82,7 @@ class NetworkState:
         if self.status[node] is not OFFLINE:
             return False
         self.status[node] = ONLINE
+        self._not_online -= 1
         self._log({"event": "node", "node": node, "state": ONLINE, "cause": cause,
                    "disruption": disruption})  # fmt: skip
         self._components = None
@@ -126,6 +135,13 @@ class NetworkState:
 
     def _label_components(self) -> tuple[list[int], list[int]]:
         size = len(self.status)
+        if isinstance(self.neighbours, CompleteAdjacency) and not self._down_links:
+            # Any set of online nodes of a complete graph is one component: O(n), not O(n^2).
+            online = [node for node in range(size) if self.status[node] is ONLINE]
+            root = online[0] if online else 0
+            labels = [root if self.status[node] is ONLINE else node for node in range(size)]
+            sizes = [len(online) if self.status[node] is ONLINE else 0 for node in range(size)]
+            return labels, sizes
         parent = list(range(size))
 
         def find(x: int) -> int:

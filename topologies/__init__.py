@@ -16,7 +16,15 @@ attribute never shadows the module (``import topologies.facts as m`` and
 """
 
 from topologies import facts, io, registry
-from topologies.classic import complete, line, ring, star
+from topologies.classic import (
+    AllBut,
+    CompleteAdjacency,
+    complete,
+    complete_adjacency,
+    line,
+    ring,
+    star,
+)
 from topologies.facts import (
     DegreeStats,
     GraphFacts,
@@ -35,10 +43,21 @@ from topologies.random_graphs import (
     random_regular,
     watts_strogatz,
 )
-from topologies.registry import Generator, Param, ParamRow, build, describe, kinds, register
+from topologies.registry import (
+    Generator,
+    Param,
+    ParamRow,
+    build,
+    describe,
+    implicit_neighbours,
+    kinds,
+    register,
+)
 from topologies.structured import exponential, two_cliques
 
 __all__ = [
+    "AllBut",
+    "CompleteAdjacency",
     "DegreeStats",
     "Generator",
     "GraphFacts",
@@ -47,6 +66,7 @@ __all__ = [
     "barabasi_albert",
     "build",
     "complete",
+    "complete_adjacency",
     "degree_stats",
     "describe",
     "diameter",
@@ -55,6 +75,7 @@ __all__ = [
     "facts",
     "graph_facts",
     "grid",
+    "implicit_neighbours",
     "io",
     "kinds",
     "line",

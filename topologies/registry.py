@@ -15,7 +15,7 @@ generator then checks ranges. Plug-ins add generators with :func:`register`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,8 +33,10 @@ __all__ = [
     "describe",
     "get",
     "kinds",
+    "implicit_neighbours",
     "parse_spec",
     "register",
+    "resolve",
 ]
 
 
@@ -88,12 +90,16 @@ class Generator:
         func: Callable taking the parameters as keywords and returning an ``nx.Graph``.
         params: Parameters, in signature order.
         summary: One-line description.
+        implicit: Callable taking the same keywords and returning the neighbour lists of a
+            connected graph without materialising it (dense graphs), or None.
     """
 
     kind: str
     func: Callable[..., nx.Graph]
     params: tuple[Param, ...]
     summary: str = ""
+    implicit: Callable[..., Sequence[Sequence[int]]] | None = None
+    """Optional: the same graph's sorted neighbour lists without building it (connected)."""
 
     def param(self, name: str) -> Param | None:
         """The parameter called ``name``, or None."""
@@ -231,21 +237,11 @@ def _coerce(kind: str, param: Param, value: object) -> object:
     return value
 
 
-def build(spec: str | Mapping[str, object], *, require_connected: bool = False) -> nx.Graph:
-    """Build the topology described by ``spec``.
-
-    Args:
-        spec: ``"kind:key=value,..."`` or a mapping with a ``"kind"`` key and parameters.
-        require_connected: Raise if the built graph is disconnected.
-
-    Returns:
-        The graph on nodes ``0..n-1``.
+def resolve(spec: str | Mapping[str, object]) -> tuple[Generator, dict[str, object]]:
+    """The generator ``spec`` names and its checked arguments (what :func:`build` calls).
 
     Raises:
-        TopologyError: If the spec is malformed, the kind is unknown (the message lists the
-            known kinds), a key is not a parameter (the message lists the allowed ones), a
-            required parameter is missing, a value has the wrong type or range, or
-            ``require_connected`` is set and the graph is disconnected.
+        TopologyError: As :func:`build`, except for range checks and connectivity.
     """
     if isinstance(spec, str):
         table: Mapping[str, object] = parse_spec(spec)
@@ -280,6 +276,27 @@ def build(spec: str | Mapping[str, object], *, require_connected: bool = False) 
             f"{kind}: missing required parameter(s) {', '.join(missing)}; "
             f"parameters: {', '.join(names)}"
         )
+    return generator, arguments
+
+
+def build(spec: str | Mapping[str, object], *, require_connected: bool = False) -> nx.Graph:
+    """Build the topology described by ``spec``.
+
+    Args:
+        spec: ``"kind:key=value,..."`` or a mapping with a ``"kind"`` key and parameters.
+        require_connected: Raise if the built graph is disconnected.
+
+    Returns:
+        The graph on nodes ``0..n-1``.
+
+    Raises:
+        TopologyError: If the spec is malformed, the kind is unknown (the message lists the
+            known kinds), a key is not a parameter (the message lists the allowed ones), a
+            required parameter is missing, a value has the wrong type or range, or
+            ``require_connected`` is set and the graph is disconnected.
+    """
+    generator, arguments = resolve(spec)
+    kind = generator.kind
     graph = generator.func(**arguments)
     if require_connected and graph.number_of_nodes() and not nx.is_connected(graph):
         components = nx.number_connected_components(graph)
@@ -291,6 +308,17 @@ def build(spec: str | Mapping[str, object], *, require_connected: bool = False) 
     return graph
 
 
+def implicit_neighbours(spec: str | Mapping[str, object]) -> Sequence[Sequence[int]] | None:
+    """The neighbour lists of ``spec``'s graph without building it, when its generator has an
+    implicit form (``complete``); None otherwise. An implicit graph is connected.
+
+    Raises:
+        TopologyError: As :func:`build`.
+    """
+    generator, arguments = resolve(spec)
+    return None if generator.implicit is None else generator.implicit(**arguments)
+
+
 _SEED = Param("seed", int, None, "None or an int >= 0; same int, same graph", nullable=True)
 
 for _generator in (
@@ -298,7 +326,11 @@ for _generator in (
     Generator("line", classic.line, (Param("n", int, allowed="n >= 1"),), "path 0 - ... - n-1"),
     Generator("star", classic.star, (Param("n", int, allowed="n >= 1"),), "hub 0 linked to all"),
     Generator(
-        "complete", classic.complete, (Param("n", int, allowed="n >= 1"),), "all pairs linked"
+        "complete",
+        classic.complete,
+        (Param("n", int, allowed="n >= 1"),),
+        "all pairs linked",
+        implicit=classic.complete_adjacency,
     ),
     Generator(
         "grid",

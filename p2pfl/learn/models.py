@@ -280,7 +280,7 @@ def build_model(
             module = factory(shape, num_classes, **params)
     if not isinstance(module, nn.Module):
         raise ConfigError("model", name, "a factory returning a torch.nn.Module")
-    _check_size(name, _count(module))
+    check_model_size(name, _count(module))
     return module
 
 
@@ -321,7 +321,12 @@ def _count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def _check_size(name: str, count: int) -> None:
+def check_model_size(name: str, count: int) -> None:
+    """Refuse a model of more than :data:`MAX_PARAMETERS` parameters.
+
+    Raises:
+        ConfigError: ``count`` is above the limit (the message names both).
+    """
     if count > MAX_PARAMETERS:
         raise ConfigError(
             "model",
@@ -332,7 +337,7 @@ def _check_size(name: str, count: int) -> None:
 
 def _materialise(module: nn.Module, seed: int, name: str) -> nn.Module:
     """Check the size of a meta-device ``module``, allocate it and draw its parameters."""
-    _check_size(name, _count(module))
+    check_model_size(name, _count(module))
     generator = torch.Generator(device="cpu")
     generator.manual_seed(seed & SEED_MASK)
     _allocate(module)

@@ -9,6 +9,8 @@ decreasing), then dispatches the event with ``match``:
   (a connection from a peer the core does not *admit* is answered with ``Disconnect``: only
   configured neighbours, unless the config's ``admits_strangers`` holds, as for ``modest``
   and membership-sampled ``gossip``, which take any authenticated peer), then tell the mode;
+  ``NeighboursConnected`` is one ``PeerConnected`` per neighbour in key order, at O(1) for
+  a mode that does not override ``_on_connected``;
 - ``MessageReceived`` goes to ``_on_message``, by default
   :func:`~p2pfl.protocol.messages.parse_model_update` (or, for ``HISTORY`` when history
   gossip is on, :class:`~p2pfl.protocol.histories.HistoryGossip`); a peer's fault becomes
@@ -28,7 +30,7 @@ variant; a mode calls :meth:`BaseCore._gossip_histories` right after it sends it
 
 The driver learns its neighbours' reachability only through events: every configured
 neighbour starts *not connected*, and a driver reports ``PeerConnected`` for each neighbour it
-reaches (the simulator does so for every neighbour before ``Started``). Tensors in actions
+reaches (the simulator reports ``NeighboursConnected`` before ``Started``). Tensors in actions
 are shared with the core: a driver must treat them as read-only.
 """
 
@@ -54,6 +56,7 @@ from p2pfl.protocol.events import (
     DeadlineReached,
     Event,
     MessageReceived,
+    NeighboursConnected,
     PeerConnected,
     PeerDisconnected,
     Started,
@@ -195,6 +198,14 @@ class BaseCore(abc.ABC):
                     return [Disconnect(peer, "not a configured neighbour")]
                 self._peers.connect(peer)
                 return [] if self.finished else self._on_connected(peer)
+            case NeighboursConnected():
+                self._peers.connect_all()
+                # Only a mode that reacts to a connection pays one hook call per neighbour.
+                if self.finished or type(self)._on_connected is BaseCore._on_connected:
+                    return []
+                return [
+                    action for peer in self._peers.neighbours for action in self._on_connected(peer)
+                ]
             case PeerDisconnected(peer=peer):
                 if not self._peers.is_connected(peer):
                     return []

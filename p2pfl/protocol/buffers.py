@@ -53,6 +53,13 @@ class RoundBuffer:
     def senders(self, round: int) -> frozenset[NodeId]:
         return frozenset(self._rounds.get(round, ()))
 
+    def holds(self, round: int, sender: NodeId) -> bool:
+        return sender in self._rounds.get(round, ())
+
+    def count(self, round: int) -> int:
+        """How many senders' models of ``round`` are held."""
+        return len(self._rounds.get(round, ()))
+
     def take(self, round: int, order: Sequence[NodeId]) -> list[ModelUpdate]:
         """Remove and return the models of ``round`` in ``order``; forget older rounds too."""
         held = self._rounds.pop(round, {})

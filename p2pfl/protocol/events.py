@@ -23,6 +23,16 @@ class PeerConnected:
 
 
 @dataclass(frozen=True, slots=True)
+class NeighboursConnected:
+    """Authenticated connections to every configured neighbour are up.
+
+    Means the same as one ``PeerConnected`` per neighbour, in key order, at O(1) cost for
+    the core; a driver that reaches all neighbours at once (the simulator at its start) says
+    this instead, so a dense graph does not cost a core one event per neighbour.
+    """
+
+
+@dataclass(frozen=True, slots=True)
 class PeerDisconnected:
     """The connection to ``peer`` is gone."""
 
@@ -58,6 +68,7 @@ class DeadlineReached:
 Event = (
     Started
     | PeerConnected
+    | NeighboursConnected
     | PeerDisconnected
     | MessageReceived
     | TrainingFinished

@@ -45,6 +45,7 @@ target, by the own signed history and one relayed record.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -62,7 +63,8 @@ from p2pfl.protocol.actions import (
 )
 from p2pfl.protocol.base import BaseCore
 from p2pfl.protocol.buffers import LatestBuffer
-from p2pfl.protocol.core import register_protocol_mode
+from p2pfl.protocol.config import CoreConfig
+from p2pfl.protocol.core import ModeTraits, register_protocol_mode
 from p2pfl.protocol.events import MessageReceived
 from p2pfl.protocol.membership import Membership, parse_records
 from p2pfl.protocol.messages import ModelUpdate, parse_model_update
@@ -79,7 +81,12 @@ class _Outstanding:
     started_at: float
 
 
-@register_protocol_mode("gossip")
+def _samples_membership(config: CoreConfig) -> bool:
+    """Pushes reach peers beyond the neighbours when targets come from the membership view."""
+    return config.peer_sampling == "membership"
+
+
+@register_protocol_mode("gossip", traits=ModeTraits(strangers=_samples_membership))
 class GossipCore(BaseCore):
     """Asynchronous push gossip: periodic pushes to random neighbours; merge on receipt."""
 
@@ -183,6 +190,7 @@ class GossipCore(BaseCore):
 
     def _push(self) -> list[Action]:
         membership = self.membership
+        pool: Sequence[NodeId]
         if membership is not None:
             membership.set_round(self.round)
             membership.apply_pending()
@@ -203,8 +211,9 @@ class GossipCore(BaseCore):
         return actions + self._gossip_histories(targets, self.vector)
 
     def _merge_and_train(self) -> list[Action]:
-        order = self._peers.neighbours if self.membership is None else None
-        updates = self._buffer.take(order)
+        # Every buffered model passed check_sender, so in neighbours mode it is a neighbour's:
+        # the held models in key order are the neighbours' order, at O(held), not O(degree).
+        updates = self._buffer.take(None)
         self.vector = self._merger.merge(self.vector, updates, own_round=self.round)
         return self._train(merged=len(updates))
 

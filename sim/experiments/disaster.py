@@ -1,14 +1,14 @@
-"""The disaster study's report (docs/experiments.md): tables and a figure from two sweeps.
+"""The disaster study's report (docs/experiments.md): tables and a figure from sweeps.
 
 The runs are plain ``p2pfl-sim sweep`` runs of a disaster scenario (the commands are in
 docs/experiments.md); this module only reads their ``sweep.csv`` files:
 
-    python -m sim.experiments.disaster report SWEEP_DIR BASELINE_DIR [--figure PNG]
+    python -m sim.experiments.disaster report SWEEP_DIR... --baseline DIR [--figure PNG]
 
 prints one markdown row per grid point (removed fraction, among, chosen by) with the mean ±
-standard deviation over seeds of the accuracy of all surviving nodes, of the largest
-component (with its mean size), of the isolated nodes (with their mean count) and the mean
-number of components, preceded by the no-removal baseline; ``--figure`` draws, for every
+standard deviation over seeds (a bare mean where one seed only has a value) of the accuracy
+of all surviving nodes, of the largest component (with its mean size), of the isolated nodes
+(with their mean count) and the mean number of components, preceded by the no-removal baseline; ``--figure`` draws, for every
 removed fraction, the survivors' and the largest component's accuracy per (among, by),
 against the baseline.
 """
@@ -52,8 +52,11 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def _cell(values: Sequence[float]) -> str:
+    """``mean ± std``; a lone value (one seed had isolated nodes) without a spread."""
     mean, std = mean_std(values)
-    return "–" if math.isnan(mean) else f"{mean:.3f} ± {std:.3f}"
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ± {std:.3f}"
 
 
 def groups(rows: Sequence[dict[str, str]]) -> dict[Group, list[dict[str, str]]]:
@@ -130,11 +133,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sim.experiments.disaster")
     commands = parser.add_subparsers(dest="command", required=True)
     report = commands.add_parser("report", help="markdown table (and figure) from two sweeps")
-    report.add_argument("sweep", type=Path, help="the removal sweep's directory")
-    report.add_argument("baseline", type=Path, help="the no-removal sweep's directory")
+    report.add_argument("sweeps", type=Path, nargs="+", help="the removal sweeps' directories")
+    report.add_argument("--baseline", type=Path, required=True, help="the no-removal sweep")
     report.add_argument("--figure", type=Path, help="write the bar chart here (PNG)")
     args = parser.parse_args(argv)
-    rows, baseline = read_rows(args.sweep), read_rows(args.baseline)
+    rows = [row for sweep in args.sweeps for row in read_rows(sweep)]
+    baseline = read_rows(args.baseline)
     print(table(rows, baseline))
     if args.figure is not None:
         figure(rows, baseline, args.figure)

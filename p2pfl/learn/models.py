@@ -314,7 +314,12 @@ def _check_params(name: str, factory: ModelFactory, params: Mapping[str, Any]) -
     for key, value in params.items():
         if not takes_any and key not in accepted:
             allowed = ", ".join(accepted) if accepted else "no parameters"
-            raise ConfigError(f"model_params.{key}", value, f"model {name!r} takes {allowed}")
+            raise ConfigError(
+                f"model_params.{key}",
+                value,
+                f"model {name!r} takes {allowed} (when switching models, drop the other "
+                "model's parameters: model_params = {})",
+            )
 
 
 def _count(module: nn.Module) -> int:

@@ -134,6 +134,11 @@ class Envelope:
     signature: bytes
     meta: Mapping[str, Any] = field(default_factory=dict)
     version: int = PROTOCOL_VERSION
+    memo: dict[str, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
+    """Values this process derived from the envelope's immutable content (e.g. its decoded
+    model, see :func:`p2pfl.protocol.messages.decode_model`), computed once and shared by
+    every receiver of the same object. Not part of the message: never on the wire, fresh on
+    every new envelope (``dataclasses.replace`` included), ignored by ``==``."""
 
     def header_fields(self) -> dict[str, Any]:
         """Every header entry except the signature, as it is signed."""

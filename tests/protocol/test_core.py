@@ -75,6 +75,27 @@ def test_default_config_is_valid() -> None:
         CoreConfig(mode=mode).validate()
 
 
+def test_config_is_checked_once_per_object(monkeypatch: pytest.MonkeyPatch) -> None:
+    checks: list[CoreConfig] = []
+    real = CoreConfig._check
+
+    def counting(self: CoreConfig) -> None:
+        checks.append(self)
+        real(self)
+
+    monkeypatch.setattr(CoreConfig, "_check", counting)
+    config = CoreConfig(rounds=1)
+    for _ in range(3):
+        config.validate()
+    assert checks == [config]
+    # Equal is not the same: rounds=True == rounds=1, yet it is checked, and refused.
+    with pytest.raises(ConfigError, match="protocol.rounds"):
+        CoreConfig(rounds=True).validate()  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        CoreConfig(rounds=True).validate()  # type: ignore[arg-type]
+    assert len(checks) == 3
+
+
 def test_make_core_rejects_itself_as_neighbour_and_bad_vectors() -> None:
     me = Identity.from_seed(b"\x01" * 32)
     args = {

@@ -391,14 +391,16 @@ def _unpack_header(header_bytes: memoryview, limits: Limits) -> dict[str, Any]:
 
 
 def _check_depth(obj: Any, budget: int) -> None:
+    # Every value, scalars too, sits one level below its container; recursing only into
+    # containers (a scalar needs budget >= 1 left in its parent) saves a call per scalar.
     if budget < 0:
         raise DecodeError("header nests too deeply")
-    if isinstance(obj, dict):
-        for value in obj.values():
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else ()
+    for value in values:
+        if isinstance(value, dict | list):
             _check_depth(value, budget - 1)
-    elif isinstance(obj, list):
-        for item in obj:
-            _check_depth(item, budget - 1)
+        elif budget == 0:
+            raise DecodeError("header nests too deeply")
 
 
 _FIELDS = frozenset({"h", "k", "m", "p", "q", "r", "s", "sig", "v"})

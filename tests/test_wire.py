@@ -787,3 +787,24 @@ def test_replay_window_accepts_any_unseen_order_within_window(size: int, seqs: l
     for seq in seqs:
         with pytest.raises(Replayed):
             window.check(seq)
+
+
+def _too_deep_reference(obj: Any, budget: int) -> bool:
+    """The depth rule: every value, scalars included, one level below its container."""
+    if budget < 0:
+        return True
+    children = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else []
+    return any(_too_deep_reference(child, budget - 1) for child in children)
+
+
+@given(any_values, st.integers(0, 4))
+def test_depth_check_counts_scalars_like_containers(value: Any, depth: int) -> None:
+    header = {"m": {"a": value}}
+    limits = Limits(max_depth=depth)
+    packed = msgpack.packb(header, use_bin_type=True)
+    try:
+        wire_internals._unpack_header(memoryview(packed), limits)
+    except DecodeError as exc:
+        assert "deep" in str(exc) and _too_deep_reference(header, depth)
+    else:
+        assert not _too_deep_reference(header, depth)

@@ -73,7 +73,10 @@ Schema (every relative path is relative to the directory of the config file)::
     batch_size = 32
 
     [protocol]                       # the fields of p2pfl.protocol.CoreConfig
-    mode = "dsgd"                    # dsgd | gossip | modest
+    mode = "dsgd"                    # dsgd | gossip | modest | fedavg (or a plug-in's)
+    # server = "<64 hex>"            # fedavg: the server's key, the same on every node; a
+                                     #   client lists the server in [[peers]], the server
+                                     #   lists its clients
     rounds = 20                      # 1 .. 10**9 (protocol.config.MAX_ROUNDS)
     local_steps = 20
     round_timeout = 10.0
@@ -88,7 +91,7 @@ Schema (every relative path is relative to the directory of the config file)::
 
 Every mistake (unknown key, wrong type, bad value, missing file) raises
 :class:`~p2pfl.errors.ConfigError` whose one-line message names the dotted key, e.g.
-``protocol.mode = 'gosip': one of dsgd, gossip``.
+``protocol.mode = 'gosip': one of dsgd, fedavg, gossip, modest``.
 """
 
 from __future__ import annotations

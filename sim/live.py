@@ -658,6 +658,7 @@ def _drive(
         num_nodes=population.size,
         evaluate=lambda vectors: trainer.evaluate(vectors, test_x, test_y),
         relay=list(population.relay),
+        reporting=population.reporting,
     )
     world = LiveWorld(population, recorder, owners, on_round=on_round)
     if scenario.disruptions:

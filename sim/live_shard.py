@@ -80,6 +80,7 @@ from p2pfl.protocol.base import BaseCore
 from p2pfl.protocol.phases import Phase
 from p2pfl.runtime.node import Node
 from p2pfl.runtime.peer import Backoff
+from p2pfl.runtime.policy import OpenLinks
 from p2pfl.runtime.status import REJECT_REASONS
 from sim.population import Population, build_population
 from sim.run import core_config
@@ -127,35 +128,19 @@ class RelayLearner:
         return self._inner.evaluate(vector)
 
 
-class LiveNode(Node):
-    """A runtime node whose links the live driver can cut and restore.
+class CutLinks(OpenLinks):
+    """The live driver's view of a node's links, the node's
+    :class:`~p2pfl.runtime.policy.LinkPolicy`: TCP dials, some links cut.
 
-    A cut link's connection is closed; while it is cut, this node neither dials that peer
-    nor accepts it (refused as a failed handshake).
+    While a link is cut, the node neither dials that peer nor accepts it (refused as a failed
+    handshake); the shard closes the open connection when it cuts (``Node.close_link``).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self) -> None:
         self.cut_peers: set[NodeId] = set()
 
-    def cut(self, peer: NodeId) -> None:
-        self.cut_peers.add(peer)
-        connection = self._connections.get(peer)
-        if connection is not None:
-            connection.close()
-
-    def restore(self, peer: NodeId) -> None:
-        self.cut_peers.discard(peer)
-
-    def _refusal(self, peer: NodeId) -> str | None:
-        if peer in self.cut_peers:
-            return "handshake"
-        return super()._refusal(peer)
-
-    async def _dial_once(self, peer: NodeId, host: str, port: int, address: str) -> bool:
-        if peer in self.cut_peers:
-            return False
-        return await super()._dial_once(peer, host, port, address)
+    def link_up(self, peer: NodeId) -> bool:
+        return peer not in self.cut_peers
 
 
 def traffic_of(node: Node) -> tuple[int, int, int, int, int]:
@@ -183,14 +168,14 @@ class _Slot:
     index: int
     listeners: list[trio.SocketListener] = field(default_factory=list)
     port: int = 0
-    node: LiveNode | None = None
+    node: Node | None = None
+    links: CutLinks = field(default_factory=CutLinks)
     running: bool = False
     finished: bool = False
     dead: bool = False
     rejoin: bool = False
     incarnation: int = 0
     base_traffic: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
-    cut: set[int] = field(default_factory=set)
 
 
 class Shard:
@@ -217,7 +202,7 @@ class Shard:
             raise ValueError(f"nodes {nodes} are not all in 0..{self.population.size - 1}")
         self.nodes = sorted(nodes)
         self.host = host
-        self.protocol = core_config(scenario)
+        self.protocol = core_config(scenario, self.population)
         self.strangers = self.protocol.admits_strangers
         """The cores talk beyond their neighbours: every node gets the whole address book."""
         self._checkpoint_root = (
@@ -405,7 +390,7 @@ class Shard:
         slot.running = True
         self._nursery.start_soon(self._run_node, slot, node)
 
-    async def _run_node(self, slot: _Slot, node: LiveNode) -> None:
+    async def _run_node(self, slot: _Slot, node: Node) -> None:
         try:
             await node.run()
         except Exception:
@@ -419,7 +404,7 @@ class Shard:
             slot.rejoin = False
             self._restart(slot)
 
-    def _build(self, slot: _Slot) -> LiveNode:
+    def _build(self, slot: _Slot) -> Node:
         index = slot.index
         population = self.population
         scenario = self.scenario
@@ -468,7 +453,7 @@ class Shard:
             protocol=self.protocol,
             merge=MergeConfig(rule=scenario.merge.rule, params=scenario.merge.params),
         )
-        node = LiveNode(
+        return Node(
             config,
             identity=identity,
             learner=self._learner(index),
@@ -476,9 +461,8 @@ class Shard:
             listeners=slot.listeners or None,
             backoff=RECONNECT,
             on_round=lambda round_, vector, loss: self._on_round(slot, round_, vector, loss),
+            policy=slot.links,
         )
-        node.cut_peers.update(population.identities[peer].node_id for peer in slot.cut)
-        return node
 
     def _learner(self, index: int) -> TorchLearner | RelayLearner:
         federation = self.population.federation
@@ -535,13 +519,11 @@ class Shard:
                 assert peer is not None
                 peer_id = self.population.identities[peer].node_id
                 if name == "cut":
-                    slot.cut.add(peer)
+                    slot.links.cut_peers.add(peer_id)
                     if node is not None:
-                        node.cut(peer_id)
+                        node.close_link(peer_id)
                 else:
-                    slot.cut.discard(peer)
-                    if node is not None:
-                        node.restore(peer_id)
+                    slot.links.cut_peers.discard(peer_id)
 
     def _restart(self, slot: _Slot) -> None:
         assert slot.node is not None and self._nursery is not None

@@ -17,6 +17,11 @@ nodes, links not cut) the node was in when it reported: the component's smallest
 and its number of nodes. Rows are written in (round, node) order with ``repr`` floats, so one
 seed gives one byte string.
 
+``reporting`` says which nodes report rounds at all (default: every node). With a server mode
+(``fedavg``) only the server does: it holds the global model, so its row *is* the round's
+model and the per-round summaries are the global model's accuracy; clients' local models are
+never recorded, and rounds do not wait for them.
+
 ``honest`` is 0 for Byzantine nodes (:mod:`sim.adversaries`); the per-round summaries
 (mean/min/max accuracy) cover honest nodes only. ``attack_success`` is the attack success rate
 of the node's model for a targeted attack (share of the attack's test inputs predicted as its
@@ -109,6 +114,7 @@ class MetricsRecorder:
     evaluate: Evaluator
     honest: list[bool] = field(default_factory=list)
     relay: list[bool] = field(default_factory=list)
+    reporting: list[bool] = field(default_factory=list)
     on_complete: Callable[[int], None] | None = None
     attack_success: SuccessRate | None = None
     eval_every: int = 1
@@ -130,12 +136,14 @@ class MetricsRecorder:
             self.honest = [True] * self.num_nodes
         if not self.relay:
             self.relay = [False] * self.num_nodes
-        self._active = [True] * self.num_nodes
-        self._active_count = self.num_nodes
+        if not self.reporting:
+            self.reporting = [True] * self.num_nodes
+        self._active = list(self.reporting)
+        self._active_count = sum(self.reporting)
 
     def set_active(self, node: int, active: bool) -> None:
         """``node`` went offline or died (False) or came back (True)."""
-        if self._active[node] == active:
+        if not self.reporting[node] or self._active[node] == active:
             return
         self._active[node] = active
         self._active_count += 1 if active else -1

@@ -21,12 +21,20 @@ share of the partition (they hold the whole training set, poisoned for a data at
 advertise the mean holder's sample count); a data attacker's own share is poisoned and its
 sampler walks the poisoned set with the node's own seed.
 
+A server: when the protocol mode declares one (:func:`p2pfl.protocol.mode_traits`, e.g.
+``fedavg``), the topology's nodes are the clients and keep their indices; the server is
+appended as node n, linked to every client, and the topology's own edges are dropped (clients
+talk to the server only). The server is a relay: it holds no data, and ``among = "data"``
+in a disruption leaves it alone. Adversaries are placed among the clients (never the server);
+Sybils are refused with a server mode.
+
 Initial models: ``learner.init = "shared"`` starts every node from the federation's model;
 ``"independent"`` gives each node its own initialisation (:func:`initial_vectors`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,6 +49,7 @@ from p2pfl.errors import ConfigError
 from p2pfl.identity import Identity, NodeId
 from p2pfl.learn import Federation, MinibatchSampler, build_federation, derive_seed
 from p2pfl.params import ParamLayout, flatten
+from p2pfl.protocol import mode_traits
 from sim.adversaries import (
     DATA_ATTACKS,
     STREAM_ADVERSARIES,
@@ -80,6 +89,8 @@ class Population:
     topology: dict[str, object] | None = None
     """The topology spec :attr:`graph` is rebuilt from when it was not built at setup."""
     built_graph: nx.Graph | None = None
+    server: int | None = None
+    """The server's index, for a mode with a server (the last node); None otherwise."""
 
     @property
     def graph(self) -> nx.Graph:
@@ -92,6 +103,14 @@ class Population:
     @property
     def edge_count(self) -> int:
         return sum(len(peers) for peers in self.neighbours) // 2
+
+    @property
+    def reporting(self) -> list[bool]:
+        """Whose models the metrics report: the server alone when there is one (it holds
+        the global model), else every node."""
+        if self.server is None:
+            return [True] * self.size
+        return [node == self.server for node in range(self.size)]
 
     @property
     def honest(self) -> list[bool]:
@@ -193,6 +212,12 @@ def build_population(scenario: Scenario, *, on_phase: PhaseHook | None = None) -
         assert graph is not None
         plan = plan_adversaries(scenario.adversaries, graph, relay, seed=scenario.seed)
         neighbours = [sorted(graph.neighbors(node)) for node in range(graph.number_of_nodes())]
+    server = None
+    if mode_traits(scenario.protocol.mode).server:
+        server, graph, plan = _add_server(scenario, len(neighbours), plan)
+        neighbours = [sorted(graph.neighbors(node)) for node in range(graph.number_of_nodes())]
+        relay.append(True)
+        base_size += 1
     size = len(neighbours)
     relay += [False] * (size - base_size)
     holders = [node for node in range(base_size) if not relay[node]]
@@ -265,7 +290,39 @@ def build_population(scenario: Scenario, *, on_phase: PhaseHook | None = None) -
         adversaries=plan,
         topology=topology,
         built_graph=graph,
+        server=server,
     )
+
+
+def _add_server(
+    scenario: Scenario, clients: int, plan: AdversaryPlan | None
+) -> tuple[int, nx.Graph, AdversaryPlan | None]:
+    """The server's index, the star around it and the adversary plan with the server honest.
+
+    Raises:
+        ConfigError: an adversary entry asks for Sybils (they would need their own clients'
+            place in the star; not supported).
+    """
+    for index, spec in enumerate(scenario.adversaries):
+        if spec.sybils is not None:
+            raise ConfigError(
+                f"adversaries[{index}].sybils",
+                spec.sybils,
+                f"absent with protocol.mode = {scenario.protocol.mode!r} (Byzantine clients "
+                "are placed with nodes, fraction or count)",
+            )
+    if plan is not None:
+        plan = dataclasses.replace(plan, base_size=clients + 1, entry_of=(*plan.entry_of, None))
+    return clients, with_server(clients), plan
+
+
+def with_server(size: int) -> nx.Graph:
+    """The star of a server mode: nodes 0..size-1 as clients, and node ``size`` linked to each
+    (``size`` edges, whatever the clients' topology was)."""
+    star = nx.Graph()
+    star.add_nodes_from(range(size + 1))
+    star.add_edges_from((size, client) for client in range(size))
+    return star
 
 
 def initial_vectors(scenario: Scenario, population: Population) -> list[Tensor]:

@@ -13,12 +13,18 @@ A run directory holds:
   in ``edges_csv``);
 * ``summary.json``: totals and final accuracies (of all alive honest nodes, of the largest
   component, of isolated nodes), the number of honest and Byzantine nodes and, for a targeted
-  attack, ``attack_success_rate`` (mean over honest nodes of their last model's rate);
+  attack, ``attack_success_rate`` (mean over honest nodes of their last model's rate). With a
+  server mode (``fedavg``), ``server`` is the server's index (else null) and only the server
+  reports rounds, so every accuracy is the global model's: ``mean_test_accuracy`` (= min =
+  max) and ``final_accuracy_alive`` are the last global model's accuracy (null if the server
+  died), ``final_consensus_distance`` is 0, and ``nodes`` counts the clients and the server;
+  the traffic totals cover every node;
 * the plots, PNG and SVG (:mod:`sim.plots`), redrawn from these files by ``p2pfl-sim plot``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -58,7 +64,12 @@ class RunResult:
     summary: dict[str, Any]
 
 
-def core_config(scenario: Scenario) -> CoreConfig:
+def core_config(scenario: Scenario, population: Population | None = None) -> CoreConfig:
+    """The cores' settings; with a server mode, ``population`` names the server's key.
+
+    Raises:
+        ConfigError: a protocol setting is invalid.
+    """
     protocol = scenario.protocol
     # ProtocolSpec's fields are CoreConfig's, named alike; rounds and steps live elsewhere.
     config = CoreConfig(
@@ -66,6 +77,9 @@ def core_config(scenario: Scenario) -> CoreConfig:
         rounds=scenario.rounds,
         local_steps=scenario.learner.local_steps,
     )
+    if population is not None and population.server is not None:
+        server = population.identities[population.server].node_id
+        config = dataclasses.replace(config, server=server.hex())
     config.validate()
     return config
 
@@ -87,7 +101,7 @@ def build_engine(
     population = population or build_population(scenario, on_phase=on_phase)
     if on_phase is not None:
         on_phase("building cores")
-    config = core_config(scenario)
+    config = core_config(scenario, population)
     federation = population.federation
     initial = initial_vectors(scenario, population)
     neighbours = neighbour_ids(population)
@@ -115,6 +129,7 @@ def build_engine(
         evaluate=lambda vectors: trainer.evaluate(vectors, eval_x, eval_y),
         honest=population.honest,
         relay=list(population.relay),
+        reporting=population.reporting,
         attack_success=AttackSuccess(targeted, (test_x, test_y), trainer.logits)
         if targeted is not None
         else None,
@@ -276,6 +291,7 @@ def summarise(
         "rounds": len(rounds),
         "seed": scenario.seed,
         "mode": scenario.protocol.mode,
+        "server": engine.population.server,
         "merge_rule": scenario.merge.rule,
         "mean_test_accuracy": finite(final.mean_test_accuracy) if final else None,
         "min_test_accuracy": finite(final.min_test_accuracy) if final else None,

@@ -28,6 +28,7 @@ from pydantic import (
 
 from p2pfl.errors import ConfigError
 from p2pfl.learn.settings import LearnerSettings
+from p2pfl.protocol import PROTOCOL_MODES
 from topologies import registry as topology_registry
 
 SCENARIO_PACKAGE = "sim.scenarios"
@@ -85,7 +86,7 @@ class LearnerSpec(LearnerSettings):
 
 
 class ProtocolSpec(_Strict):
-    mode: Literal["dsgd", "gossip", "modest"] = "dsgd"
+    mode: str = Field(default="dsgd", description="a registered protocol mode")
     round_timeout: float = Field(default=5.0, gt=0.0)
     period: float = Field(default=1.0, gt=0.0)
     period_jitter: float = Field(default=0.2, ge=0.0, lt=1.0)
@@ -94,6 +95,8 @@ class ProtocolSpec(_Strict):
     max_rounds_ahead: int = Field(default=4, ge=0)
     # modest (p2pfl.protocol.modest; defaults as in the MoDeST reference)
     sample_size: int = Field(default=10, ge=1)
+    # fedavg: clients per round as a share of all clients (unset: sample_size clients)
+    sample_fraction: float | None = Field(default=None, gt=0.0, le=1.0)
     aggregators: int = Field(default=1, ge=1)
     success_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
     min_models: int = Field(default=3, ge=1)
@@ -109,6 +112,13 @@ class ProtocolSpec(_Strict):
     history_gossip: bool | None = None
     history_lambda: float = Field(default=0.8, gt=0.0)
     history_capacity: int = Field(default=32, ge=1)
+
+    @field_validator("mode")
+    @classmethod
+    def _registered(cls, mode: str) -> str:
+        if mode not in PROTOCOL_MODES:
+            raise ValueError(f"one of {', '.join(sorted(PROTOCOL_MODES))}")
+        return mode
 
 
 class MetricsSpec(_Strict):

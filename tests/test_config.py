@@ -85,7 +85,13 @@ BAD_CASES = [
         "misspelt mode",
         r'mode = "dsgd"',
         'mode = "gosip"',
-        "protocol.mode = 'gosip': one of dsgd, gossip",
+        "protocol.mode = 'gosip': one of dsgd, fedavg, gossip",
+    ),
+    (
+        "fedavg server not a key",
+        r'mode = "dsgd"',
+        'mode = "fedavg"\nserver = "abc"',
+        "protocol.server = 'abc': a 64-character hex",
     ),
     ("zero rounds", r"rounds = 20", "rounds = 0", "protocol.rounds = 0:"),
     ("rounds as text", r"rounds = 20", 'rounds = "ten"', "protocol.rounds = 'ten':"),
@@ -374,6 +380,20 @@ history_lambda = 1
     path.write_text(text.replace("[[bootstrap]]", "[bootstrap]", 1))
     with pytest.raises(ConfigError, match="bootstrap"):
         load_config(path)
+
+
+def test_fedavg_node_whose_server_is_not_a_peer_exits_2_in_one_line(
+    example: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = example / "node1.toml"
+    stranger = Identity.generate().node_id.hex()
+    text = path.read_text().replace('mode = "dsgd"', f'mode = "fedavg"\nserver = "{stranger}"')
+    path.write_text(text)
+    assert load_config(path).protocol.server == stranger  # well formed: the node decides
+    assert main(["node", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"p2pfl: error: protocol.server = '{stranger}': the key of this node")
+    assert err.count("\n") == 1
 
 
 def test_model_larger_than_max_frame_bytes_is_refused_at_startup(

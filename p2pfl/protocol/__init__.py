@@ -10,11 +10,13 @@ events at the same times give the same actions, all randomness coming from the `
 built with.
 
 Modes (``PROTOCOL_MODES``): ``dsgd`` (:mod:`p2pfl.protocol.dsgd`), ``gossip``
-(:mod:`p2pfl.protocol.gossip`) and ``modest`` (:mod:`p2pfl.protocol.modest`, sampled
-committees over the membership view of :mod:`p2pfl.protocol.membership`); their life cycles are tabulated in
-:mod:`p2pfl.protocol.phases`. Drivers report ``PeerConnected`` for each neighbour they reach;
-every neighbour starts out not connected (the simulator reports ``NeighboursConnected``, all
-of them at once, before ``Started``).
+(:mod:`p2pfl.protocol.gossip`), ``modest`` (:mod:`p2pfl.protocol.modest`, sampled
+committees over the membership view of :mod:`p2pfl.protocol.membership`) and ``fedavg``
+(:mod:`p2pfl.protocol.fedavg`, one server and sampled clients, the federated reference); their
+life cycles are tabulated in :mod:`p2pfl.protocol.phases`, and what each needs from its
+population is in its :class:`ModeTraits` (:func:`mode_traits`). Drivers report
+``PeerConnected`` for each neighbour they reach; every neighbour starts out not connected (the
+simulator reports ``NeighboursConnected``, all of them at once, before ``Started``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from p2pfl.identity import Identity, NodeId
 from p2pfl.merge.base import MergeRule, Probe
 from p2pfl.params import ParamLayout
 from p2pfl.protocol import dsgd as dsgd
+from p2pfl.protocol import fedavg as fedavg
 from p2pfl.protocol import gossip as gossip
 from p2pfl.protocol import modest as modest
 from p2pfl.protocol.actions import (
@@ -41,7 +44,14 @@ from p2pfl.protocol.actions import (
     Stop,
 )
 from p2pfl.protocol.config import CoreConfig
-from p2pfl.protocol.core import PROTOCOL_MODES, Core, CoreFactory, register_protocol_mode
+from p2pfl.protocol.core import (
+    PROTOCOL_MODES,
+    Core,
+    CoreFactory,
+    ModeTraits,
+    mode_traits,
+    register_protocol_mode,
+)
 from p2pfl.protocol.events import (
     DeadlineReached,
     Event,
@@ -122,6 +132,7 @@ __all__ = [
     "Emit",
     "Event",
     "MessageReceived",
+    "ModeTraits",
     "NeighboursConnected",
     "PeerConnected",
     "PeerDisconnected",
@@ -133,5 +144,6 @@ __all__ = [
     "Stop",
     "TrainingFinished",
     "make_core",
+    "mode_traits",
     "register_protocol_mode",
 ]

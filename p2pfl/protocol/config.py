@@ -9,7 +9,8 @@ from typing import NoReturn, TypeGuard
 
 from p2pfl.codec import WIRE_DTYPES
 from p2pfl.errors import ConfigError
-from p2pfl.protocol.core import PROTOCOL_MODES
+from p2pfl.identity import NodeId
+from p2pfl.protocol.core import MODE_TRAITS, PROTOCOL_MODES
 from p2pfl.protocol.membership import MAX_RECORDS_PER_MESSAGE
 
 PEER_SAMPLING = ("neighbours", "membership")
@@ -28,7 +29,8 @@ class CoreConfig:
     """What every protocol mode needs to know; fields a mode does not use are ignored.
 
     Attributes:
-        mode: a key of ``PROTOCOL_MODES`` (``"dsgd"``, ``"gossip"`` or ``"modest"``).
+        mode: a key of ``PROTOCOL_MODES`` (``"dsgd"``, ``"gossip"``, ``"modest"``,
+            ``"fedavg"``, or a plug-in's).
         rounds: the core stops (emits ``Stop``) after this many rounds (trainings).
         local_steps: local training steps asked for by each ``StartTraining``.
         round_timeout: dsgd: seconds to wait for neighbours' models after own training.
@@ -38,7 +40,14 @@ class CoreConfig:
         wire_dtype: element dtype of models on the wire (a key of ``codec.WIRE_DTYPES``).
         max_rounds_ahead: dsgd: models up to this many rounds ahead are buffered, later dropped.
         replay_window: sequence numbers remembered per sender (``wire.ReplayWindow``).
-        sample_size: modest: trainers per round (``s``).
+        sample_size: modest: trainers per round (``s``); fedavg: clients per round, unless
+            ``sample_fraction`` is set.
+        sample_fraction: fedavg: the share ``C`` of the clients sampled per round, so
+            ``max(1, round(C * K))`` of the ``K`` clients (McMahan et al.); unset: use
+            ``sample_size``.
+        server: fedavg: the server's public key (64 hex characters). The node holding that
+            key is the server; every other node is a client and must have it as a neighbour.
+            The simulator fills it in with the key of the server it adds.
         aggregators: modest: aggregators per round (``a``).
         success_fraction: modest: an aggregator merges once it holds
             ``floor(sample_size * success_fraction)`` models (``sf``).
@@ -77,6 +86,8 @@ class CoreConfig:
     max_rounds_ahead: int = 4
     replay_window: int = 1024
     sample_size: int = 10
+    sample_fraction: float | None = None
+    server: str = ""
     aggregators: int = 1
     success_fraction: float = 1.0
     min_models: int = 3
@@ -95,11 +106,14 @@ class CoreConfig:
     @property
     def admits_strangers(self) -> bool:
         """Whether the core takes connections and messages from peers that are not its
-        configured neighbours (``modest``, and ``gossip`` with membership peer sampling);
-        drivers use it to route such peers' traffic to the core."""
-        return self.mode == "modest" or (
-            self.mode == "gossip" and self.peer_sampling == "membership"
-        )
+        configured neighbours, as its mode declares (``ModeTraits.strangers``: ``modest``,
+        and ``gossip`` with membership peer sampling); drivers use it to route such peers'
+        traffic to the core. False for a mode that is not registered."""
+        traits = MODE_TRAITS.get(self.mode)
+        if traits is None:
+            return False
+        strangers = traits.strangers
+        return strangers(self) if callable(strangers) else strangers
 
     def validate(self) -> None:
         """Check every field.
@@ -134,6 +148,13 @@ class CoreConfig:
         _int_at_least("max_rounds_ahead", self.max_rounds_ahead, 0)
         _int_at_least("replay_window", self.replay_window, 1)
         _int_at_least("sample_size", self.sample_size, 1)
+        share = self.sample_fraction
+        if share is not None and (not _is_real(share) or not 0.0 < share <= 1.0):
+            _fail("sample_fraction", share, "a number in (0, 1] (or absent: use sample_size)")
+        if not isinstance(self.server, str):
+            _fail("server", self.server, "the server's 64-hex-character public key")
+        if self.server:
+            NodeId.from_hex(self.server, key=f"{CONFIG_PREFIX}.server")
         _int_at_least("aggregators", self.aggregators, 1)
         fraction = self.success_fraction
         if not _is_real(fraction) or not 0.0 < fraction <= 1.0:
@@ -153,8 +174,11 @@ class CoreConfig:
             _fail("peer_sampling", self.peer_sampling, f"one of {', '.join(PEER_SAMPLING)}")
         if self.history_gossip is not None and not isinstance(self.history_gossip, bool):
             _fail("history_gossip", self.history_gossip, "true or false (or absent: automatic)")
-        if self.history_gossip is True and self.mode == "modest":
-            _fail("history_gossip", True, "false or absent with mode 'modest' (no neighbours)")
+        # A mode declares whether it can gossip histories (BaseCore.HISTORY_GOSSIP).
+        if self.history_gossip is True and not getattr(
+            PROTOCOL_MODES[self.mode], "HISTORY_GOSSIP", True
+        ):
+            _fail("history_gossip", True, f"false or absent with mode {self.mode!r}")
         lam = self.history_lambda
         if not _is_real(lam) or not math.isfinite(lam) or lam <= 0:
             _fail("history_lambda", lam, "a finite number > 0 (default 0.8)")

@@ -5,11 +5,16 @@ of actions out) and asked when to wake it next with :meth:`Core.next_deadline`, 
 drivers ask ``get_timer()``. A mode is a class implementing :class:`Core` whose constructor has
 the :class:`CoreFactory` signature; it adds itself to ``PROTOCOL_MODES`` with
 :func:`register_protocol_mode`, and :func:`p2pfl.protocol.make_core` builds it by name.
+
+A mode declares what it needs from the world around it as :class:`ModeTraits`, registered
+with it, so a driver that builds a population (the simulator) asks :func:`mode_traits` by name
+instead of knowing the modes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
@@ -83,14 +88,37 @@ class CoreFactory(Protocol):
     ) -> Core: ...
 
 
+@dataclass(frozen=True, slots=True)
+class ModeTraits:
+    """What a protocol mode needs from the population it runs in.
+
+    Attributes:
+        server: the mode runs one server and clients (``fedavg``): every node but the server
+            is a client whose only neighbour is the server, and every node's
+            ``CoreConfig.server`` names the server's key. The simulator adds the server as
+            one more node, linked to every node of the topology.
+        strangers: whether the core takes connections and messages from peers beyond its
+            configured neighbours (``modest``; ``gossip`` with membership peer sampling),
+            always or as its config says; drivers route such peers' traffic to the core and
+            dial them on demand (read it as ``CoreConfig.admits_strangers``).
+    """
+
+    server: bool = False
+    strangers: bool | Callable[[CoreConfig], bool] = False
+
+
 F = TypeVar("F", bound=CoreFactory)
 
 PROTOCOL_MODES: dict[str, CoreFactory] = {}
 """Protocol modes by name, as a scenario's ``protocol.mode`` names them."""
 
+MODE_TRAITS: dict[str, ModeTraits] = {}
+"""Each registered mode's traits (see :func:`mode_traits`)."""
 
-def register_protocol_mode(name: str) -> Callable[[F], F]:
-    """Class decorator adding a protocol mode to ``PROTOCOL_MODES`` under ``name``.
+
+def register_protocol_mode(name: str, *, traits: ModeTraits | None = None) -> Callable[[F], F]:
+    """Class decorator adding a protocol mode to ``PROTOCOL_MODES`` under ``name``, with the
+    ``traits`` it declares (default: none).
 
     Raises:
         ValueError: ``name`` is already registered.
@@ -100,6 +128,18 @@ def register_protocol_mode(name: str) -> Callable[[F], F]:
         if name in PROTOCOL_MODES:
             raise ValueError(f"protocol mode {name!r} is already registered")
         PROTOCOL_MODES[name] = factory
+        MODE_TRAITS[name] = traits or ModeTraits()
         return factory
 
     return add
+
+
+def mode_traits(name: str) -> ModeTraits:
+    """The traits the mode ``name`` declared.
+
+    Raises:
+        KeyError: no mode of that name is registered.
+    """
+    if name not in PROTOCOL_MODES:
+        raise KeyError(name)
+    return MODE_TRAITS[name]

@@ -63,7 +63,8 @@ from p2pfl.protocol.actions import (
 )
 from p2pfl.protocol.base import BaseCore
 from p2pfl.protocol.buffers import LatestBuffer
-from p2pfl.protocol.core import register_protocol_mode
+from p2pfl.protocol.config import CoreConfig
+from p2pfl.protocol.core import ModeTraits, register_protocol_mode
 from p2pfl.protocol.events import MessageReceived
 from p2pfl.protocol.membership import Membership, parse_records
 from p2pfl.protocol.messages import ModelUpdate, parse_model_update
@@ -80,7 +81,12 @@ class _Outstanding:
     started_at: float
 
 
-@register_protocol_mode("gossip")
+def _samples_membership(config: CoreConfig) -> bool:
+    """Pushes reach peers beyond the neighbours when targets come from the membership view."""
+    return config.peer_sampling == "membership"
+
+
+@register_protocol_mode("gossip", traits=ModeTraits(strangers=_samples_membership))
 class GossipCore(BaseCore):
     """Asynchronous push gossip: periodic pushes to random neighbours; merge on receipt."""
 

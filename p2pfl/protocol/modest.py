@@ -75,7 +75,7 @@ from p2pfl.protocol.actions import (
 )
 from p2pfl.protocol.base import BaseCore
 from p2pfl.protocol.committee import Selection, ordering
-from p2pfl.protocol.core import register_protocol_mode
+from p2pfl.protocol.core import ModeTraits, register_protocol_mode
 from p2pfl.protocol.events import MessageReceived
 from p2pfl.protocol.membership import Membership, Record, Status, parse_records
 from p2pfl.protocol.messages import ModelUpdate, decode_model
@@ -128,7 +128,7 @@ class _Distribution:
     selection: Selection
 
 
-@register_protocol_mode("modest")
+@register_protocol_mode("modest", traits=ModeTraits(strangers=True))
 class ModestCore(BaseCore):
     """Per round a sampled committee: ``sample_size`` trainers, ``aggregators`` aggregators."""
 

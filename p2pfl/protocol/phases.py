@@ -29,10 +29,12 @@ class Phase(enum.Enum):
     TRAINING = "training"
     """A ``StartTraining`` is outstanding; the next ``TrainingFinished`` answers it."""
     COLLECTING = "collecting"
-    """dsgd: own model trained and sent; waiting for the neighbours' models of this round."""
+    """dsgd: own model trained and sent; waiting for the neighbours' models of this round.
+    fedavg server: the global model sent to the sampled clients; waiting for their models."""
     WAITING = "waiting"
     """gossip: no training outstanding, nothing buffered; waiting for a model or a push tick.
-    modest: no training outstanding; answering pings, aggregating, waiting to be sampled."""
+    modest: no training outstanding; answering pings, aggregating, waiting to be sampled.
+    fedavg client: waiting for the server's next model; fedavg server: no client connected."""
     DONE = "done"
     """``Stop`` was returned; later events change nothing."""
 
@@ -85,6 +87,31 @@ MODEST_TRANSITIONS: Transitions = {
         Phase.TRAINING: "selected as a trainer of the round whose model the node holds "
         "(an aggregated model adopted, or the first sample at Started)",
         Phase.DONE: "the final model adopted (and, by its aggregator, sent on), or leave()",
+    },
+    Phase.DONE: {},
+}
+
+FEDAVG_TRANSITIONS: Transitions = {
+    Phase.IDLE: {
+        Phase.COLLECTING: "server: Started; the global model sent to the sampled clients",
+        Phase.WAITING: "client: Started; server: Started with no client connected",
+        Phase.DONE: "Started with start_round >= rounds",
+    },
+    Phase.COLLECTING: {
+        Phase.COLLECTING: "server: every sampled model in, or round_timeout; averaged, the "
+        "next round sent",
+        Phase.WAITING: "server: round closed with no client connected",
+        Phase.DONE: "server: the last round averaged and the final model sent",
+    },
+    Phase.WAITING: {
+        Phase.COLLECTING: "server: a client connected, or the retry timer with one connected",
+        Phase.TRAINING: "client: the server's model of a new round arrived",
+        Phase.DONE: "client: the server's final model arrived",
+    },
+    Phase.TRAINING: {
+        Phase.WAITING: "client: TrainingFinished; the model sent to the server (or, stale, "
+        "dropped)",
+        Phase.DONE: "client: TrainingFinished after the final model arrived",
     },
     Phase.DONE: {},
 }

@@ -1,6 +1,8 @@
-"""The trio driver: TCP framing and the nonce handshake, peer connections, the node loop,
-and what keeps a node alive under hostile traffic: limits and bans (``limits``), peer exchange
-(``peerx``), the status endpoint (``status``) and structured logs (``logs``).
+"""The trio driver: TCP framing and the nonce handshake (``transport``), peer connections
+(``peer``, ``connections``), the node (``node``) and its pump (``pump``), what keeps a node
+alive under hostile traffic: defences (``defences``) on limits and bans (``limits``), peer
+exchange (``peerx``), checkpoints and evaluation (``reporting``), the status endpoint
+(``status``), structured logs (``logs``) and the injected link policy (``policy``).
 
 Only this package (and the CLI) does network I/O; the protocol core it drives does none.
 """
@@ -9,6 +11,7 @@ from p2pfl.runtime.limits import BanList, FailureCounter, TokenBucket
 from p2pfl.runtime.node import Node, run_until_signalled
 from p2pfl.runtime.peer import Backoff, PeerConnection
 from p2pfl.runtime.peerx import PeerAd, PeerBook
+from p2pfl.runtime.policy import LinkPolicy, OpenLinks
 from p2pfl.runtime.status import Metrics
 from p2pfl.runtime.transport import FrameStream, Handshake, handshake
 
@@ -18,8 +21,10 @@ __all__ = [
     "FailureCounter",
     "FrameStream",
     "Handshake",
+    "LinkPolicy",
     "Metrics",
     "Node",
+    "OpenLinks",
     "PeerAd",
     "PeerBook",
     "PeerConnection",

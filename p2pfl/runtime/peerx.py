@@ -17,23 +17,41 @@ address are skipped. The rest go into a :class:`PeerBook` of at most ``max_known
 when it is full the oldest learned entry makes room.
 
 Learned peers are *candidates*. Whether a node connects to them is a config decision
-(``node.accept_unknown_peers``, default false, and ``node.max_peers``); the node loop does
-that, not this module. Advertised entries are never forwarded as such: a node advertises
+(``node.accept_unknown_peers``, default false, and ``node.max_peers``); the node's
+connections (:mod:`p2pfl.runtime.connections`) do that, not this module.
+
+:class:`PeerExchange` is a node's side of it: the per-peer buckets, the checks above on every
+received frame (refusals and strikes go to the node's
+:class:`~p2pfl.runtime.defences.Defences`), the book, and the task that advertises. Advertised entries are never forwarded as such: a node advertises
 only peers it is connected to, so a lying neighbour cannot spread invented peers further
 than one hop.
 """
 
 from __future__ import annotations
 
+import logging
+import random
+import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import msgpack
+import trio
 
-from p2pfl.errors import DecodeError
+from p2pfl.errors import DecodeError, WireError
 from p2pfl.identity import NODE_ID_BYTES, Identity, NodeId
+from p2pfl.runtime.limits import TokenBucket
+from p2pfl.runtime.logs import log_event
 from p2pfl.wire import Envelope, MessageKind, PayloadSpec, seal
+
+if TYPE_CHECKING:
+    from p2pfl.config import PeerExchangeConfig
+    from p2pfl.runtime.defences import Defences
+    from p2pfl.runtime.peer import PeerConnection
+
+log = logging.getLogger("p2pfl.node")
 
 DEFAULT_MAX_PER_MESSAGE = 32
 DEFAULT_MAX_KNOWN = 256
@@ -199,3 +217,108 @@ class PeerBook:
 
     def __iter__(self) -> Iterator[LearnedPeer]:
         return iter(list(self._peers.values()))
+
+
+class PeerExchange:
+    """One node's peer exchange: checks received lists, keeps the book, advertises.
+
+    Attributes:
+        book: the learned peers.
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        settings: PeerExchangeConfig,
+        defences: Defences,
+        *,
+        configured: Container[NodeId],
+        jitter: random.Random,
+    ) -> None:
+        """Start with an empty book; nothing runs until :meth:`run`.
+
+        Args:
+            identity: this node's key (signs the lists, and is never learned).
+            settings: ``[peer_exchange]``.
+            defences: where refusals and strikes are counted.
+            configured: the configured peers' keys, never recorded as learned.
+            jitter: spreads the advertising times.
+        """
+        self.identity = identity
+        self.settings = settings
+        self.book = PeerBook(settings.max_known_peers)
+        self._defences = defences
+        self._configured = configured
+        self._jitter = jitter
+        self._buckets: dict[NodeId, TokenBucket] = {}
+
+    def open_peer(self, peer: NodeId) -> None:
+        """A connection to ``peer`` starts: it may send two lists per interval."""
+        self._buckets[peer] = TokenBucket(
+            2.0 / self.settings.interval, 2.0, now=trio.current_time()
+        )
+
+    def close_peer(self, peer: NodeId) -> None:
+        self._buckets.pop(peer, None)
+
+    def receive(self, peer: NodeId, envelope: Envelope) -> list[PeerAd]:
+        """Check and learn the list ``peer`` sent; returns the peers that were new."""
+        settings = self.settings
+        now = trio.current_time()
+        bucket = self._buckets.get(peer)
+        if bucket is not None and not bucket.take(now):
+            self._defences.reject("rate")
+            return []
+        try:
+            ads = decode_ads(
+                envelope.payload,
+                max_per_message=settings.max_per_message,
+                max_payload_bytes=settings.max_per_message * 320 + 16,
+            )
+        except WireError as exc:
+            self._defences.reject("malformed")
+            self._defences.strike(peer, f"bad peer list: {exc}")
+            return []
+        new = self.book.learn(
+            ads,
+            advertiser=peer,
+            own=self.identity.node_id,
+            now=now,
+            skip=lambda key: key in self._configured or self._defences.is_banned(key),
+        )
+        if new:
+            self._defences.metrics.inc("peer_exchange_learned_total", len(new))
+            log_event(
+                log,
+                logging.INFO,
+                "peers_learned",
+                "learned %d peers from %s",
+                len(new),
+                peer,
+                advertiser=peer.hex(),
+                peers=[f"{ad.node_id.short()}@{ad.address}" for ad in new],
+            )
+        return new
+
+    async def run(
+        self,
+        connections: Mapping[NodeId, PeerConnection],
+        addresses: Callable[[], list[PeerAd]],
+    ) -> None:
+        """Every ``interval`` (jittered), send each connected peer a sample of ``addresses()``
+        (the connected peers this node can vouch for), leaving out the recipient."""
+        interval = self.settings.interval
+        while True:
+            await trio.sleep(interval * self._jitter.uniform(0.8, 1.2))
+            ads = addresses()
+            limit = self.settings.max_per_message
+            if len(ads) > limit:
+                ads = self._jitter.sample(ads, limit)
+            if not ads:
+                continue
+            envelope = seal_ads(self.identity, ads, seq=time.time_ns() // 1000)
+            for peer, connection in list(connections.items()):
+                if len(ads) == 1 and ads[0].node_id == peer:
+                    continue
+                if not connection.enqueue(envelope):
+                    self._defences.metrics.inc("queue_drops_total")

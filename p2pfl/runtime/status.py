@@ -64,6 +64,10 @@ FAMILIES: tuple[Family, ...] = (
     Family("queue_drops_total", "counter", "Frames dropped from full per-peer send queues."),
     Family("event_queue_drops_total", "counter", "Events dropped because the loop lagged."),
     Family("peer_exchange_learned_total", "counter", "New peers learned from neighbours."),
+    Family("messages_received_total", "counter", "Protocol messages passed to the core."),
+    Family("sends_unconnected_total", "counter", "Sends dropped: no connection, no dial."),
+    Family("dials_on_demand_total", "counter", "Dials of peers the core sent to unconnected."),
+    Family("wire_errors_total", "counter", "Unusable frames on authenticated connections."),
 )
 
 REJECT_REASONS = (

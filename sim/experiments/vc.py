@@ -1,7 +1,7 @@
 """Vanishing variance and variance-corrected averaging (docs/experiments.md).
 
     python -m sim.experiments.vc variance   # per-tensor variance of k averaged initialisations
-    python -m sim.experiments.vc accuracy   # accuracy over time: mean vs VC vs star, ~4 runs
+    python -m sim.experiments.vc accuracy   # accuracy over time: GL, GL + VC, FedAvg; 3 seeds
     python -m sim.experiments.vc all
 
 ``variance`` averages k independently initialised models with the ``mean`` rule and with
@@ -10,13 +10,16 @@ averaged models) and prints each weight tensor's population variance relative to
 for the MLP of these experiments (64-32-10, PyTorch's default Linear initialisation) and for
 LeNet-5's ``conv1`` (Conv2d(1, 6, 5), Xavier-uniform: Var = 2/(25+150) = 0.011429).
 
-``accuracy`` runs four scenarios (built below) on digits, Dirichlet(0.5) label skew, 50 nodes,
-``dsgd``: a random 8-regular graph (as the reference's ``GL`` preset) with independent
-initialisation per node (``learner.init = "independent"``), merged by ``mean`` and by
-``variance_corrected`` (β = 0.5, target ``others``); the same graph with one shared
-initialisation and ``mean``; and a star of 50 nodes with a shared initialisation and
-``mean`` (federated-like: the hub averages everyone, the leaves average with the hub).
-Writes ``docs/figures/vc-variance.png``, ``docs/figures/vc-accuracy.png`` and JSON next to them.
+``accuracy`` runs the scenarios built below on digits, Dirichlet(0.5) label skew, 50 nodes,
+for each of ``--seeds`` seeds (default 3): gossip learning (GL) as ``dsgd`` on a random
+8-regular graph (as the reference's ``GL`` preset) with independent initialisation per node
+(``learner.init = "independent"``), merged by ``mean`` and by ``variance_corrected`` (β = 0.5,
+target ``others``); the same graph with one shared initialisation and ``mean``; and the
+federated reference, ``fedavg`` (one server, the 50 nodes as its clients, a shared
+initialisation, sample-weighted averaging), with every client sampled each round and with
+C = 0.2 (10 clients a round). GL curves are the nodes' mean test accuracy, FedAvg curves the
+global model's. Writes ``docs/figures/vc-variance.png``, ``docs/figures/vc-accuracy.png``
+(mean over seeds, min-max band) and JSON (every seed's curve) next to them.
 """
 
 from __future__ import annotations
@@ -133,7 +136,11 @@ def plot_variance(table: dict[str, Any], out: Path) -> None:
 
 
 def document(
-    name: str, topology: dict[str, Any], merge: dict[str, Any], init: str
+    name: str,
+    topology: dict[str, Any],
+    merge: dict[str, Any],
+    init: str,
+    protocol: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "name": name,
@@ -146,51 +153,67 @@ def document(
             "partition_params": {"alpha": 0.5},
         },  # fmt: skip
         "learner": {"hidden": [32], "lr": 0.1, "batch_size": 32, "local_steps": 5, "init": init},
-        "protocol": {"mode": "dsgd"},
+        "protocol": protocol or {"mode": "dsgd"},
         "merge": merge,
     }
 
 
 REGULAR = {"kind": "random_regular", "n": 50, "d": 8}
 VC = {"rule": "variance_corrected", "params": {"beta": 0.5, "target": "others"}}
+FEDAVG = {"rule": "weighted"}  # FedAvg: the average weighted by the clients' sample counts
 RUNS = {
-    "gossip (8-regular), independent init, mean": document(
+    "GL (8-regular), independent init, mean": document(
         "vc-mean", REGULAR, {"rule": "mean"}, "independent"
     ),
-    "gossip (8-regular), independent init, variance-corrected": document(
+    "GL (8-regular), independent init, variance-corrected": document(
         "vc-vc", REGULAR, VC, "independent"
     ),
-    "gossip (8-regular), shared init, mean": document(
-        "vc-shared", REGULAR, {"rule": "mean"}, "shared"
+    "GL (8-regular), shared init, mean": document("vc-shared", REGULAR, {"rule": "mean"}, "shared"),
+    "FL: FedAvg, all 50 clients a round": document(
+        "vc-fedavg", REGULAR, FEDAVG, "shared", {"mode": "fedavg", "sample_fraction": 1.0}
     ),
-    "star (federated-like), shared init, mean": document(
-        "vc-star", {"kind": "star", "n": 50}, {"rule": "mean"}, "shared"
+    "FL: FedAvg, C = 0.2 (10 clients a round)": document(
+        "vc-fedavg-c02", REGULAR, FEDAVG, "shared", {"mode": "fedavg", "sample_fraction": 0.2}
     ),
 }
+SEEDS = 3
+
+Curve = list[tuple[int, float]]
 
 
-def accuracy_runs() -> dict[str, list[tuple[int, float]]]:
-    curves: dict[str, list[tuple[int, float]]] = {}
+def accuracy_runs(seeds: int = SEEDS) -> dict[str, list[Curve]]:
+    """Every run's accuracy curve for seeds 1..``seeds`` (the FedAvg runs: the global model's)."""
+    curves: dict[str, list[Curve]] = {}
     for label, doc in RUNS.items():
-        engine = build_engine(parse_scenario(doc))
-        engine.run()
-        curves[label] = [(s.round, s.mean_test_accuracy) for s in engine.recorder.rounds]
-        print(f"{label}: final {curves[label][-1][1]:.3f}", flush=True)
+        for seed in range(1, seeds + 1):
+            engine = build_engine(parse_scenario({**doc, "seed": seed}))
+            engine.run()
+            curve = [(s.round, s.mean_test_accuracy) for s in engine.recorder.rounds]
+            curves.setdefault(label, []).append(curve)
+            print(f"{label}, seed {seed}: final {curve[-1][1]:.3f}", flush=True)
     return curves
 
 
-def plot_accuracy(curves: dict[str, list[tuple[int, float]]], out: Path) -> None:
+def plot_accuracy(curves: dict[str, list[Curve]], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for label, points in curves.items():
-        ax.plot([r + 1 for r, _ in points], [a for _, a in points], marker=".", label=label)
+    for index, (label, runs) in enumerate(curves.items()):
+        rounds = [r + 1 for r, _ in runs[0]]
+        values = torch.tensor([[a for _, a in run] for run in runs], dtype=torch.float64)
+        style = "--" if label.startswith("FL") else "-"
+        ax.plot(rounds, values.mean(dim=0), style, color=f"C{index}", label=label)
+        low, high = values.min(dim=0).values, values.max(dim=0).values
+        ax.fill_between(rounds, low, high, color=f"C{index}", alpha=0.15, linewidth=0)
     ax.set_xlabel("round")
-    ax.set_ylabel("mean test accuracy")
-    ax.set_title("digits, 50 nodes, Dirichlet(0.5): vanishing variance and its correction")
+    ax.set_ylabel("test accuracy (GL: mean over nodes; FL: global model)")
+    ax.set_title(
+        f"digits, 50 nodes, Dirichlet(0.5), {len(next(iter(curves.values())))} seeds "
+        "(mean, min-max band)"
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -202,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sim.experiments.vc")
     parser.add_argument("what", choices=("variance", "accuracy", "all"))
     parser.add_argument("--out", type=Path, default=FIGURES)
+    parser.add_argument("--seeds", type=int, default=SEEDS, help="seeds 1..N per run")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
@@ -215,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
         plot_variance(table, args.out)
         (args.out / "vc-variance.json").write_text(json.dumps(table, indent=1) + "\n")
     if args.what in ("accuracy", "all"):
-        curves = accuracy_runs()
+        curves = accuracy_runs(args.seeds)
         plot_accuracy(curves, args.out)
         (args.out / "vc-accuracy.json").write_text(json.dumps(curves, indent=1) + "\n")
 

@@ -226,3 +226,18 @@ def test_modest_committees_reach_beyond_the_neighbours(tmp_path: Path) -> None:
     assert all(node is not None and len(node.config.bootstrap) == 7 for node in built)
     assert sum(node.stats["dials_on_demand"] for node in built if node is not None) > 0
     assert sum(node.stats["misbehaviour"] for node in built if node is not None) == 0
+
+
+@pytest.mark.timeout(90)
+def test_fedavg_server_and_clients_run_live(tmp_path: Path) -> None:
+    scenario = parse_scenario(_document(protocol={"mode": "fedavg", "round_timeout": 10.0}))
+    handles = [LocalShard(scenario, block) for block in assign(9, 3)]  # 8 clients + server
+    result = run_live(scenario, tmp_path / "run", handles=handles, plots=False)
+    summary = result.summary
+    assert summary["server"] == 8 and summary["rounds"] == 4, summary
+    assert not summary["live"]["timed_out"]
+    rows = _rows(result.directory)
+    assert [(int(row["round"]), int(row["node"])) for row in rows] == [(r, 8) for r in range(4)]
+    accuracy = [float(row["test_accuracy"]) for row in rows]
+    print("fedavg live: global model accuracy per round", accuracy)
+    assert accuracy[-1] > accuracy[0]

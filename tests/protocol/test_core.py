@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from p2pfl.protocol import (
     Disconnect,
     Emit,
     MessageReceived,
+    ModeTraits,
     PeerConnected,
     PeerDisconnected,
     PeerMisbehaved,
@@ -29,12 +31,18 @@ from p2pfl.protocol import (
     Stop,
     TrainingFinished,
     make_core,
+    mode_traits,
+    register_protocol_mode,
 )
+from p2pfl.protocol.core import MODE_TRAITS
+from p2pfl.protocol.dsgd import DsgdCore
 from p2pfl.wire import MessageKind, PayloadSpec, decode_frame, encode_frame
 
 from .single import NEIGHBOURS, SIZE, STRANGER, make_single, sealed, sealed_raw
 
 MODES = sorted(PROTOCOL_MODES)
+# Modes with a server have two roles, set up by key; test_fedavg.py holds their equivalents.
+ROLELESS_MODES = [mode for mode in MODES if not mode_traits(mode).server]
 # Modes that exchange MODEL_UPDATEs with configured neighbours; modest samples committees
 # instead, and its equivalents live in test_modest_stateful.py.
 NEIGHBOUR_MODEL_MODES = ["dsgd", "gossip"]
@@ -96,6 +104,24 @@ def test_config_is_checked_once_per_object(monkeypatch: pytest.MonkeyPatch) -> N
     assert len(checks) == 3
 
 
+@pytest.fixture
+def plugin_mode() -> Iterator[str]:
+    """A plug-in mode (dsgd under another name) that admits strangers; unregistered after."""
+    name = "plugin-dsgd"
+    register_protocol_mode(name, traits=ModeTraits(strangers=True))(DsgdCore)
+    yield name
+    del PROTOCOL_MODES[name], MODE_TRAITS[name]
+
+
+def test_a_plugin_mode_is_named_and_declares_what_it_needs(plugin_mode: str) -> None:
+    config = CoreConfig(mode=plugin_mode)
+    config.validate()
+    assert config.admits_strangers and mode_traits(plugin_mode) == ModeTraits(strangers=True)
+    assert not CoreConfig(mode="dsgd").admits_strangers
+    with pytest.raises(ValueError, match="already registered"):
+        register_protocol_mode(plugin_mode)(DsgdCore)
+
+
 def test_make_core_rejects_itself_as_neighbour_and_bad_vectors() -> None:
     me = Identity.from_seed(b"\x01" * 32)
     args = {
@@ -116,7 +142,7 @@ def test_make_core_rejects_itself_as_neighbour_and_bad_vectors() -> None:
 # -- local misuse raises ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ROLELESS_MODES)
 def test_local_misuse_raises(mode: str) -> None:
     single = make_single(mode)
     core = single.core
@@ -136,7 +162,7 @@ def test_local_misuse_raises(mode: str) -> None:
     assert "Send" in kinds(actions) or "Emit" in kinds(actions)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ROLELESS_MODES)
 def test_start_round_at_or_past_rounds_stops_at_once(mode: str) -> None:
     me = Identity.from_seed(b"\x01" * 32)
     core = make_core(

@@ -14,7 +14,7 @@ back as ``PeerMisbehaved`` naming that peer; any exception but a deliberate misu
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -82,6 +82,8 @@ def content(sender: int, round_: int) -> torch.Tensor:
 
 class CoreMachine(RuleBasedStateMachine):
     MODE: ClassVar[str]
+    CONFIG: ClassVar[dict[str, Any]] = {}
+    """More config fields a mode's machine needs (e.g. fedavg's server)."""
 
     in_flight = Bundle("in_flight")
     delivered = Bundle("delivered")
@@ -99,6 +101,7 @@ class CoreMachine(RuleBasedStateMachine):
             period_jitter=0.3,
             fanout=2,
             max_rounds_ahead=2,
+            **self.CONFIG,
         )
         self.core = make_core(
             config,
@@ -300,10 +303,17 @@ class CoreMachine(RuleBasedStateMachine):
         due = deadline is not None and self.now >= deadline
         if not (due or spurious):
             return
-        idle = self.outstanding is None and not self.core.finished
+        progress = due and self.progress_due()
         actions = self.apply(DeadlineReached())
-        if due and idle:  # a due timer with no training outstanding makes progress
-            assert any(isinstance(a, StartTraining | Stop) for a in actions), actions
+        if progress:
+            assert any(isinstance(a, self.PROGRESS) for a in actions), actions
+
+    PROGRESS: ClassVar[tuple[type, ...]] = (StartTraining, Stop)
+    """What a due timer must bring when :meth:`progress_due` says it must bring something."""
+
+    def progress_due(self) -> bool:
+        """A due timer with no training outstanding makes progress."""
+        return self.outstanding is None and not self.core.finished
 
     # -- invariants -----------------------------------------------------------------------
 

@@ -184,8 +184,7 @@ async def misbehaving_peer(attacker: Identity, node: Node) -> list[str]:
             outcomes.append("authenticated")
             if attempt == 0:
                 # Let node 0 see all its honest peers first, or it would wait for us to start.
-                while len(node.connected_peers) < 3:
-                    await trio.sleep(0.01)
+                await node._all_connected.wait()
             with contextlib.suppress(TransportBroken, NodeClosedError, trio.BrokenResourceError):
                 if attempt == 0:
                     await frames.stream.send_all(LENGTH_PREFIX.pack(2**31))

@@ -30,7 +30,7 @@ RUN_TIMEOUT = 300.0
 
 
 class RoundRecords(logging.Handler):
-    """Keeps the fields of every ``round`` record the cores emit, per node."""
+    """Keeps the fields of every ``round`` record, per node (one record per round)."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
@@ -39,9 +39,7 @@ class RoundRecords(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if getattr(record, "event", None) == "round":
             fields = getattr(record, "fields", {})
-            if "received" in fields:  # the core's record, not the evaluation line
-                node = record.getMessage().split('"node": "')[1].split('"')[0]
-                self.rounds.setdefault(node, []).append(dict(fields))
+            self.rounds.setdefault(fields["node"], []).append(dict(fields))
 
 
 @pytest.fixture

@@ -38,8 +38,10 @@ async def make_nodes(
     local_steps: int,
     round_timeout: float,
     edges: list[tuple[int, int]] | None = None,
+    mode: CoreConfig | None = None,
 ) -> list[Node]:
-    """``n`` nodes on ports bound now, so every address is known before any node runs."""
+    """``n`` nodes on ports bound now, so every address is known before any node runs; their
+    protocol is dsgd, or ``mode``'s with the given rounds, steps and timeout."""
     identities = [Identity.from_seed(bytes([10 + i]) * 32) for i in range(n)]
     listeners = [await trio.open_tcp_listeners(0, host="127.0.0.1") for _ in range(n)]
     ports = [int(ls[0].socket.getsockname()[1]) for ls in listeners]
@@ -68,8 +70,11 @@ async def make_nodes(
                 seed=7,
             ),
             learner=LearnerConfig(hidden=[32], lr=0.2, batch_size=32),
-            protocol=CoreConfig(
-                mode="dsgd", rounds=rounds, local_steps=local_steps, round_timeout=round_timeout
+            protocol=dataclasses.replace(
+                mode or CoreConfig(mode="dsgd"),
+                rounds=rounds,
+                local_steps=local_steps,
+                round_timeout=round_timeout,
             ),
             merge=MergeConfig(rule="weighted"),
         )

@@ -1,13 +1,16 @@
-"""Peer exchange: the payload format, its bounds, and the bounded book of learned peers."""
+"""Peer exchange: the payload format, its bounds, and the bounded book of learned peers;
+between nodes linked in memory, on trio's MockClock."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import msgpack
 import pytest
 import trio
+import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -25,6 +28,7 @@ from p2pfl.runtime.peerx import (
     seal_ads,
 )
 from p2pfl.wire import MessageKind, decode_frame, encode_frame
+from tests.runtime.support import GatedLearner, MemoryLinks, MemoryNetwork
 
 OWN = Identity.from_seed(bytes([1]) * 32)
 NEIGHBOUR = Identity.from_seed(bytes([2]) * 32)
@@ -150,13 +154,15 @@ def test_book_of_size_zero_learns_nothing() -> None:
 # -- between running nodes ------------------------------------------------------------------
 
 
-async def line_of_nodes(tmp_path: Path, *, accept_unknown: bool) -> list[Node]:
-    """Three nodes in a line 0 - 1 - 2: the ends know only the middle."""
+async def line_of_nodes(
+    tmp_path: Path, network: MemoryNetwork, gate: threading.Event, *, accept_unknown: bool
+) -> list[Node]:
+    """Three nodes in a line 0 - 1 - 2 on ``network``: the ends know only the middle. Their
+    first training waits for ``gate``: peer exchange runs on its own timers, in virtual time."""
     identities = sorted(
         (Identity.from_seed(bytes([90 + i]) * 32) for i in range(3)), key=lambda i: i.node_id
     )
-    listeners = [await trio.open_tcp_listeners(0, host="127.0.0.1") for _ in identities]
-    ports = [int(ls[0].socket.getsockname()[1]) for ls in listeners]
+    ports = [7000 + i for i in range(3)]
     edges = {0: [1], 1: [0, 2], 2: [1]}
     nodes = []
     for i, identity in enumerate(identities):
@@ -171,28 +177,40 @@ async def line_of_nodes(tmp_path: Path, *, accept_unknown: bool) -> list[Node]:
             learner=LearnerConfig(hidden=[8]),
             protocol=CoreConfig(mode="dsgd", rounds=1000, local_steps=1, round_timeout=30.0),
         )
-        nodes.append(Node(config, identity=identity, listeners=listeners[i]))
+        learner = GatedLearner(config.build_learner(), gate)
+        listeners = [network.listen(ports[i])]
+        policy = MemoryLinks(network)
+        nodes.append(
+            Node(config, identity=identity, listeners=listeners, learner=learner, policy=policy)
+        )
     return nodes
 
 
-async def run_until(nodes: list[Node], done: Callable[[], bool]) -> None:
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            for node in nodes:
-                await nursery.start(node.run)
+async def run_until(nodes: list[Node], done: Callable[[], bool], gate: threading.Event) -> None:
+    """Run ``nodes`` until ``done()`` (checked every 50 virtual ms), then stop them.
+
+    The time bound covers the wait only: once the gate opens, the clock would jump to any
+    pending deadline while the trainings finish in their threads."""
+    async with trio.open_nursery() as nursery:
+        for node in nodes:
+            await nursery.start(node.run)
+        with trio.fail_after(60):
             while not done():
                 await trio.sleep(0.05)
-            for node in nodes:
-                node.request_stop("test over")
+        for node in nodes:
+            node.request_stop("test over")
+        gate.set()
 
 
 async def test_ends_of_a_line_learn_each_other_but_do_not_connect_by_default(
-    tmp_path: Path,
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    first, middle, last = await line_of_nodes(tmp_path, accept_unknown=False)
+    gate = threading.Event()
+    first, middle, last = await line_of_nodes(tmp_path, MemoryNetwork(), gate, accept_unknown=False)
     await run_until(
         [first, middle, last],
         lambda: last.node_id in first.peer_book and first.node_id in last.peer_book,
+        gate,
     )
     learned = first.peer_book.get(last.node_id)
     assert learned is not None
@@ -203,15 +221,18 @@ async def test_ends_of_a_line_learn_each_other_but_do_not_connect_by_default(
     assert len(middle.peer_book) == 0  # it configures both ends itself
 
 
-async def test_with_accept_unknown_peers_the_ends_connect(tmp_path: Path) -> None:
-    first, middle, last = await line_of_nodes(tmp_path, accept_unknown=True)
+async def test_with_accept_unknown_peers_the_ends_connect(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    gate = threading.Event()
+    first, middle, last = await line_of_nodes(tmp_path, MemoryNetwork(), gate, accept_unknown=True)
     seen: list[float] = []
 
     def connected() -> bool:
         seen.append(first.metrics.get("peers_connected"))
         return last.node_id in first.connected_peers and first.node_id in last.connected_peers
 
-    await run_until([first, middle, last], connected)
+    await run_until([first, middle, last], connected, gate)
     # The learned peer is connected (but is not a neighbour of the protocol core).
     assert seen[-1] == 2
     assert first.stats["misbehaviour"] == 0 and last.stats["misbehaviour"] == 0

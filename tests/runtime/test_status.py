@@ -1,4 +1,4 @@
-"""The status endpoint: Prometheus text, the HTTP/1.0 responder, ``p2pfl status``."""
+"""The status endpoint: Prometheus text, the HTTP/1.0 responder, ``p2pfl status``; log records."""
 
 from __future__ import annotations
 
@@ -7,13 +7,18 @@ import json
 import logging
 import math
 import re
+from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
 from p2pfl.cli import format_status, main
-from p2pfl.runtime.logs import JsonFormatter, configure_logging, log_event
+from p2pfl.config import DataConfig, LearnerConfig, NodeConfig
+from p2pfl.identity import Identity
+from p2pfl.protocol import CoreConfig
+from p2pfl.runtime.logs import TEXT_FORMAT, JsonFormatter, configure_logging, log_event
+from p2pfl.runtime.node import Node
 from p2pfl.runtime.status import (
     FAMILIES,
     MAX_REQUEST_BYTES,
@@ -144,3 +149,46 @@ def test_json_logs_are_one_object_per_line() -> None:
     assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", first["time"])
     assert second["event"] == "log" and second["fields"] == {}
     assert isinstance(JsonFormatter().format(logging.makeLogRecord({"msg": "x"})), str)
+
+
+async def test_a_node_logs_each_round_once_as_text_or_as_json(tmp_path: Path) -> None:
+    """One record per round, with the core's fields and the evaluation together; the handler
+    renders it as a line of text or as one JSON object (log consumers count rounds once)."""
+    rounds = 3
+    config = NodeConfig(
+        listen_host="127.0.0.1",
+        listen_port=0,
+        key_file=tmp_path / "node.key",
+        data=DataConfig(dataset="digits", num_nodes=1, seed=1),
+        learner=LearnerConfig(hidden=[8]),
+        protocol=CoreConfig(mode="dsgd", rounds=rounds, local_steps=1, round_timeout=5.0),
+    )
+    node = Node(config, identity=Identity.from_seed(bytes([9]) * 32))
+    text, json_lines = io.StringIO(), io.StringIO()
+    handlers = [logging.StreamHandler(text), logging.StreamHandler(json_lines)]
+    handlers[0].setFormatter(logging.Formatter(TEXT_FORMAT))
+    handlers[1].setFormatter(JsonFormatter())
+    logger = logging.getLogger("p2pfl.node")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    for handler in handlers:
+        logger.addHandler(handler)
+    try:
+        with trio.fail_after(60):
+            await node.run()
+    finally:
+        for handler in handlers:
+            logger.removeHandler(handler)
+        logger.setLevel(level)
+    records = [json.loads(line) for line in json_lines.getvalue().splitlines()]
+    round_records = [r for r in records if r["event"] == "round"]
+    assert [r["fields"]["round"] for r in round_records] == list(range(rounds))
+    for record in round_records:
+        fields = record["fields"]
+        assert fields["node"] == node.node_id.short()
+        assert {"received", "timed_out", "steps"} <= set(fields)  # the core's
+        assert {"loss", "test_loss", "test_accuracy", "peers"} <= set(fields)  # the evaluation
+        assert f"round={fields['round']} loss=" in record["message"]
+    round_lines = re.findall(r"round=(\d+) loss=", text.getvalue())
+    assert round_lines == [str(r) for r in range(rounds)]
+    assert text.getvalue().count("round=") == rounds

@@ -10,12 +10,20 @@ the batched training of every node-round alone. The ratio wall / floor is the en
 overhead factor; absolute times drift with machine load, the ratio much less.
 
     .venv/bin/python bench/sim_throughput.py [--nodes 1000] [--rounds 20]
+        [--eval-every K] [--eval-samples N] [--no-floor]
+
+``--eval-every`` / ``--eval-samples`` set ``metrics.eval_every`` / ``metrics.eval_samples``
+(defaults: every round, all 1,000 test examples). ``--no-floor`` skips the floor (for runs at
+scale, where it would take as long as the run). Peak RSS is the process's (``ru_maxrss``);
+CPU seconds are the process's (``time.process_time``), which on a shared machine say more
+than wall time.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import time
 
 import torch
@@ -29,9 +37,17 @@ SAMPLES_PER_NODE = 64
 TEST_SAMPLES = 1000
 
 
-def workload(nodes: int, rounds: int) -> dict[str, object]:
+def workload(
+    nodes: int, rounds: int, eval_every: int = 1, eval_samples: int | None = None
+) -> dict[str, object]:
     total = nodes * SAMPLES_PER_NODE + TEST_SAMPLES
-    return {
+    metrics: dict[str, int] = {}
+    if eval_every != 1:
+        metrics["eval_every"] = eval_every
+    if eval_samples is not None:
+        metrics["eval_samples"] = eval_samples
+    # No [metrics] table by default, so this script also runs against code that has none.
+    document: dict[str, object] = {
         "name": "sim-throughput",
         "seed": 1,
         "rounds": rounds,
@@ -46,6 +62,9 @@ def workload(nodes: int, rounds: int) -> dict[str, object]:
         "learner": {"hidden": [32], "lr": 0.1, "batch_size": 32, "local_steps": 2},
         "protocol": {"mode": "dsgd"},
     }
+    if metrics:
+        document["metrics"] = metrics
+    return document
 
 
 def measure_floor(engine: Engine, *, models: int, rounds: int, steps: int) -> float:
@@ -70,31 +89,52 @@ def measure_floor(engine: Engine, *, models: int, rounds: int, steps: int) -> fl
     return time.perf_counter() - started
 
 
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--eval-every", type=int, default=1)
+    parser.add_argument("--eval-samples", type=int, default=None)
+    parser.add_argument("--no-floor", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    document = workload(args.nodes, args.rounds)
-    build_started = time.perf_counter()
-    engine = build_engine(parse_scenario(document))
-    build_seconds = time.perf_counter() - build_started
-    started = time.perf_counter()
-    engine.run()
-    wall = time.perf_counter() - started
-    node_rounds = len(engine.recorder.rows)
-    floor = measure_floor(engine, models=node_rounds, rounds=args.rounds, steps=2)
-    final = engine.recorder.rounds[-1]
+    document = workload(args.nodes, args.rounds, args.eval_every, args.eval_samples)
     print(
         f"workload: {args.nodes} nodes, random 6-regular, MLP 64-32-10, dsgd, {args.rounds} rounds"
+        f", eval every {args.eval_every} on {args.eval_samples or TEST_SAMPLES} examples"
     )
-    print(f"setup (data, keys, cores): {build_seconds:.2f} s")
+    build_started, build_cpu = time.perf_counter(), time.process_time()
+    engine = build_engine(parse_scenario(document))
+    build_seconds = time.perf_counter() - build_started
+    print(
+        f"setup (data, keys, cores): {build_seconds:.2f} s wall, "
+        f"{time.process_time() - build_cpu:.2f} s CPU, peak RSS {peak_rss_gb():.2f} GB"
+    )
+    started, started_cpu = time.perf_counter(), time.process_time()
+    if args.nodes >= 10_000:  # long runs show their progress, one line per completed round
+        engine.recorder.on_complete = lambda round_: print(
+            f"  round {round_} complete at {time.perf_counter() - started:.1f} s", flush=True
+        )
+    engine.run()
+    wall = time.perf_counter() - started
+    cpu = time.process_time() - started_cpu
+    node_rounds = len(engine.recorder.rows)
+    final = engine.recorder.rounds[-1]
     print(
         f"run: {wall:.2f} s wall, {node_rounds} node-rounds, {node_rounds / wall:.0f} node-rounds/s"
     )
-    print(f"floor (sign+verify per model, batched training): {floor:.2f} s")
-    print(f"ratio wall/floor: {wall / floor:.2f}")
+    # On a shared machine the process may get a fraction of a core: CPU seconds show what
+    # the run would take alone (one torch thread, so at most one core's worth).
+    print(f"run CPU: {cpu:.2f} s, {node_rounds / cpu:.0f} node-rounds per CPU second")
+    print(f"peak RSS after the run: {peak_rss_gb():.2f} GB")
+    if not args.no_floor:
+        floor = measure_floor(engine, models=node_rounds, rounds=args.rounds, steps=2)
+        print(f"floor (sign+verify per model, batched training): {floor:.2f} s")
+        print(f"ratio wall/floor: {wall / floor:.2f}")
     print(f"final mean test accuracy: {final.mean_test_accuracy:.3f}")
 
 

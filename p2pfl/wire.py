@@ -134,13 +134,23 @@ class Envelope:
     signature: bytes
     meta: Mapping[str, Any] = field(default_factory=dict)
     version: int = PROTOCOL_VERSION
+    memo: dict[str, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
+    """Values this process derived from the envelope's immutable content (e.g. its decoded
+    model, see :func:`p2pfl.protocol.messages.decode_model`), computed once and shared by
+    every receiver of the same object. Not part of the message: never on the wire, fresh on
+    every new envelope (``dataclasses.replace`` included), ignored by ``==``."""
 
     def header_fields(self) -> dict[str, Any]:
-        """Every header entry except the signature, as it is signed."""
+        """Every header entry except the signature, as it is signed.
+
+        The map is built with its keys in canonical order (the spec's too, see
+        :meth:`PayloadSpec.to_wire`), and the meta map put in that order, so
+        :func:`_pack_ordered` can encode it without a recursive sort.
+        """
         return {
             "h": self.digest,
             "k": int(self.kind),
-            "m": dict(self.meta),
+            "m": _ordered(dict(self.meta)),
             "p": self.spec.to_wire(),
             "q": self.seq,
             "r": self.round,
@@ -154,11 +164,40 @@ class Envelope:
 
 
 def _canonical(obj: Any) -> bytes:
-    packed: bytes = msgpack.packb(_sorted(obj), use_bin_type=True)
+    """The canonical msgpack form of ``obj``: every map's keys in ascending order."""
+    return _pack_ordered(_ordered(obj))
+
+
+def _pack_ordered(obj: Any) -> bytes:
+    """The msgpack form of ``obj`` as it is: canonical if every map in it is in key order."""
+    packed: bytes = msgpack.packb(obj, use_bin_type=True)
     return packed
 
 
 _SCALARS = (bytes, str, int, float, bool, type(None))
+_CONTAINERS = (dict, list, tuple)
+
+
+def _ordered(obj: Any) -> Any:
+    """``obj`` with every map's keys in ascending order: ``obj`` itself when it is so already
+    (every header this module builds and every honest one received), else a sorted copy.
+
+    Raises:
+        TypeError: a map mixes keys that have no order (str and bytes).
+    """
+    return obj if _in_order(obj) else _sorted(obj)
+
+
+def _in_order(obj: Any) -> bool:
+    # A check, not a copy: sorting the keys of a map already in order is one linear pass in C.
+    if isinstance(obj, dict):
+        keys = list(obj)
+        if keys != sorted(keys):
+            return False
+        return all(_in_order(value) for value in obj.values() if isinstance(value, _CONTAINERS))
+    if isinstance(obj, list | tuple):
+        return all(_in_order(item) for item in obj if isinstance(item, _CONTAINERS))
+    return True
 
 
 def _sorted(obj: Any) -> Any:
@@ -179,6 +218,11 @@ def _first(item: tuple[Any, Any]) -> Any:
 def signed_bytes(fields: Mapping[str, Any]) -> bytes:
     """The exact bytes a header signature covers."""
     return SIGNING_CONTEXT + _canonical(dict(fields))
+
+
+def _signed_bytes_of(envelope: Envelope) -> bytes:
+    """:func:`signed_bytes` of ``envelope``'s header fields, which are built in order."""
+    return SIGNING_CONTEXT + _pack_ordered(envelope.header_fields())
 
 
 def seal(
@@ -214,7 +258,7 @@ def seal(
         signature=b"",
         meta=meta_dict,
     )
-    signature = identity.sign(signed_bytes(unsigned.header_fields()))
+    signature = identity.sign(_signed_bytes_of(unsigned))
     return Envelope(
         kind=unsigned.kind,
         sender=unsigned.sender,
@@ -230,8 +274,11 @@ def seal(
 
 def encode_header(envelope: Envelope) -> bytes:
     fields = envelope.header_fields()
+    # "sig" sorts between "s" and "v": rebuild the map in that order rather than sort it.
+    version = fields.pop("v")
     fields["sig"] = envelope.signature
-    return _canonical(fields)
+    fields["v"] = version
+    return _pack_ordered(fields)
 
 
 def frame_parts(envelope: Envelope) -> tuple[bytes, memoryview]:
@@ -300,13 +347,20 @@ def decode_body(body: bytes | bytearray | memoryview, limits: Limits = DEFAULT_L
     payload = view[4 + header_len :]
     header = _unpack_header(header_bytes, limits)
     envelope = _envelope_from_header(header, payload, limits)
+    # Canonical means: every map in key order, and packing the map as read gives back the
+    # very bytes (shortest forms, no duplicate keys). The top-level and spec keys are known
+    # sets by now, so only the meta map needs a walk.
     try:
-        canonical = _canonical(header)
+        in_order = (
+            list(header) == _HEADER_ORDER
+            and list(header["p"]) == _SPEC_ORDER
+            and _in_order(header["m"])
+        )
     except TypeError as exc:  # a map mixing str and bytes keys has no sorted order
         raise DecodeError("header map keys cannot be put in canonical order") from exc
-    if canonical != header_bytes:
+    if not in_order or _pack_ordered(header) != header_bytes:
         raise DecodeError("header is not in canonical encoding")
-    envelope.sender.verify(envelope.signature, signed_bytes(envelope.header_fields()))
+    envelope.sender.verify(envelope.signature, _signed_bytes_of(envelope))
     if hashlib.sha256(payload).digest() != envelope.digest:
         raise BadSignature("payload does not match the signed digest")
     return envelope
@@ -337,18 +391,22 @@ def _unpack_header(header_bytes: memoryview, limits: Limits) -> dict[str, Any]:
 
 
 def _check_depth(obj: Any, budget: int) -> None:
+    # Every value, scalars too, sits one level below its container; recursing only into
+    # containers (a scalar needs budget >= 1 left in its parent) saves a call per scalar.
     if budget < 0:
         raise DecodeError("header nests too deeply")
-    if isinstance(obj, dict):
-        for value in obj.values():
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else ()
+    for value in values:
+        if isinstance(value, dict | list):
             _check_depth(value, budget - 1)
-    elif isinstance(obj, list):
-        for item in obj:
-            _check_depth(item, budget - 1)
+        elif budget == 0:
+            raise DecodeError("header nests too deeply")
 
 
 _FIELDS = frozenset({"h", "k", "m", "p", "q", "r", "s", "sig", "v"})
 _SPEC_FIELDS = frozenset({"c", "d", "n", "s"})
+_HEADER_ORDER = sorted(_FIELDS)
+_SPEC_ORDER = sorted(_SPEC_FIELDS)
 
 
 def _field(header: Mapping[str, Any], key: str, kind: type) -> Any:

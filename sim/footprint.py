@@ -11,9 +11,11 @@ nodes of a random 6-regular graph, torch 2.13 CPU):
 
 * models: nodes x parameters x 4 bytes x copies. A node holds its model, the envelope it
   last sent (payload and decoded tensor), its pending metrics row, the training's input and
-  output: :data:`MODEL_COPIES`; plus the received models its buffer holds (dsgd: one per
-  neighbour; gossip: about two per push it receives, ``2 * fanout``; modest: ``sample_size``)
-  and :func:`optimizer_copies` per node for optimizer state (plain SGD: none).
+  output: :data:`MODEL_COPIES`; plus the received models its buffer holds (dsgd: received
+  models are decoded once and shared by their receivers, so :data:`DSGD_SHARED_BUFFERED` per
+  node whatever the degree; gossip: about two per push it receives, ``2 * fanout``; modest:
+  ``sample_size``) and :func:`optimizer_copies` per node for optimizer state (plain SGD:
+  none).
 * data: examples x (features x 4 + 8 label bytes) x :data:`DATA_COPIES` (the dataset, its
   training split and the nodes' shares are separate tensors).
 * per node: :data:`NODE_BYTES` (key, core, peer set, sampler, rng, counters);
@@ -25,7 +27,9 @@ nodes of a random 6-regular graph, torch 2.13 CPU):
 
 The estimate is deliberately simple. Checked against peak RSS (which also holds the ~0.3 GB
 of the interpreter and torch, already allocated when the check runs): the standard workload
-at 8,000 nodes is estimated at 1.7 GB and peaked at 1.7 GB; the dense-graph bench (1,437
+at 8,000 nodes was estimated at 1.7 GB and peaked at 1.7 GB while every receiver kept its
+own copy of each received model; with shared received models, 10,000 nodes peaked at 1.47 GB
+(estimated 1.7 GB, 2.0 GB with one buffered copy per neighbour); the dense-graph bench (1,437
 nodes, complete graph, gossip) is estimated at 0.22 GB and peaked at 0.79 GB, so gossip's
 messages in flight and the batched evaluation are under-counted. When the engine keeps fewer
 copies of a model, change :data:`MODEL_COPIES` and the buffered counts here.
@@ -42,6 +46,7 @@ from p2pfl.sizes import dataset_shape, parameter_count
 from sim.scenario import Scenario
 
 MODEL_COPIES = 5
+DSGD_SHARED_BUFFERED = 2.0
 DATA_COPIES = 3
 NODE_BYTES = 24_000
 EDGE_BYTES = 450
@@ -164,7 +169,11 @@ def estimate(scenario: Scenario) -> Footprint | None:
     degree = mean_degree(scenario, nodes)
     protocol = scenario.protocol
     buffered = {
-        "dsgd": degree,
+        # A received model is decoded once per envelope and shared by all its receivers
+        # (p2pfl.protocol.messages.decode_model): a dsgd buffer references its neighbours'
+        # models, which exist once each, about one per node for the round collected and
+        # one for a round that started early.
+        "dsgd": min(degree, DSGD_SHARED_BUFFERED),
         "gossip": min(degree, 2.0 * protocol.fanout),
         "modest": float(protocol.sample_size),
     }.get(protocol.mode, degree)

@@ -117,6 +117,10 @@ class MetricsRecorder:
     reporting: list[bool] = field(default_factory=list)
     on_complete: Callable[[int], None] | None = None
     attack_success: SuccessRate | None = None
+    eval_every: int = 1
+    """Evaluate (test loss, accuracy, attack success) every k-th round only, and always
+    ``last_round``; other rounds' rows leave those columns NaN."""
+    last_round: int | None = None
     rows: list[tuple[object, ...]] = field(default_factory=list)
     rounds: list[RoundSummary] = field(default_factory=list)
     _pending: dict[int, list[_Pending]] = field(default_factory=dict)
@@ -213,14 +217,24 @@ class MetricsRecorder:
             success,
         )
 
-    def _success(self, vectors: Tensor) -> list[float]:
-        if self.attack_success is None:
+    def _evaluated(self, round_: int) -> bool:
+        return (round_ + 1) % self.eval_every == 0 or round_ == self.last_round
+
+    def _evaluate(self, round_: int, vectors: Tensor) -> tuple[list[float], list[float]]:
+        if not self._evaluated(round_):
+            skipped = [float("nan")] * vectors.shape[0]
+            return skipped, skipped
+        test_loss, test_accuracy = self.evaluate(vectors)
+        return test_loss.tolist(), test_accuracy.tolist()
+
+    def _success(self, round_: int, vectors: Tensor) -> list[float]:
+        if self.attack_success is None or not self._evaluated(round_):
             return [float("nan")] * vectors.shape[0]
         return [float(value) for value in self.attack_success(vectors).tolist()]
 
     def _late(self, round_: int, entry: _Pending) -> None:
         vectors = entry.vector.unsqueeze(0)
-        test_loss, test_accuracy = self.evaluate(vectors)
+        test_loss, test_accuracy = self._evaluate(round_, vectors)
         self.rows.append(
             self._row(
                 round_,
@@ -229,7 +243,7 @@ class MetricsRecorder:
                 float(test_accuracy[0]),
                 float("nan"),
                 self._completed[round_],
-                self._success(vectors)[0],
+                self._success(round_, vectors)[0],
             )
         )
 
@@ -238,16 +252,16 @@ class MetricsRecorder:
         del self._pending_nodes[round_]
         del self._reported_active[round_]
         vectors = torch.stack([entry.vector for entry in entries])
-        test_loss, test_accuracy = self.evaluate(vectors)
+        test_loss, test_accuracy = self._evaluate(round_, vectors)
         mean = vectors.mean(dim=0)
         distances = (vectors - mean).pow(2).sum(dim=1).to(torch.float64)
         consensus = float(distances.mean())
         self._completed[round_] = consensus
-        successes = self._success(vectors)
+        successes = self._success(round_, vectors)
         for entry, loss, accuracy, distance, success in zip(
             entries,
-            test_loss.tolist(),
-            test_accuracy.tolist(),
+            test_loss,
+            test_accuracy,
             distances.tolist(),
             successes,
             strict=True,
@@ -255,7 +269,7 @@ class MetricsRecorder:
             self.rows.append(self._row(round_, entry, loss, accuracy, distance, consensus, success))
         honest_accuracy = [
             accuracy
-            for entry, accuracy in zip(entries, test_accuracy.tolist(), strict=True)
+            for entry, accuracy in zip(entries, test_accuracy, strict=True)
             if self.honest[entry.node]
         ] or [float("nan")]
         self.rounds.append(

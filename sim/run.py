@@ -124,15 +124,19 @@ def build_engine(
     test_x, test_y = federation.test.x, federation.test.y
     plan = population.adversaries
     targeted = targeted_entry(plan.specs) if plan is not None else None
+    evaluated = scenario.metrics.eval_samples  # None: the whole test set
+    eval_x, eval_y = test_x[:evaluated], test_y[:evaluated]
     recorder = MetricsRecorder(
         num_nodes=population.size,
-        evaluate=lambda vectors: trainer.evaluate(vectors, test_x, test_y),
+        evaluate=lambda vectors: trainer.evaluate(vectors, eval_x, eval_y),
         honest=population.honest,
         relay=list(population.relay),
         reporting=population.reporting,
         attack_success=AttackSuccess(targeted, (test_x, test_y), trainer.logits)
         if targeted is not None
         else None,
+        eval_every=scenario.metrics.eval_every,
+        last_round=scenario.rounds - 1,
     )
     engine = Engine(
         population,

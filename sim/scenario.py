@@ -142,6 +142,22 @@ class ProtocolSpec(_Strict):
         return mode
 
 
+class MetricsSpec(_Strict):
+    """``[metrics]``: how much evaluating the models costs (the defaults evaluate all of it)."""
+
+    eval_every: int = Field(
+        default=1,
+        ge=1,
+        description="evaluate on the test set every k-th round (and always the last); other "
+        "rounds' test_loss and test_accuracy are empty (NaN)",
+    )
+    eval_samples: int | None = Field(
+        default=None,
+        ge=1,
+        description="evaluate on the first n test examples (unset: all of them)",
+    )
+
+
 class MergeSpec(_Strict):
     rule: str = "weighted"
     params: dict[str, Any] = Field(default_factory=dict)
@@ -604,6 +620,7 @@ class Scenario(_Strict):
     learner: LearnerSpec = Field(default_factory=LearnerSpec)
     protocol: ProtocolSpec = Field(default_factory=ProtocolSpec)
     merge: MergeSpec = Field(default_factory=MergeSpec)
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec)
     network: NetworkSpec = Field(default_factory=NetworkSpec)
     devices: DevicesSpec = Field(default_factory=DevicesSpec)
     roles: RolesSpec = Field(default_factory=RolesSpec)

@@ -20,6 +20,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from p2pfl import wire as wire_internals
 from p2pfl.errors import (
     BadSignature,
     DecodeError,
@@ -215,6 +216,55 @@ def test_hand_built_canonical_header_matches_encoder(envelope: Envelope) -> None
     fields = envelope.header_fields()
     assert encode_header(envelope) == canonical({**fields, "sig": envelope.signature})
     envelope.sender.verify(envelope.signature, SIGNING_CONTEXT + canonical(fields))
+
+
+def recursive_sort_canonical(obj: Any) -> bytes:
+    """The encoder ``p2pfl.wire`` used before its no-sort fast path, kept as the reference."""
+
+    def sort(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: sort(item) for key, item in sorted(value.items(), key=lambda kv: kv[0])}
+        if isinstance(value, list | tuple):
+            return [sort(item) for item in value]
+        return value
+
+    return msgpack.packb(sort(obj), use_bin_type=True)
+
+
+def _encoded_or_error(encode: Callable[[Any], bytes], obj: Any) -> bytes | type[Exception]:
+    try:
+        return encode(obj)
+    except (TypeError, OverflowError, ValueError) as exc:
+        return type(exc)
+
+
+@given(st.dictionaries(any_keys, any_values, max_size=10) | any_values)
+def test_canonical_encoder_matches_the_recursive_sort(header: Any) -> None:
+    # Same bytes for every input, in any key order, and the same refusal (a map mixing str
+    # and bytes keys has no order; ints beyond 64 bits do not pack).
+    new = _encoded_or_error(wire_internals._canonical, header)
+    assert new == _encoded_or_error(recursive_sort_canonical, header)
+
+
+@given(envelopes(), st.randoms(use_true_random=False))
+def test_header_encoder_matches_the_recursive_sort(envelope: Envelope, rng: Any) -> None:
+    fields = envelope.header_fields()
+    shuffled = list(fields.items())
+    rng.shuffle(shuffled)
+    header = {**dict(shuffled), "sig": envelope.signature}
+    assert encode_header(envelope) == recursive_sort_canonical(header)
+    assert wire_internals.signed_bytes(
+        dict(shuffled)
+    ) == SIGNING_CONTEXT + recursive_sort_canonical(fields)
+
+
+def test_meta_keys_out_of_order_are_rejected() -> None:
+    header = signed_header(base_fields(m={"a": 1, "b": 2}))
+    entries = _replace(_entries(header), "m", b"\x82\xa1b\x02\xa1a\x01")
+    assert msgpack.unpackb(_map9(entries), raw=False) == header
+    with pytest.raises(DecodeError, match="canonical"):
+        decode_frame(frame_of(_map9(entries)))
+    decode_frame(frame_of(canonical(header)))
 
 
 def test_decoded_payload_is_a_view_into_the_frame() -> None:
@@ -739,3 +789,24 @@ def test_replay_window_accepts_any_unseen_order_within_window(size: int, seqs: l
     for seq in seqs:
         with pytest.raises(Replayed):
             window.check(seq)
+
+
+def _too_deep_reference(obj: Any, budget: int) -> bool:
+    """The depth rule: every value, scalars included, one level below its container."""
+    if budget < 0:
+        return True
+    children = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else []
+    return any(_too_deep_reference(child, budget - 1) for child in children)
+
+
+@given(any_values, st.integers(0, 4))
+def test_depth_check_counts_scalars_like_containers(value: Any, depth: int) -> None:
+    header = {"m": {"a": value}}
+    limits = Limits(max_depth=depth)
+    packed = msgpack.packb(header, use_bin_type=True)
+    try:
+        wire_internals._unpack_header(memoryview(packed), limits)
+    except DecodeError as exc:
+        assert "deep" in str(exc) and _too_deep_reference(header, depth)
+    else:
+        assert not _too_deep_reference(header, depth)

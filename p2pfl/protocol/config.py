@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import NoReturn, TypeGuard
 
@@ -23,7 +24,7 @@ CONFIG_PREFIX = "protocol"
 """Config keys in errors are named ``protocol.<field>``, as in a scenario file."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class CoreConfig:
     """What every protocol mode needs to know; fields a mode does not use are ignored.
 
@@ -121,6 +122,15 @@ class CoreConfig:
             ConfigError: naming the first wrong key (e.g. ``protocol.fanout``), its value and
                 what is allowed.
         """
+        # A config is immutable, and a simulator hands one object to every core it builds:
+        # check each object once. Keyed by identity, not equality (1 == True == 1.0 would let
+        # an invalid config pass as an equal valid one); the entry dies with the object.
+        if _VALIDATED.get(id(self)) is self:
+            return
+        self._check()
+        _VALIDATED[id(self)] = self
+
+    def _check(self) -> None:
         if self.mode not in PROTOCOL_MODES:
             _fail("mode", self.mode, f"one of {', '.join(sorted(PROTOCOL_MODES))}")
         _int_at_least("rounds", self.rounds, 1)
@@ -191,3 +201,7 @@ def _int_at_least(field: str, value: object, low: int) -> None:
 def _positive_seconds(field: str, value: object) -> None:
     if not _is_real(value) or not math.isfinite(value) or value <= 0:
         _fail(field, value, "a finite number of seconds > 0")
+
+
+_VALIDATED: weakref.WeakValueDictionary[int, CoreConfig] = weakref.WeakValueDictionary()
+"""The config objects that passed :meth:`CoreConfig.validate`, by ``id``."""

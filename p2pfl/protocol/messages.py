@@ -14,8 +14,9 @@ neighbour (or, in a mode that admits them, any other peer), the envelope's sende
 peer, the sequence number is fresh, the kind is ``MODEL_UPDATE``, the declared shape matches
 the own model, the payload decodes, and every value is finite. Any failure raises
 :class:`~p2pfl.errors.RemoteProtocolError`, which the core turns into a ``PeerMisbehaved``
-action. The vector of an accepted update is a copy the core owns, never a view of the
-driver's receive buffer.
+action. The vector of an accepted update is never a view of the driver's receive buffer; it
+is decoded once per envelope object and shared, read-only, by every core that receives that
+object (see :func:`decode_model`).
 """
 
 from __future__ import annotations
@@ -91,8 +92,19 @@ class Sealer:
         return envelope
 
 
+_DECODED = "model"
+"""The key of :attr:`Envelope.memo` under which :func:`decode_model` keeps its result."""
+
+
 def decode_model(envelope: Envelope, shape: torch.Size) -> torch.Tensor:
-    """The envelope's model, checked for shape and finiteness (may view the payload).
+    """The envelope's model, checked for shape and finiteness.
+
+    The payload is decoded and checked once per envelope object (the result is kept in
+    ``envelope.memo``): a simulator hands one verified envelope to all its receivers, and
+    each would otherwise decode, check and copy the same bytes. The tensor returned is
+    therefore shared by every receiver of ``envelope`` and owns its memory (never a view of
+    the payload): callers must not modify it, which merge rules never do (their inputs are
+    read-only, see ``p2pfl.merge.base``) and cores never do to a received model.
 
     Raises:
         RemoteProtocolError: another shape, undecodable, or NaN/infinite values.
@@ -101,13 +113,26 @@ def decode_model(envelope: Envelope, shape: torch.Size) -> torch.Tensor:
         raise RemoteProtocolError(
             f"model of shape {list(envelope.spec.shape)}, this node's is {list(shape)}"
         )
+    decoded = envelope.memo.get(_DECODED)
+    if decoded is None:
+        decoded = envelope.memo[_DECODED] = _decode_checked(envelope)
+    if isinstance(decoded, RemoteProtocolError):
+        # A fresh exception per receiver: raising the cached one would chain tracebacks.
+        raise RemoteProtocolError(str(decoded))
+    tensor: torch.Tensor = decoded
+    return tensor
+
+
+def _decode_checked(envelope: Envelope) -> torch.Tensor | RemoteProtocolError:
+    """The payload as an owned float32 tensor, or the defect that refuses it."""
     try:
         decoded = decode_vector(envelope.spec, envelope.payload)
     except WireError as exc:
-        raise RemoteProtocolError(f"undecodable model: {exc}") from exc
+        return RemoteProtocolError(f"undecodable model: {exc}")
     if not all_finite(decoded):
-        raise RemoteProtocolError("model holds NaN or infinite values")
-    return decoded
+        return RemoteProtocolError("model holds NaN or infinite values")
+    # decode_vector may view the payload (a driver's receive buffer): own the memory.
+    return decoded.clone()
 
 
 def check_sender(event: MessageReceived, peers: PeerSet) -> None:
@@ -149,6 +174,6 @@ def parse_model_update(event: MessageReceived, peers: PeerSet, shape: torch.Size
         round=envelope.round,
         samples=envelope.spec.samples,
         degree=degree,
-        vector=decoded.clone(),
+        vector=decoded,
         digest=bytes(envelope.digest),
     )

@@ -83,6 +83,27 @@ def test_default_config_is_valid() -> None:
         CoreConfig(mode=mode).validate()
 
 
+def test_config_is_checked_once_per_object(monkeypatch: pytest.MonkeyPatch) -> None:
+    checks: list[CoreConfig] = []
+    real = CoreConfig._check
+
+    def counting(self: CoreConfig) -> None:
+        checks.append(self)
+        real(self)
+
+    monkeypatch.setattr(CoreConfig, "_check", counting)
+    config = CoreConfig(rounds=1)
+    for _ in range(3):
+        config.validate()
+    assert checks == [config]
+    # Equal is not the same: rounds=True == rounds=1, yet it is checked, and refused.
+    with pytest.raises(ConfigError, match="protocol.rounds"):
+        CoreConfig(rounds=True).validate()  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        CoreConfig(rounds=True).validate()  # type: ignore[arg-type]
+    assert len(checks) == 3
+
+
 @pytest.fixture
 def plugin_mode() -> Iterator[str]:
     """A plug-in mode (dsgd under another name) that admits strangers; unregistered after."""
@@ -271,6 +292,43 @@ def test_received_model_does_not_alias_the_receive_buffer(mode: str) -> None:
     actions = single.core.handle(TrainingFinished(torch.zeros(SIZE), 0.0, 1), now=1.0)
     assert kinds(actions)[-1] == "StartTraining"  # merged with the received model
     assert single.core.vector.min().item() > 0.0
+
+
+@pytest.mark.parametrize("mode", NEIGHBOUR_MODEL_MODES)
+def test_one_envelope_is_decoded_once_for_all_its_receivers(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import p2pfl.protocol.messages as messages
+
+    decodes: list[int] = []
+    real = messages.decode_vector
+
+    def counting(*args: object, **kwargs: object) -> torch.Tensor:
+        decodes.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(messages, "decode_vector", counting)
+    receivers = [make_single(mode, rounds=2) for _ in range(3)]
+    a = NEIGHBOURS[0]
+    shared = sealed(receivers[0].peers[a], seq=0, round=0, vector=torch.full((SIZE,), 4.0))
+    poisoned = sealed(receivers[0].peers[a], seq=1, round=0, vector=torch.full((SIZE,), math.nan))
+    reasons = set()
+    for single in receivers:
+        single.core.handle(Started(), now=0.0)
+        assert single.receive(a, shared) == []
+        (refused,) = single.receive(a, poisoned)
+        assert isinstance(refused, PeerMisbehaved)
+        reasons.add(refused.reason)
+    assert len(decodes) == 2 and len(reasons) == 1  # one decode per envelope, not per receiver
+    for single in receivers:
+        if mode == "dsgd":
+            for b in NEIGHBOURS[1:]:
+                single.receive(b, sealed(single.peers[b], seq=0, round=0))
+        actions = single.core.handle(TrainingFinished(torch.zeros(SIZE), 0.0, 1), now=1.0)
+        assert kinds(actions)[-1] == "StartTraining"
+        single.core.vector.add_(1.0)  # a core's own model is its own, whatever it merged
+    # Merging read the shared model and never wrote to it.
+    assert torch.equal(messages.decode_model(shared, torch.Size([SIZE])), torch.full((SIZE,), 4.0))
 
 
 # -- dsgd -----------------------------------------------------------------------------

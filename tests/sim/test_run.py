@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from p2pfl.errors import ConfigError
 from sim.cli import main
 from sim.run import build_engine, run_scenario
 from sim.scenario import Scenario, parse_scenario, read_document
@@ -124,3 +125,44 @@ def test_cli_run_with_overrides_writes_run_dir(
     summary = json.loads((out / "summary.json").read_text())
     assert summary["seed"] == 9 and summary["nodes"] == 6
     assert "mean_test_accuracy" in capsys.readouterr().out
+
+
+def _metric_columns(path: Path) -> dict[str, list[str]]:
+    lines = path.read_text().splitlines()
+    header = lines[0].split(",")
+    return {name: [line.split(",")[i] for line in lines[1:]] for i, name in enumerate(header)}
+
+
+def test_eval_every_and_eval_samples_thin_the_evaluation_only(
+    small_document: SmallDocument, tmp_path: Path
+) -> None:
+    document = small_document(rounds=5)
+    full = run_scenario(parse_scenario(document), tmp_path / "full", plots=False)
+    thin_document = {**document, "metrics": {"eval_every": 2}}
+    thin = run_scenario(parse_scenario(thin_document), tmp_path / "thin", plots=False)
+    few_document = {**document, "metrics": {"eval_samples": 7}}
+    few = run_scenario(parse_scenario(few_document), tmp_path / "few", plots=False)
+    full_columns, thin_columns, few_columns = (
+        _metric_columns(run.directory / "metrics.csv") for run in (full, thin, few)
+    )
+    # Rounds 1 and 3 (every 2nd) and the last (4) are evaluated, as in the full run; the
+    # others' evaluation columns are empty; nothing else changes.
+    for name, values in full_columns.items():
+        for row, value in enumerate(values):
+            skipped = int(full_columns["round"][row]) in (0, 2)
+            if name in ("test_loss", "test_accuracy") and skipped:
+                assert thin_columns[name][row] == "nan"
+            else:
+                assert thin_columns[name][row] == value, name
+    assert thin.summary["mean_test_accuracy"] == full.summary["mean_test_accuracy"]
+    # Seven test examples: accuracies are multiples of 1/7, training is unchanged.
+    assert few_columns["train_loss"] == full_columns["train_loss"]
+    assert few_columns["test_accuracy"] != full_columns["test_accuracy"]
+    for value in few_columns["test_accuracy"]:
+        assert abs(float(value) * 7 - round(float(value) * 7)) < 1e-5
+
+
+@pytest.mark.parametrize(("key", "value"), [("eval_every", 0), ("eval_samples", 0)])
+def test_bad_metrics_keys_are_named(small_document: SmallDocument, key: str, value: int) -> None:
+    with pytest.raises(ConfigError, match=f"metrics.{key}"):
+        parse_scenario(small_document(metrics={key: value}))

@@ -102,6 +102,7 @@ BASES: dict[str, dict[str, Any]] = {
     "NetworkSpec": {},
     "SpeedSpec": {},
     "RolesSpec": {},
+    "MetricsSpec": {},
     "LinkOverride": {"between": [[0, 1]]},
     "CrashSpec": {"kind": "crash", "round": 1, "count": 1},
     "LeaveSpec": {"kind": "leave", "round": 1, "count": 1},

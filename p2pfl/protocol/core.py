@@ -101,10 +101,16 @@ class ModeTraits:
             configured neighbours (``modest``; ``gossip`` with membership peer sampling),
             always or as its config says; drivers route such peers' traffic to the core and
             dial them on demand (read it as ``CoreConfig.admits_strangers``).
+        traffic: what one peer running this mode may legitimately send a node:
+            ``traffic(config, model_frames) -> (frames per round, frames per second)``, where
+            ``model_frames`` is the frames a model takes (1, more with history records). The
+            runtime sizes each peer's rate limit from it; a mode that declares nothing gets
+            only the node's configured ``peer_message_rate``/``peer_message_burst``.
     """
 
     server: bool = False
     strangers: bool | Callable[[CoreConfig], bool] = False
+    traffic: Callable[[CoreConfig, int], tuple[float, float]] | None = None
 
 
 F = TypeVar("F", bound=CoreFactory)

@@ -48,7 +48,8 @@ from p2pfl.protocol.actions import (
 )
 from p2pfl.protocol.base import BaseCore
 from p2pfl.protocol.buffers import Offer, RoundBuffer
-from p2pfl.protocol.core import register_protocol_mode
+from p2pfl.protocol.config import CoreConfig
+from p2pfl.protocol.core import ModeTraits, register_protocol_mode
 from p2pfl.protocol.messages import ModelUpdate
 from p2pfl.protocol.phases import DSGD_TRANSITIONS, Phase
 from p2pfl.wire import Envelope
@@ -66,7 +67,13 @@ class _Trained:
     collect_until: float
 
 
-@register_protocol_mode("dsgd")
+def _traffic(config: CoreConfig, model_frames: int) -> tuple[float, float]:
+    # One model per round; a neighbour that gives up on this node runs a round at most every
+    # round_timeout seconds.
+    return float(model_frames), model_frames / config.round_timeout
+
+
+@register_protocol_mode("dsgd", traits=ModeTraits(traffic=_traffic))
 class DsgdCore(BaseCore):
     """Synchronous rounds: train, send to all neighbours, wait for theirs or a timeout, merge."""
 

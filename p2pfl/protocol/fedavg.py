@@ -95,7 +95,14 @@ class _Round:
     updates: dict[NodeId, ModelUpdate] = field(default_factory=dict)
 
 
-@register_protocol_mode("fedavg", traits=ModeTraits(server=True))
+def _traffic(config: CoreConfig, model_frames: int) -> tuple[float, float]:
+    # The server sends a client one model per round and a client sends one back; either may
+    # send it again after a reconnection. A round closes at the latest after round_timeout.
+    frames = 2.0 * model_frames
+    return frames, frames / config.round_timeout
+
+
+@register_protocol_mode("fedavg", traits=ModeTraits(server=True, traffic=_traffic))
 class FedAvgCore(BaseCore):
     """Building one gives the server's core if ``identity`` holds ``config.server``, else a
     client's (:func:`p2pfl.protocol.make_core` documents the arguments).

@@ -86,7 +86,14 @@ def _samples_membership(config: CoreConfig) -> bool:
     return config.peer_sampling == "membership"
 
 
-@register_protocol_mode("gossip", traits=ModeTraits(strangers=_samples_membership))
+def _traffic(config: CoreConfig, model_frames: int) -> tuple[float, float]:
+    # A push reaches a given neighbour at most once per (shortest) period.
+    return 0.0, model_frames / (config.period * (1.0 - config.period_jitter))
+
+
+@register_protocol_mode(
+    "gossip", traits=ModeTraits(strangers=_samples_membership, traffic=_traffic)
+)
 class GossipCore(BaseCore):
     """Asynchronous push gossip: periodic pushes to random neighbours; merge on receipt."""
 

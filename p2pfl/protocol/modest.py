@@ -75,6 +75,7 @@ from p2pfl.protocol.actions import (
 )
 from p2pfl.protocol.base import BaseCore
 from p2pfl.protocol.committee import Selection, ordering
+from p2pfl.protocol.config import CoreConfig
 from p2pfl.protocol.core import ModeTraits, register_protocol_mode
 from p2pfl.protocol.events import MessageReceived
 from p2pfl.protocol.membership import Membership, Record, Status, parse_records
@@ -128,7 +129,16 @@ class _Distribution:
     selection: Selection
 
 
-@register_protocol_mode("modest", traits=ModeTraits(strangers=True))
+FRAMES_PER_ROUND = 8
+"""What one modest peer may send a node per round: ping, pong, trained model, its fail-over
+copy, aggregate, ack, nack and a membership announcement."""
+
+
+def _traffic(config: CoreConfig, model_frames: int) -> tuple[float, float]:
+    return float(FRAMES_PER_ROUND), FRAMES_PER_ROUND / config.ping_timeout
+
+
+@register_protocol_mode("modest", traits=ModeTraits(strangers=True, traffic=_traffic))
 class ModestCore(BaseCore):
     """Per round a sampled committee: ``sample_size`` trainers, ``aggregators`` aggregators."""
 

@@ -38,6 +38,7 @@ from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from p2pfl.protocol import mode_traits
 from p2pfl.protocol.config import CoreConfig
 
 K = TypeVar("K", bound=Hashable)
@@ -46,9 +47,6 @@ ALLOWANCE_MARGIN = 2.0
 """Factor over what the protocol sends, so reordering and jitter never strike an honest peer."""
 HISTORY_FRAMES = 2
 """History gossip adds, per model sent, the sender's own record and one relayed record."""
-MODEST_FRAMES_PER_ROUND = 8
-"""What one modest peer may send this node per round: ping, pong, trained model, its
-fail-over copy, aggregate, ack, nack and a membership announcement."""
 PEER_EXCHANGE_MIN_FACTOR = 0.8
 """Peer exchange sleeps ``interval * U(0.8, 1.2)`` between advertisements."""
 
@@ -81,7 +79,8 @@ def peer_allowance(
     """Size a peer's bucket from the protocol it runs, assuming peers configured alike.
 
     Args:
-        protocol: the core's settings (mode, period, round timeout, rounds ahead).
+        protocol: the core's settings; its mode's declared traffic
+            (:attr:`~p2pfl.protocol.core.ModeTraits.traffic`) and rounds ahead.
         base_rate: ``node.peer_message_rate``: frames per second always allowed.
         base_burst: ``node.peer_message_burst``: frames always allowed at once.
         histories: whether models are followed by history records (history gossip).
@@ -93,19 +92,8 @@ def peer_allowance(
         second, and a burst covering every round a peer may legitimately run ahead.
     """
     model = 1 + (HISTORY_FRAMES if histories else 0)
-    per_round = 0.0
-    per_second = 0.0
-    if protocol.mode == "dsgd":
-        # One model (and its history records) per round; a neighbour that gives up on this
-        # node runs a round at most every round_timeout seconds.
-        per_round = model
-        per_second = model / protocol.round_timeout
-    elif protocol.mode == "gossip":
-        # A push reaches a given neighbour at most once per (shortest) period.
-        per_second = model / (protocol.period * (1.0 - protocol.period_jitter))
-    else:
-        per_round = MODEST_FRAMES_PER_ROUND
-        per_second = MODEST_FRAMES_PER_ROUND / protocol.ping_timeout
+    traffic = mode_traits(protocol.mode).traffic
+    per_round, per_second = traffic(protocol, model) if traffic is not None else (0.0, 0.0)
     if idle_timeout is not None:
         per_second += 3.0 / idle_timeout
     if exchange_interval is not None:

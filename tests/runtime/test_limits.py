@@ -7,7 +7,9 @@ import trio
 import trio.testing
 
 from p2pfl.identity import Identity, NodeId
-from p2pfl.protocol import CoreConfig
+from p2pfl.protocol import CoreConfig, ModeTraits, register_protocol_mode
+from p2pfl.protocol.core import MODE_TRAITS, PROTOCOL_MODES
+from p2pfl.protocol.dsgd import DsgdCore
 from p2pfl.runtime.limits import BanList, FailureCounter, TokenBucket, peer_allowance
 from p2pfl.runtime.peer import PeerConnection
 from p2pfl.runtime.transport import FrameStream
@@ -108,6 +110,32 @@ def test_the_allowance_follows_the_protocol_settings() -> None:
     # gossip: a push per (shortest) period reaches a neighbour at most once.
     _, fast, _ = make(CoreConfig(mode="gossip", period=0.01, period_jitter=0.5))
     assert fast == pytest.approx(20.0 + 2 * 1 / 0.005)
+    # fedavg: a model each way per round, sent again after a reconnection.
+    fedavg = CoreConfig(mode="fedavg", round_timeout=4.0, max_rounds_ahead=0)
+    assert make(fedavg) == (4.0, pytest.approx(21.0), 40 + 4.0 * 2)
+
+
+def test_a_plugin_mode_gets_the_traffic_it_declares_or_only_the_base_limits() -> None:
+    def traffic(config: CoreConfig, model_frames: int) -> tuple[float, float]:
+        return 3.0 * model_frames, 0.5
+
+    for name, traits, expected in [
+        ("plugin-silent", ModeTraits(), (0.0, 20.0)),
+        ("plugin-declared", ModeTraits(traffic=traffic), (6.0, 21.0)),
+    ]:
+        register_protocol_mode(name, traits=traits)(DsgdCore)
+        try:
+            allowance = peer_allowance(
+                CoreConfig(mode=name),
+                base_rate=20.0,
+                base_burst=40,
+                histories=False,
+                idle_timeout=None,
+                exchange_interval=None,
+            )
+        finally:
+            del PROTOCOL_MODES[name], MODE_TRAITS[name]
+        assert (allowance.per_round, allowance.per_second) == expected
 
 
 # -- bans -----------------------------------------------------------------------------------

@@ -86,6 +86,13 @@ class MessageKind(IntEnum):
     sender's hop distance to it (0 = the sender's own history) and ``meta["hs"]`` the
     origin's signature over (origin, round, payload description and digest), so a relay can
     forward a record but never forge or alter one."""
+    # 40-49: the ``spsa`` mode (shared-randomness one-byte updates, p2pfl.protocol.spsa).
+    SPSA_STEP = 40
+    """A node's projections for step ``round``: the payload is one signed byte (int8) per
+    sample, ``meta["md"]`` the first 16 bytes of the SHA-256 of the model it measured them at."""
+    SPSA_SYNC = 41
+    """A node that fell behind asks for the current model (empty payload, ``round`` = its own
+    step); the answer is one ``MODEL_UPDATE`` in float32."""
 
 
 @dataclass(frozen=True, slots=True)

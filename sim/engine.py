@@ -79,6 +79,7 @@ from p2pfl.protocol.actions import (
     PeerMisbehaved,
     SaveCheckpoint,
     Send,
+    SpsaProbe,
     StartTraining,
     Stop,
 )
@@ -153,6 +154,15 @@ class _ParkedTraining:
     vector: Tensor
     steps: int
     round: int
+    probe: SpsaProbe | None = None
+
+
+@dataclass(slots=True)
+class _Trained:
+    vector: Tensor
+    loss: float
+    steps: int
+    projections: tuple[float, ...] = ()
 
 
 class Engine:
@@ -195,7 +205,7 @@ class Engine:
         self._sequence = 0
         self._armed: list[float | None] = [None] * size
         self._parked: dict[int, _ParkedTraining] = {}
-        self._trained: dict[int, tuple[Tensor, float, int]] = {}
+        self._trained: dict[int, _Trained] = {}
         self._outstanding: dict[int, _ParkedTraining] = {}
         self._last_loss = [float("nan")] * size
         self._stopped = [False] * size
@@ -264,10 +274,15 @@ class Engine:
                     return None
                 if node not in self._trained:
                     self._train_parked()
-                vector, loss, steps = self._trained.pop(node)
+                trained = self._trained.pop(node)
                 self._outstanding.pop(node, None)
-                self._last_loss[node] = loss
-                return TrainingFinished(vector=vector, loss=loss, steps=steps)
+                self._last_loss[node] = trained.loss
+                return TrainingFinished(
+                    vector=trained.vector,
+                    loss=trained.loss,
+                    steps=trained.steps,
+                    projections=trained.projections,
+                )
             case _Delivery(sender, envelope, frame_bytes, connection):
                 if connection != self._connection(sender, node):
                     return None
@@ -311,11 +326,11 @@ class Engine:
                     if arrival is not None:
                         connection = self._connection(node, receiver)
                         self.push(arrival, receiver, _Delivery(node, verified, size, connection))
-                case StartTraining(vector, steps, round_):
+                case StartTraining(vector, steps, round_, probe):
                     if self.disruptions is not None and not self.disruptions.may_train(self, node):
                         return
                     self.trainings_started[node] += 1
-                    self._begin_training(node, _ParkedTraining(vector, steps, round_))
+                    self._begin_training(node, _ParkedTraining(vector, steps, round_, probe))
                 case SaveCheckpoint(round_, vector):
                     component, component_size = self.network.component_of(node)
                     self.completed_rounds[node] = round_
@@ -364,7 +379,7 @@ class Engine:
     def _begin_training(self, node: int, training: _ParkedTraining) -> None:
         self._outstanding[node] = training
         if self.population.relay[node]:
-            self._trained[node] = (training.vector, float("nan"), 0)
+            self._trained[node] = _Trained(training.vector, float("nan"), 0)
         else:
             self._parked[node] = training
         duration = training.steps * self.step_time / self.population.speed[node]
@@ -392,6 +407,20 @@ class Engine:
         for node, parked in self._parked.items():
             sampler = self.population.samplers[node]
             assert sampler is not None, "relays never park a training"
+            if parked.probe is not None:
+                # An spsa probe: the node's projections, computed as a device would.
+                result = self.trainer.probe(
+                    node,
+                    parked.vector,
+                    self.population.train_sets[node],
+                    sampler,
+                    parked.probe.seeds,
+                    parked.probe.eps,
+                )
+                self._trained[node] = _Trained(
+                    parked.vector, result.loss, parked.steps, result.projections
+                )
+                continue
             groups.setdefault((parked.steps, sampler.batch_size), []).append(node)
         for (steps, _batch), nodes in sorted(groups.items()):
             nodes.sort()
@@ -406,7 +435,7 @@ class Engine:
                 [self._parked[node].round for node in nodes],
             )
             for row, node in enumerate(nodes):
-                self._trained[node] = (trained[row], float(losses[row]), steps)
+                self._trained[node] = _Trained(trained[row], float(losses[row]), steps)
         self._parked.clear()
 
     # -- the world ----------------------------------------------------------------------

@@ -133,6 +133,12 @@ class ProtocolSpec(_Strict):
     history_gossip: bool | None = None
     history_lambda: float = Field(default=0.8, gt=0.0)
     history_capacity: int = Field(default=32, ge=1)
+    # spsa (p2pfl.protocol.spsa): one-byte projected gradients over shared randomness
+    spsa_samples: int = Field(default=4, ge=1, le=255)
+    spsa_eps: float = Field(default=1e-3, gt=0.0)
+    spsa_lr: float = Field(default=0.05, gt=0.0)
+    spsa_clip: float = Field(default=4.0, gt=0.0)
+    spsa_salt: int = Field(default=0, ge=0, lt=2**64)
 
     @field_validator("mode")
     @classmethod

@@ -48,6 +48,7 @@ from p2pfl.learn.optim import (
     unstack_states,
 )
 from p2pfl.learn.sampling import MinibatchSampler
+from p2pfl.learn.spsa import ProbeResult, module_loss, projected_gradients
 from p2pfl.params import ParamLayout, flatten, layout_of
 
 TRAIN_BUDGET = 2**26
@@ -187,6 +188,27 @@ class BatchedLearner:
         for state, row in zip(states, params, strict=True):
             state.finish(settings, row)
         return total
+
+    def probe(
+        self,
+        node: int,
+        vector: Tensor,
+        data: Dataset,
+        sampler: MinibatchSampler,
+        seeds: Sequence[int],
+        eps: float,
+    ) -> ProbeResult:
+        """Node ``node``'s SPSA projections at ``vector``: the very computation a
+        :meth:`~p2pfl.learn.TorchLearner.probe` runs (one forward per row, the node's own
+        buffers), so the simulator sends the byte a device would."""
+        x, y = data
+
+        def batches() -> tuple[Tensor, Tensor]:
+            pick = sampler.next_batch()
+            return x[pick], y[pick]
+
+        loss = module_loss(self.model, self.layout, self._buffers_of(node))
+        return projected_gradients(loss, vector, seeds, eps, batches)
 
     def _vmap_gradient(self, params: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         if self._stack is not None:

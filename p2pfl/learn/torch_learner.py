@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,7 @@ from p2pfl.learn.optim import (
     unstack_states,
 )
 from p2pfl.learn.sampling import MinibatchSampler
+from p2pfl.learn.spsa import ProbeResult, module_loss, projected_gradients
 from p2pfl.params import ParamLayout, flatten, layout_of, load_vector
 
 EVAL_BATCH_SIZE = 4096
@@ -174,6 +176,24 @@ class TorchLearner:
                 samples=steps * self._sampler.batch_size,
                 steps=steps,
             )
+
+    def probe(self, vector: Tensor, seeds: Sequence[int], eps: float) -> ProbeResult:
+        """SPSA projected gradients at ``vector``, one per seed, each on the next minibatch
+        (see :func:`p2pfl.learn.spsa.projected_gradients`); the optimiser state is untouched.
+
+        Raises:
+            ConfigError: ``vector`` does not match :attr:`layout`.
+        """
+        if vector.shape != (self._layout.size,):
+            raise ConfigError("vector", tuple(vector.shape), f"a vector of {self._layout.size}")
+        with self._lock:
+
+            def batches() -> tuple[Tensor, Tensor]:
+                index = self._sampler.next_batch()
+                return self._train_x[index], self._train_y[index]
+
+            loss = module_loss(self._model, self._layout, self._buffers)
+            return projected_gradients(loss, vector, seeds, eps, batches)
 
     def evaluate(self, vector: Tensor) -> EvalResult:
         """Mean cross-entropy and accuracy of ``vector`` on the test set, in batches of 4096.

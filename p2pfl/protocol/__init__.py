@@ -12,7 +12,8 @@ built with.
 Modes (``PROTOCOL_MODES``): ``dsgd`` (:mod:`p2pfl.protocol.dsgd`), ``gossip``
 (:mod:`p2pfl.protocol.gossip`), ``modest`` (:mod:`p2pfl.protocol.modest`, sampled
 committees over the membership view of :mod:`p2pfl.protocol.membership`) and ``fedavg``
-(:mod:`p2pfl.protocol.fedavg`, one server and sampled clients, the federated reference); their
+(:mod:`p2pfl.protocol.fedavg`, one server and sampled clients, the federated reference) and
+``spsa`` (:mod:`p2pfl.protocol.spsa`, one-byte projected gradients over shared randomness); their
 life cycles are tabulated in :mod:`p2pfl.protocol.phases`, and what each needs from its
 population is in its :class:`ModeTraits` (:func:`mode_traits`). Drivers report
 ``PeerConnected`` for each neighbour they reach; every neighbour starts out not connected (the
@@ -33,6 +34,7 @@ from p2pfl.protocol import dsgd as dsgd
 from p2pfl.protocol import fedavg as fedavg
 from p2pfl.protocol import gossip as gossip
 from p2pfl.protocol import modest as modest
+from p2pfl.protocol import spsa as spsa
 from p2pfl.protocol.actions import (
     Action,
     Disconnect,

@@ -20,15 +20,28 @@ class Send:
 
 
 @dataclass(frozen=True, slots=True)
+class SpsaProbe:
+    """What an ``spsa`` core asks of the learner instead of training: the projected gradient
+    at the vector along each seed's perturbation (:func:`p2pfl.learn.spsa.projected_gradients`)."""
+
+    seeds: tuple[int, ...]
+    eps: float
+
+
+@dataclass(frozen=True, slots=True)
 class StartTraining:
     """Train ``vector`` for ``steps`` local steps, then report ``TrainingFinished``.
 
-    At most one training is outstanding at a time.
+    At most one training is outstanding at a time. With ``probe`` set (mode ``spsa``) the
+    driver does not train: it measures the probe's projections at ``vector`` (``steps`` is
+    the number of seeds, for the simulator's compute time) and reports them in
+    ``TrainingFinished.projections``, with ``vector`` unchanged.
     """
 
     vector: torch.Tensor
     steps: int
     round: int
+    probe: SpsaProbe | None = None
 
 
 @dataclass(frozen=True, slots=True)

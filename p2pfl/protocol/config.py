@@ -20,6 +20,9 @@ MAX_ROUNDS = 10**9
 """The most rounds a run may ask for (nodes and scenarios alike): far beyond any real run,
 and far below the wire's round field (``wire.MAX_ROUND``) however far ahead peers run."""
 
+MAX_SPSA_SAMPLES = 255
+"""The most one-byte projections an ``spsa`` step message carries (its payload bound)."""
+
 CONFIG_PREFIX = "protocol"
 """Config keys in errors are named ``protocol.<field>``, as in a scenario file."""
 
@@ -73,6 +76,14 @@ class CoreConfig:
         history_lambda: the decay λ of the history draw, ``∝ λ·e^{−λ(d−1)}`` (0.8).
         history_capacity: signed history records a node keeps at most (each the size of
             a model); the farthest, then the oldest, is forgotten first.
+        spsa_samples: spsa: perturbations (one byte each) a node measures per step, on one
+            minibatch each.
+        spsa_eps: spsa: the perturbation size ``ε`` of the two-point estimate.
+        spsa_lr: spsa: the step size of ``θ ← θ − lr · mean(ĝ z)``.
+        spsa_clip: spsa: the quantiser's range: a projection is clipped to ``±spsa_clip`` and
+            sent as one of 255 levels.
+        spsa_salt: spsa: the run's shared randomness; every node of a run must use the same
+            salt, or none can regenerate another's perturbations.
     """
 
     mode: str = "dsgd"
@@ -102,6 +113,12 @@ class CoreConfig:
     history_gossip: bool | None = None
     history_lambda: float = 0.8
     history_capacity: int = 32
+    # spsa (p2pfl.protocol.spsa): one-byte projected gradients over shared randomness
+    spsa_samples: int = 4
+    spsa_eps: float = 1e-3
+    spsa_lr: float = 0.05
+    spsa_clip: float = 4.0
+    spsa_salt: int = 0
 
     @property
     def admits_strangers(self) -> bool:
@@ -183,6 +200,19 @@ class CoreConfig:
         if not _is_real(lam) or not math.isfinite(lam) or lam <= 0:
             _fail("history_lambda", lam, "a finite number > 0 (default 0.8)")
         _int_at_least("history_capacity", self.history_capacity, 1)
+        self._check_spsa()
+
+    def _check_spsa(self) -> None:
+        _int_at_least("spsa_samples", self.spsa_samples, 1)
+        if self.spsa_samples > MAX_SPSA_SAMPLES:
+            _fail("spsa_samples", self.spsa_samples, f"an integer in [1, {MAX_SPSA_SAMPLES}]")
+        for field in ("spsa_eps", "spsa_lr", "spsa_clip"):
+            value = getattr(self, field)
+            if not _is_real(value) or not math.isfinite(value) or value <= 0:
+                _fail(field, value, "a finite number > 0")
+        salt = self.spsa_salt
+        if not isinstance(salt, int) or isinstance(salt, bool) or not 0 <= salt < 2**64:
+            _fail("spsa_salt", salt, "an integer in [0, 2**64)")
 
 
 def _fail(field: str, value: object, allowed: str) -> NoReturn:

@@ -53,11 +53,13 @@ class MessageReceived:
 
 @dataclass(frozen=True, slots=True)
 class TrainingFinished:
-    """The training asked for by the last ``StartTraining`` is done."""
+    """The training asked for by the last ``StartTraining`` is done (for a probe: the
+    projections measured, one per seed, and the vector handed back unchanged)."""
 
     vector: torch.Tensor
     loss: float
     steps: int
+    projections: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

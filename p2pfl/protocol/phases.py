@@ -116,6 +116,24 @@ FEDAVG_TRANSITIONS: Transitions = {
     Phase.DONE: {},
 }
 
+SPSA_TRANSITIONS: Transitions = {
+    Phase.IDLE: {
+        Phase.TRAINING: "Started: probe step r",
+        Phase.DONE: "Started with start_round >= rounds, or a synced model of the last step",
+    },
+    Phase.TRAINING: {
+        Phase.COLLECTING: "TrainingFinished (the projections): one byte each, sent to all",
+        Phase.TRAINING: "TrainingFinished of a step left behind by a sync: probe the new one",
+        Phase.DONE: "a synced model of the last step",
+    },
+    Phase.COLLECTING: {
+        Phase.TRAINING: "every connected peer's bytes of step r, or round_timeout; applied; "
+        "or a sync to a later step",
+        Phase.DONE: "the last step applied, or a synced model of the last step",
+    },
+    Phase.DONE: {},
+}
+
 
 class PhaseMachine:
     """The current phase, moved only along the edges of one transitions table."""

@@ -34,8 +34,10 @@ from typing import assert_never
 
 import trio
 
+from p2pfl.errors import ConfigError
 from p2pfl.identity import NodeId
 from p2pfl.learn.base import Learner
+from p2pfl.learn.spsa import ProbingLearner
 from p2pfl.protocol.actions import (
     Action,
     Disconnect,
@@ -43,6 +45,7 @@ from p2pfl.protocol.actions import (
     PeerMisbehaved,
     SaveCheckpoint,
     Send,
+    SpsaProbe,
     StartTraining,
     Stop,
 )
@@ -169,9 +172,24 @@ class Pump:
                 assert_never(action)
 
     async def _train(self, action: StartTraining) -> None:
+        if action.probe is not None:
+            await self._probe(action, action.probe)
+            return
         train = functools.partial(
             self.learner.train, action.vector, action.steps, round=action.round
         )
         result = await trio.to_thread.run_sync(train)
         self._reporting.trained(action.round, result.loss)
         await self._events_send.send(TrainingFinished(result.vector, result.loss, result.steps))
+
+    async def _probe(self, action: StartTraining, probe: SpsaProbe) -> None:
+        """An ``spsa`` step: the learner's projections instead of a training."""
+        learner = self.learner
+        if not isinstance(learner, ProbingLearner):
+            raise ConfigError("learner", type(learner).__name__, "a learner with probe() for spsa")
+        measure = functools.partial(learner.probe, action.vector, probe.seeds, probe.eps)
+        result = await trio.to_thread.run_sync(measure)
+        self._reporting.trained(action.round, result.loss)
+        await self._events_send.send(
+            TrainingFinished(action.vector, result.loss, action.steps, result.projections)
+        )

@@ -371,6 +371,9 @@ class Engine:
                     if not self._stopped[node]:
                         self._stopped[node] = True
                         self._finished += 1
+                case Emit(name="digest_mismatch", fields=fields):
+                    # A mode that checks its peers' model digests (spsa) found some differ.
+                    self.log({"node": node, "event": "digest_mismatch", **fields})
                 case Emit():
                     pass
                 case _:

@@ -23,8 +23,10 @@ steps completed; ``core.vector == θ_t``). Step ``t`` runs::
    ``θ_{t+1} = θ_t − spsa_lr · mean(ĝ z)`` (:func:`p2pfl.learn.spsa.apply_update`). The same
    set of bytes gives the same bits on every node. Then ``Emit("round", ...)`` with the new
    model's digest and the number of neighbours whose step-``t`` digest differed from the own
-   (``digest_mismatches``: honest nodes in sync report 0), ``SaveCheckpoint(t + 1, θ_{t+1})``
-   and the next probe, or ``Stop``.
+   (``digest_mismatches``: honest nodes in sync report 0; when it is not 0 an
+   ``Emit("digest_mismatch", ...)`` says so on its own, which the simulator writes to its
+   events and a node logs), ``SaveCheckpoint(t + 1, θ_{t+1})`` and the next probe, or
+   ``Stop``.
 
 Steps ahead are buffered (at most ``max_rounds_ahead + 1`` steps, the latest kept); bytes of
 steps already closed are ignored; a second, different message for the same step from one
@@ -389,6 +391,20 @@ class SpsaCore(BaseCore):
             },
         )
         actions: list[Action] = [record, SaveCheckpoint(self.round, self.vector)]
+        if mismatches:
+            actions.insert(
+                0,
+                Emit(
+                    "digest_mismatch",
+                    {
+                        "round": step,
+                        "peers": mismatches,
+                        "of": len(received),
+                        "own": own.model.hex(),
+                        "majority": majority.hex(),
+                    },
+                ),
+            )
         if self.round >= self.config.rounds:
             self._machine.goto(Phase.DONE)
             return [*actions, Stop(f"completed {self.round} steps")]

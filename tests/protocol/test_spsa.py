@@ -261,6 +261,10 @@ def test_an_equivocating_peer_shows_as_digest_mismatches_and_is_repaired() -> No
         for index, node in net.nodes.items()
     }
     assert mismatches == {0: [(3, 3)], 1: [(3, 1)], 2: [(3, 1)], 3: [(3, 1)]}
+    # ... and each node says so in a record of its own (the simulator logs it as an event).
+    alerts = [r for r in net.nodes[0].records if "majority" in r]
+    assert [(r["round"], r["peers"], r["of"]) for r in alerts] == [(3, 3, 3)]
+    assert alerts[0]["own"] != alerts[0]["majority"]
     victim = net.nodes[0].core
     assert isinstance(victim, SpsaCore) and victim.syncs == 1
     cores = [node.core for node in net.nodes.values()]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,7 +113,9 @@ class Outcome:
         }
 
 
-def run(scenario: Scenario) -> Outcome:
+def run(scenario: Scenario, *, after: Callable[[Engine], None] | None = None) -> Outcome:
+    """Run ``scenario``, sampling the traffic at every checkpoint; ``after`` may inspect the
+    engine once it has run."""
     traffic: list[tuple[float, int]] = []
 
     def sample(engine: Engine) -> None:
@@ -122,6 +124,8 @@ def run(scenario: Scenario) -> Outcome:
     started = time.perf_counter()
     engine = build_engine(scenario, on_round=sample)
     virtual = engine.run()
+    if after is not None:
+        after(engine)
     rounds = [
         (summary.round, summary.virtual_time, summary.mean_test_accuracy, summary.nodes)
         for summary in sorted(engine.recorder.rounds, key=lambda summary: summary.round)

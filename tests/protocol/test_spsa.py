@@ -119,6 +119,16 @@ class SpsaNetwork(FakeNetwork):
             case _:
                 super().carry_out(node, action)
 
+    def step_2_from_1_to_0(self, node: FakeNode, send: Send) -> bool:
+        """Whether ``send`` is node 1's step message of step 2 to node 0."""
+        envelope = send.envelope
+        return (
+            envelope.kind is MessageKind.SPSA_STEP
+            and envelope.round == 2
+            and node.index == 1
+            and self.index_of[send.peer] == 0
+        )
+
 
 def config(rounds: int = 8, **changes: object) -> CoreConfig:
     base = CoreConfig(mode="spsa", rounds=rounds, round_timeout=10.0, spsa_samples=2, spsa_lr=0.05)
@@ -198,15 +208,7 @@ def test_a_lost_step_message_is_caught_up_with_one_model() -> None:
 
     class Lossy(SpsaNetwork):
         def carry_out(self, node: FakeNode, action: Action) -> None:
-            envelope = getattr(action, "envelope", None)
-            if (
-                isinstance(action, Send)
-                and envelope is not None
-                and envelope.kind is MessageKind.SPSA_STEP
-                and envelope.round == 2
-                and node.index == 1
-                and self.index_of[action.peer] == 0
-            ):
+            if isinstance(action, Send) and self.step_2_from_1_to_0(node, action):
                 return
             super().carry_out(node, action)
 
@@ -229,15 +231,8 @@ def test_an_equivocating_peer_shows_as_digest_mismatches_and_is_repaired() -> No
 
     class Equivocating(SpsaNetwork):
         def carry_out(self, node: FakeNode, action: Action) -> None:
-            envelope = getattr(action, "envelope", None)
-            if (
-                isinstance(action, Send)
-                and envelope is not None
-                and envelope.kind is MessageKind.SPSA_STEP
-                and envelope.round == 2
-                and node.index == 1
-                and self.index_of[action.peer] == 0
-            ):
+            if isinstance(action, Send) and self.step_2_from_1_to_0(node, action):
+                envelope = action.envelope
                 other = bytes((level + 7) % 100 for level in bytes(envelope.payload))
                 forged = seal(
                     node.identity,

@@ -25,8 +25,9 @@ steps completed; ``core.vector == θ_t``). Step ``t`` runs::
    model's digest and the number of neighbours whose step-``t`` digest differed from the own
    (``digest_mismatches``: honest nodes in sync report 0; when it is not 0 an
    ``Emit("digest_mismatch", ...)`` says so on its own, which the simulator writes to its
-   events and a node logs), ``SaveCheckpoint(t + 1, θ_{t+1})`` and the next probe, or
-   ``Stop``.
+   events and a node logs) and the bytes of the step (``step_frame_bytes``, the size of the
+   own step frame, and ``step_bytes_sent``, that times the peers connected at the close),
+   ``SaveCheckpoint(t + 1, θ_{t+1})`` and the next probe, or ``Stop``.
 
 Steps ahead are buffered (at most ``max_rounds_ahead + 1`` steps, the latest kept); bytes of
 steps already closed are ignored; a second, different message for the same step from one
@@ -372,6 +373,7 @@ class SpsaCore(BaseCore):
         self._own = None
         self._envelope = None
         sent = len(self._peers.connected())
+        size = frame_size(envelope)
         record = Emit(
             "round",
             {
@@ -385,8 +387,8 @@ class SpsaCore(BaseCore):
                 "timed_out": int(timed_out),
                 "digest": self._digest.hex(),
                 "digest_mismatches": mismatches,
-                "step_frame_bytes": frame_size(envelope),
-                "step_bytes_sent": sent * frame_size(envelope),
+                "step_frame_bytes": size,
+                "step_bytes_sent": sent * size,
                 "merged_at": self._now,
             },
         )

@@ -43,15 +43,15 @@ BATCH = 32
 SPSA = {
     "mode": "spsa",
     "spsa_samples": 16,
-    "spsa_lr": 0.3,
+    "spsa_lr": 0.1,
     "spsa_clip": 8.0,
     "spsa_eps": 1e-3,
     "round_timeout": 5.0,
 }
-SPSA_STEPS = 2000
-DSGD_ROUNDS = 100
+SPSA_STEPS = 1500
+DSGD_ROUNDS = 300
 DSGD_LOCAL_STEPS = 10
-EVAL_EVERY = {"spsa": 50, "dsgd": 2}
+EVAL_EVERY = {"spsa": 50, "dsgd": 5}
 
 
 def document(mode: str, seed: int) -> dict[str, Any]:

@@ -598,6 +598,16 @@ def _file_name(value: str) -> str:
     return value
 
 
+MAX_DESCRIPTION_CHARS = 200
+"""Longest ``description``: one line of a terminal listing."""
+
+
+def _one_line(value: str) -> str:
+    if not value.isprintable() or len(value) > MAX_DESCRIPTION_CHARS:
+        raise ValueError(f"one line of at most {MAX_DESCRIPTION_CHARS} printable characters")
+    return value
+
+
 def _path_text(value: str) -> str:
     if not value or not value.isprintable():
         raise ValueError("a non-empty path of printable characters")
@@ -609,6 +619,9 @@ class Scenario(_Strict):
 
     name: Annotated[str, AfterValidator(_file_name)] = Field(
         default="unnamed", description="also names the run directory"
+    )
+    description: Annotated[str, AfterValidator(_one_line)] = Field(
+        default="", description="what the scenario is for, shown by `p2pfl-sim scenarios`"
     )
     seed: int = Field(default=1, ge=0)
     rounds: int = Field(default=30, ge=1, le=MAX_ROUNDS)

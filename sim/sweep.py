@@ -6,6 +6,9 @@ from the scenario). Every run gets its own directory ``run-NNN`` under the sweep
 ``sweep.csv`` is the tidy table (one row per run: its grid values, its seed and its summary
 metrics) and ``sweep.png``/``sweep.svg`` the comparison plot (each metric against the first
 grid key, one line per combination of the other keys, mean over seeds with their spread).
+``sweep-summary.csv`` and ``sweep-summary.md`` hold one row per grid point: each chosen metric's
+mean, sample standard deviation (n - 1; empty with one value) and number of runs with a value,
+over the point's seeds; ``p2pfl-sim sweep`` prints the same table.
 
 ``--resume`` (same ``--out``) reuses every run whose directory already holds a finished run of
 the same resolved scenario and runs only the others. SIGINT/SIGTERM stops the workers at once,
@@ -258,6 +261,7 @@ def run_sweep(
     done = [run for run in runs if run.index in summaries]
     write_table(runs, summaries, table)
     keys = [key for key, _ in runs[0].values] if runs else []
+    write_grid_summary(summarise_grid(table, keys, metrics), keys, metrics, out)
     if done:
         plot_sweep(table, keys, metrics, out, name=name)
     if interrupted:
@@ -350,6 +354,96 @@ def write_table(runs: Sequence[SweepRun], summaries: dict[int, dict[str, Any]], 
                     run.directory.name,
                 ]
             )
+
+
+@dataclass(frozen=True, slots=True)
+class MetricStats:
+    """One metric over a grid point's seeds: runs without a value (None, NaN) left out."""
+
+    mean: float | None
+    std: float | None
+    """Sample standard deviation (n - 1); None with fewer than two values."""
+    n: int
+
+    def text(self, digits: int = 4) -> str:
+        """``0.8123 ± 0.0121``; ``0.8123`` with one value; ``—`` with none."""
+        if self.mean is None:
+            return "—"
+        if self.std is None:
+            return f"{self.mean:.{digits}g}"
+        return f"{self.mean:.{digits}g} ± {self.std:.2g}"
+
+
+@dataclass(frozen=True, slots=True)
+class GridPoint:
+    """One combination of grid values and its metrics over the seeds run."""
+
+    values: tuple[tuple[str, str], ...]
+    seeds: int
+    stats: dict[str, MetricStats]
+
+
+def metric_stats(values: Sequence[float]) -> MetricStats:
+    finite = [value for value in values if math.isfinite(value)]
+    if not finite:
+        return MetricStats(None, None, 0)
+    mean = math.fsum(finite) / len(finite)
+    if len(finite) < 2:
+        return MetricStats(mean, None, 1)
+    variance = math.fsum((value - mean) ** 2 for value in finite) / (len(finite) - 1)
+    return MetricStats(mean, math.sqrt(variance), len(finite))
+
+
+def summarise_grid(table: Path, keys: Sequence[str], metrics: Sequence[str]) -> list[GridPoint]:
+    """Group ``sweep.csv``'s runs by their grid values (in run order) and reduce
+    each metric over the seeds with :func:`metric_stats`."""
+    with table.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    groups: dict[tuple[tuple[str, str], ...], list[dict[str, str]]] = {}
+    for row in rows:
+        groups.setdefault(tuple((key, row[key]) for key in keys), []).append(row)
+    return [
+        GridPoint(
+            values,
+            len(group),
+            {
+                metric: metric_stats(
+                    [float(row[metric]) for row in group if row[metric] not in ("", "None")]
+                )
+                for metric in metrics
+            },
+        )
+        for values, group in groups.items()
+    ]
+
+
+def write_grid_summary(
+    points: Sequence[GridPoint], keys: Sequence[str], metrics: Sequence[str], out: Path
+) -> list[Path]:
+    """``sweep-summary.csv`` (mean, std, n per metric) and ``sweep-summary.md`` (a table of
+    ``mean ± std``) in ``out``."""
+    csv_path, md_path = out / "sweep-summary.csv", out / "sweep-summary.md"
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        stat_columns = [f"{metric}_{part}" for metric in metrics for part in ("mean", "std", "n")]
+        writer.writerow([*keys, "seeds", *stat_columns])
+        for point in points:
+            cells: list[Any] = []
+            for metric in metrics:
+                stats = point.stats[metric]
+                cells += [_cell(stats.mean), _cell(stats.std), stats.n]
+            writer.writerow([*(value for _, value in point.values), point.seeds, *cells])
+    header = [*keys, "seeds", *(f"{metric} (mean ± std)" for metric in metrics)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for point in points:
+        cells_md = [
+            *(value for _, value in point.values),
+            str(point.seeds),
+            *(point.stats[metric].text() for metric in metrics),
+        ]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells_md) + " |")
+    md_path.write_text("\n".join(lines) + "\n")
+    return [csv_path, md_path]
 
 
 def _cell(value: Any) -> str:

@@ -310,7 +310,8 @@ def _run(args: argparse.Namespace, console: Console, stop: StopRequest) -> int:
     if result.summary["interrupted"]:
         print(f"p2pfl-sim: {interrupted_line(result.directory, result.summary)}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    console.print(summary_table(f"{title}: {result.directory}", result.summary))
+    console.print(summary_table(title, result.summary))
+    console.print(f"run directory: {result.directory}")
     console.print(f"plots: {result.directory}/{{{','.join(PLOT_NAMES)}}}.png/.svg")
     if args.tensorboard is not None:
         console.print(f"tensorboard: tensorboard --logdir {args.tensorboard}")
@@ -440,7 +441,8 @@ def _sweep(args: argparse.Namespace, console: Console, stop: StopRequest) -> int
     name = str(document.get("name", "sweep"))
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     out = args.out or Path(str(document.get("output_dir", "runs"))) / f"sweep-{name}-{stamp}"
-    runs = plan(document, source, grid, seeds=args.seeds, out=out)
+    _base, changed = load_scenario(args.scenario, args.overrides)
+    runs = plan(document, source, grid, seeds=args.seeds, out=out, changed=changed)
     warnings = {
         line
         for run in runs
@@ -475,10 +477,8 @@ def _sweep(args: argparse.Namespace, console: Console, stop: StopRequest) -> int
         )
     keys = [key for key, _ in grid]
     console.print(grid_table(f"{name}: {args.seeds} seed(s) per point", table, keys, metrics))
-    console.print(
-        f"{len(runs)} runs in {out}: per run {table.name}, per point sweep-summary.csv/.md, "
-        "plot sweep.png/.svg"
-    )
+    console.print(f"{len(runs)} runs in {out}")
+    console.print(f"per run: {table.name}; per point: sweep-summary.csv/.md; plot: sweep.png/.svg")
     return 0
 
 
@@ -486,7 +486,7 @@ def grid_table(title: str, table: Path, keys: Sequence[str], metrics: Sequence[s
     """Per grid point, each metric's mean ± standard deviation over the seeds."""
     out = Table(title=escape(title))
     for key in keys:
-        out.add_column(key)
+        out.add_column(key, overflow="fold")
     out.add_column("seeds", justify="right")
     for metric in metrics:
         out.add_column(f"{metric} (mean ± std)", justify="right", no_wrap=True)

@@ -567,7 +567,8 @@ def final_accuracies(engine: Engine) -> dict[str, Any]:
 
     last: dict[int, float] = {}
     for row in engine.recorder.rows:
-        node, accuracy = int(row[1]), float(row[6])  # type: ignore[arg-type]
+        node, accuracy = row[1], row[6]
+        assert isinstance(node, int) and isinstance(accuracy, float)
         last[node] = accuracy
     online = [node for node, state in enumerate(engine.status) if state == ONLINE]
     components = engine.network.components()

@@ -71,6 +71,13 @@ class SweepRun:
     seed: int
     document: dict[str, Any]
     directory: Path
+    base_changes: tuple[tuple[str, Any], ...] = ()
+    """What the sweep's ``--set`` changed in the scenario, for every run."""
+
+    @property
+    def changed(self) -> dict[str, Any]:
+        """The keys this run changed from the scenario: ``--set``, its grid values, seed."""
+        return {**dict(self.base_changes), **dict(self.values), "seed": self.seed}
 
 
 def split_values(text: str) -> list[str]:
@@ -127,8 +134,10 @@ def plan(
     *,
     seeds: int,
     out: Path,
+    changed: dict[str, Any] | None = None,
 ) -> list[SweepRun]:
-    """Every run of the sweep, each document validated.
+    """Every run of the sweep, each document validated; ``changed`` is what the sweep's
+    ``--set`` changed (recorded with each run's grid values and seed).
 
     Raises:
         ConfigError: a grid value makes an invalid scenario, ``seeds`` < 1, or more than
@@ -142,6 +151,7 @@ def plan(
     base = parse_scenario(document, source=source)
     runs: list[SweepRun] = []
     keys = [key for key, _ in grid]
+    base_changes = tuple((changed or {}).items())
     for combination in itertools.product(*(values for _, values in grid)):
         assigned = [f"{key}={value}" for key, value in zip(keys, combination, strict=True)]
         for offset in range(seeds):
@@ -150,7 +160,8 @@ def plan(
             parse_scenario(run_document, source=source)
             values = tuple((key, _read_value(run_document, key)) for key in keys)
             index = len(runs)
-            runs.append(SweepRun(index, values, seed, run_document, out / f"run-{index:03d}"))
+            directory = out / f"run-{index:03d}"
+            runs.append(SweepRun(index, values, seed, run_document, directory, base_changes))
     return runs
 
 
@@ -162,8 +173,15 @@ def _read_value(document: dict[str, Any], key: str) -> Any:
     return value
 
 
-def run_one(document: dict[str, Any], source: str, directory: str, plots: bool) -> dict[str, Any]:
-    """One sweep run, in a worker process; returns the run's summary."""
+def run_one(
+    document: dict[str, Any],
+    source: str,
+    directory: str,
+    plots: bool,
+    changed: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One sweep run, in a worker process; returns the run's summary. ``changed`` (its grid
+    values and seed) titles its plots and is its summary's ``overrides``."""
     import torch
 
     torch.set_num_threads(1)
@@ -171,7 +189,9 @@ def run_one(document: dict[str, Any], source: str, directory: str, plots: bool) 
 
     scenario = parse_scenario(document, source=source)
     # run_sweep checked the memory estimate against each worker's share of the machine.
-    return run_scenario(scenario, Path(directory), plots=plots, force=True).summary
+    return run_scenario(
+        scenario, Path(directory), plots=plots, force=True, changed=changed or {}
+    ).summary
 
 
 def finished_summary(run: SweepRun, source: str) -> dict[str, Any] | None:
@@ -294,7 +314,14 @@ def _run_in_workers(
     try:
         with children_ignore_sigint():  # the pool starts its processes as work is submitted
             futures = {
-                pool.submit(run_one, run.document, source, str(run.directory), plots): run.index
+                pool.submit(
+                    run_one,
+                    run.document,
+                    source,
+                    str(run.directory),
+                    plots,
+                    run.changed,
+                ): run.index
                 for run in todo
             }
         pending = set(futures)

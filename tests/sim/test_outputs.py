@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -91,6 +92,8 @@ def test_a_2x3_sweep_with_2_seeds_writes_its_table_and_plot(
             "2",
             "--jobs",
             "2",
+            "--set",
+            "learner.batch_size=16",
             "--out",
             str(out),
             "--quiet",
@@ -110,6 +113,13 @@ def test_a_2x3_sweep_with_2_seeds_writes_its_table_and_plot(
     assert all(r["final_accuracy_alive"] for r in rows)
     assert (out / "sweep.png").stat().st_size > 1000 and (out / "sweep.svg").exists()
     assert (out / "run-011" / "metrics.csv").exists()
+    first = json.loads((out / "run-000" / "summary.json").read_text())
+    assert first["overrides"] == {
+        "learner.batch_size": 16,
+        "disruptions[0].count": 1,
+        "learner.lr": 0.05,
+        "seed": 3,
+    }
     # one row per grid point: mean and sample std over its two seeds, printed and written
     with (out / "sweep-summary.csv").open() as handle:
         points = list(csv.DictReader(handle))

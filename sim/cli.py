@@ -45,6 +45,21 @@ from sim.sweep import DEFAULT_METRICS, parse_grid, plan, run_sweep, summarise_gr
 EXIT_USAGE = 2
 
 
+def _add_overrides(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=help_text,
+    )
+
+
+def _add_seed(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, help="run seed (overrides the scenario's)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="p2pfl-sim", description="Simulate p2pfl networks in virtual time."
@@ -54,18 +69,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "scenario", help="path to a scenario .toml, or a name from `p2pfl-sim scenarios`"
     )
-    run.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a scenario value, e.g. --set learner.lr=0.05 (repeatable)",
-    )
+    _add_overrides(run, "override a scenario value, e.g. --set learner.lr=0.05 (repeatable)")
     run.add_argument(
         "--out", type=Path, help="run directory (default: OUTPUT_DIR/NAME-seedS-TIMESTAMP)"
     )
-    run.add_argument("--seed", type=int, help="run seed (overrides the scenario's)")
+    _add_seed(run)
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument(
         "--force", action="store_true", help="run even if the memory estimate exceeds the machine"
@@ -89,15 +97,8 @@ def _parser() -> argparse.ArgumentParser:
         "validate", help="check a scenario and print it resolved (every default written out)"
     )
     validate.add_argument("scenario", help="path to a scenario .toml, or a shipped name")
-    validate.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a scenario value, as for run (repeatable)",
-    )
-    validate.add_argument("--seed", type=int, help="run seed (overrides the scenario's)")
+    _add_overrides(validate, "override a scenario value, as for run (repeatable)")
+    _add_seed(validate)
     plot = commands.add_parser("plot", help="redraw the plots of a run directory")
     plot.add_argument("run_dir", type=Path, help="a run directory (holds metrics.csv)")
     plot.add_argument(
@@ -128,14 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--seeds", type=int, default=1, help="seeds per grid point (default 1)")
     sweep.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
-    sweep.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a scenario value for every run (repeatable)",
-    )
+    _add_overrides(sweep, "override a scenario value for every run (repeatable)")
     sweep.add_argument(
         "--metric",
         dest="metrics",

@@ -24,27 +24,27 @@ from sim.metrics import COLUMNS, RoundSummary
 from sim.plots import draw, read_run
 from sim.run import NodeRound, load_scenario, run_scenario
 from sim.scenario import parse_scenario, read_document, to_toml
+from tests.sim.conftest import _small_document
 
 SmallDocument = Callable[..., dict[str, Any]]
 README = Path(__file__).resolve().parents[2] / "README.md"
 
-SMALL_TOML = """\
-name = "mine"
-description = "a scenario of the user's own"
-seed = 5
-rounds = 3
-[topology]
-kind = "ring"
-n = 6
-[data]
-dataset = "gaussian_mixture"
-params = { n_samples = 300, dim = 6, num_classes = 3 }
-partition = "iid"
-partition_params = {}
-[learner]
-hidden = [8]
-local_steps = 2
-"""
+
+def _mine_toml(**overrides: Any) -> str:
+    """A small scenario as a user's own file would hold it (8 nodes, 3 rounds)."""
+    document = _small_document(name="mine", description="a scenario of the user's own")
+    return to_toml(parse_scenario({**document, **overrides}))
+
+
+SMALL_TOML = _mine_toml()
+
+
+@pytest.fixture
+def mine(tmp_path: Path) -> Path:
+    """A small scenario file of the user's own."""
+    path = tmp_path / "mine.toml"
+    path.write_text(SMALL_TOML)
+    return path
 
 
 # -- validate ------------------------------------------------------------------------------
@@ -64,30 +64,26 @@ def test_validate_prints_the_resolved_scenario_a_run_would_use(
 
 
 def test_validate_refuses_a_bad_value_in_one_line_and_exit_2(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    mine: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = tmp_path / "mine.toml"
-    path.write_text(SMALL_TOML)
-    assert main(["validate", str(path), "--set", "topology.n=-3"]) == 2
+    assert main(["validate", str(mine), "--set", "topology.n=-3"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.count("\n") == 1 and "ring: n = -3" in captured.err  # as `run` says
-    path.write_text(SMALL_TOML.replace('description = "', 'description = "two\\nlines'))
-    assert main(["validate", str(path)]) == 2
+    mine.write_text(SMALL_TOML.replace('description = "', 'description = "two\\nlines'))
+    assert main(["validate", str(mine)]) == 2
     assert "description" in capsys.readouterr().err
 
 
 def test_validate_warns_when_this_machine_could_not_run_it(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    mine: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = tmp_path / "mine.toml"
-    path.write_text(SMALL_TOML)
     # too many nodes to build the graph here: kind and types are checked, memory is a warning
-    assert main(["validate", str(path), "--set", "topology.n=30000000"]) == 0
+    assert main(["validate", str(mine), "--set", "topology.n=30000000"]) == 0
     captured = capsys.readouterr()
     assert tomllib.loads(captured.out)["topology"]["n"] == 30_000_000
     assert "warning: on this machine `run` refuses it" in captured.err
-    assert main(["validate", str(path), "--set", "topology.n=3e7"]) == 2
+    assert main(["validate", str(mine), "--set", "topology.n=3e7"]) == 2
     assert "must be of type int" in capsys.readouterr().err
 
 
@@ -95,12 +91,10 @@ def test_validate_warns_when_this_machine_could_not_run_it(
 
 
 def test_a_run_of_your_own_file_with_overrides_is_titled_with_them(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    mine: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = tmp_path / "mine.toml"
-    path.write_text(SMALL_TOML)
     out = tmp_path / "run"
-    args = ["run", str(path), "--set", "learner.lr=0.2", "--seed", "9", "--out", str(out)]
+    args = ["run", str(mine), "--set", "learner.lr=0.2", "--seed", "9", "--out", str(out)]
     assert main([*args, "--quiet"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["overrides"] == {"seed": 9, "learner.lr": 0.2}
@@ -114,10 +108,8 @@ def test_a_run_of_your_own_file_with_overrides_is_titled_with_them(
     assert "[learner.lr=0.2, seed=9]" in (out / "accuracy.svg").read_text()
 
 
-def test_a_run_without_overrides_keeps_its_name_as_title(tmp_path: Path) -> None:
-    path = tmp_path / "mine.toml"
-    path.write_text(SMALL_TOML)
-    result = run_scenario(path, tmp_path / "run", plots=False)
+def test_a_run_without_overrides_keeps_its_name_as_title(mine: Path, tmp_path: Path) -> None:
+    result = run_scenario(mine, tmp_path / "run", plots=False)
     assert result.summary["overrides"] == {}
     fig = draw(read_run(tmp_path / "run"), "accuracy")
     assert fig.axes[0].get_title() == "mine: test accuracy"
@@ -148,7 +140,7 @@ def test_progress_shows_the_last_evaluated_accuracy_never_nan() -> None:
 
 def test_cli_progress_with_eval_every_shows_no_nan(tmp_path: Path) -> None:
     path = tmp_path / "mine.toml"
-    path.write_text(SMALL_TOML + "[metrics]\neval_every = 2\n")
+    path.write_text(_mine_toml(metrics={"eval_every": 2}))
     screen = io.StringIO()
     console = Console(file=screen, force_terminal=True, width=200)
     assert main(["run", str(path), "--out", str(tmp_path / "run")], console=console) == 0
@@ -180,15 +172,13 @@ def test_a_setup_error_erases_the_progress_bar() -> None:
 # -- TensorBoard ---------------------------------------------------------------------------
 
 
-def test_tensorboard_scalars_per_round(tmp_path: Path) -> None:
+def test_tensorboard_scalars_per_round(mine: Path, tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    path = tmp_path / "mine.toml"
-    path.write_text(SMALL_TOML)
     logdir = tmp_path / "tb"
     out = tmp_path / "run"
-    assert main(["run", str(path), "--out", str(out), "--tensorboard", str(logdir), "--quiet"]) == 0
+    assert main(["run", str(mine), "--out", str(out), "--tensorboard", str(logdir), "--quiet"]) == 0
     events = EventAccumulator(str(logdir))
     events.Reload()
     accuracy = [(event.step, event.value) for event in events.Scalars("accuracy/mean")]
@@ -207,13 +197,11 @@ def test_tensorboard_scalars_per_round(tmp_path: Path) -> None:
 
 
 def test_tensorboard_missing_is_one_line_naming_the_extra(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    mine: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
-    path = tmp_path / "mine.toml"
-    path.write_text(SMALL_TOML)
     out = tmp_path / "run"
-    code = main(["run", str(path), "--out", str(out), "--tensorboard", str(tmp_path / "tb")])
+    code = main(["run", str(mine), "--out", str(out), "--tensorboard", str(tmp_path / "tb")])
     assert code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "p2pfl-gossip[tensorboard]" in err

@@ -18,7 +18,9 @@ A run directory holds:
   reports rounds, so every accuracy is the global model's: ``mean_test_accuracy`` (= min =
   max) and ``final_accuracy_alive`` are the last global model's accuracy (null if the server
   died), ``final_consensus_distance`` is 0, and ``nodes`` counts the clients and the server;
-  the traffic totals cover every node;
+  the traffic totals cover every node; ``overrides`` holds the dotted keys the run changed
+  from the scenario it was given (``--set``, ``--seed``, a sweep's grid values) with their
+  values, which title the plots;
 * the plots, PNG and SVG (:mod:`sim.plots`), redrawn from these files by ``p2pfl-sim plot``.
 
 Without a directory (``run_scenario(..., out=None)``) nothing is written: the

@@ -5,7 +5,7 @@ Every combination of the ``--grid key=v1,v2,...`` values (keys as for ``--set``,
 from the scenario). Every run gets its own directory ``run-NNN`` under the sweep directory;
 ``sweep.csv`` is the tidy table (one row per run: its grid values, its seed and its summary
 metrics) and ``sweep.png``/``sweep.svg`` the comparison plot (each metric against the first
-grid key, one line per combination of the other keys, mean over seeds with their spread).
+grid key, one line per combination of the other keys, mean ± std over seeds, seeds as dots).
 ``sweep-summary.csv`` and ``sweep-summary.md`` hold one row per grid point: each chosen metric's
 mean, sample standard deviation (n - 1; empty with one value) and number of runs with a value,
 over the point's seeds; ``p2pfl-sim sweep`` prints the same table.
@@ -485,7 +485,8 @@ def plot_sweep(
     table: Path, keys: Sequence[str], metrics: Sequence[str], out: Path, *, name: str = "sweep"
 ) -> list[Path]:
     """One panel per metric: the metric against the first grid key, a line per combination of
-    the other keys; the mean over seeds, with each seed's value as a dot."""
+    the other keys; the mean over seeds with the sample standard deviation as an error bar
+    (the numbers of ``sweep-summary.csv``), each seed's value as a dot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -506,21 +507,33 @@ def plot_sweep(
             series.setdefault(label, {}).setdefault(row[first], []).append(value)
         for offset, (label, points) in enumerate(series.items()):
             shift = (offset - (len(series) - 1) / 2) * 0.06
-            positions, means = [], []
+            positions, means, errors = [], [], []
             for position, x in enumerate(xs):
                 values = np.array(points.get(x, []), dtype=float)
                 finite = values[np.isfinite(values)]
                 ax.scatter(
                     [position + shift] * len(finite), finite, s=10, alpha=0.5, color=f"C{offset}"
                 )
-                if len(finite):
+                stats = metric_stats([float(value) for value in finite])
+                if stats.mean is not None:
                     positions.append(position + shift)
-                    means.append(float(finite.mean()))
-            ax.plot(positions, means, marker="o", color=f"C{offset}", label=label)
+                    means.append(stats.mean)
+                    errors.append(stats.std or 0.0)
+            ax.errorbar(
+                positions,
+                means,
+                yerr=errors,
+                marker="o",
+                capsize=3,
+                color=f"C{offset}",
+                label=label,
+            )
         ax.set_xticks(range(len(xs)), xs)
         ax.set_xlabel(first)
         ax.set_ylabel(metric.replace("_", " ") + (" (fraction)" if "accuracy" in metric else ""))
-        ax.set_title(f"{name}: {metric.replace('_', ' ')} (mean over seeds; dots = seeds)")
+        ax.set_title(
+            f"{name}: {metric.replace('_', ' ')}\nmean ± std over seeds; dots = seeds", fontsize=10
+        )
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize=8)
     fig.tight_layout()

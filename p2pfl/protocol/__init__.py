@@ -103,7 +103,6 @@ def make_core(
     Raises:
         ConfigError: a config field or argument is invalid; the message names it.
     """
-    config.validate()
     factory = PROTOCOL_MODES[config.mode]
     return factory(
         config,

@@ -98,7 +98,6 @@ class BaseCore(abc.ABC):
         Raises:
             ConfigError: a config field or argument is invalid (the message names it).
         """
-        config.validate()
         if vector.ndim != 1 or not vector.is_floating_point():
             raise ConfigError("vector", tuple(vector.shape), "a 1-D floating-point tensor")
         if layout is not None and layout.size != vector.numel():

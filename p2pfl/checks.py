@@ -15,22 +15,23 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+from typing import SupportsIndex, TypeGuard
 
 from p2pfl.errors import ConfigError
 
 
-def is_int(value: object) -> bool:
+def is_int(value: object) -> TypeGuard[SupportsIndex]:
     """Whether ``value`` is an integer (booleans are not)."""
     if isinstance(value, bool):
         return False
     try:
-        operator.index(value)  # type: ignore[arg-type]
+        operator.index(value)  # type: ignore[arg-type]  # the question being asked
     except TypeError:
         return False
     return True
 
 
-def is_real(value: object) -> bool:
+def is_real(value: object) -> TypeGuard[numbers.Real]:
     """Whether ``value`` is a real number, finite or not (booleans are not)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
@@ -68,7 +69,7 @@ def number_range(
 
 
 def check_int(
-    key: str, value: object, *, minimum: int | None = None, maximum: int | None = None
+    key: str, value: object, minimum: int | None = None, maximum: int | None = None
 ) -> int:
     """``value`` as an ``int`` if it is an integer in ``[minimum, maximum]``.
 
@@ -76,10 +77,19 @@ def check_int(
         ConfigError: it is not; the message names ``key`` and the allowed range.
     """
     if is_int(value):
-        number = operator.index(value)  # type: ignore[arg-type]
+        number = operator.index(value)
         if (minimum is None or number >= minimum) and (maximum is None or number <= maximum):
             return number
     raise ConfigError(key, value, int_range(minimum, maximum))
+
+
+def check_seed(seed: object, key: str = "seed") -> int:
+    """``seed`` as an ``int`` if it is a non-negative integer (numpy's ``SeedSequence`` rule).
+
+    Raises:
+        ConfigError: it is not.
+    """
+    return check_int(key, seed, 0)
 
 
 def check_number(
@@ -99,7 +109,7 @@ def check_number(
         ConfigError: it is not; the message names ``key`` and the allowed range.
     """
     if is_real(value):
-        number = float(value)  # type: ignore[arg-type]
+        number = float(value)
         above = minimum is None or (number > minimum if open_min else number >= minimum)
         below = maximum is None or (number < maximum if open_max else number <= maximum)
         if math.isfinite(number) and above and below:

@@ -38,13 +38,7 @@ def is_real(value: object) -> TypeGuard[numbers.Real]:
 
 def int_range(minimum: int | None = None, maximum: int | None = None) -> str:
     """How an integer range reads in an error: ``an integer >= 1``, ``an integer in [0, 9]``."""
-    if minimum is not None and maximum is not None:
-        return f"an integer in [{minimum}, {maximum}]"
-    if minimum is not None:
-        return f"an integer >= {minimum}"
-    if maximum is not None:
-        return f"an integer <= {maximum}"
-    return "an integer"
+    return _described("an integer", minimum, maximum, open_min=False, open_max=False)
 
 
 def number_range(
@@ -58,13 +52,19 @@ def number_range(
     """How a finite number's range reads in an error: ``a finite number > 0``,
     ``a finite number of seconds > 0``, ``a finite number in (0, 1]``."""
     what = f"a finite number of {unit}" if unit else "a finite number"
-    low, high = _text(minimum), _text(maximum)
-    if minimum is not None and maximum is not None:
-        return f"{what} in {'(' if open_min else '['}{low}, {high}{')' if open_max else ']'}"
-    if minimum is not None:
-        return f"{what} {'>' if open_min else '>='} {low}"
-    if maximum is not None:
-        return f"{what} {'<' if open_max else '<='} {high}"
+    return _described(what, minimum, maximum, open_min=open_min, open_max=open_max)
+
+
+def _described(
+    what: str, low: float | None, high: float | None, *, open_min: bool, open_max: bool
+) -> str:
+    if low is not None and high is not None:
+        left, right = "(" if open_min else "[", ")" if open_max else "]"
+        return f"{what} in {left}{_text(low)}, {_text(high)}{right}"
+    if low is not None:
+        return f"{what} {'>' if open_min else '>='} {_text(low)}"
+    if high is not None:
+        return f"{what} {'<' if open_max else '<='} {_text(high)}"
     return what
 
 
@@ -118,8 +118,8 @@ def check_number(
     raise ConfigError(key, value, allowed)
 
 
-def _text(bound: float | None) -> str:
+def _text(bound: float) -> str:
     """A bound as written in a config (``1`` rather than ``1.0``)."""
-    if bound is None:
-        return ""
-    return f"{bound:g}" if float(bound).is_integer() and abs(bound) < 1e15 else repr(bound)
+    if isinstance(bound, int):
+        return str(bound)
+    return str(int(bound)) if bound.is_integer() and abs(bound) < 1e15 else repr(bound)

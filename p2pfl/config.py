@@ -105,7 +105,7 @@ import inspect
 import ipaddress
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
@@ -116,7 +116,7 @@ from p2pfl.errors import ConfigError
 from p2pfl.identity import NodeId
 from p2pfl.learn.settings import LearnerSettings
 from p2pfl.protocol.config import CoreConfig
-from p2pfl.schema import Seconds, Strict, Unit, config_error
+from p2pfl.schema import Seconds, Strict, Unit, config_error, registered
 
 LearnerConfig = LearnerSettings
 """The ``[learner]`` table: the same schema as a scenario's (:mod:`p2pfl.learn.settings`)."""
@@ -143,35 +143,32 @@ class PeerConfig:
         return _format_address(self.host, self.port)
 
 
+def _datasets() -> Collection[str]:
+    from p2pfl.learn.datasets import DATASETS
+
+    return DATASETS
+
+
+def _partitions() -> Collection[str]:
+    from p2pfl.learn.partition import PARTITIONS
+
+    return PARTITIONS
+
+
+Dataset = Annotated[str, registered(_datasets)]
+
+
 class DataConfig(Strict):
     """The ``[data]`` table: dataset, partition and this node's share."""
 
-    dataset: str = "digits"
+    dataset: Dataset = "digits"
     params: dict[str, Any] = Field(default_factory=dict)
-    partition: str = "iid"
+    partition: Annotated[str, registered(_partitions)] = "iid"
     partition_params: dict[str, Any] = Field(default_factory=dict)
     num_nodes: int = Field(default=1, ge=1)
     node_index: int = Field(default=0, ge=0)
     seed: int = Field(default=0, ge=0)
     test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
-
-    @field_validator("dataset")
-    @classmethod
-    def _known_dataset(cls, dataset: str) -> str:
-        from p2pfl.learn.datasets import DATASETS
-
-        if dataset not in DATASETS:
-            raise ValueError(f"one of {', '.join(sorted(DATASETS))}")
-        return dataset
-
-    @field_validator("partition")
-    @classmethod
-    def _known_partition(cls, partition: str) -> str:
-        from p2pfl.learn.partition import PARTITIONS
-
-        if partition not in PARTITIONS:
-            raise ValueError(f"one of {', '.join(sorted(PARTITIONS))}")
-        return partition
 
 
 class MergeConfig(Strict):
@@ -247,7 +244,7 @@ class PeerTable(Strict):
 class DataTable(DataConfig):
     """The ``[data]`` table as a file spells it: the dataset must be named."""
 
-    dataset: str
+    dataset: Dataset
 
 
 class NodeFile(Strict):

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import types
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Annotated, Any, Literal
 
 import annotated_types
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
@@ -48,6 +48,20 @@ class Unit:
 
 Seconds = Annotated[float, Field(gt=0.0), Unit("seconds")]
 """A finite duration > 0 seconds."""
+
+
+def registered(names: Callable[[], Collection[str]]) -> AfterValidator:
+    """Field metadata taking a name only if the registry ``names()`` holds it (looked up when
+    a value is checked, so a plug-in registered after import is found):
+    ``mode: Annotated[str, registered(lambda: PROTOCOL_MODES)]``."""
+
+    def check(name: str) -> str:
+        known = names()
+        if name not in known:
+            raise ValueError(f"one of {', '.join(sorted(known))}")
+        return name
+
+    return AfterValidator(check)
 
 
 class Elided:

@@ -43,7 +43,7 @@ from p2pfl.protocol.actions import (
     StartTraining,
     Stop,
 )
-from p2pfl.protocol.config import CoreConfig
+from p2pfl.protocol.config import CoreConfig, ProtocolSettings
 from p2pfl.protocol.core import (
     PROTOCOL_MODES,
     Core,
@@ -136,6 +136,7 @@ __all__ = [
     "PeerConnected",
     "PeerDisconnected",
     "PeerMisbehaved",
+    "ProtocolSettings",
     "SaveCheckpoint",
     "Send",
     "StartTraining",

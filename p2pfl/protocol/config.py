@@ -19,7 +19,7 @@ that want a faster virtual round set ``round_timeout = 5.0``.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
@@ -28,7 +28,7 @@ from p2pfl.errors import ConfigError
 from p2pfl.identity import NodeId
 from p2pfl.protocol.core import MODE_TRAITS, PROTOCOL_MODES
 from p2pfl.protocol.membership import MAX_RECORDS_PER_MESSAGE
-from p2pfl.schema import Seconds, Strict, config_error
+from p2pfl.schema import Seconds, Strict, config_error, registered
 
 PEER_SAMPLING = ("neighbours", "membership")
 """The values of ``protocol.peer_sampling``."""
@@ -44,12 +44,12 @@ CONFIG_PREFIX = "protocol"
 class ProtocolSettings(Strict):
     """The ``[protocol]`` keys scenarios and node configs share (see :class:`CoreConfig`)."""
 
-    mode: str = "dsgd"
+    mode: Annotated[str, registered(lambda: PROTOCOL_MODES)] = "dsgd"
     round_timeout: Seconds = 30.0
     period: Seconds = 1.0
     period_jitter: float = Field(default=0.2, ge=0.0, lt=1.0)
     fanout: int = Field(default=1, ge=1)
-    wire_dtype: str = "float32"
+    wire_dtype: Annotated[str, registered(lambda: WIRE_DTYPES)] = "float32"
     max_rounds_ahead: int = Field(default=4, ge=0)
     # modest (p2pfl.protocol.modest; defaults as in the MoDeST reference)
     sample_size: int = Field(default=10, ge=1)
@@ -69,20 +69,6 @@ class ProtocolSettings(Strict):
     history_gossip: bool | None = None
     history_lambda: float = Field(default=0.8, gt=0.0)
     history_capacity: int = Field(default=32, ge=1)
-
-    @field_validator("mode")
-    @classmethod
-    def _registered_mode(cls, mode: str) -> str:
-        if mode not in PROTOCOL_MODES:
-            raise ValueError(f"one of {', '.join(sorted(PROTOCOL_MODES))}")
-        return mode
-
-    @field_validator("wire_dtype")
-    @classmethod
-    def _known_dtype(cls, dtype: str) -> str:
-        if dtype not in WIRE_DTYPES:
-            raise ValueError(f"one of {', '.join(sorted(WIRE_DTYPES))}")
-        return dtype
 
     @field_validator("history_gossip")
     @classmethod

@@ -85,7 +85,8 @@ Schema (every relative path is relative to the directory of the config file)::
     # period, period_jitter, fanout, wire_dtype, max_rounds_ahead, replay_window,
     # peer_sampling ("neighbours" | "membership"), history_gossip, history_lambda,
     # history_capacity, and modest's sample_size, aggregators, success_fraction, min_models,
-    # ping_timeout, aggregation_timeout, ack_timeout, inactivity_threshold, view_entries, ...
+    # ping_timeout, aggregation_timeout, ack_timeout, inactivity_threshold, view_entries,
+    # view_capacity, announce_join (all: p2pfl.protocol.ProtocolSettings)
 
     [merge]
     rule = "weighted"                # a name in p2pfl.merge.MERGE_RULES

@@ -173,14 +173,9 @@ class SpeedSpec(_Strict):
     low: float = Field(default=0.5, gt=0.0)
     high: float = Field(default=1.5, gt=0.0)
     sigma: float = Field(default=0.5, gt=0.0, description="lognormal with median 1")
-    values: list[float] = Field(default_factory=list, description="one factor per node")
-
-    @field_validator("values")
-    @classmethod
-    def _positive(cls, values: list[float]) -> list[float]:
-        if any(not value > 0 for value in values):
-            raise ValueError("every speed factor must be > 0")
-        return values
+    values: list[Annotated[float, Field(gt=0.0)]] = Field(
+        default_factory=list, description="one factor per node"
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> SpeedSpec:
@@ -208,19 +203,13 @@ class RolesSpec(_Strict):
         return sorted(set(relays))
 
 
-def _fraction(value: float) -> float:
-    if not 0.0 < value <= 1.0:
-        raise ValueError("a number in (0, 1]")
-    return value
-
-
 def _node_list(nodes: list[int] | None) -> list[int] | None:
     if nodes is not None and any(node < 0 for node in nodes):
         raise ValueError("node indices are >= 0")
     return None if nodes is None else sorted(set(nodes))
 
 
-Fraction = Annotated[float, AfterValidator(_fraction)]
+Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
 NodeList = Annotated[list[int] | None, AfterValidator(_node_list)]
 Link = Annotated[list[int], Field(min_length=2, max_length=2)]
 
@@ -394,13 +383,7 @@ DISRUPTION_KINDS = (
 )
 
 
-def _share(value: float) -> float:
-    if not 0.0 <= value <= 1.0:
-        raise ValueError("a number in [0, 1]")
-    return value
-
-
-Share = Annotated[float, AfterValidator(_share)]
+Share = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
 class _Adversary(_Strict):

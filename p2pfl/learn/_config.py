@@ -1,4 +1,5 @@
-"""Argument checks shared by the dataset and partition registries."""
+"""Calling a dataset or partition builder with a config's parameters (numbers are checked by
+:mod:`p2pfl.checks`)."""
 
 from __future__ import annotations
 

@@ -177,7 +177,9 @@ def _resolve(
                 for arg in typing.get_args(t)
                 if arg is not Ellipsis
             ]
-            model, field = None, None
+            # An array item: its own constraints, if the array holds one kind of value.
+            model = None
+            field = FieldInfo.from_annotation(candidates[0]) if len(candidates) == 1 else None
             continue
         owners = [m for m in models if part in _keys(m)]
         if not owners:
@@ -276,11 +278,31 @@ def _expected(field: FieldInfo | None) -> str:
     return "a value"
 
 
+def _metadata(field: FieldInfo | None) -> list[Any]:
+    """The constraints of a field, also those inside an ``Annotated`` within a union
+    (``Fraction | None``), where pydantic does not lift them to the field."""
+    if field is None:
+        return []
+    found: list[Any] = []
+    stack: list[Any] = [*field.metadata, field.annotation]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, FieldInfo):
+            stack.extend(item.metadata)
+        elif typing.get_origin(item) is Annotated:
+            stack.extend(typing.get_args(item)[1:])
+        elif typing.get_origin(item) is typing.Union or isinstance(item, types.UnionType):
+            stack.extend(typing.get_args(item))
+        elif not isinstance(item, type) and typing.get_origin(item) is None:
+            found.append(item)
+    return found
+
+
 def _length(field: FieldInfo | None, error: ErrorDetails) -> str:
     """The allowed length of an array: from the field's bounds if known, else from pydantic's."""
     ctx = error.get("ctx", {})
     low, high = ctx.get("min_length"), ctx.get("max_length")
-    for item in field.metadata if field is not None else []:
+    for item in _metadata(field):
         low = getattr(item, "min_length", low)
         high = getattr(item, "max_length", high)
     if low is not None and low == high:
@@ -299,8 +321,7 @@ def _range(field: FieldInfo | None, error: ErrorDetails) -> str:
     the one bound pydantic names."""
     bounds: dict[str, Any] = {}
     unit = ""
-    metadata = list(field.metadata) if field is not None else []
-    for item in metadata:
+    for item in _metadata(field):
         if isinstance(item, Unit):
             unit = item.name
         for name in ("gt", "ge", "lt", "le"):

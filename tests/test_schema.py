@@ -142,3 +142,27 @@ def test_check_int_and_check_number_name_the_key_and_the_range() -> None:
         check_number("x", math.nan, minimum=0)
     with pytest.raises(ConfigError, match=r"^t = 0: a finite number of seconds > 0$"):
         check_number("t", 0, minimum=0, open_min=True, unit="seconds")
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        (
+            {"devices": {"speed": {"values": [1, 0]}}},
+            "devices.speed.values[1] = 0.0: a finite number > 0",
+        ),
+        ({"learner": {"betas": [0.9, 1.0]}}, "learner.betas[1] = 1.0: a finite number in [0, 1)"),
+        (
+            {"protocol": {"sample_fraction": 0}},
+            "protocol.sample_fraction = 0.0: a finite number in (0, 1]",
+        ),
+        ({"learner": {"betas": [0.9]}}, "learner.betas = [0.9]: an array of 2 items"),
+        ({"rounds": 0}, "rounds = 0: an integer in [1, 1000000000]"),
+    ],
+)
+def test_the_whole_allowed_range_is_named_also_for_array_items_and_optional_keys(
+    document: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_scenario(document, source="s.toml")
+    assert str(info.value) == f"s.toml: {message}"

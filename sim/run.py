@@ -30,7 +30,6 @@ Without a directory (``run_scenario(..., out=None)``) nothing is written: the
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import sys
@@ -173,18 +172,16 @@ def core_config(scenario: Scenario, population: Population | None = None) -> Cor
     Raises:
         ConfigError: a protocol setting is invalid.
     """
-    protocol = scenario.protocol
-    # ProtocolSpec's fields are CoreConfig's, named alike; rounds and steps live elsewhere.
-    config = CoreConfig(
-        **protocol.model_dump(),
+    server = ""
+    if population is not None and population.server is not None:
+        server = population.identities[population.server].node_id.hex()
+    # The scenario spells rounds and local steps elsewhere; the [protocol] keys are shared.
+    return CoreConfig.from_settings(
+        scenario.protocol,
         rounds=scenario.rounds,
         local_steps=scenario.learner.local_steps,
+        server=server,
     )
-    if population is not None and population.server is not None:
-        server = population.identities[population.server].node_id
-        config = dataclasses.replace(config, server=server.hex())
-    config.validate()
-    return config
 
 
 def build_engine(

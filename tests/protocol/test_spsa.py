@@ -4,7 +4,6 @@ are small, bounded and checked."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import numpy as np
@@ -132,7 +131,7 @@ class SpsaNetwork(FakeNetwork):
 
 def config(rounds: int = 8, **changes: object) -> CoreConfig:
     base = CoreConfig(mode="spsa", rounds=rounds, round_timeout=10.0, spsa_samples=2, spsa_lr=0.05)
-    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+    return base.replace(**changes)
 
 
 def digests_by_round(net: SpsaNetwork, left_at: dict[int, float]) -> dict[int, set[str]]:

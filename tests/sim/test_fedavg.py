@@ -143,7 +143,7 @@ def test_bad_fedavg_scenarios_are_one_line_errors(change: dict[str, Any], key: s
 
 
 def test_scenario_modes_are_the_registry_s() -> None:
-    with pytest.raises(ConfigError, match="one of dsgd, fedavg, gossip, modest"):
+    with pytest.raises(ConfigError, match="one of dsgd, fedavg, gossip, modest, spsa"):
         parse_scenario({"protocol": {"mode": "federated"}})
     register_protocol_mode("federated")(FedAvgCore)  # a plug-in, under its own name
     try:

@@ -63,7 +63,7 @@ Schema (every relative path is relative to the directory of the config file)::
     model = "mlp"                    # mlp | cnn1d | lenet5 | cifar_cnn | "python:package.module:factory"
     hidden = [32]                    # mlp only: hidden layer sizes ([] is a linear model)
     # model_params = { channels = [32, 32, 32] }   # the model factory's keyword arguments
-    optimizer = "sgd"                # sgd | adam | adamw
+    optimizer = "sgd"                # sgd | adam | adamw | sam (rho = 0.05: SAM ascent radius)
     lr = 0.1
     momentum = 0.0                   # sgd; nesterov = true for Nesterov momentum
     weight_decay = 0.0

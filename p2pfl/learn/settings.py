@@ -12,9 +12,11 @@ Keys (defaults in brackets):
   ``"python:package.module:factory"`` (runs that module's code); ``model_params`` [{}] are
   the factory's keyword arguments; ``hidden`` is a shortcut for ``model_params.hidden`` of
   ``mlp`` (the default mlp is ``hidden = [32]``).
-* ``optimizer`` [``"sgd"``] | ``"adam"`` | ``"adamw"``; ``lr`` [0.1]; ``momentum`` [0] and
-  ``nesterov`` [false] (sgd); ``weight_decay`` [0] (L2 for sgd/adam, decoupled for adamw);
-  ``betas`` [[0.9, 0.999]] and ``eps`` [1e-8] (adam/adamw).
+* ``optimizer`` [``"sgd"``] | ``"adam"`` | ``"adamw"`` | ``"sam"``; ``lr`` [0.1];
+  ``momentum`` [0] and ``nesterov`` [false] (sgd, sam); ``weight_decay`` [0] (L2 for
+  sgd/sam/adam, decoupled for adamw); ``betas`` [[0.9, 0.999]] and ``eps`` [1e-8]
+  (adam/adamw); ``rho`` [0.05] (sam: the ascent radius; SAM's update is SGD's, at the
+  gradient of the ascent point, see :mod:`p2pfl.learn.optim`).
 * ``lr_schedule`` [``"constant"``] | ``"step"`` (``lr_step_size`` rounds [1], ``lr_gamma``
   [0.1]) | ``"cosine"`` (down to ``lr_min`` [0] over the run's rounds).
 * ``optimizer_state`` [``"keep"``] | ``"reset"``: see :mod:`p2pfl.learn.optim`.
@@ -45,7 +47,7 @@ class LearnerSettings(BaseModel):
     hidden: list[int] | None = Field(
         default=None, description="mlp hidden widths (shortcut for model_params.hidden)"
     )
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    optimizer: Literal["sgd", "adam", "adamw", "sam"] = "sgd"
     lr: float = Field(default=0.1, gt=0.0, allow_inf_nan=False)
     momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
     nesterov: bool = False
@@ -60,6 +62,9 @@ class LearnerSettings(BaseModel):
     lr_min: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
     optimizer_state: Literal["keep", "reset"] = "keep"
     batch_size: int = Field(default=32, ge=1)
+    rho: float = Field(
+        default=0.05, gt=0.0, allow_inf_nan=False, description="sam: ascent step radius"
+    )
 
     @field_validator("model")
     @classmethod
@@ -86,16 +91,25 @@ class LearnerSettings(BaseModel):
     @field_validator("momentum")
     @classmethod
     def _momentum_for_sgd(cls, momentum: float, info: ValidationInfo) -> float:
-        if momentum and info.data.get("optimizer", "sgd") != "sgd":
-            raise ValueError("0 unless optimizer is 'sgd' (adam and adamw have betas)")
+        if momentum and info.data.get("optimizer", "sgd") not in ("sgd", "sam"):
+            raise ValueError("0 unless optimizer is 'sgd' or 'sam' (adam and adamw have betas)")
         return momentum
 
     @field_validator("nesterov")
     @classmethod
     def _nesterov_needs_momentum(cls, nesterov: bool, info: ValidationInfo) -> bool:
         if nesterov and not info.data.get("momentum"):
-            raise ValueError("true only with optimizer 'sgd' and momentum > 0")
+            raise ValueError("true only with optimizer 'sgd' or 'sam' and momentum > 0")
         return nesterov
+
+    @field_validator("rho")
+    @classmethod
+    def _rho_for_sam(cls, rho: float, info: ValidationInfo) -> float:
+        if info.data.get("optimizer", "sgd") != "sam":
+            raise ValueError(
+                f"only for optimizer 'sam' (optimizer is {info.data.get('optimizer')!r})"
+            )
+        return rho
 
     def model_parameters(self) -> dict[str, Any]:
         """The factory's keyword arguments (``hidden`` folded in for ``mlp``)."""
@@ -125,6 +139,7 @@ class LearnerSettings(BaseModel):
             lr_min=self.lr_min,
             total_rounds=total_rounds,
             state_policy=self.optimizer_state,
+            rho=self.rho,
         )
 
 

@@ -133,6 +133,8 @@ class ProtocolSpec(_Strict):
     history_gossip: bool | None = None
     history_lambda: float = Field(default=0.8, gt=0.0)
     history_capacity: int = Field(default=32, ge=1)
+    # DFedSAM-MGS: exchanges and merges per dsgd round (p2pfl.protocol.dsgd); 1 = plain dsgd
+    gossip_steps: int = Field(default=1, ge=1, le=1000)
 
     @field_validator("mode")
     @classmethod

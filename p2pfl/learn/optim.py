@@ -53,6 +53,8 @@ from torch import Tensor
 from p2pfl.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "sam")
+DEFAULT_RHO = 0.05
+"""SAM's ascent radius when none is given (DFedSAM's range is about 0.01-0.05)."""
 SAM_NORM_EPS = 1e-12
 """Added to ``||g||`` in SAM's ascent step so that a zero gradient gives a zero step."""
 LR_SCHEDULES = ("constant", "step", "cosine")
@@ -81,7 +83,7 @@ class OptimizerSettings:
     lr_min: float = 0.0
     total_rounds: int = 1
     state_policy: str = "keep"
-    rho: float = 0.05
+    rho: float = DEFAULT_RHO
     """SAM: the radius of the ascent step (``optimizer = "sam"`` only)."""
 
     def __post_init__(self) -> None:

@@ -15,7 +15,7 @@ Keys (defaults in brackets):
 * ``optimizer`` [``"sgd"``] | ``"adam"`` | ``"adamw"`` | ``"sam"``; ``lr`` [0.1];
   ``momentum`` [0] and ``nesterov`` [false] (sgd, sam); ``weight_decay`` [0] (L2 for
   sgd/sam/adam, decoupled for adamw); ``betas`` [[0.9, 0.999]] and ``eps`` [1e-8]
-  (adam/adamw); ``rho`` [0.05] (sam: the ascent radius; SAM's update is SGD's, at the
+  (adam/adamw); ``rho`` [unset: 0.05] (sam: the ascent radius; SAM's update is SGD's, at the
   gradient of the ascent point, see :mod:`p2pfl.learn.optim`).
 * ``lr_schedule`` [``"constant"``] | ``"step"`` (``lr_step_size`` rounds [1], ``lr_gamma``
   [0.1]) | ``"cosine"`` (down to ``lr_min`` [0] over the run's rounds).
@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from p2pfl.errors import ConfigError
 from p2pfl.learn.models import MODELS, PYTHON_PREFIX
-from p2pfl.learn.optim import OptimizerSettings
+from p2pfl.learn.optim import DEFAULT_RHO, OptimizerSettings
 
 DEFAULT_HIDDEN = (32,)
 
@@ -62,8 +62,11 @@ class LearnerSettings(BaseModel):
     lr_min: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
     optimizer_state: Literal["keep", "reset"] = "keep"
     batch_size: int = Field(default=32, ge=1)
-    rho: float = Field(
-        default=0.05, gt=0.0, allow_inf_nan=False, description="sam: ascent step radius"
+    rho: float | None = Field(
+        default=None,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="sam: ascent step radius (unset: 0.05)",
     )
 
     @field_validator("model")
@@ -104,8 +107,8 @@ class LearnerSettings(BaseModel):
 
     @field_validator("rho")
     @classmethod
-    def _rho_for_sam(cls, rho: float, info: ValidationInfo) -> float:
-        if info.data.get("optimizer", "sgd") != "sam":
+    def _rho_for_sam(cls, rho: float | None, info: ValidationInfo) -> float | None:
+        if rho is not None and info.data.get("optimizer", "sgd") != "sam":
             raise ValueError(
                 f"only for optimizer 'sam' (optimizer is {info.data.get('optimizer')!r})"
             )
@@ -139,7 +142,7 @@ class LearnerSettings(BaseModel):
             lr_min=self.lr_min,
             total_rounds=total_rounds,
             state_policy=self.optimizer_state,
-            rho=self.rho,
+            rho=DEFAULT_RHO if self.rho is None else self.rho,
         )
 
 

@@ -20,6 +20,10 @@ MAX_ROUNDS = 10**9
 """The most rounds a run may ask for (nodes and scenarios alike): far beyond any real run,
 and far below the wire's round field (``wire.MAX_ROUND``) however far ahead peers run."""
 
+MAX_GOSSIP_STEPS = 1000
+"""The most dsgd gossip steps per round (``rounds * gossip_steps`` stays far below the wire's
+round field)."""
+
 CONFIG_PREFIX = "protocol"
 """Config keys in errors are named ``protocol.<field>``, as in a scenario file."""
 
@@ -73,6 +77,8 @@ class CoreConfig:
         history_lambda: the decay λ of the history draw, ``∝ λ·e^{−λ(d−1)}`` (0.8).
         history_capacity: signed history records a node keeps at most (each the size of
             a model); the farthest, then the oldest, is forgotten first.
+        gossip_steps: dsgd: exchanges and merges per round after the one training (Q of
+            DFedSAM-MGS); 1 is plain dsgd. Every node of a run must use the same value.
     """
 
     mode: str = "dsgd"
@@ -102,6 +108,8 @@ class CoreConfig:
     history_gossip: bool | None = None
     history_lambda: float = 0.8
     history_capacity: int = 32
+    # DFedSAM-MGS (samfix): multiple gossip steps per dsgd round
+    gossip_steps: int = 1
 
     @property
     def admits_strangers(self) -> bool:
@@ -183,6 +191,13 @@ class CoreConfig:
         if not _is_real(lam) or not math.isfinite(lam) or lam <= 0:
             _fail("history_lambda", lam, "a finite number > 0 (default 0.8)")
         _int_at_least("history_capacity", self.history_capacity, 1)
+        _int_at_least("gossip_steps", self.gossip_steps, 1)
+        if self.gossip_steps > MAX_GOSSIP_STEPS:
+            _fail("gossip_steps", self.gossip_steps, f"an integer in [1, {MAX_GOSSIP_STEPS}]")
+        if self.gossip_steps != 1 and self.mode != "dsgd":
+            _fail(
+                "gossip_steps", self.gossip_steps, f"1 unless mode is dsgd (mode is {self.mode!r})"
+            )
 
 
 def _fail(field: str, value: object, allowed: str) -> NoReturn:

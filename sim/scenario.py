@@ -135,6 +135,9 @@ class ProtocolSpec(_Strict):
     history_capacity: int = Field(default=32, ge=1)
     # DFedSAM-MGS: exchanges and merges per dsgd round (p2pfl.protocol.dsgd); 1 = plain dsgd
     gossip_steps: int = Field(default=1, ge=1, le=1000)
+    # gossip: merge when models arrive ("count") or every merge_interval s ("time", FedFix-style)
+    merge_trigger: Literal["count", "time"] = "count"
+    merge_interval: float = Field(default=1.0, gt=0.0)
 
     @field_validator("mode")
     @classmethod

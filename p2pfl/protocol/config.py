@@ -12,6 +12,7 @@ from p2pfl.errors import ConfigError
 from p2pfl.identity import NodeId
 from p2pfl.protocol.core import MODE_TRAITS, PROTOCOL_MODES
 from p2pfl.protocol.membership import MAX_RECORDS_PER_MESSAGE
+from p2pfl.protocol.timed import MERGE_TRIGGERS
 
 PEER_SAMPLING = ("neighbours", "membership")
 """The values of ``protocol.peer_sampling``."""
@@ -77,6 +78,11 @@ class CoreConfig:
         history_lambda: the decay λ of the history draw, ``∝ λ·e^{−λ(d−1)}`` (0.8).
         history_capacity: signed history records a node keeps at most (each the size of
             a model); the farthest, then the oldest, is forgotten first.
+        merge_trigger: gossip: ``"count"`` (merge whenever models arrived, the default) or
+            ``"time"`` (train back to back, push each trained model, merge every
+            ``merge_interval`` seconds with FedFix-style unbiased weights:
+            :mod:`p2pfl.protocol.timed`).
+        merge_interval: gossip with ``merge_trigger = "time"``: seconds between merges.
         gossip_steps: dsgd: exchanges and merges per round after the one training (Q of
             DFedSAM-MGS); 1 is plain dsgd. Every node of a run must use the same value.
     """
@@ -110,6 +116,9 @@ class CoreConfig:
     history_capacity: int = 32
     # DFedSAM-MGS (samfix): multiple gossip steps per dsgd round
     gossip_steps: int = 1
+    # Time-triggered merging (samfix): FedFix-style gossip (p2pfl.protocol.timed)
+    merge_trigger: str = "count"
+    merge_interval: float = 1.0
 
     @property
     def admits_strangers(self) -> bool:
@@ -198,6 +207,11 @@ class CoreConfig:
             _fail(
                 "gossip_steps", self.gossip_steps, f"1 unless mode is dsgd (mode is {self.mode!r})"
             )
+        if self.merge_trigger not in MERGE_TRIGGERS:
+            _fail("merge_trigger", self.merge_trigger, f"one of {', '.join(MERGE_TRIGGERS)}")
+        if self.merge_trigger == "time" and self.mode != "gossip":
+            _fail("merge_trigger", "time", f"'count' unless mode is gossip (mode is {self.mode!r})")
+        _positive_seconds("merge_interval", self.merge_interval)
 
 
 def _fail(field: str, value: object, allowed: str) -> NoReturn:

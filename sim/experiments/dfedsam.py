@@ -130,11 +130,14 @@ def plot(results: dict[str, dict[str, list[Run]]], out: Path, seeds: int) -> Non
         consensus_ax.set_ylabel("consensus distance (1/n) sum ||x_i - mean||^2")
         consensus_ax.set_yscale("log")
         for ax, what in ((accuracy_ax, "accuracy"), (consensus_ax, "consensus distance")):
-            ax.set_title(f"{graph}, 32 nodes: {what} ({seeds} seeds, mean, min-max band)")
+            ax.set_title(f"{graph}, 32 nodes: {what}")
             ax.set_xlabel("round")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-    fig.suptitle("MNIST-1D, Dirichlet(0.5), mlp [32]: dsgd vs DFedSAM vs DFedSAM-MGS")
+    fig.suptitle(
+        "MNIST-1D, Dirichlet(0.5), mlp [32]: dsgd vs DFedSAM vs DFedSAM-MGS "
+        f"({seeds} seeds, mean, min-max band)"
+    )
     fig.tight_layout()
     fig.savefig(out / "dfedsam-mgs.png", dpi=110)
     plt.close(fig)
@@ -159,9 +162,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sim.experiments.dfedsam")
     parser.add_argument("--out", type=Path, default=FIGURES)
     parser.add_argument("--seeds", type=int, default=SEEDS, help="seeds 1..N per run")
+    parser.add_argument(
+        "--replot", action="store_true", help="redraw the figure from the JSON of a past run"
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
+    if args.replot:
+        results = json.loads((args.out / "dfedsam-mgs.json").read_text())
+        plot(results, args.out, len(next(iter(next(iter(results.values())).values()))))
+        return
     results = run_all(args.seeds)
     plot(results, args.out, args.seeds)
     (args.out / "dfedsam-mgs.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -49,7 +49,7 @@ def _scenario(seed: int, **protocol: Any) -> dict[str, Any]:
             **protocol,
         },
         "network": {"latency": {"value": 0.005}},
-        # lognormal speeds: the fastest of 8 nodes trains about 3x as often as the slowest
+        # lognormal speeds: the fastest of 8 nodes trains 2.7x to 10x as often as the slowest
         "devices": {"speed": {"dist": "lognormal", "sigma": 0.5}},
         # the property is about weights: skip the test-set evaluation of every training
         "metrics": {"eval_every": 1_000_000, "eval_samples": 1},

@@ -169,31 +169,12 @@ class GossipCore(BaseCore):
         outstanding = self._outstanding
         assert outstanding is not None, "TRAINING always has an outstanding record"
         self._outstanding = None
-        finished_round = self.round
         if self.timed is not None:
             return self._timed_trained(outstanding, trained, loss, steps)
         self.vector = trained
-        self.round = finished_round + 1
-        record = Emit(
-            "round",
-            {
-                "round": finished_round,
-                "loss": loss,
-                "steps": steps,
-                "received": outstanding.merged,
-                "expected": outstanding.connected,
-                "neighbours": len(self._peers.neighbours),
-                "timed_out": 0,
-                "merge_fallbacks": self._merger.fallbacks,
-                "trained_at": self._now,
-                "merged_at": outstanding.started_at,
-            },
-        )
-        actions: list[Action] = [record, SaveCheckpoint(self.round, trained)]
-        if self.round >= self.config.rounds:
-            self._machine.goto(Phase.DONE)
-            self._push_at = None
-            return [*actions, Stop(f"completed {self.round} trainings")]
+        actions = self._record_training(outstanding, loss, steps, received=outstanding.merged)
+        if self.finished:
+            return actions
         if len(self._buffer):
             return actions + self._merge_and_train()
         self._machine.goto(Phase.WAITING)
@@ -260,6 +241,37 @@ class GossipCore(BaseCore):
         )
         return [StartTraining(self.vector, self.config.local_steps, self.round)]
 
+    def _record_training(
+        self, outstanding: _Outstanding, loss: float, steps: int, *, received: int
+    ) -> list[Action]:
+        """Count the finished training: its round record and checkpoint of ``core.vector``,
+        and ``Stop`` (phase DONE, no more timers) after the last one."""
+        finished_round = self.round
+        self.round = finished_round + 1
+        record = Emit(
+            "round",
+            {
+                "round": finished_round,
+                "loss": loss,
+                "steps": steps,
+                "received": received,
+                "expected": outstanding.connected,
+                "neighbours": len(self._peers.neighbours),
+                "timed_out": 0,
+                "merge_fallbacks": self._merger.fallbacks,
+                "trained_at": self._now,
+                "merged_at": outstanding.started_at,
+            },
+        )
+        actions: list[Action] = [record, SaveCheckpoint(self.round, self.vector)]
+        if self.round >= self.config.rounds:
+            self._machine.goto(Phase.DONE)
+            self._push_at = None
+            if self.timed is not None:
+                self.timed.stop()
+            actions.append(Stop(f"completed {self.round} trainings"))
+        return actions
+
     # -- time-triggered merging (p2pfl.protocol.timed) ----------------------------------
 
     def _timed_tick(self, timed: TimedMerging) -> list[Action]:
@@ -280,34 +292,15 @@ class GossipCore(BaseCore):
     ) -> list[Action]:
         timed = self.timed
         assert timed is not None and outstanding.start is not None
-        finished_round = self.round
         if self.vector is outstanding.start:
             self.vector = trained
         else:
             # Ticks merged into the model while it trained: keep them, add the training's step.
             self.vector = self.vector + (trained - outstanding.start)
-        self.round = finished_round + 1
-        record = Emit(
-            "round",
-            {
-                "round": finished_round,
-                "loss": loss,
-                "steps": steps,
-                "received": self._merged_in_training,
-                "expected": outstanding.connected,
-                "neighbours": len(self._peers.neighbours),
-                "timed_out": 0,
-                "merge_fallbacks": self._merger.fallbacks,
-                "trained_at": self._now,
-                "merged_at": outstanding.started_at,
-            },
-        )
+        actions = self._record_training(outstanding, loss, steps, received=self._merged_in_training)
         self._merged_in_training = 0
-        actions: list[Action] = [record, SaveCheckpoint(self.round, self.vector)]
-        if self.round >= self.config.rounds:
-            self._machine.goto(Phase.DONE)
-            timed.stop()
-            return [*actions, Stop(f"completed {self.round} trainings")]
+        if self.finished:
+            return actions
         # Push the fresh model, no more often than the runtime's rate limits allow.
         quiet = self.config.period * (1.0 - self.config.period_jitter)
         if self._last_push is None or self._now >= self._last_push + quiet:

@@ -49,6 +49,17 @@ VARIANTS: dict[str, tuple[dict[str, Any], int]] = {
 }
 
 
+DATA: dict[str, Any] = {
+    "dataset": "mnist1d",
+    "params": {"n_samples": 8000},
+    "partition": "dirichlet",
+    "partition_params": {"alpha": 0.5},
+    "test_fraction": 0.125,
+}
+"""MNIST-1D, 1,000 test examples, Dirichlet(0.5) label skew (shared with the fedfix runs)."""
+LEARNER: dict[str, Any] = {"hidden": [32], "lr": 0.1, "batch_size": 32, "local_steps": 10}
+
+
 def document(
     topology: dict[str, Any], learner: dict[str, Any], steps: int, seed: int
 ) -> dict[str, Any]:
@@ -58,20 +69,8 @@ def document(
         "seed": seed,
         "rounds": ROUNDS,
         "topology": topology,
-        "data": {
-            "dataset": "mnist1d",
-            "params": {"n_samples": 8000},
-            "partition": "dirichlet",
-            "partition_params": {"alpha": 0.5},
-            "test_fraction": 0.125,
-        },
-        "learner": {
-            "hidden": [32],
-            "lr": 0.1,
-            "batch_size": 32,
-            "local_steps": 10,
-            **learner,
-        },
+        "data": DATA,
+        "learner": {**LEARNER, **learner},
         "protocol": {"mode": "dsgd", "gossip_steps": steps},
         "merge": {"rule": "weighted"},
     }

@@ -36,7 +36,7 @@ import torch
 
 from p2pfl.protocol.gossip import GossipCore
 from sim.engine import Engine
-from sim.experiments.dfedsam import band
+from sim.experiments.dfedsam import DATA, LEARNER, band
 from sim.run import build_engine
 from sim.scenario import parse_scenario
 
@@ -62,20 +62,8 @@ def document(protocol: dict[str, Any], seed: int) -> dict[str, Any]:
         "rounds": 1_000_000,
         "horizon": HORIZON,
         "topology": {"kind": "barabasi_albert", "n": 32, "m": 2},
-        "data": {
-            "dataset": "mnist1d",
-            "params": {"n_samples": 8000},
-            "partition": "dirichlet",
-            "partition_params": {"alpha": 0.5},
-            "test_fraction": 0.125,
-        },
-        "learner": {
-            "hidden": [32],
-            "lr": 0.1,
-            "batch_size": 32,
-            "local_steps": 10,
-            "step_time": 0.05,
-        },
+        "data": DATA,
+        "learner": {**LEARNER, "step_time": 0.05},
         "protocol": {"mode": "gossip", "fanout": 2, "period_jitter": 0.2, **protocol},
         "merge": {"rule": "weighted"},
         "devices": {"speed": {"dist": "lognormal", "sigma": 1.0}},

@@ -85,6 +85,7 @@ Schema (every relative path is relative to the directory of the config file)::
     # history_capacity, and modest's sample_size, aggregators, success_fraction, min_models,
     # ping_timeout, aggregation_timeout, ack_timeout, inactivity_threshold, view_entries, ...
     # gossip_steps = 1               # dsgd: exchanges and merges per round (DFedSAM-MGS's Q)
+    # merge_trigger = "count"        # gossip: "time" merges every merge_interval s (FedFix-style)
 
     [merge]
     rule = "weighted"                # a name in p2pfl.merge.MERGE_RULES

@@ -211,6 +211,9 @@ class CoreConfig:
             _fail("merge_trigger", self.merge_trigger, f"one of {', '.join(MERGE_TRIGGERS)}")
         if self.merge_trigger == "time" and self.mode != "gossip":
             _fail("merge_trigger", "time", f"'count' unless mode is gossip (mode is {self.mode!r})")
+        # Data shares are over a fixed neighbour set; a membership view has no such set.
+        if self.merge_trigger == "time" and self.peer_sampling != "neighbours":
+            _fail("merge_trigger", "time", "'count' with peer_sampling 'membership'")
         _positive_seconds("merge_interval", self.merge_interval)
 
 

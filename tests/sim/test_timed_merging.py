@@ -106,6 +106,7 @@ def test_expected_weight_is_the_data_share_whatever_the_speed() -> None:
         ({"mode": "dsgd"}, "protocol.merge_trigger = 'time': 'count' unless mode is gossip"),
         ({"merge_interval": 0.0}, "merge_interval"),
         ({"merge_trigger": "size"}, "merge_trigger"),
+        ({"peer_sampling": "membership"}, "'count' with peer_sampling 'membership'"),
     ],
 )
 def test_bad_settings_name_the_key(protocol: dict[str, Any], message: str) -> None:

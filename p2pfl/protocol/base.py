@@ -282,10 +282,7 @@ class BaseCore(abc.ABC):
             found = sealed.get(key)
             if found is None:
                 record = own if distance == 0 else histories.table[origin].record
-                found = seal_history(
-                    self._identity, record, distance=distance, seq=self._sealer.next_seq
-                )
-                self._sealer.next_seq += 1
+                found = seal_history(self._sealer, record, distance=distance)
                 sealed[key] = found
             return found
 

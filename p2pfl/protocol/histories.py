@@ -52,8 +52,8 @@ from p2pfl.codec import encode_vector
 from p2pfl.errors import BadSignature, RemoteProtocolError
 from p2pfl.identity import NODE_ID_BYTES, SIGNATURE_BYTES, Identity, NodeId
 from p2pfl.merge.sybil import forget_distant_history, history_gossip_weights, record_distant_history
-from p2pfl.protocol.messages import decode_model
-from p2pfl.wire import Envelope, MessageKind, PayloadSpec, seal
+from p2pfl.protocol.messages import Sealer, decode_model
+from p2pfl.wire import Envelope, MessageKind, PayloadSpec
 
 HISTORY_CONTEXT = b"p2pfl/history/v1\x00"
 MAX_DISTANCE = 255
@@ -109,14 +109,12 @@ def sign_history(
     return SignedHistory(identity.node_id, round, spec, payload, digest, signature)
 
 
-def seal_history(identity: Identity, record: SignedHistory, *, distance: int, seq: int) -> Envelope:
-    """A ``HISTORY`` message carrying ``record`` unchanged, sealed by ``identity`` (the
+def seal_history(sealer: Sealer, record: SignedHistory, *, distance: int) -> Envelope:
+    """A ``HISTORY`` message carrying ``record`` unchanged, sealed by ``sealer``'s node (the
     relay, or the origin itself with ``distance`` 0)."""
-    return seal(
-        identity,
+    return sealer.seal_payload(
         MessageKind.HISTORY,
-        seq=seq,
-        round=record.round,
+        record.round,
         payload=record.payload,
         spec=record.spec,
         meta={"o": record.origin.raw, "d": distance, "hs": record.signature},

@@ -61,7 +61,6 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from p2pfl.codec import encode_vector
 from p2pfl.errors import LocalProtocolError, RemoteProtocolError, WireError
 from p2pfl.identity import NodeId
 from p2pfl.protocol.actions import (
@@ -81,7 +80,7 @@ from p2pfl.protocol.events import MessageReceived
 from p2pfl.protocol.membership import Membership, Record, Status, parse_records
 from p2pfl.protocol.messages import ModelUpdate, decode_model
 from p2pfl.protocol.phases import MODEST_TRANSITIONS, Phase
-from p2pfl.wire import Envelope, MessageKind, PayloadSpec, ReplayWindow, seal
+from p2pfl.wire import Envelope, MessageKind, ReplayWindow
 
 MODEST_KINDS = frozenset(
     {
@@ -374,24 +373,9 @@ class ModestCore(BaseCore):
         vector: torch.Tensor | None = None,
         meta: dict[str, object] | None = None,
     ) -> Envelope:
-        payload: bytes | bytearray | memoryview
         if vector is not None:
-            spec, payload = encode_vector(
-                vector, dtype=self.config.wire_dtype, samples=self.samples
-            )
-        else:
-            spec, payload = PayloadSpec(), b""
-        envelope = seal(
-            self._identity,
-            kind,
-            seq=self._sealer.next_seq,
-            round=round,
-            payload=payload,
-            spec=spec,
-            meta=meta,
-        )
-        self._sealer.next_seq += 1
-        return envelope
+            return self._sealer.seal_vector(kind, vector, round, meta=meta)
+        return self._sealer.seal_payload(kind, round, meta=meta)
 
     def _view(self) -> dict[str, object]:
         records = self.membership.piggyback(self.config.view_entries, self._rng)

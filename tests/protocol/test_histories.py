@@ -31,6 +31,7 @@ from p2pfl.protocol.histories import (
     seal_history,
     sign_history,
 )
+from p2pfl.protocol.messages import Sealer
 from p2pfl.testing.network import FakeNetwork, identity_of
 from p2pfl.wire import Envelope, MessageKind, decode_frame, encode_frame, seal
 
@@ -50,7 +51,8 @@ def signed(origin: int, round: int, value: float = 1.0) -> SignedHistory:
 
 def relayed(relay: int, record: SignedHistory, *, distance: int, seq: int) -> Envelope:
     """What a relay sends, framed and parsed as a driver would deliver it."""
-    envelope = seal_history(identity_of(relay), record, distance=distance, seq=seq)
+    sealer = Sealer(identity_of(relay), wire_dtype="float32", samples=0, seq_start=seq)
+    envelope = seal_history(sealer, record, distance=distance)
     return decode_frame(bytearray(encode_frame(envelope)))
 
 

@@ -21,7 +21,7 @@ turns it into a core event and carries out the actions the core returns:
   and forwards at the pace of the data holders.
 * ``DeadlineReached``: after each ``handle`` the engine re-reads ``next_deadline()``; a timer
   entry whose time no longer matches the core's deadline is stale and skipped.
-* ``SaveCheckpoint`` marks the end of a node's round for the metrics.
+* ``SaveCheckpoint`` marks the end of a node's round for the metrics (with the loss it carries).
 
 At time 0 every node gets ``NeighboursConnected`` then ``Started``: one event per node, not one
 per neighbour, so a dense graph costs no heap entries per edge. If a disruption at time 0 has
@@ -197,7 +197,6 @@ class Engine:
         self._parked: dict[int, _ParkedTraining] = {}
         self._trained: dict[int, tuple[Tensor, float, int]] = {}
         self._outstanding: dict[int, _ParkedTraining] = {}
-        self._last_loss = [float("nan")] * size
         self._stopped = [False] * size
         self._finished = 0
         self._started = [False] * size
@@ -266,7 +265,6 @@ class Engine:
                     self._train_parked()
                 vector, loss, steps = self._trained.pop(node)
                 self._outstanding.pop(node, None)
-                self._last_loss[node] = loss
                 return TrainingFinished(vector=vector, loss=loss, steps=steps)
             case _Delivery(sender, envelope, frame_bytes, connection):
                 if connection != self._connection(sender, node):
@@ -316,14 +314,14 @@ class Engine:
                         return
                     self.trainings_started[node] += 1
                     self._begin_training(node, _ParkedTraining(vector, steps, round_))
-                case SaveCheckpoint(round_, vector):
+                case SaveCheckpoint(round_, vector, loss):
                     component, component_size = self.network.component_of(node)
                     self.completed_rounds[node] = round_
                     self.recorder.record(
                         round_ - 1,
                         node,
                         now=self.now,
-                        train_loss=self._last_loss[node],
+                        train_loss=loss,
                         vector=vector.detach().clone(),
                         traffic=self.traffic[node],
                         component=component,

@@ -50,7 +50,14 @@ from p2pfl.identity import Identity, NodeId
 from p2pfl.merge.base import MergeRule, Probe
 from p2pfl.merge.sybil import uses_history_gossip
 from p2pfl.params import ParamLayout
-from p2pfl.protocol.actions import Action, Disconnect, PeerMisbehaved, Send, Stop
+from p2pfl.protocol.actions import (
+    Action,
+    Disconnect,
+    PeerMisbehaved,
+    SaveCheckpoint,
+    Send,
+    Stop,
+)
 from p2pfl.protocol.config import CoreConfig
 from p2pfl.protocol.events import (
     DeadlineReached,
@@ -150,6 +157,7 @@ class BaseCore(abc.ABC):
             )
         self._machine = PhaseMachine(self.TRANSITIONS)
         self._now = -math.inf
+        self._last_loss = math.nan
         self._init_mode()
 
     # -- the Core interface -------------------------------------------------------------
@@ -223,6 +231,7 @@ class BaseCore(abc.ABC):
                         f"float vector of shape {list(self.vector.shape)}"
                     )
                 own = trained.detach().to(device="cpu", dtype=torch.float32).clone()
+                self._last_loss = float(loss)
                 return self._on_trained(own, float(loss), int(steps))
             case DeadlineReached():
                 return [] if self.finished else self._on_deadline()
@@ -234,6 +243,11 @@ class BaseCore(abc.ABC):
         ``now``, so the answer is never in the past."""
         deadline = None if self.finished else self._deadline()
         return None if deadline is None else max(deadline, self._now)
+
+    def _checkpoint(self, round: int, vector: torch.Tensor) -> SaveCheckpoint:
+        """``SaveCheckpoint`` of ``vector`` as the start of ``round``, with the latest
+        training's loss."""
+        return SaveCheckpoint(round, vector, self._last_loss)
 
     # -- mode hooks ---------------------------------------------------------------------
 

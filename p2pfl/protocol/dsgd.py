@@ -41,7 +41,6 @@ from p2pfl.protocol.actions import (
     Action,
     Emit,
     PeerMisbehaved,
-    SaveCheckpoint,
     Send,
     StartTraining,
     Stop,
@@ -174,7 +173,7 @@ class DsgdCore(BaseCore):
                 "merged_at": self._now,
             },
         )
-        actions: list[Action] = [record, SaveCheckpoint(self.round, merged)]
+        actions: list[Action] = [record, self._checkpoint(self.round, merged)]
         if self.round >= self.config.rounds:
             self._machine.goto(Phase.DONE)
             return [*actions, Stop(f"completed {self.round} rounds")]

@@ -56,7 +56,6 @@ from p2pfl.protocol.actions import (
     Action,
     Emit,
     PeerMisbehaved,
-    SaveCheckpoint,
     Send,
     StartTraining,
     Stop,
@@ -167,7 +166,7 @@ class GossipCore(BaseCore):
                 "merged_at": outstanding.started_at,
             },
         )
-        actions: list[Action] = [record, SaveCheckpoint(self.round, trained)]
+        actions: list[Action] = [record, self._checkpoint(self.round, trained)]
         if self.round >= self.config.rounds:
             self._machine.goto(Phase.DONE)
             self._push_at = None

@@ -67,7 +67,6 @@ from p2pfl.protocol.actions import (
     Action,
     Emit,
     PeerMisbehaved,
-    SaveCheckpoint,
     Send,
     StartTraining,
     Stop,
@@ -510,7 +509,7 @@ class ModestCore(BaseCore):
                     "adopted_at": self._now,
                 },
             ),
-            SaveCheckpoint(round, vector),
+            self._checkpoint(round, vector),
         ]
         self._train_wanted = train and round < self.config.rounds
         return actions + self._maybe_train() + self._maybe_finish()

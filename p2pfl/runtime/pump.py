@@ -121,8 +121,8 @@ class Pump:
             case StartTraining():
                 assert self._nursery is not None
                 self._nursery.start_soon(self._train, action)
-            case SaveCheckpoint(round=round_, vector=vector):
-                await self._reporting.save(round_, vector)
+            case SaveCheckpoint(round=round_, vector=vector, loss=loss):
+                await self._reporting.save(round_, vector, loss)
             case Disconnect(peer=peer, reason=reason):
                 log_event(
                     log,
@@ -173,5 +173,4 @@ class Pump:
             self.learner.train, action.vector, action.steps, round=action.round
         )
         result = await trio.to_thread.run_sync(train)
-        self._reporting.trained(action.round, result.loss)
         await self._events_send.send(TrainingFinished(result.vector, result.loss, result.steps))

@@ -41,8 +41,8 @@ Protocols whose cores talk beyond their neighbours (``CoreConfig.admits_stranger
 accepts them) and ``max_peers`` of at least the population, so a connection to every sampled
 peer fits. In ``modest`` the nodes not sampled near the end never finish: they wait, with no
 timer, like the virtual engine's nodes with no event left. ``poll`` therefore reports the
-running nodes that are *idle* (core phase ``WAITING`` and no deadline: nothing will happen to
-them unless a message comes), and the driver ends a run once a node has finished and every
+running nodes that are *idle* (``Core.idle``: no training outstanding and no timer armed,
+nothing will happen to them unless a message comes), and the driver ends a run once a node has finished and every
 other node is finished, dead or idle (:func:`sim.live._drive`).
 """
 
@@ -76,8 +76,6 @@ from p2pfl.learn import TorchLearner
 from p2pfl.learn.base import EvalResult, TrainResult
 from p2pfl.merge import make_merge_rule
 from p2pfl.params import ParamLayout
-from p2pfl.protocol.base import BaseCore
-from p2pfl.protocol.phases import Phase
 from p2pfl.runtime.node import Node
 from p2pfl.runtime.peer import Backoff
 from p2pfl.runtime.policy import OpenLinks
@@ -264,7 +262,7 @@ class Shard:
         Returns:
             ``records`` (list of :data:`Record`), ``traffic`` (``{node: 5 ints}`` now),
             ``running``, ``finished`` and ``idle`` (node lists; idle: running, the core
-            waiting with no deadline), ``done`` (the loop ended), ``errors``.
+            ``idle``), ``done`` (the loop ended), ``errors``.
         """
         idle = self._idle()
         with self._lock:
@@ -320,20 +318,14 @@ class Shard:
             shutil.rmtree(self._checkpoint_root, ignore_errors=True)
 
     def _idle(self) -> list[int]:
-        """The running nodes whose core waits with no deadline (read in the loop's thread)."""
+        """The running nodes whose core is idle (read in the loop's thread)."""
         if self._token is None or self._done.is_set():
             return []
         idle: list[int] = []
 
         def collect() -> None:
             for node, slot in self._slots.items():
-                core = slot.node.core if slot.node is not None else None
-                if (
-                    slot.running
-                    and isinstance(core, BaseCore)
-                    and core.phase is Phase.WAITING
-                    and core.next_deadline() is None
-                ):
+                if slot.running and slot.node is not None and slot.node.core.idle:
                     idle.append(node)
 
         try:

@@ -76,6 +76,9 @@ from p2pfl.protocol.peers import PeerSet
 from p2pfl.protocol.phases import Phase, PhaseMachine, Transitions
 from p2pfl.wire import Envelope, MessageKind
 
+_NOT_IDLE = frozenset({Phase.IDLE, Phase.TRAINING, Phase.DONE})
+"""Phases in which a core is not idle: not started, training, or finished."""
+
 
 class BaseCore(abc.ABC):
     """Shared state and dispatch; a mode subclasses it and fills in the hooks."""
@@ -165,6 +168,11 @@ class BaseCore(abc.ABC):
     @property
     def finished(self) -> bool:
         return self._machine.phase is Phase.DONE
+
+    @property
+    def idle(self) -> bool:
+        phase = self._machine.phase
+        return phase not in _NOT_IDLE and self._deadline() is None
 
     @property
     def phase(self) -> Phase:

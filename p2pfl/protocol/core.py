@@ -53,6 +53,14 @@ class Core(Protocol):
         """True once ``Stop`` was returned."""
         ...
 
+    @property
+    def idle(self) -> bool:
+        """True while the core runs but waits on nothing of its own: started, not finished,
+        no training outstanding and no timer armed, so only a message or a connection can
+        move it on (e.g. a ``modest`` node not sampled near the end). A driver that runs
+        until every node is done counts an idle node as done."""
+        ...
+
     def handle(self, event: Event, *, now: float) -> list[Action]:
         """Feed one event that happened at ``now`` (seconds, never decreasing).
 

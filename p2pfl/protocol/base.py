@@ -25,8 +25,10 @@ Modes implement the ``_on_*`` hooks and ``_deadline``; they own their buffers an
 move their :class:`~p2pfl.protocol.phases.PhaseMachine` along their table.
 
 History gossip (SybilWall, :mod:`p2pfl.protocol.histories`) is on when
-``config.history_gossip`` says so, or, when it is ``None``, when the merge rule is a SybilWall
-variant; a mode calls :meth:`BaseCore._gossip_histories` right after it sends its model.
+``config.history_gossip`` says so, or, when it is ``None``, when the merge rule implements
+:class:`~p2pfl.merge.base.HistoryHook` (the SybilWall variants), through which the rule learns
+the distant histories; a mode calls :meth:`BaseCore._gossip_histories` right after it sends
+its model.
 
 The driver learns its neighbours' reachability only through events: every configured
 neighbour starts *not connected*, and a driver reports ``PeerConnected`` for each neighbour it
@@ -47,8 +49,7 @@ import torch
 
 from p2pfl.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 from p2pfl.identity import Identity, NodeId
-from p2pfl.merge.base import MergeRule, Probe
-from p2pfl.merge.sybil import uses_history_gossip
+from p2pfl.merge.base import MergeRule, Probe, history_hook
 from p2pfl.params import ParamLayout
 from p2pfl.protocol.actions import (
     Action,
@@ -146,14 +147,17 @@ class BaseCore(abc.ABC):
             total_rounds=config.rounds,
             probe=probe,
         )
+        hook = history_hook(merge)
         wants_histories = config.history_gossip
         if wants_histories is None:
-            wants_histories = uses_history_gossip(merge)
+            wants_histories = hook is not None
         self._histories: HistoryGossip | None = None
         if wants_histories and self.HISTORY_GOSSIP:
             self._histories = HistoryGossip(
                 identity,
                 self.vector,
+                hook=hook,
+                state=self._merger.state,
                 lam=config.history_lambda,
                 capacity=config.history_capacity,
                 wire_dtype=config.wire_dtype,
@@ -177,6 +181,10 @@ class BaseCore(abc.ABC):
     @property
     def phase(self) -> Phase:
         return self._machine.phase
+
+    @property
+    def gossips_histories(self) -> bool:
+        return self._histories is not None
 
     @property
     def history_gossip(self) -> HistoryGossip | None:
@@ -285,7 +293,7 @@ class BaseCore(abc.ABC):
         assert histories is not None
         try:
             check_sender(event, self._peers)
-            histories.receive(event.peer, event.envelope, self.vector.shape, self._merger.state)
+            histories.receive(event.peer, event.envelope, self.vector.shape)
         except RemoteProtocolError as exc:
             return [PeerMisbehaved(event.peer, str(exc))]
         return []

@@ -54,6 +54,12 @@ class Core(Protocol):
         ...
 
     @property
+    def gossips_histories(self) -> bool:
+        """Whether the core sends history records with its models (SybilWall's gossip): a
+        driver sizing what a peer may send it counts them."""
+        ...
+
+    @property
     def idle(self) -> bool:
         """True while the core runs but waits on nothing of its own: started, not finished,
         no training outstanding and no timer armed, so only a message or a connection can

@@ -55,7 +55,6 @@ from p2pfl.errors import ConfigError
 from p2pfl.identity import Identity, NodeId
 from p2pfl.learn.base import Learner
 from p2pfl.merge.base import MergeRule
-from p2pfl.merge.sybil import uses_history_gossip
 from p2pfl.protocol import make_core
 from p2pfl.protocol.events import Event
 from p2pfl.runtime.connections import Connections
@@ -205,14 +204,11 @@ class Node:
 
         limits = config.limits
         self.limits = limits
-        histories = config.protocol.history_gossip
-        if histories is None:
-            histories = config.protocol.mode != "modest" and uses_history_gossip(self.merge)
         self.allowance: PeerAllowance = peer_allowance(
             config.protocol,
             base_rate=limits.peer_message_rate,
             base_burst=limits.peer_message_burst,
-            histories=histories,
+            histories=self.core.gossips_histories,
             idle_timeout=limits.idle_timeout,
             exchange_interval=(
                 config.peer_exchange.interval if config.peer_exchange.enabled else None

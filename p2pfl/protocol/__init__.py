@@ -16,7 +16,9 @@ committees over the membership view of :mod:`p2pfl.protocol.membership`) and ``f
 life cycles are tabulated in :mod:`p2pfl.protocol.phases`, and what each needs from its
 population is in its :class:`ModeTraits` (:func:`mode_traits`). Drivers report
 ``PeerConnected`` for each neighbour they reach; every neighbour starts out not connected (the
-simulator reports ``NeighboursConnected``, all of them at once, before ``Started``).
+simulator reports ``NeighboursConnected``, all of them at once, before ``Started``). A node
+leaving for good is told ``LeaveRequested``; its driver carries out the goodbye the core
+returns (``modest``'s LEAVE announcement) before it closes the connections.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from p2pfl.protocol.core import (
 from p2pfl.protocol.events import (
     DeadlineReached,
     Event,
+    LeaveRequested,
     MessageReceived,
     NeighboursConnected,
     PeerConnected,
@@ -131,6 +134,7 @@ __all__ = [
     "Disconnect",
     "Emit",
     "Event",
+    "LeaveRequested",
     "MessageReceived",
     "ModeTraits",
     "NeighboursConnected",

@@ -19,7 +19,10 @@ decreasing), then dispatches the event with ``match``:
 - ``Started``, ``TrainingFinished`` are checked against the phase (misuse raises
   :class:`~p2pfl.errors.LocalProtocolError` before any state changes) and handed to the mode;
 - ``DeadlineReached`` is handed to the mode, which acts only on timers that are due, so an
-  early or repeated wake-up is harmless.
+  early or repeated wake-up is harmless;
+- ``LeaveRequested``: the mode says goodbye (``_on_leave``: ``modest`` announces LEAVE and
+  refuses the models it holds), then the core is ``DONE`` and returns ``Stop``; a training
+  outstanding then may still be reported, and is dropped.
 
 Modes implement the ``_on_*`` hooks and ``_deadline``; they own their buffers and timers and
 move their :class:`~p2pfl.protocol.phases.PhaseMachine` along their table.
@@ -63,6 +66,7 @@ from p2pfl.protocol.config import CoreConfig
 from p2pfl.protocol.events import (
     DeadlineReached,
     Event,
+    LeaveRequested,
     MessageReceived,
     NeighboursConnected,
     PeerConnected,
@@ -165,6 +169,8 @@ class BaseCore(abc.ABC):
         self._machine = PhaseMachine(self.TRANSITIONS)
         self._now = -math.inf
         self._last_loss = math.nan
+        self._left_training = False
+        """Left while a training was outstanding: its ``TrainingFinished`` is dropped."""
         self._init_mode()
 
     # -- the Core interface -------------------------------------------------------------
@@ -202,6 +208,7 @@ class BaseCore(abc.ABC):
 
         Raises:
             LocalProtocolError: ``now`` went backwards or is not finite; ``Started`` twice;
+                ``TrainingFinished`` after ``LeaveRequested`` with no training outstanding then;
                 ``TrainingFinished`` with no training outstanding or a vector of another
                 shape; ``PeerConnected`` for this node itself. A peer's fault never raises.
         """
@@ -240,6 +247,9 @@ class BaseCore(abc.ABC):
                     return []
                 return self._on_message(event)
             case TrainingFinished(vector=trained, loss=loss, steps=steps):
+                if self._left_training:
+                    self._left_training = False
+                    return []
                 self._machine.expect(Phase.TRAINING, "TrainingFinished")
                 if trained.shape != self.vector.shape or not trained.is_floating_point():
                     raise LocalProtocolError(
@@ -251,6 +261,13 @@ class BaseCore(abc.ABC):
                 return self._on_trained(own, float(loss), int(steps))
             case DeadlineReached():
                 return [] if self.finished else self._on_deadline()
+            case LeaveRequested():
+                if self.finished:
+                    return []
+                actions = self._on_leave()
+                self._left_training = self._machine.phase is Phase.TRAINING
+                self._machine.leave()
+                return [*actions, Stop(f"left the population at round {self.round}")]
             case _:
                 assert_never(event)
 
@@ -327,6 +344,11 @@ class BaseCore(abc.ABC):
 
     def _on_connected(self, peer: NodeId) -> list[Action]:
         """A neighbour (re)connected; the PeerSet already counts it as connected."""
+        return []
+
+    def _on_leave(self) -> list[Action]:
+        """The node leaves for good (the core is not DONE; it will be right after): what to
+        tell the others. By default nothing: neighbours see the connections close."""
         return []
 
     def _on_disconnected(self, peer: NodeId) -> list[Action]:

@@ -13,7 +13,8 @@ driver (:mod:`sim.live`) does goes through five thread-safe calls:
 ``poll``       drain the per-node per-round records, with every node's traffic counters
                and which nodes are *idle* (see below)
 ``command``    ``stop`` (a crash: the node ends for good), ``leave`` (the node ends, its
-               checkpoint kept), ``join`` (a left node starts again from its checkpoint, on
+               checkpoint kept), ``depart`` (the node leaves for good, saying goodbye: its
+               core is told ``LeaveRequested``), ``join`` (a left node starts again from its checkpoint, on
                the same port), ``cut`` / ``restore`` (a link: close the connection and refuse
                it until restored)
 ``close``      ask every node to stop, wait (bounded), then cancel the loop
@@ -95,7 +96,7 @@ RECONNECT = Backoff(base=0.1, cap=1.0)
 PEER_MESSAGE_RATE = 1000.0
 PEER_MESSAGE_BURST = 1000
 BIND_TIMEOUT = 60.0
-COMMANDS = ("stop", "leave", "join", "cut", "restore")
+COMMANDS = ("stop", "leave", "depart", "join", "cut", "restore")
 
 Record = dict[str, Any]
 """``round``, ``node``, ``time``, ``loss``, ``vector`` (float32 bytes), ``traffic`` (5 ints)."""
@@ -390,7 +391,7 @@ class Shard:
                 self._errors.append(f"node {slot.index}: {traceback.format_exc()}")
         finally:
             slot.running = False
-            slot.finished = slot.finished or node.core.finished
+            slot.finished = slot.finished or (node.core.finished and not node.left)
             slot.listeners = []  # Node.run closed them
         if slot.rejoin and not slot.dead and not slot.finished:
             slot.rejoin = False
@@ -495,11 +496,13 @@ class Shard:
         slot = self._slots[index]
         node = slot.node
         match name:
-            case "stop" | "leave":
-                slot.dead = slot.dead or name == "stop"
+            case "stop" | "leave" | "depart":
+                slot.dead = slot.dead or name != "leave"
                 slot.rejoin = False
                 if node is not None and slot.running:
-                    node.request_stop(f"live disruption: {name}")
+                    # Only a departure says goodbye (the core's LeaveRequested): a crash says
+                    # nothing, and a node that leaves to join again later is only suspended.
+                    node.request_stop(f"live disruption: {name}", leave=name == "depart")
             case "join":
                 if slot.dead or slot.finished or node is None:
                     return
@@ -534,7 +537,7 @@ class Shard:
         for slot in self._slots.values():
             slot.dead = True
             if slot.node is not None and slot.running:
-                slot.node.request_stop("live run ends")
+                slot.node.request_stop("live run ends", leave=False)
         if self._closing is not None:
             self._closing.set()
 

@@ -21,7 +21,8 @@ is a module of this package, with its own docstring:
 A node restarts from its checkpoint (round and model) when one exists. :meth:`Node.run`
 listens (``status_listen`` too, bound before anything is logged so that its failure is the
 only line), starts the connection, peer-exchange, startup-gate and evaluator tasks, runs the
-pump until the core stops or :meth:`Node.request_stop` is called, then flushes the send
+pump until the core stops or :meth:`Node.request_stop` is called (a graceful stop, e.g.
+SIGTERM, then tells the core ``LeaveRequested`` and sends its goodbye), then flushes the send
 queues and the evaluations (bounded by ``FLUSH_TIMEOUT``), closes everything, and logs one
 ``stopped`` record with the node's counters.
 
@@ -259,6 +260,8 @@ class Node:
         self._bind_metrics()
         self._pump_scope: trio.CancelScope | None = None
         self._stop_requested = False
+        self._leave = False
+        self._left = False
         self._stop_reason: str | None = None
         self.finished = trio.Event()
 
@@ -301,8 +304,15 @@ class Node:
 
     @property
     def stop_reason(self) -> str | None:
-        """Why the node stopped (or is stopping): the core's reason or the stop request's."""
-        return self.pump.stop_reason or self._stop_reason
+        """Why the node stopped (or is stopping): the stop request's reason, if one came
+        before the core finished, else the core's."""
+        return self._stop_reason or self.pump.stop_reason
+
+    @property
+    def left(self) -> bool:
+        """Whether the node left before its core finished: stopped gracefully, the core was
+        told ``LeaveRequested`` (so ``core.finished`` holds, but not all rounds ran)."""
+        return self._left
 
     def render_metrics(self) -> str:
         """The status endpoint's body: every metric in the Prometheus text format."""
@@ -312,10 +322,19 @@ class Node:
         """Return once :attr:`history` holds at least ``count`` rounds (or the node stopped)."""
         await self.reporting.wait_rounds(count)
 
-    def request_stop(self, reason: str = "stop requested") -> None:
-        """Leave the loop as soon as possible and shut down gracefully (idempotent)."""
+    def request_stop(self, reason: str = "stop requested", *, leave: bool = True) -> None:
+        """Leave the loop as soon as possible and shut down gracefully (idempotent).
+
+        Args:
+            reason: logged as the stop reason (unless the core had finished already).
+            leave: tell the core it leaves for good (``LeaveRequested``) and send the goodbye
+                it returns (``modest``'s LEAVE announcement) before closing; False ends the
+                node as a crash would, saying nothing.
+        """
         self._stop_requested = True
-        self._stop_reason = self._stop_reason or reason
+        if not self.core.finished and self._stop_reason is None:
+            self._stop_reason = reason
+            self._leave = leave
         if self._pump_scope is not None:
             self._pump_scope.cancel()
 
@@ -403,6 +422,8 @@ class Node:
                     self._pump_scope.cancel()
                 with self._pump_scope:
                     await self.pump.run(nursery)
+                if self._leave:
+                    self._left = await self.pump.leave()
                 self.reporting.close()
                 with trio.move_on_after(FLUSH_TIMEOUT):
                     await evaluator_done.wait()

@@ -120,11 +120,16 @@ class ModeTraits:
             ``model_frames`` is the frames a model takes (1, more with history records). The
             runtime sizes each peer's rate limit from it; a mode that declares nothing gets
             only the node's configured ``peer_message_rate``/``peer_message_burst``.
+        buffered: how many received models a node of this mode holds at once:
+            ``buffered(config, degree) -> models`` for a node of ``degree`` neighbours (mean
+            degree in a population); the simulator's memory estimate reads it. A mode that
+            declares nothing is taken to hold one model per neighbour.
     """
 
     server: bool = False
     strangers: bool | Callable[[CoreConfig], bool] = False
     traffic: Callable[[CoreConfig, int], tuple[float, float]] | None = None
+    buffered: Callable[[CoreConfig, float], float] | None = None
 
 
 F = TypeVar("F", bound=CoreFactory)

@@ -72,7 +72,19 @@ def _traffic(config: CoreConfig, model_frames: int) -> tuple[float, float]:
     return float(model_frames), model_frames / config.round_timeout
 
 
-@register_protocol_mode("dsgd", traits=ModeTraits(traffic=_traffic))
+SHARED_BUFFERED = 2.0
+"""Received models a dsgd node holds, counted in a simulation whatever its degree: a model is
+decoded once per envelope and shared by all its receivers
+(:func:`~p2pfl.protocol.messages.decode_model`), so a buffer references its neighbours'
+models, which exist once each: about one per node for the round collected and one for a round
+that started early."""
+
+
+def _buffered(config: CoreConfig, degree: float) -> float:
+    return min(degree, SHARED_BUFFERED)
+
+
+@register_protocol_mode("dsgd", traits=ModeTraits(traffic=_traffic, buffered=_buffered))
 class DsgdCore(BaseCore):
     """Synchronous rounds: train, send to all neighbours, wait for theirs or a timeout, merge."""
 

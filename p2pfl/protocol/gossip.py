@@ -90,8 +90,14 @@ def _traffic(config: CoreConfig, model_frames: int) -> tuple[float, float]:
     return 0.0, model_frames / (config.period * (1.0 - config.period_jitter))
 
 
+def _buffered(config: CoreConfig, degree: float) -> float:
+    # About two models per push received while training: 2 * fanout.
+    return min(degree, 2.0 * config.fanout)
+
+
 @register_protocol_mode(
-    "gossip", traits=ModeTraits(strangers=_samples_membership, traffic=_traffic)
+    "gossip",
+    traits=ModeTraits(strangers=_samples_membership, traffic=_traffic, buffered=_buffered),
 )
 class GossipCore(BaseCore):
     """Asynchronous push gossip: periodic pushes to random neighbours; merge on receipt."""

@@ -136,7 +136,14 @@ def _traffic(config: CoreConfig, model_frames: int) -> tuple[float, float]:
     return float(FRAMES_PER_ROUND), FRAMES_PER_ROUND / config.ping_timeout
 
 
-@register_protocol_mode("modest", traits=ModeTraits(strangers=True, traffic=_traffic))
+def _buffered(config: CoreConfig, degree: float) -> float:
+    # An aggregator holds the models of one sample.
+    return float(config.sample_size)
+
+
+@register_protocol_mode(
+    "modest", traits=ModeTraits(strangers=True, traffic=_traffic, buffered=_buffered)
+)
 class ModestCore(BaseCore):
     """Per round a sampled committee: ``sample_size`` trainers, ``aggregators`` aggregators."""
 

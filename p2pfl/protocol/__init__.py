@@ -52,6 +52,7 @@ from p2pfl.protocol.core import (
     CoreFactory,
     ModeTraits,
     mode_traits,
+    model_kinds,
     register_protocol_mode,
 )
 from p2pfl.protocol.events import (
@@ -149,5 +150,6 @@ __all__ = [
     "TrainingFinished",
     "make_core",
     "mode_traits",
+    "model_kinds",
     "register_protocol_mode",
 ]

@@ -25,6 +25,7 @@ from p2pfl.merge.base import MergeRule, Probe
 from p2pfl.params import ParamLayout
 from p2pfl.protocol.actions import Action
 from p2pfl.protocol.events import Event
+from p2pfl.wire import MessageKind
 
 if TYPE_CHECKING:
     from p2pfl.protocol.config import CoreConfig
@@ -124,12 +125,15 @@ class ModeTraits:
             ``buffered(config, degree) -> models`` for a node of ``degree`` neighbours (mean
             degree in a population); the simulator's memory estimate reads it. A mode that
             declares nothing is taken to hold one model per neighbour.
+        model_kinds: the message kinds in which this mode sends a model (``MODEL_UPDATE`` by
+            default); a simulated model attack rewrites exactly these (:func:`model_kinds`).
     """
 
     server: bool = False
     strangers: bool | Callable[[CoreConfig], bool] = False
     traffic: Callable[[CoreConfig, int], tuple[float, float]] | None = None
     buffered: Callable[[CoreConfig, float], float] | None = None
+    model_kinds: frozenset[MessageKind] = frozenset({MessageKind.MODEL_UPDATE})
 
 
 F = TypeVar("F", bound=CoreFactory)
@@ -157,6 +161,11 @@ def register_protocol_mode(name: str, *, traits: ModeTraits | None = None) -> Ca
         return factory
 
     return add
+
+
+def model_kinds() -> frozenset[MessageKind]:
+    """Every message kind in which some registered mode sends a model."""
+    return frozenset(kind for traits in MODE_TRAITS.values() for kind in traits.model_kinds)
 
 
 def mode_traits(name: str) -> ModeTraits:

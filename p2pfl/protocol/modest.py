@@ -142,7 +142,10 @@ def _buffered(config: CoreConfig, degree: float) -> float:
 
 
 @register_protocol_mode(
-    "modest", traits=ModeTraits(strangers=True, traffic=_traffic, buffered=_buffered)
+    "modest",
+    traits=ModeTraits(
+        strangers=True, traffic=_traffic, buffered=_buffered, model_kinds=MODEL_KINDS
+    ),
 )
 class ModestCore(BaseCore):
     """Per round a sampled committee: ``sample_size`` trainers, ``aggregators`` aggregators."""

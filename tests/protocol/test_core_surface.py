@@ -21,9 +21,11 @@ from p2pfl.protocol import (
     StartTraining,
     Stop,
     TrainingFinished,
+    mode_traits,
+    model_kinds,
 )
 from p2pfl.testing.network import FakeNetwork, FakeNode
-from p2pfl.wire import Envelope
+from p2pfl.wire import Envelope, MessageKind
 
 from .single import NEIGHBOURS, SIZE, make_single, sealed
 
@@ -128,3 +130,14 @@ def test_one_counter_numbers_every_message_a_modest_node_sends() -> None:
         assert seqs == sorted(set(seqs)), seqs
     kinds = [{envelope.kind for envelope in envelopes} for envelopes in net.sent.values()]
     assert max(len(k) for k in kinds) >= 4  # several kinds from one sender, one counter
+
+
+def test_modes_declare_the_kinds_that_carry_their_models() -> None:
+    assert mode_traits("dsgd").model_kinds == {MessageKind.MODEL_UPDATE}
+    assert mode_traits("modest").model_kinds == {
+        MessageKind.MODEST_TRAINED,
+        MessageKind.MODEST_AGGREGATE,
+    }
+    kinds = model_kinds()
+    assert MessageKind.MODEL_UPDATE in kinds and MessageKind.MODEST_AGGREGATE in kinds
+    assert MessageKind.HISTORY not in kinds and MessageKind.MODEST_PING not in kinds

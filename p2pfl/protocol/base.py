@@ -25,7 +25,13 @@ decreasing), then dispatches the event with ``match``:
   outstanding then may still be reported, and is dropped.
 
 Modes implement the ``_on_*`` hooks and ``_deadline``; they own their buffers and timers and
-move their :class:`~p2pfl.protocol.phases.PhaseMachine` along their table.
+move their :class:`~p2pfl.protocol.phases.PhaseMachine` along their table. What the base
+class owns, a mode uses rather than repeats: every envelope is sealed by ``self._sealer``
+(:class:`~p2pfl.protocol.messages.Sealer`, the one owner of the sequence counter); a
+checkpoint is ``self._checkpoint(round, vector)`` (it carries the latest training's loss);
+``idle`` and ``finished`` follow from the phase and ``_deadline``; ``_on_leave`` (optional)
+is the goodbye. What a mode needs from its population it declares in its
+:class:`~p2pfl.protocol.core.ModeTraits`, never by name elsewhere.
 
 History gossip (SybilWall, :mod:`p2pfl.protocol.histories`) is on when
 ``config.history_gossip`` says so, or, when it is ``None``, when the merge rule implements

@@ -170,8 +170,12 @@ def estimate(scenario: Scenario) -> Footprint | None:
     degree = mean_degree(scenario, nodes)
     protocol = scenario.protocol
     declared = mode_traits(protocol.mode).buffered
-    # Only the protocol's own settings matter here; rounds and steps keep their defaults.
-    buffered = degree if declared is None else declared(CoreConfig(**protocol.model_dump()), degree)
+    buffered = degree
+    if declared is not None:
+        config = CoreConfig.from_settings(
+            protocol, rounds=scenario.rounds, local_steps=learner.local_steps
+        )
+        buffered = declared(config, degree)
     copies = MODEL_COPIES + optimizer_copies(learner.optimizer, learner.momentum) + buffered
     implicit = scenario.topology.kind in IMPLICIT_KINDS and not scenario.adversaries
     edges = 0 if implicit else nodes * degree / 2

@@ -53,7 +53,6 @@ from p2pfl.protocol.actions import (
     Action,
     Emit,
     PeerMisbehaved,
-    SaveCheckpoint,
     Send,
     StartTraining,
     Stop,
@@ -92,7 +91,19 @@ def _traffic(config: CoreConfig, model_frames: int) -> tuple[float, float]:
     return float(frames), frames / config.round_timeout
 
 
-@register_protocol_mode("dsgd", traits=ModeTraits(traffic=_traffic))
+SHARED_BUFFERED = 2.0
+"""Received models a dsgd node holds, counted in a simulation whatever its degree: a model is
+decoded once per envelope and shared by all its receivers
+(:func:`~p2pfl.protocol.messages.decode_model`), so a buffer references its neighbours'
+models, which exist once each: about one per node for the round collected and one for a round
+that started early."""
+
+
+def _buffered(config: CoreConfig, degree: float) -> float:
+    return min(degree, SHARED_BUFFERED)
+
+
+@register_protocol_mode("dsgd", traits=ModeTraits(traffic=_traffic, buffered=_buffered))
 class DsgdCore(BaseCore):
     """Synchronous rounds: train, send to all neighbours, wait for theirs or a timeout, merge."""
 
@@ -207,7 +218,7 @@ class DsgdCore(BaseCore):
                 "merged_at": self._now,
             },
         )
-        actions: list[Action] = [record, SaveCheckpoint(self.round, merged)]
+        actions: list[Action] = [record, self._checkpoint(self.round, merged)]
         if self.round >= self.config.rounds:
             self._machine.goto(Phase.DONE)
             return [*actions, Stop(f"completed {self.round} rounds")]

@@ -61,7 +61,6 @@ from p2pfl.protocol.actions import (
     Action,
     Emit,
     PeerMisbehaved,
-    SaveCheckpoint,
     Send,
     StartTraining,
     Stop,
@@ -99,8 +98,14 @@ def _traffic(config: CoreConfig, model_frames: int) -> tuple[float, float]:
     return 0.0, model_frames / (config.period * (1.0 - config.period_jitter))
 
 
+def _buffered(config: CoreConfig, degree: float) -> float:
+    # About two models per push received while training: 2 * fanout.
+    return min(degree, 2.0 * config.fanout)
+
+
 @register_protocol_mode(
-    "gossip", traits=ModeTraits(strangers=_samples_membership, traffic=_traffic)
+    "gossip",
+    traits=ModeTraits(strangers=_samples_membership, traffic=_traffic, buffered=_buffered),
 )
 class GossipCore(BaseCore):
     """Asynchronous push gossip: periodic pushes to random neighbours; merge on receipt."""
@@ -263,7 +268,7 @@ class GossipCore(BaseCore):
                 "merged_at": outstanding.started_at,
             },
         )
-        actions: list[Action] = [record, SaveCheckpoint(self.round, self.vector)]
+        actions: list[Action] = [record, self._checkpoint(self.round, self.vector)]
         if self.round >= self.config.rounds:
             self._machine.goto(Phase.DONE)
             self._push_at = None

@@ -71,7 +71,6 @@ from p2pfl.protocol.actions import (
     Action,
     Emit,
     PeerMisbehaved,
-    SaveCheckpoint,
     Send,
     SpsaProbe,
     StartTraining,
@@ -83,7 +82,7 @@ from p2pfl.protocol.core import ModeTraits, register_protocol_mode
 from p2pfl.protocol.events import Event, MessageReceived, TrainingFinished
 from p2pfl.protocol.messages import ModelUpdate, check_sender, parse_model_update
 from p2pfl.protocol.phases import SPSA_TRANSITIONS, Phase
-from p2pfl.wire import Envelope, MessageKind, PayloadSpec, encode_header, seal
+from p2pfl.wire import Envelope, MessageKind, PayloadSpec, encode_header
 
 MODEL_DIGEST_BYTES = 16
 """The prefix of SHA-256(model) a step message carries."""
@@ -244,8 +243,9 @@ class SpsaCore(BaseCore):
         levels = tuple(quantise(value, clip) for value in projections)
         self._own = StepBytes(levels, self._digest)
         self._loss = loss
-        envelope = self._seal(
+        envelope = self._sealer.seal_payload(
             MessageKind.SPSA_STEP,
+            self.round,
             payload=np.array(levels, dtype=np.int8).tobytes(),
             spec=PayloadSpec(SPSA_CODEC, "int8", (len(levels),), self.samples),
             meta={"md": self._digest},
@@ -299,9 +299,11 @@ class SpsaCore(BaseCore):
         if step > self.round or self._answered.get(peer) == self.round:
             return []
         self._answered[peer] = self.round
+        # float32 whatever the wire dtype: the asker must end with these very bits.
         spec, payload = encode_vector(self.vector, dtype="float32", samples=self.samples)
-        envelope = self._seal(
+        envelope = self._sealer.seal_payload(
             MessageKind.MODEL_UPDATE,
+            self.round,
             payload=payload,
             spec=spec,
             meta={"deg": len(self._peers.neighbours)},
@@ -318,7 +320,7 @@ class SpsaCore(BaseCore):
         if self._sync is not None or not self._peers.is_connected(peer):
             return []
         self._sync = (peer, self._now + self.config.round_timeout)
-        request = self._seal(MessageKind.SPSA_SYNC, payload=b"", spec=None, meta=None)
+        request = self._sealer.seal_payload(MessageKind.SPSA_SYNC, self.round)
         return [Send(peer, request)]
 
     def _trim(self) -> None:
@@ -392,7 +394,7 @@ class SpsaCore(BaseCore):
                 "merged_at": self._now,
             },
         )
-        actions: list[Action] = [record, SaveCheckpoint(self.round, self.vector)]
+        actions: list[Action] = [record, self._checkpoint(self.round, self.vector)]
         if mismatches:
             actions.insert(
                 0,
@@ -430,7 +432,7 @@ class SpsaCore(BaseCore):
             Emit("spsa_synced", {"round": self.round, "peer": update.sender.short()})
         ]
         if advanced:
-            actions.append(SaveCheckpoint(self.round, self.vector))
+            actions.append(self._checkpoint(self.round, self.vector))
         phase = self._machine.phase
         if self.round >= self.config.rounds:
             if phase is Phase.TRAINING:
@@ -440,24 +442,3 @@ class SpsaCore(BaseCore):
         if phase is Phase.COLLECTING and advanced:
             return actions + self._probe()
         return actions
-
-    def _seal(
-        self,
-        kind: MessageKind,
-        *,
-        payload: bytes | memoryview,
-        spec: PayloadSpec | None,
-        meta: dict[str, object] | None,
-    ) -> Envelope:
-        """Sign a message of this mode with the node's next sequence number."""
-        envelope = seal(
-            self._identity,
-            kind,
-            seq=self._sealer.next_seq,
-            round=self.round,
-            payload=payload,
-            spec=spec,
-            meta=meta,
-        )
-        self._sealer.next_seq += 1
-        return envelope

@@ -16,7 +16,6 @@ from rich.table import Table
 
 import topologies
 from p2pfl.errors import ConfigError, TopologyError
-from sim.engine import Engine
 from sim.interrupts import EXIT_INTERRUPTED, Interrupted, StopRequest, stop_on_signals
 from sim.metrics import COLUMNS
 from sim.plots import PLOT_NAMES, X_AXES, compare_runs, plot_run
@@ -29,6 +28,7 @@ from sim.scenario import (
     timeline_warnings,
 )
 from sim.sweep import DEFAULT_METRICS, parse_grid, plan, run_sweep
+from sim.world import World
 
 EXIT_USAGE = 2
 
@@ -154,10 +154,10 @@ def _run(args: argparse.Namespace, console: Console, stop: StopRequest) -> int:
     )
     task = progress.add_task(scenario.name, total=scenario.rounds, vtime=0.0, accuracy="-")
 
-    def on_round(engine: Engine) -> None:
-        rounds = engine.recorder.rounds
+    def on_round(world: World) -> None:
+        rounds = world.recorder.rounds
         accuracy = f"{rounds[-1].mean_test_accuracy:.3f}" if rounds else "-"
-        progress.update(task, completed=len(rounds), vtime=engine.now, accuracy=accuracy)
+        progress.update(task, completed=len(rounds), vtime=world.now, accuracy=accuracy)
 
     with progress:
         if args.live:
@@ -168,7 +168,7 @@ def _run(args: argparse.Namespace, console: Console, stop: StopRequest) -> int:
                 args.out,
                 shards=args.shards,
                 ray_address=args.ray_address,
-                on_round=on_round,  # type: ignore[arg-type]
+                on_round=on_round,
                 stop=stop,
             )
         else:

@@ -175,7 +175,8 @@ class _Slot:
     dead: bool = False
     rejoin: bool = False
     incarnation: int = 0
-    base_traffic: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
+    base_traffic: tuple[int, ...] = (0, 0, 0, 0, 0)
+    """Traffic of the node's earlier incarnations (the counters of :func:`traffic_of`)."""
 
 
 class Shard:
@@ -527,7 +528,7 @@ class Shard:
 
     def _restart(self, slot: _Slot) -> None:
         assert slot.node is not None and self._nursery is not None
-        slot.base_traffic = tuple(  # type: ignore[assignment]
+        slot.base_traffic = tuple(
             a + b for a, b in zip(slot.base_traffic, traffic_of(slot.node), strict=True)
         )
         self._nursery.start_soon(self._rejoin, slot)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -29,8 +28,9 @@ from p2pfl.identity import Identity
 from p2pfl.protocol import CoreConfig
 from p2pfl.runtime.node import STRIKES_TO_DISCONNECT, Node
 from p2pfl.runtime.transport import FrameStream, handshake
-from p2pfl.testing import MemoryLinks, MemoryNetwork
+from p2pfl.testing import MemoryNetwork
 from p2pfl.wire import MessageKind, encode_frame, seal
+from tests.runtime.support import bind_nodes, links_on
 
 RUN_TIMEOUT = 90
 
@@ -50,14 +50,7 @@ async def make_nodes(
     protocol is dsgd, or ``mode``'s with the given rounds, steps and timeout. On ``network``
     if given (ports 7400 + i), else on TCP sockets."""
     identities = [Identity.from_seed(bytes([10 + i]) * 32) for i in range(n)]
-    listeners: list[Sequence[trio.abc.Listener[trio.abc.Stream]]]
-    if network is not None:
-        ports = [7400 + i for i in range(n)]
-        listeners = [[network.listen(port)] for port in ports]
-    else:
-        sockets = [await trio.open_tcp_listeners(0, host="127.0.0.1") for _ in range(n)]
-        ports = [int(ls[0].socket.getsockname()[1]) for ls in sockets]
-        listeners = list(sockets)
+    ports, listeners = await bind_nodes(n, network, base_port=7400)
     pairs = edges if edges is not None else list(itertools.combinations(range(n), 2))
     neighbours: dict[int, list[int]] = {i: [] for i in range(n)}
     for a, b in pairs:
@@ -91,8 +84,9 @@ async def make_nodes(
             ),
             merge=MergeConfig(rule="weighted"),
         )
-        policy = MemoryLinks(network) if network is not None else None
-        nodes.append(Node(config, identity=identities[i], listeners=listeners[i], policy=policy))
+        nodes.append(
+            Node(config, identity=identities[i], listeners=listeners[i], policy=links_on(network))
+        )
     return nodes
 
 
@@ -169,8 +163,11 @@ async def node_with_one_dialling_peer(
         startup_timeout=60.0,
         limits=limits or node.config.limits,
     )
-    policy = MemoryLinks(network) if network is not None else None
-    return peer, own, Node(config, identity=own, listeners=node._listeners, policy=policy)
+    return (
+        peer,
+        own,
+        Node(config, identity=own, listeners=node._listeners, policy=links_on(network)),
+    )
 
 
 async def test_peer_sending_bad_frames_is_disconnected_after_three_strikes(

@@ -84,6 +84,16 @@ def test_shard_processes_speak_json_lines(tmp_path: Path) -> None:
     result = run_live(scenario, tmp_path / "run", handles=handles, plots=False)
     assert result.summary["rounds"] == 2 and result.summary["node_rounds"] == 16
     assert all(handle.process.poll() is not None for handle in handles)
+    # what crossed the pipes arrived whole: every node's records, their models (base64: the
+    # nodes' models differ) and traffic counters (dsgd on a ring merges a round only with
+    # both neighbours' models, so a round-r record has heard at least 2(r + 1) frames)
+    rows = _rows(result.directory)
+    assert sorted((int(row["round"]), int(row["node"])) for row in rows) == [
+        (round_, node) for round_ in range(2) for node in range(8)
+    ]
+    assert all(0.0 <= float(row["test_accuracy"]) <= 1.0 for row in rows)
+    assert all(float(row["distance_to_mean"]) > 0.0 for row in rows)
+    assert all(int(row["messages_received"]) >= 2 * (int(row["round"]) + 1) for row in rows)
 
 
 def _disrupted() -> Scenario:

@@ -15,8 +15,8 @@ or live mode's trio nodes over TCP (:class:`sim.live.LiveWorld`). Both implement
 * run summaries (:func:`sim.run.summarise`) and progress hooks (:data:`ProgressHook`) read
   its ``recorder``, ``traffic``, ``events_log``, ``population``, ``network`` and ``now``.
 
-The timeline and the adversary are handed to a world when it is built; nothing is wired by
-setting attributes afterwards.
+The timeline (and the engine's adversary) is handed to a world when it is built; nothing is
+wired by setting attributes afterwards.
 
 :class:`WorldState` is the part both worlds share, so neither copies the other: the clock
 reading ``now``, the event log, the traffic counters, the :class:`NetworkState`, and

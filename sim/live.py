@@ -65,7 +65,7 @@ import tempfile
 import threading
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -75,13 +75,14 @@ from p2pfl.errors import ConfigError
 from sim.disruptions import Disruptions
 from sim.interrupts import Interrupted, StopRequest, ignore_interrupts
 from sim.metrics import MetricsRecorder, Traffic
-from sim.population import Population, build_population
+from sim.population import PhaseHook, Population, build_population
 from sim.run import (
     RunResult,
     build_trainer,
     default_run_dir,
     interrupted_line,
     make_directory,
+    node_rounds,
     removed_if_empty,
     summarise,
     write_topology,
@@ -535,6 +536,8 @@ def run_live(
     wall_limit: float | None = None,
     ray_init: dict[str, Any] | None = None,
     stop: StopRequest | None = None,
+    on_phase: PhaseHook | None = None,
+    changed: Mapping[str, Any] | None = None,
 ) -> RunResult:
     """Run ``scenario`` live and write its run directory (the format of a virtual run).
 
@@ -553,6 +556,10 @@ def run_live(
             records the shards hold are taken, every shard is closed and the directory is
             written with ``"interrupted": true``. A :class:`KeyboardInterrupt` while the
             nodes run does the same, and :class:`~sim.interrupts.Interrupted` is raised after.
+        on_phase: told each phase as it begins (building the population, starting Ray and
+            the shards, binding, starting the nodes, ``"running"``): progress while the
+            shards start, which takes seconds.
+        changed: the keys the run changed from its scenario (titles, ``summary["overrides"]``).
 
     Raises:
         ConfigError, TopologyError: the scenario is invalid.
@@ -576,8 +583,10 @@ def run_live(
 
     with removed_if_empty(directory, created), contextlib.ExitStack() as cleanup:
         cleanup.callback(finish)
-        population = build_population(scenario)
+        phase = on_phase or (lambda _name: None)
+        population = build_population(scenario, on_phase=on_phase)
         if handles is None:
+            phase("starting Ray")
             import ray
 
             if not ray.is_initialized():
@@ -595,6 +604,7 @@ def run_live(
                 ray_started.append(True)
             count = shards or int(ray.cluster_resources().get("CPU", 1.0))
             blocks = assign(population.size, max(1, count))
+            phase(f"starting {len(blocks)} shard actors")
             shard_handles += ray_shards(scenario, blocks, checkpoints=_needs_checkpoints(scenario))
         world, timed_out, interrupted = _drive(
             scenario,
@@ -603,6 +613,7 @@ def run_live(
             on_round,
             wall_limit or default_wall_limit(scenario),
             stop,
+            phase,
         )
     wall_seconds = time.perf_counter() - started_wall
     (directory / "scenario.toml").write_text(to_toml(scenario))
@@ -611,6 +622,7 @@ def run_live(
         scenario, world, world.now, wall_seconds, interrupted=interrupted is not None
     )
     summary["clock"] = "wall"
+    summary["overrides"] = dict(changed or {})
     summary["live"] = {
         "shards": len(shard_handles),
         "timed_out": timed_out,
@@ -623,11 +635,11 @@ def run_live(
     if plots and world.recorder.rounds:
         from sim.plots import plot_run
 
-        plot_run(directory)
+        plot_run(directory, overrides=summary["overrides"])
     (directory / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     if interrupted == "cut":
         raise Interrupted(interrupted_line(directory, summary))
-    return RunResult(directory, summary)
+    return RunResult(directory, summary, list(world.recorder.rounds), node_rounds(world.recorder))
 
 
 def _needs_checkpoints(scenario: Scenario) -> bool:
@@ -641,6 +653,7 @@ def _drive(
     on_round: ProgressHook | None,
     wall_limit: float,
     stop: StopRequest | None = None,
+    on_phase: PhaseHook | None = None,
 ) -> tuple[LiveWorld, bool, str | None]:
     """Start the shards and feed their records to the recorder until the run ends.
 
@@ -673,12 +686,16 @@ def _drive(
             world.log({"event": "unsupported", "index": index, "kind": spec.kind})
             print(f"p2pfl-sim: live mode ignores disruptions[{index}] (battery)", file=sys.stderr)
 
+    phase = on_phase or (lambda _name: None)
     book: dict[int, str] = {}
-    for handle in handles:
+    for number, handle in enumerate(handles, start=1):
+        phase(f"binding shard {number}/{len(handles)} (loads its data)")
         book.update(handle.bind())
     started_at = time.time()
+    phase(f"starting {population.size} nodes")
     for handle in handles:
         handle.start(book, started_at)
+    phase("running")
     if world.disruptions is not None:
         world.disruptions.start(world)
     deadline = time.monotonic() + wall_limit

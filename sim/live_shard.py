@@ -438,7 +438,7 @@ class Shard:
                 peer_message_burst=PEER_MESSAGE_BURST,
                 ip_failures_to_ban=0,
             ),
-            peer_exchange=PeerExchangeConfig(enabled=False),
+            peer_exchange=PeerExchangeConfig(peer_exchange=False),  # by its [node] key name
             peers=peers,
             bootstrap=bootstrap,
             data=DataConfig(

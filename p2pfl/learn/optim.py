@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from p2pfl.checks import check_number
 from p2pfl.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -81,14 +82,14 @@ class OptimizerSettings:
             raise ConfigError(
                 "optimizer_state", self.state_policy, f"one of {', '.join(STATE_POLICIES)}"
             )
-        _check_number("lr", self.lr, low=0.0, low_open=True)
-        _check_number("momentum", self.momentum, low=0.0, high=1.0)
-        _check_number("weight_decay", self.weight_decay, low=0.0)
-        _check_number("eps", self.eps, low=0.0, low_open=True)
-        _check_number("lr_gamma", self.lr_gamma, low=0.0, low_open=True)
-        _check_number("lr_min", self.lr_min, low=0.0)
+        check_number("lr", self.lr, minimum=0, open_min=True)
+        check_number("momentum", self.momentum, minimum=0, maximum=1, open_max=True)
+        check_number("weight_decay", self.weight_decay, minimum=0)
+        check_number("eps", self.eps, minimum=0, open_min=True)
+        check_number("lr_gamma", self.lr_gamma, minimum=0, open_min=True)
+        check_number("lr_min", self.lr_min, minimum=0)
         for index, beta in enumerate(self.betas):
-            _check_number(f"betas[{index}]", beta, low=0.0, high=1.0)
+            check_number(f"betas[{index}]", beta, minimum=0, maximum=1, open_max=True)
         if len(self.betas) != 2:
             raise ConfigError("betas", list(self.betas), "two numbers in [0, 1)")
         if self.nesterov and (self.name != "sgd" or self.momentum == 0):
@@ -224,24 +225,3 @@ def optimizer_step(
         # torch.optim.Adam: param.addcdiv_(exp_avg, denom, value=-step_size), which rounds as
         # addcdiv with the step size multiplied into the numerator.
         torch.addcdiv(params, exp_avg * column(step_sizes), denom, out=params)
-
-
-def _check_number(
-    key: str,
-    value: object,
-    *,
-    low: float,
-    high: float | None = None,
-    low_open: bool = False,
-) -> None:
-    ok = (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and (value > low if low_open else value >= low)
-        and (high is None or value < high)
-    )
-    if not ok:
-        bound = f"> {low}" if low_open else f">= {low}"
-        allowed = f"a finite number {bound}" + (f" and < {high}" if high is not None else "")
-        raise ConfigError(key, value, allowed)

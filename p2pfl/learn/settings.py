@@ -3,8 +3,9 @@
 ``sim.scenario.LearnerSpec`` extends :class:`LearnerSettings` with the simulator-only keys
 (``local_steps``, ``step_time``, ``init``) and ``p2pfl.config`` reads a node's ``[learner]``
 table with :func:`parse_learner_settings`, so a node runs exactly the learner that was
-simulated. Types are strict: ``lr = "0.1"`` or ``hidden = ["32"]`` is refused, not
-converted (an int is accepted where a number is expected).
+simulated. Types are strict (:class:`p2pfl.schema.Strict`): ``lr = "0.1"`` or
+``hidden = ["32"]`` is refused, not converted (an int is accepted where a number is
+expected), and no number is infinite or NaN.
 
 Keys (defaults in brackets):
 
@@ -26,19 +27,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
-from p2pfl.errors import ConfigError
 from p2pfl.learn.models import MODELS, PYTHON_PREFIX
 from p2pfl.learn.optim import OptimizerSettings
+from p2pfl.schema import Strict, config_error
 
 DEFAULT_HIDDEN = (32,)
 
 
-class LearnerSettings(BaseModel):
+class LearnerSettings(Strict):
     """The ``[learner]`` keys shared by scenarios and node configs."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     model: str = "mlp"
     model_params: dict[str, Any] = Field(default_factory=dict)
@@ -138,20 +137,7 @@ def parse_learner_settings(table: Mapping[str, Any], prefix: str = "learner") ->
     try:
         return LearnerSettings.model_validate(dict(table))
     except ValidationError as exc:
-        raise validation_error(exc, prefix) from None
-
-
-def validation_error(exc: ValidationError, prefix: str) -> ConfigError:
-    """The first problem of ``exc`` as a one-line :class:`ConfigError` naming the dotted key."""
-    error = exc.errors()[0]
-    dotted = prefix
-    for part in error["loc"]:
-        dotted += f"[{part}]" if isinstance(part, int) else f".{part}"
-    message = str(error["msg"]).removeprefix("Value error, ")
-    value = error.get("input")
-    if error["type"] == "extra_forbidden":
-        message = f"not a key of [{prefix}]; keys are {', '.join(LearnerSettings.model_fields)}"
-    return ConfigError(dotted, value, message)
+        raise config_error(exc, LearnerSettings, prefix=prefix) from None
 
 
 def _is_python_factory(name: str) -> bool:

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from p2pfl.checks import check_int
 from p2pfl.errors import ConfigError
-from p2pfl.learn._config import check_int
 from p2pfl.learn.base import EvalResult, TrainResult
 from p2pfl.learn.datasets import ArrayDataset
 from p2pfl.learn.functional import row_gradient

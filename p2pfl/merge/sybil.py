@@ -55,6 +55,7 @@ from typing import Any
 
 import torch
 
+from p2pfl.checks import check_number
 from p2pfl.errors import ConfigError
 from p2pfl.identity import NodeId
 from p2pfl.merge.base import MergeContext, as_rows, register_merge_rule
@@ -377,19 +378,6 @@ def _per_row(values: tuple[Any, ...], k: int, what: str) -> tuple[Any, ...] | No
     return values
 
 
-def _check_float(key: str, value: object, *, minimum: float, strict: bool, allowed: str) -> float:
-    """``value`` as a float if it is a finite real above (or, unless strict, at) ``minimum``.
-
-    Raises:
-        ConfigError: it is not.
-    """
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        number = float(value)
-        if math.isfinite(number) and (number > minimum if strict else number >= minimum):
-            return number
-    raise ConfigError(key, value, allowed)
-
-
 class _SimilarityRule:
     """Shared machinery: history bookkeeping, similarity weights, then :meth:`_combine`."""
 
@@ -397,12 +385,8 @@ class _SimilarityRule:
     gossip: bool = False  # compare against every known history, not only this call's senders
 
     def __init__(self, *, kappa: float = 1.0, own_trust: float = 1.0, baseline: str = "zero"):
-        self.kappa = _check_float(
-            "merge.kappa", kappa, minimum=0.0, strict=True, allowed="a finite number > 0"
-        )
-        self.own_trust = _check_float(
-            "merge.own_trust", own_trust, minimum=0.0, strict=False, allowed="a finite number >= 0"
-        )
+        self.kappa = check_number("merge.kappa", kappa, minimum=0, open_min=True)
+        self.own_trust = check_number("merge.own_trust", own_trust, minimum=0)
         if baseline not in BASELINES:
             raise ConfigError("merge.baseline", baseline, f"one of {', '.join(BASELINES)}")
         self.baseline = baseline

@@ -43,7 +43,7 @@ from p2pfl.protocol.actions import (
     StartTraining,
     Stop,
 )
-from p2pfl.protocol.config import CoreConfig
+from p2pfl.protocol.config import CoreConfig, ProtocolSettings
 from p2pfl.protocol.core import (
     PROTOCOL_MODES,
     Core,
@@ -103,7 +103,6 @@ def make_core(
     Raises:
         ConfigError: a config field or argument is invalid; the message names it.
     """
-    config.validate()
     factory = PROTOCOL_MODES[config.mode]
     return factory(
         config,
@@ -137,6 +136,7 @@ __all__ = [
     "PeerConnected",
     "PeerDisconnected",
     "PeerMisbehaved",
+    "ProtocolSettings",
     "SaveCheckpoint",
     "Send",
     "StartTraining",

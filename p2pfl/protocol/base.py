@@ -38,13 +38,13 @@ from __future__ import annotations
 
 import abc
 import math
-import operator
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any, ClassVar, assert_never
 
 import numpy as np
 import torch
 
+from p2pfl.checks import check_int
 from p2pfl.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 from p2pfl.identity import Identity, NodeId
 from p2pfl.merge.base import MergeRule, Probe
@@ -98,14 +98,13 @@ class BaseCore(abc.ABC):
         Raises:
             ConfigError: a config field or argument is invalid (the message names it).
         """
-        config.validate()
         if vector.ndim != 1 or not vector.is_floating_point():
             raise ConfigError("vector", tuple(vector.shape), "a 1-D floating-point tensor")
         if layout is not None and layout.size != vector.numel():
             raise ConfigError("layout", layout.size, f"a layout of {vector.numel()} elements")
-        samples = _count("samples", samples)
-        start_round = _count("start_round", start_round)
-        seq_start = _count("seq_start", seq_start)
+        samples = check_int("samples", samples, 0)
+        start_round = check_int("start_round", start_round, 0)
+        seq_start = check_int("seq_start", seq_start, 0)
         self.config = config
         self.node_id = identity.node_id
         self._identity = identity
@@ -321,18 +320,3 @@ class BaseCore(abc.ABC):
     @abc.abstractmethod
     def _deadline(self) -> float | None:
         """The earliest armed timer, or None (may lie before ``self._now`` if overdue)."""
-
-
-def _count(key: str, value: int) -> int:
-    """``value`` as a non-negative int (numpy integers welcome).
-
-    Raises:
-        ConfigError: not an integer, or negative.
-    """
-    try:
-        number = operator.index(value)
-    except TypeError:
-        number = -1
-    if isinstance(value, bool) or number < 0:
-        raise ConfigError(key, value, "an integer >= 0")
-    return number

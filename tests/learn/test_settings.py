@@ -23,8 +23,8 @@ def test_defaults_are_plain_sgd_on_the_32_unit_mlp() -> None:
 @pytest.mark.parametrize(
     ("table", "expected"),
     [
-        ({"hidden": ["32"]}, "learner.hidden[0] = '32': Input should be a valid integer"),
-        ({"lr": "0.1"}, "learner.lr = '0.1': Input should be a valid number"),
+        ({"hidden": ["32"]}, "learner.hidden[0] = '32': an integer, not a string"),
+        ({"lr": "0.1"}, "learner.lr = '0.1': a finite number > 0, not a string"),
         ({"batch_size": 3.0}, "learner.batch_size = 3.0:"),
         ({"nesterov": 1}, "learner.nesterov = 1:"),
         ({"hidden": [0]}, "learner.hidden = [0]: hidden layer widths must be >= 1"),

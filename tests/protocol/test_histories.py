@@ -233,9 +233,9 @@ def test_on_for_sybilwall_variants_off_otherwise_unless_configured() -> None:
 )
 def test_history_config_errors_name_the_key(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=f"protocol.{field}"):
-        CoreConfig(**{field: value}).validate()  # type: ignore[arg-type]
+        CoreConfig(**{field: value})
     with pytest.raises(ConfigError, match="protocol.history_gossip"):
-        CoreConfig(mode="modest", history_gossip=True).validate()
+        CoreConfig(mode="modest", history_gossip=True)
 
 
 # -- the draw ---------------------------------------------------------------------------

@@ -186,5 +186,5 @@ def test_modest_config_errors_name_the_key() -> None:
         ("announce_join", 1),
     ]:
         with pytest.raises(ConfigError) as info:
-            modest(**{field: value}).validate()
+            modest(**{field: value})
         assert info.value.key == f"protocol.{field}"

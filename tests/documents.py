@@ -26,6 +26,18 @@ def small_document(**overrides: Any) -> dict[str, Any]:
     return document
 
 
+TIMELINE: list[dict[str, Any]] = [
+    {"kind": "cut", "links": [[0, 1]], "at": 0.2},
+    {"kind": "leave", "nodes": [5], "at": 0.4},
+    {"kind": "crash", "nodes": [7], "at": 0.6},
+    {"kind": "join", "nodes": [5], "at": 1.2},
+    {"kind": "restore", "at": 1.4},
+]
+"""Timed disruptions of every kind live mode applies, within the first 1.5 s of a run of
+:func:`small_document`'s ring: link 0-1 cut and restored, node 5 leaving and joining, node 7
+crashing."""
+
+
 def live_document(**overrides: Any) -> dict[str, Any]:
     """:func:`small_document` for live mode: 4 rounds, timeouts and a horizon in wall seconds."""
     return small_document(

@@ -19,7 +19,7 @@ from sim.cli import main
 from sim.live import LiveRunError, LocalShard, ProcessShard, assign, run_live
 from sim.run import run_scenario
 from sim.scenario import Scenario, parse_scenario
-from tests.documents import live_document
+from tests.documents import TIMELINE, live_document
 
 RUN_FILES = {
     "scenario.toml",
@@ -103,13 +103,7 @@ def _disrupted() -> Scenario:
         live_document(
             rounds=16,
             protocol={"mode": "gossip", "period": 0.4, "fanout": 2},
-            disruptions=[
-                {"kind": "cut", "links": [[0, 1]], "at": 0.2},
-                {"kind": "leave", "nodes": [5], "at": 0.4},
-                {"kind": "crash", "nodes": [7], "at": 0.6},
-                {"kind": "join", "nodes": [5], "at": 1.2},
-                {"kind": "restore", "at": 1.4},
-            ],
+            disruptions=TIMELINE,
         )
     )
 

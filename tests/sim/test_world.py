@@ -14,7 +14,7 @@ from sim.population import build_population
 from sim.run import build_engine
 from sim.scenario import parse_scenario
 from sim.world import DEAD, OFFLINE, ONLINE, World, WorldState
-from tests.documents import small_document
+from tests.documents import TIMELINE, small_document
 
 METHODS = [
     "status",
@@ -47,16 +47,7 @@ class RecordingShard:
 
 
 def test_one_timeline_drives_the_live_world_through_shard_commands() -> None:
-    document = small_document(
-        disruptions=[
-            {"kind": "cut", "links": [[0, 1]], "at": 0.2},
-            {"kind": "leave", "nodes": [5], "at": 0.4},
-            {"kind": "crash", "nodes": [7], "at": 0.6},
-            {"kind": "join", "nodes": [5], "at": 1.2},
-            {"kind": "restore", "at": 1.4},
-            {"kind": "crash", "nodes": [2], "round": 1},
-        ]
-    )
+    document = small_document(disruptions=[*TIMELINE, {"kind": "crash", "nodes": [2], "round": 1}])
     scenario = parse_scenario(document)
     population = build_population(scenario)
     recorder = MetricsRecorder(num_nodes=8, evaluate=lambda vectors: (vectors[:, 0], vectors[:, 0]))

@@ -63,7 +63,7 @@ Schema (every relative path is relative to the directory of the config file)::
     model = "mlp"                    # mlp | cnn1d | lenet5 | cifar_cnn | "python:package.module:factory"
     hidden = [32]                    # mlp only: hidden layer sizes ([] is a linear model)
     # model_params = { channels = [32, 32, 32] }   # the model factory's keyword arguments
-    optimizer = "sgd"                # sgd | adam | adamw
+    optimizer = "sgd"                # sgd | adam | adamw | sam (rho = 0.05: SAM ascent radius)
     lr = 0.1
     momentum = 0.0                   # sgd; nesterov = true for Nesterov momentum
     weight_decay = 0.0
@@ -87,6 +87,8 @@ Schema (every relative path is relative to the directory of the config file)::
     # history_capacity, and modest's sample_size, aggregators, success_fraction, min_models,
     # ping_timeout, aggregation_timeout, ack_timeout, inactivity_threshold, view_entries,
     # view_capacity, announce_join (all: p2pfl.protocol.ProtocolSettings)
+    # gossip_steps = 1               # dsgd: exchanges and merges per round (DFedSAM-MGS's Q)
+    # merge_trigger = "count"        # gossip: "time" merges every merge_interval s (FedFix-style)
 
     [merge]
     rule = "weighted"                # a name in p2pfl.merge.MERGE_RULES

@@ -31,7 +31,9 @@ wall clock; each primitive becomes a shard command through the runtime:
 ===========  =================================================================================
 crash        ``stop``: the node's loop ends (``request_stop``); its connections close, so its
 remove       neighbours see the disconnect at once whatever ``detect_after`` says
-leave        ``leave``: the node stops, its checkpoint kept (neighbours always see it go)
+leave        ``leave``: the node stops, its checkpoint kept (neighbours always see it go);
+             with ``for_good``, ``depart``: the node stops gracefully, its core told
+             ``LeaveRequested`` (its goodbye sent), and never comes back
 join         ``join``: a left node starts again on the same port, resumed from its checkpoint
 cut/restore  ``cut``/``restore`` at both ends: the connection is closed and neither end dials
 partition    or accepts the other until the link is restored
@@ -491,6 +493,13 @@ class LiveWorld(WorldState):
 
     def _send(self, name: str, node: int, peer: int | None = None) -> None:
         self._owners[node].command(name, node, peer)
+
+    def farewell(self, node: int) -> float:
+        """The node leaves for good: the shard stops it gracefully, so its core is told
+        ``LeaveRequested`` and its goodbye flushed; take it down now (it is on its way)."""
+        if self.status[node] is ONLINE and not self.finished[node]:
+            self._send("depart", node)
+        return self.now
 
     def take_down(
         self, node: int, *, dead: bool, notify_after: float | None, cause: str, disruption: int

@@ -263,10 +263,17 @@ class CrashSpec(_Selection):
 
 
 class LeaveSpec(_Selection):
-    """Nodes go offline (state kept, suspended); ``graceful`` tells the neighbours."""
+    """Nodes go offline (state kept, suspended); ``graceful`` tells the neighbours.
+
+    ``for_good``: the nodes leave for good instead, as a node its operator stops (SIGTERM):
+    each core is told ``LeaveRequested`` and says goodbye (``modest``: a LEAVE announcement
+    and a ``NACK`` for each model it holds), then the node goes once its goodbye is delivered
+    and never comes back (a later ``join`` skips it).
+    """
 
     kind: Literal["leave"]
     graceful: bool = True
+    for_good: bool = False
 
 
 class JoinSpec(_When):

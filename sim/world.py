@@ -8,7 +8,8 @@ or live mode's trio nodes over TCP (:class:`sim.live.LiveWorld`). Both implement
 
 * the disruption timeline (:class:`sim.disruptions.Disruptions`, a :class:`Timeline`) reads
   the world (``now``, ``status``, ``network``, :meth:`World.is_finished`) and changes it
-  through five primitives: :meth:`World.schedule` (call the timeline back at a time),
+  through six primitives: :meth:`World.schedule` (call the timeline back at a time),
+  :meth:`World.farewell` (a node says goodbye before it leaves for good),
   :meth:`World.take_down`, :meth:`World.bring_up`, :meth:`World.cut_link`,
   :meth:`World.restore_link`; each world turns them into what its nodes see (events on the
   engine's heap, commands to live shards);
@@ -233,6 +234,12 @@ class World(Protocol):
 
     def schedule(self, at: float, payload: object) -> None:
         """Hand ``payload`` back to the timeline's :meth:`Timeline.fire` at time ``at``."""
+        ...
+
+    def farewell(self, node: int) -> float:
+        """``node`` leaves for good: its core is told ``LeaveRequested`` and its goodbye is
+        sent; returns when to take it down (once the goodbye is out). Nothing happens to a
+        node that is not online or has finished."""
         ...
 
     def take_down(

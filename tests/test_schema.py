@@ -76,17 +76,31 @@ def test_every_shared_key_written_in_a_scenario_reaches_the_core_and_a_node(
         "history_gossip": False,
         "history_lambda": 0.5,
         "history_capacity": 4,
+        "merge_interval": 2.0,
     }
-    assert set(table) == set(ProtocolSettings.model_fields), "a new key: add it here"
-    assert all(table[key] != field.default for key, field in ProtocolSettings.model_fields.items())
-    scenario = parse_scenario({"rounds": 3, "learner": {"local_steps": 2}, "protocol": table})
-    config = core_config(scenario)
-    node = config_from_dict(
-        node_document(tmp_path, protocol={**table, "rounds": 3, "local_steps": 2}),
-        base_dir=tmp_path,
-    )
-    assert node.protocol == config
-    assert {key: getattr(config, key) for key in table} == table
+    # Keys whose non-default value another key's value excludes get a table of their own.
+    exclusive: list[dict[str, Any]] = [
+        {"mode": "dsgd", "gossip_steps": 3},
+        {"mode": "gossip", "merge_trigger": "time"},
+    ]
+    written = set(table).union(*exclusive)
+    assert written == set(ProtocolSettings.model_fields), "a new key: add it here"
+    for index, variant in enumerate((table, *exclusive)):
+        folder = tmp_path / str(index)
+        folder.mkdir()
+        assert all(
+            variant[key] != ProtocolSettings.model_fields[key].default
+            for key in variant
+            if key != "mode"
+        )
+        scenario = parse_scenario({"rounds": 3, "learner": {"local_steps": 2}, "protocol": variant})
+        config = core_config(scenario)
+        node = config_from_dict(
+            node_document(folder, protocol={**variant, "rounds": 3, "local_steps": 2}),
+            base_dir=folder,
+        )
+        assert node.protocol == config
+        assert {key: getattr(config, key) for key in variant} == variant
 
 
 @pytest.mark.parametrize(

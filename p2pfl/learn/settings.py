@@ -13,9 +13,11 @@ Keys (defaults in brackets):
   ``"python:package.module:factory"`` (runs that module's code); ``model_params`` [{}] are
   the factory's keyword arguments; ``hidden`` is a shortcut for ``model_params.hidden`` of
   ``mlp`` (the default mlp is ``hidden = [32]``).
-* ``optimizer`` [``"sgd"``] | ``"adam"`` | ``"adamw"``; ``lr`` [0.1]; ``momentum`` [0] and
-  ``nesterov`` [false] (sgd); ``weight_decay`` [0] (L2 for sgd/adam, decoupled for adamw);
-  ``betas`` [[0.9, 0.999]] and ``eps`` [1e-8] (adam/adamw).
+* ``optimizer`` [``"sgd"``] | ``"adam"`` | ``"adamw"`` | ``"sam"``; ``lr`` [0.1];
+  ``momentum`` [0] and ``nesterov`` [false] (sgd, sam); ``weight_decay`` [0] (L2 for
+  sgd/sam/adam, decoupled for adamw); ``betas`` [[0.9, 0.999]] and ``eps`` [1e-8]
+  (adam/adamw); ``rho`` [unset: 0.05] (sam: the ascent radius; SAM's update is SGD's, at the
+  gradient of the ascent point, see :mod:`p2pfl.learn.optim`).
 * ``lr_schedule`` [``"constant"``] | ``"step"`` (``lr_step_size`` rounds [1], ``lr_gamma``
   [0.1]) | ``"cosine"`` (down to ``lr_min`` [0] over the run's rounds).
 * ``optimizer_state`` [``"keep"``] | ``"reset"``: see :mod:`p2pfl.learn.optim`.
@@ -30,7 +32,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
 from p2pfl.learn.models import MODELS, PYTHON_PREFIX
-from p2pfl.learn.optim import OptimizerSettings
+from p2pfl.learn.optim import DEFAULT_RHO, OptimizerSettings
 from p2pfl.schema import Strict, config_error
 
 DEFAULT_HIDDEN = (32,)
@@ -44,7 +46,7 @@ class LearnerSettings(Strict):
     hidden: list[int] | None = Field(
         default=None, description="mlp hidden widths (shortcut for model_params.hidden)"
     )
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    optimizer: Literal["sgd", "adam", "adamw", "sam"] = "sgd"
     lr: float = Field(default=0.1, gt=0.0, allow_inf_nan=False)
     momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
     nesterov: bool = False
@@ -59,6 +61,12 @@ class LearnerSettings(Strict):
     lr_min: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
     optimizer_state: Literal["keep", "reset"] = "keep"
     batch_size: int = Field(default=32, ge=1)
+    rho: float | None = Field(
+        default=None,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="sam: ascent step radius (unset: 0.05)",
+    )
 
     @field_validator("model")
     @classmethod
@@ -85,16 +93,25 @@ class LearnerSettings(Strict):
     @field_validator("momentum")
     @classmethod
     def _momentum_for_sgd(cls, momentum: float, info: ValidationInfo) -> float:
-        if momentum and info.data.get("optimizer", "sgd") != "sgd":
-            raise ValueError("0 unless optimizer is 'sgd' (adam and adamw have betas)")
+        if momentum and info.data.get("optimizer", "sgd") not in ("sgd", "sam"):
+            raise ValueError("0 unless optimizer is 'sgd' or 'sam' (adam and adamw have betas)")
         return momentum
 
     @field_validator("nesterov")
     @classmethod
     def _nesterov_needs_momentum(cls, nesterov: bool, info: ValidationInfo) -> bool:
         if nesterov and not info.data.get("momentum"):
-            raise ValueError("true only with optimizer 'sgd' and momentum > 0")
+            raise ValueError("true only with optimizer 'sgd' or 'sam' and momentum > 0")
         return nesterov
+
+    @field_validator("rho")
+    @classmethod
+    def _rho_for_sam(cls, rho: float | None, info: ValidationInfo) -> float | None:
+        if rho is not None and info.data.get("optimizer", "sgd") != "sam":
+            raise ValueError(
+                f"only for optimizer 'sam' (optimizer is {info.data.get('optimizer')!r})"
+            )
+        return rho
 
     def model_parameters(self) -> dict[str, Any]:
         """The factory's keyword arguments (``hidden`` folded in for ``mlp``)."""
@@ -124,6 +141,7 @@ class LearnerSettings(Strict):
             lr_min=self.lr_min,
             total_rounds=total_rounds,
             state_policy=self.optimizer_state,
+            rho=DEFAULT_RHO if self.rho is None else self.rho,
         )
 
 

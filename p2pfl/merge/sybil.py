@@ -19,8 +19,9 @@ Bookkeeping. Each node keeps a :class:`HistoryTable` in ``ctx.state[STATE_KEY]``
   update ``m_p − own`` (the own model at that time). Rows older than the recorded round
   (``ctx.rounds``) do not change the history.
 * ``distant[o]``: histories of nodes ``o`` learnt by gossip, with the round and the hop
-  distance; the protocol stores them with :func:`record_distant_history`. Gossip never
-  overwrites a direct record.
+  distance; the SybilWall variants implement :class:`~p2pfl.merge.base.HistoryHook`, through
+  which the protocol's history gossip hands them over (:func:`record_distant_history`).
+  Gossip never overwrites a direct record.
 
 **Deviation from the reference code** (ALGORITHMS.md §2.1): the reference stores the first
 received model itself as the history and then adds deltas, so its history telescopes to the
@@ -163,18 +164,6 @@ def forget_distant_history(state: MutableMapping[str, Any], origin: NodeId) -> N
     """
     if state.get(STATE_KEY) is not None:
         history_table(state).distant.pop(origin, None)
-
-
-def uses_history_gossip(rule: object) -> bool:
-    """Whether ``rule`` (or the base rule it wraps, e.g. variance correction's ``base``)
-    compares distant histories, i.e. is a SybilWall variant that wants history gossip."""
-    seen = 0
-    while rule is not None and seen < 8:
-        if isinstance(rule, _SimilarityRule) and rule.gossip:
-            return True
-        rule = getattr(rule, "base", None)
-        seen += 1
-    return False
 
 
 def history_gossip_weights(
@@ -502,6 +491,31 @@ class SybilWall(_SimilarityRule):
 
     name = "sybilwall"
     gossip = True
+
+    # The HistoryHook (p2pfl.merge.base): the protocol's history gossip feeds these.
+
+    def learn_history(
+        self,
+        state: MutableMapping[str, Any],
+        origin: NodeId,
+        round: int,
+        distance: int,
+        history: torch.Tensor,
+    ) -> None:
+        """Store a gossiped history ``distance`` hops away (see :func:`record_distant_history`).
+
+        Raises:
+            TypeError: ``state[STATE_KEY]`` is not a :class:`HistoryTable`.
+        """
+        record_distant_history(state, origin, round, distance - 1, history)
+
+    def forget_history(self, state: MutableMapping[str, Any], origin: NodeId) -> None:
+        """Drop ``origin``'s gossiped history (see :func:`forget_distant_history`).
+
+        Raises:
+            TypeError: ``state[STATE_KEY]`` is not a :class:`HistoryTable`.
+        """
+        forget_distant_history(state, origin)
 
 
 class SybilWallMedian(SybilWall):

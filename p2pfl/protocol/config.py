@@ -28,6 +28,7 @@ from p2pfl.errors import ConfigError
 from p2pfl.identity import NodeId
 from p2pfl.protocol.core import MODE_TRAITS, PROTOCOL_MODES
 from p2pfl.protocol.membership import MAX_RECORDS_PER_MESSAGE
+from p2pfl.protocol.timed import MERGE_TRIGGERS
 from p2pfl.schema import Seconds, Strict, config_error, registered
 
 PEER_SAMPLING = ("neighbours", "membership")
@@ -36,6 +37,10 @@ PEER_SAMPLING = ("neighbours", "membership")
 MAX_ROUNDS = 10**9
 """The most rounds a run may ask for (nodes and scenarios alike): far beyond any real run,
 and far below the wire's round field (``wire.MAX_ROUND``) however far ahead peers run."""
+
+MAX_GOSSIP_STEPS = 1000
+"""The most dsgd gossip steps per round (``rounds * gossip_steps`` stays far below the wire's
+round field)."""
 
 CONFIG_PREFIX = "protocol"
 """Config keys in errors are named ``protocol.<field>``, as in a scenario file."""
@@ -69,6 +74,31 @@ class ProtocolSettings(Strict):
     history_gossip: bool | None = None
     history_lambda: float = Field(default=0.8, gt=0.0)
     history_capacity: int = Field(default=32, ge=1)
+    # DFedSAM-MGS: exchanges and merges per dsgd round (p2pfl.protocol.dsgd); 1 = plain dsgd
+    gossip_steps: int = Field(default=1, ge=1, le=MAX_GOSSIP_STEPS)
+    # gossip: merge when models arrive ("count") or every merge_interval s ("time", FedFix-style)
+    merge_trigger: Annotated[str, registered(lambda: MERGE_TRIGGERS)] = "count"
+    merge_interval: Seconds = 1.0
+
+    @field_validator("gossip_steps")
+    @classmethod
+    def _steps_for_dsgd(cls, steps: int, info: ValidationInfo) -> int:
+        mode = info.data.get("mode")
+        if steps != 1 and mode != "dsgd":
+            raise ValueError(f"1 unless mode is dsgd (mode is {mode!r})")
+        return steps
+
+    @field_validator("merge_trigger")
+    @classmethod
+    def _time_trigger_for_gossip(cls, trigger: str, info: ValidationInfo) -> str:
+        if trigger == "time":
+            mode = info.data.get("mode")
+            if mode != "gossip":
+                raise ValueError(f"'count' unless mode is gossip (mode is {mode!r})")
+            # Data shares are over a fixed neighbour set; a membership view has no such set.
+            if info.data.get("peer_sampling") != "neighbours":
+                raise ValueError("'count' with peer_sampling 'membership'")
+        return trigger
 
     @field_validator("history_gossip")
     @classmethod
@@ -128,6 +158,13 @@ class CoreConfig(ProtocolSettings):
         history_lambda: the decay λ of the history draw, ``∝ λ·e^{−λ(d−1)}`` (0.8).
         history_capacity: signed history records a node keeps at most (each the size of
             a model); the farthest, then the oldest, is forgotten first.
+        merge_trigger: gossip: ``"count"`` (merge whenever models arrived, the default) or
+            ``"time"`` (train back to back, push each trained model, merge every
+            ``merge_interval`` seconds with FedFix-style unbiased weights:
+            :mod:`p2pfl.protocol.timed`).
+        merge_interval: gossip with ``merge_trigger = "time"``: seconds between merges.
+        gossip_steps: dsgd: exchanges and merges per round after the one training (Q of
+            DFedSAM-MGS); 1 is plain dsgd. Every node of a run must use the same value.
     """
 
     rounds: int = Field(default=10, ge=1, le=MAX_ROUNDS)

@@ -21,6 +21,7 @@ METHODS = [
     "log",
     "is_finished",
     "schedule",
+    "farewell",
     "take_down",
     "bring_up",
     "cut_link",

@@ -28,19 +28,21 @@ per neighbour, so a dense graph costs no heap entries per edge. If a disruption 
 already taken something down, the engine hands the node one ``PeerConnected`` per reachable
 neighbour instead, back to back, which the cores treat alike.
 
-Adversaries: when ``engine.adversary`` is set (:class:`sim.adversaries.Adversary`), every
-``Send`` of a node it marks Byzantine is first handed to ``adversary.forge``, which may return
-another envelope for that receiver (a model attack, re-sealed with the sender's own key);
-honest nodes' sends are untouched.
+Adversaries: when the engine is built with an ``adversary`` (a :class:`SendFilter`, e.g.
+:class:`sim.adversaries.Adversary`), every ``Send`` of a node it marks Byzantine is first handed
+to ``adversary.forge``, which may return another envelope for that receiver (a model attack,
+re-sealed with the sender's own key); honest nodes' sends are untouched.
 
 The world: disruptions
 ----------------------
-Every node is *online*, *offline* (suspended: its core keeps its state but gets no events) or
-*dead* (forever). A node leaving for good first says goodbye (:meth:`Engine.farewell`: its
-core's ``LeaveRequested``), then is taken down once the goodbye is delivered. Every link is up or down (cut, or split by a partition). The scenario's
-timeline (:mod:`sim.disruptions`) changes these states through four primitives:
-:meth:`Engine.take_down`, :meth:`Engine.bring_up`, :meth:`Engine.cut_link`,
-:meth:`Engine.restore_link`. The cores see only what a real network shows:
+The engine is a :class:`sim.world.World`. Every node is *online*, *offline* (suspended: its
+core keeps its state but gets no events) or *dead* (forever). A node leaving for good first
+says goodbye (:meth:`Engine.farewell`: its core's ``LeaveRequested``), then is taken down once
+the goodbye is delivered. Every link is up or down (cut, or split by a partition). The
+scenario's timeline (:mod:`sim.disruptions`, handed to the engine when it is built) changes
+these states through four primitives: :meth:`Engine.take_down`, :meth:`Engine.bring_up`,
+:meth:`Engine.cut_link`, :meth:`Engine.restore_link`, and has itself called back at a virtual
+time with :meth:`Engine.schedule`. The cores see only what a real network shows:
 
 * a node that is not online receives nothing: frames, timers and trainings due while it is
   down are dropped; frames in flight on a connection that broke (either end went down, or the
@@ -56,7 +58,8 @@ timeline (:mod:`sim.disruptions`) changes these states through four primitives:
   ``PeerConnected``.
 
 The state itself (statuses, links down and why, components) is a
-:class:`sim.world.NetworkState` (``engine.network``), shared with live mode. Node and link
+:class:`sim.world.NetworkState` (``engine.network``), and the bookkeeping around it a
+:class:`sim.world.WorldState`, both shared with live mode. Node and link
 state changes are logged (``events_log``, written as ``events.jsonl``) with
 their virtual time, so plots can redraw the network at any moment.
 """
@@ -64,9 +67,9 @@ their virtual time, so plots can redraw the network at any moment.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -96,14 +99,10 @@ from p2pfl.protocol.events import (
     TrainingFinished,
 )
 from p2pfl.wire import Envelope, decode_frame, encode_frame
-from sim.metrics import MetricsRecorder, Traffic
+from sim.metrics import MetricsRecorder
 from sim.network import LinkModel
 from sim.population import Population
-from sim.world import DEAD as DEAD
-from sim.world import OFFLINE, ONLINE, NetworkState, link_key
-
-if TYPE_CHECKING:
-    from sim.disruptions import Disruptions
+from sim.world import OFFLINE, ONLINE, ProgressHook, Timeline, WorldState, link_key
 
 WORLD = -1
 """The ``node`` of heap entries that belong to the world (disruptions), not to a core."""
@@ -129,13 +128,13 @@ class _Delivery:
 
 @dataclass(frozen=True, slots=True)
 class WorldItem:
-    """A heap entry for the disruption timeline; ``payload`` is the timeline's own."""
+    """A heap entry for the disruption timeline; ``payload`` is the timeline's own
+    (see :meth:`Engine.schedule`)."""
 
     payload: Any
 
 
 _Item = Event | _Timer | _TrainingDue | _Delivery | WorldItem
-ProgressHook = Callable[["Engine"], None]
 
 
 class SendFilter(Protocol):
@@ -146,7 +145,7 @@ class SendFilter(Protocol):
         """Whether each node is Byzantine (its sends go through :meth:`forge`)."""
         ...
 
-    def forge(self, engine: Engine, node: int, receiver: int, envelope: Envelope) -> Envelope:
+    def forge(self, node: int, receiver: int, envelope: Envelope) -> Envelope:
         """The envelope ``node`` sends to ``receiver`` instead of ``envelope``."""
         ...
 
@@ -167,8 +166,13 @@ class _Trained:
     projections: tuple[float, ...] = ()
 
 
-class Engine:
-    """Runs one population of cores until every core stops or dies, or the horizon passes."""
+class Engine(WorldState):
+    """Runs one population of cores until every core stops or dies, or the horizon passes.
+
+    ``disruptions`` is the scenario's timeline (None: nothing happens to the network);
+    ``adversary`` rewrites what Byzantine nodes send (None: every node is honest);
+    ``on_round`` is called after every node's round.
+    """
 
     def __init__(
         self,
@@ -180,27 +184,20 @@ class Engine:
         step_time: float,
         horizon: float | None = None,
         recorder: MetricsRecorder,
+        disruptions: Timeline | None = None,
+        adversary: SendFilter | None = None,
         on_round: ProgressHook | None = None,
     ) -> None:
-        self.population = population
+        super().__init__(population, recorder, disruptions=disruptions, on_round=on_round)
         self.cores = cores
         self.links = links
         self.trainer = trainer
         self.step_time = step_time
         self.horizon = horizon
-        self.recorder = recorder
-        self.on_round = on_round
-        self.disruptions: Disruptions | None = None
-        self.adversary: SendFilter | None = None
-        self.now = 0.0
-        self.traffic = [Traffic() for _ in cores]
-        self.events_log: list[dict[str, Any]] = []
+        self.adversary = adversary
         self.link_log: list[tuple[float, int, int, int]] | None = None
         """Set to a list to record every delivered frame as (time, sender, receiver, bytes)."""
         size = len(cores)
-        self.network = NetworkState(population.neighbours, self.log)
-        """Node status, links down and why, components (shared with live mode)."""
-        self.completed_rounds = [0] * size
         self.trainings_started = [0] * size
         self._index = {core.node_id: index for index, core in enumerate(cores)}
         self._heap: list[tuple[float, int, int, _Item]] = []
@@ -222,10 +219,14 @@ class Engine:
         heapq.heappush(self._heap, (at, self._sequence, node, item))
         self._sequence += 1
 
+    def schedule(self, at: float, payload: object) -> None:
+        """Hand ``payload`` to the timeline's ``fire`` at virtual time ``at``."""
+        self.push(at, WORLD, WorldItem(payload))
+
     def run(self) -> float:
         """Run to completion; returns the virtual time reached."""
         if self.disruptions is not None:
-            self.disruptions.schedule(self)
+            self.disruptions.start(self)
         for node in range(len(self.cores)):
             self.push(0.0, node, NeighboursConnected())
             self.push(0.0, node, Started())
@@ -298,6 +299,7 @@ class Engine:
                 self._started[node] = True
                 return item
             case _:
+                assert not isinstance(item, WorldItem)  # the loop hands those to the timeline
                 return item
 
     def _carry_out(self, node: int, actions: list[Any]) -> float | None:
@@ -315,7 +317,7 @@ class Engine:
                     if receiver is None:
                         continue
                     if adversary is not None and adversary.byzantine[node]:
-                        envelope = adversary.forge(self, node, receiver, envelope)
+                        envelope = adversary.forge(node, receiver, envelope)
                     cached = framed.get(id(envelope))
                     if cached is None:
                         cached = framed[id(envelope)] = (envelope, *self._frame(envelope))
@@ -338,22 +340,14 @@ class Engine:
                     self.trainings_started[node] += 1
                     self._begin_training(node, _ParkedTraining(vector, steps, round_, probe))
                 case SaveCheckpoint(round_, vector, loss):
-                    component, component_size = self.network.component_of(node)
-                    self.completed_rounds[node] = round_
-                    self.recorder.record(
-                        round_ - 1,
+                    self.record_round(
                         node,
-                        now=self.now,
-                        train_loss=loss,
+                        round_,
+                        at=self.now,
+                        loss=loss,
                         vector=vector.detach().clone(),
                         traffic=self.traffic[node],
-                        component=component,
-                        component_size=component_size,
                     )
-                    if self.disruptions is not None:
-                        self.disruptions.on_progress(self, node, round_)
-                    if self.on_round is not None:
-                        self.on_round(self)
                 case PeerMisbehaved(peer, reason):
                     self.traffic[node].rejected += 1
                     self.log(
@@ -450,18 +444,9 @@ class Engine:
 
     # -- the world ----------------------------------------------------------------------
 
-    def log(self, entry: dict[str, Any]) -> None:
-        """Append ``entry`` to the run's events, stamped with the current virtual time."""
-        self.events_log.append({"time": self.now, **entry})
-
     def is_finished(self, node: int) -> bool:
         """The node's core has stopped (ran all its rounds)."""
         return self._stopped[node]
-
-    @property
-    def status(self) -> list[str]:
-        """Every node's status: :data:`ONLINE`, :data:`OFFLINE` or :data:`DEAD`."""
-        return self.network.status
 
     def _connection(self, sender: int, receiver: int) -> tuple[int, int, int]:
         """Identifies the connection a frame travels on; it changes whenever it breaks."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,13 @@ def test_cli_run_with_overrides_writes_run_dir(
     summary = json.loads((out / "summary.json").read_text())
     assert summary["seed"] == 9 and summary["nodes"] == 6
     assert "mean_test_accuracy" in capsys.readouterr().out
+    # the run is the file with the overrides applied, and its directory says so
+    resolved, _ = read_document(str(out / "scenario.toml"))
+    ran = parse_scenario(resolved)
+    assert (ran.seed, ran.learner.local_steps, ran.rounds) == (9, 2, 2)
+    assert parse_scenario(resolved) == parse_scenario(
+        {**tomllib.loads(path.read_text()), "seed": 9, "learner": {"local_steps": 2}}
+    )
 
 
 def _metric_columns(path: Path) -> dict[str, list[str]]:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sim.engine import Engine
 from sim.run import build_engine
 from sim.scenario import Scenario, parse_scenario
 from sim.world import World

@@ -40,9 +40,10 @@ DATA = {
 HIDDEN = [32]
 LR = 0.1
 BATCH = 32
+SPSA_SAMPLES = 16
 SPSA = {
     "mode": "spsa",
-    "spsa_samples": 16,
+    "spsa_samples": SPSA_SAMPLES,
     "spsa_lr": 0.1,
     "spsa_clip": 8.0,
     "spsa_eps": 1e-3,
@@ -85,7 +86,7 @@ class Run:
 
     @property
     def batches_per_round(self) -> int:
-        return int(SPSA["spsa_samples"]) if self.mode == "spsa" else DSGD_LOCAL_STEPS
+        return SPSA_SAMPLES if self.mode == "spsa" else DSGD_LOCAL_STEPS
 
     def points(self) -> list[tuple[int, int, float]]:
         """(minibatches per node, bytes sent by all nodes, mean accuracy) per evaluated round."""

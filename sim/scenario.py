@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from p2pfl.codec import CODECS, MAX_CLUSTERS
 from p2pfl.errors import ConfigError
 from p2pfl.learn.settings import LearnerSettings
 from p2pfl.protocol import PROTOCOL_MODES
@@ -133,6 +134,21 @@ class ProtocolSpec(_Strict):
     history_gossip: bool | None = None
     history_lambda: float = Field(default=0.8, gt=0.0)
     history_capacity: int = Field(default=32, ge=1)
+    # compressed updates (p2pfl.protocol.compression): codec name and its parameters
+    codec: str = Field(default="dense", description="a registered payload codec")
+    codec_fraction: float = Field(default=0.01, gt=0.0, le=1.0)
+    codec_count: int = Field(default=0, ge=0)
+    codec_clusters: int = Field(default=3, ge=1, le=MAX_CLUSTERS)
+    codec_chunk: int = Field(default=4096, ge=1)
+    error_feedback: bool = True
+    keyframe_every: int = Field(default=20, ge=0)
+
+    @field_validator("codec")
+    @classmethod
+    def _known_codec(cls, codec: str) -> str:
+        if codec not in CODECS:
+            raise ValueError(f"one of {', '.join(sorted(CODECS))}")
+        return codec
 
     @field_validator("mode")
     @classmethod

@@ -51,6 +51,7 @@ from p2pfl.merge.base import MergeRule, Probe
 from p2pfl.merge.sybil import uses_history_gossip
 from p2pfl.params import ParamLayout
 from p2pfl.protocol.actions import Action, Disconnect, PeerMisbehaved, Send, Stop
+from p2pfl.protocol.compression import Chains, MissingBase, make_compressor
 from p2pfl.protocol.config import CoreConfig
 from p2pfl.protocol.events import (
     DeadlineReached,
@@ -127,7 +128,9 @@ class BaseCore(abc.ABC):
             samples=samples,
             seq_start=seq_start,
             degree=degree,
+            compressor=make_compressor(config, layout),
         )
+        self._chains = Chains()
         self._merger = Merger(
             merge,
             own_weight=float(samples),
@@ -252,7 +255,9 @@ class BaseCore(abc.ABC):
         if event.envelope.kind is MessageKind.HISTORY and self._histories is not None:
             return self._on_history(event)
         try:
-            update = parse_model_update(event, self._peers, self.vector.shape)
+            update = parse_model_update(event, self._peers, self.vector.shape, self._chains)
+        except MissingBase:
+            return []  # a lost link of a delta chain: resumes at the sender's next keyframe
         except RemoteProtocolError as exc:
             return [PeerMisbehaved(event.peer, str(exc))]
         return self._on_update(update)

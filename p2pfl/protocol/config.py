@@ -7,9 +7,10 @@ import weakref
 from dataclasses import dataclass
 from typing import NoReturn, TypeGuard
 
-from p2pfl.codec import WIRE_DTYPES
+from p2pfl.codec import CODECS, DENSE, MAX_CLUSTERS, WIRE_DTYPES, CodecSettings
 from p2pfl.errors import ConfigError
 from p2pfl.identity import NodeId
+from p2pfl.protocol.compression import DELTA_MODES
 from p2pfl.protocol.core import MODE_TRAITS, PROTOCOL_MODES
 from p2pfl.protocol.membership import MAX_RECORDS_PER_MESSAGE
 
@@ -73,6 +74,18 @@ class CoreConfig:
         history_lambda: the decay λ of the history draw, ``∝ λ·e^{−λ(d−1)}`` (0.8).
         history_capacity: signed history records a node keeps at most (each the size of
             a model); the farthest, then the oldest, is forgotten first.
+        codec: how models go on the wire (a key of ``codec.CODECS``): ``"dense"`` (the
+            default: ``wire_dtype`` elements), ``"int8"`` (8-bit per tensor), ``"topk"`` or
+            ``"fedzip"`` (sparse deltas; mode ``dsgd`` only). See
+            :mod:`p2pfl.protocol.compression`.
+        codec_fraction: topk, fedzip: share of each tensor's entries a delta keeps.
+        codec_count: topk, fedzip: entries kept per tensor; 0 (the default) uses the fraction.
+        codec_clusters: fedzip: k-means centroids per tensor (3, as in FEDZIP).
+        codec_chunk: int8: elements per scale when the model's tensor sizes are unknown.
+        error_feedback: lossy codecs: carry what a payload left out into the next one
+            (``true``, the default).
+        keyframe_every: topk, fedzip: a full (dense) model every this many deltas, so a
+            receiver that missed one resumes; 0: only the first message is one.
     """
 
     mode: str = "dsgd"
@@ -102,6 +115,14 @@ class CoreConfig:
     history_gossip: bool | None = None
     history_lambda: float = 0.8
     history_capacity: int = 32
+    # -- compressed updates (p2pfl.protocol.compression) --
+    codec: str = "dense"
+    codec_fraction: float = 0.01
+    codec_count: int = 0
+    codec_clusters: int = 3
+    codec_chunk: int = 4096
+    error_feedback: bool = True
+    keyframe_every: int = 20
 
     @property
     def admits_strangers(self) -> bool:
@@ -183,6 +204,45 @@ class CoreConfig:
         if not _is_real(lam) or not math.isfinite(lam) or lam <= 0:
             _fail("history_lambda", lam, "a finite number > 0 (default 0.8)")
         _int_at_least("history_capacity", self.history_capacity, 1)
+        self._check_codec()
+
+    def _check_codec(self) -> None:
+        codec = CODECS.get(self.codec) if isinstance(self.codec, str) else None
+        if codec is None:
+            _fail("codec", self.codec, f"one of {', '.join(sorted(CODECS))}")
+        if self.codec != DENSE and self.mode == "modest":
+            _fail("codec", self.codec, "'dense' with mode 'modest' (it seals its own messages)")
+        if codec.delta and self.mode not in DELTA_MODES:
+            allowed = ", ".join(name for name, c in sorted(CODECS.items()) if not c.delta)
+            _fail(
+                "codec",
+                self.codec,
+                f"one of {allowed} with mode {self.mode!r} (a delta "
+                f"codec needs a mode that sends every model to every neighbour: "
+                f"{', '.join(DELTA_MODES)})",
+            )
+        share = self.codec_fraction
+        if not _is_real(share) or not 0.0 < share <= 1.0:
+            _fail("codec_fraction", share, "a number in (0, 1]")
+        _int_at_least("codec_count", self.codec_count, 0)
+        _int_at_least("codec_clusters", self.codec_clusters, 1)
+        if self.codec_clusters > MAX_CLUSTERS:
+            _fail("codec_clusters", self.codec_clusters, f"an integer in [1, {MAX_CLUSTERS}]")
+        _int_at_least("codec_chunk", self.codec_chunk, 1)
+        if not isinstance(self.error_feedback, bool):
+            _fail("error_feedback", self.error_feedback, "true or false")
+        _int_at_least("keyframe_every", self.keyframe_every, 0)
+
+    def codec_settings(self) -> CodecSettings:
+        """The payload codec these settings describe."""
+        return CodecSettings(
+            name=self.codec,
+            wire_dtype=self.wire_dtype,
+            fraction=self.codec_fraction,
+            count=self.codec_count,
+            clusters=self.codec_clusters,
+            chunk=self.codec_chunk,
+        )
 
 
 def _fail(field: str, value: object, allowed: str) -> NoReturn:

@@ -15,7 +15,7 @@ nodes of a random 6-regular graph, torch 2.13 CPU):
   models are decoded once and shared by their receivers, so :data:`DSGD_SHARED_BUFFERED` per
   node whatever the degree; gossip: about two per push it receives, ``2 * fanout``; modest:
   ``sample_size``) and :func:`optimizer_copies` per node for optimizer state (plain SGD:
-  none).
+  none), plus :func:`codec_copies` for a compressed codec's state.
 * data: examples x (features x 4 + 8 label bytes) x :data:`DATA_COPIES` (the dataset, its
   training split and the nodes' shares are separate tensors).
 * per node: :data:`NODE_BYTES` (key, core, peer set, sampler, rng, counters);
@@ -41,6 +41,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from p2pfl.codec import CODECS
 from p2pfl.errors import ConfigError
 from p2pfl.sizes import dataset_shape, parameter_count
 from sim.scenario import Scenario
@@ -66,6 +67,24 @@ def optimizer_copies(optimizer: str, momentum: float) -> int:
     if optimizer in ("adam", "adamw"):
         return 2
     return 1 if momentum else 0
+
+
+def codec_copies(codec: str, error_feedback: bool) -> int:
+    """Model-sized tensors per node that a payload codec adds (p2pfl.protocol.compression).
+
+    One envelope is sealed per model for all recipients, so a sender's state is per node,
+    not per edge: ``int8`` with error feedback keeps one residual; a delta codec (``topk``,
+    ``fedzip``) keeps one reference (the receivers' copy, or the previous model without error
+    feedback), and receivers hold each sender's public copy, shared by all of them in the
+    simulator (one reconstruction per envelope) but one round older than the buffered model:
+    one more per node.
+    """
+    cls = CODECS.get(codec)
+    if cls is None or not cls.lossy:
+        return 0
+    if cls.delta:
+        return 2
+    return 1 if error_feedback else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +197,7 @@ def estimate(scenario: Scenario) -> Footprint | None:
         "modest": float(protocol.sample_size),
     }.get(protocol.mode, degree)
     copies = MODEL_COPIES + optimizer_copies(learner.optimizer, learner.momentum) + buffered
+    copies += codec_copies(protocol.codec, protocol.error_feedback)
     implicit = scenario.topology.kind in IMPLICIT_KINDS and not scenario.adversaries
     edges = 0 if implicit else nodes * degree / 2
     batch = min(scenario.learner.batch_size, max(1, examples // max(nodes, 1)))

@@ -643,6 +643,16 @@ class Scenario(_Strict):
     disruptions: list[DisruptionSpec] = Field(default_factory=list)
     adversaries: list[AdversarySpec] = Field(default_factory=list)
 
+    @model_validator(mode="after")
+    def _codec_without_chains_for_adversaries(self) -> Scenario:
+        # sim.adversaries re-seals a Byzantine node's models whole; it cannot follow the
+        # delta chain a sparse codec builds (p2pfl.protocol.compression).
+        codec = self.protocol.codec
+        if self.adversaries and CODECS[codec].delta:
+            allowed = ", ".join(name for name, c in sorted(CODECS.items()) if not c.delta)
+            raise ValueError(f"protocol.codec {codec!r} with adversaries: use one of {allowed}")
+        return self
+
     def topology_params(self) -> dict[str, Any]:
         """The generator's own parameters (everything in [topology] but kind/require_connected)."""
         params = dict(self.topology.model_extra or {})

@@ -84,6 +84,9 @@ Schema (every relative path is relative to the directory of the config file)::
     # peer_sampling ("neighbours" | "membership"), history_gossip, history_lambda,
     # history_capacity, and modest's sample_size, aggregators, success_fraction, min_models,
     # ping_timeout, aggregation_timeout, ack_timeout, inactivity_threshold, view_entries, ...
+    # codec = "dense"                # dense | int8 | topk | fedzip (p2pfl.codec.CODECS), with
+                                     #   codec_fraction, codec_count, codec_clusters,
+                                     #   codec_chunk, error_feedback, keyframe_every
 
     [merge]
     rule = "weighted"                # a name in p2pfl.merge.MERGE_RULES

@@ -299,9 +299,7 @@ class Int8(Codec):
 
     @staticmethod
     def decode(spec: PayloadSpec, payload: Payload, limits: Limits) -> torch.Tensor:
-        _expect_dtype(spec, "uint8")
-        elements = _elements(spec, limits)
-        view = memoryview(payload).cast("B")
+        elements, view = _opened(spec, payload, limits, "uint8")
         (segments,) = _unpack(_INT8_HEAD, view, 0)
         if segments > min(elements, MAX_SEGMENTS):
             raise DecodeError(f"{segments} segments for {elements} elements")
@@ -360,9 +358,7 @@ class TopK(Codec):
 
     @staticmethod
     def decode(spec: PayloadSpec, payload: Payload, limits: Limits) -> torch.Tensor:
-        _expect_dtype(spec, "float32")
-        elements = _elements(spec, limits)
-        view = memoryview(payload).cast("B")
+        elements, view = _opened(spec, payload, limits, "float32")
         (kept,) = _unpack(_COUNT, view, 0)
         if kept > elements:
             raise DecodeError(f"topk payload keeps {kept} of {elements} entries")
@@ -460,9 +456,7 @@ class FedZip(Codec):
 
     @staticmethod
     def decode(spec: PayloadSpec, payload: Payload, limits: Limits) -> torch.Tensor:
-        _expect_dtype(spec, "float32")
-        elements = _elements(spec, limits)
-        view = memoryview(payload).cast("B")
+        elements, view = _opened(spec, payload, limits, "float32")
         (size,) = _unpack(_FEDZIP_HEAD, view, 0)
         layers = min(elements, MAX_SEGMENTS)
         bound = 4 + layers * (_LAYER.size + 4 * MAX_CLUSTERS) + elements * (_VARINT_BYTES + 1)
@@ -629,9 +623,18 @@ def _elements(spec: PayloadSpec, limits: Limits) -> int:
     return shape_elements(tuple(spec.shape), limits.max_elements)
 
 
-def _expect_dtype(spec: PayloadSpec, dtype: str) -> None:
+def _opened(
+    spec: PayloadSpec, payload: Payload, limits: Limits, dtype: str
+) -> tuple[int, memoryview]:
+    """The checked element count of ``spec`` and the payload as bytes.
+
+    Raises:
+        DecodeError: ``spec.dtype`` is not ``dtype``, or the shape is malformed.
+        FrameTooLarge: the shape spans more than ``limits.max_elements``.
+    """
     if spec.dtype != dtype:
         raise DecodeError(f"{spec.codec} payload dtype {spec.dtype!r}, expected {dtype!r}")
+    return _elements(spec, limits), memoryview(payload).cast("B")
 
 
 def _unpack(layout: struct.Struct, view: memoryview, offset: int) -> tuple[int, ...]:

@@ -39,7 +39,8 @@ keyframe. Delta codecs therefore need a mode that sends every model to every con
 neighbour (``dsgd``); ``gossip`` and ``fedavg`` pick recipients per message, and use ``int8``
 (config validation enforces this). In the simulator one reconstruction tensor per envelope
 is shared by all its receivers (``Envelope.memo``), so the receivers' copies cost about one
-model per sender, not one per edge.
+model per sender, not one per edge. A node of the trio runtime holds one model per
+neighbour that sends deltas (mostly the very tensor its round buffer holds anyway).
 """
 
 from __future__ import annotations
@@ -107,11 +108,6 @@ class Compressor:
         """Deltas sent since the last keyframe."""
         self.base_seq: int | None = None
         """The sequence number of the last message sealed (a delta's base), once known."""
-
-    @property
-    def state_vectors(self) -> int:
-        """Model-sized vectors this sender holds (0 or 1)."""
-        return int(self._residual is not None) + int(self._reference is not None)
 
     def encode(self, vector: torch.Tensor, samples: int) -> tuple[Encoded, dict[str, int]]:
         """The payload for ``vector`` and the header meta it needs; updates the state.

@@ -73,9 +73,13 @@ CODECS: dict[str, dict[str, Any]] = {
     "topk 10%, no EF": {"codec": "topk", "codec_fraction": 0.1, "error_feedback": False},
     "topk 1%": {"codec": "topk", "codec_fraction": 0.01},
     "topk 1%, no EF": {"codec": "topk", "codec_fraction": 0.01, "error_feedback": False},
+    "topk 30%": {"codec": "topk", "codec_fraction": 0.3},
+    "fedzip 30%": {"codec": "fedzip", "codec_fraction": 0.3},
     "fedzip 10%": {"codec": "fedzip", "codec_fraction": 0.1},
     "fedzip 3%": {"codec": "fedzip", "codec_fraction": 0.03},
     "fedzip 1%": {"codec": "fedzip", "codec_fraction": 0.01},
+    "fedzip 100% (k-means only)": {"codec": "fedzip", "codec_fraction": 1.0},
+    "fedzip 100%, 16 centroids": {"codec": "fedzip", "codec_fraction": 1.0, "codec_clusters": 16},
 }
 
 Curve = list[tuple[int, int, float]]
@@ -99,9 +103,11 @@ def run_one(protocol: dict[str, Any], seed: int) -> Curve:
     return [(s.round, sent[s.round], s.mean_test_accuracy) for s in engine.recorder.rounds]
 
 
-def run_all(seeds: int) -> dict[str, list[Curve]]:
+def run_all(seeds: int, only: list[str] | None = None) -> dict[str, list[Curve]]:
     curves: dict[str, list[Curve]] = {}
     for label, protocol in CODECS.items():
+        if only and label not in only:
+            continue
         for seed in range(1, seeds + 1):
             curve = run_one(protocol, seed)
             curves.setdefault(label, []).append(curve)
@@ -226,15 +232,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("what", choices=("run", "report", "all"))
     parser.add_argument("--out", type=Path, default=FIGURES)
     parser.add_argument("--seeds", type=int, default=SEEDS, help="seeds 1..N per codec")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=sorted(CODECS),
+        help="run only this codec (repeatable); its results go to codecs-<n>.json beside "
+        "codecs.json, and report reads them all",
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    results = args.out / RESULTS.name
     torch.set_num_threads(1)
     if args.what in ("run", "all"):
-        curves = run_all(args.seeds)
-        results.write_text(json.dumps(curves) + "\n")
+        curves = run_all(args.seeds, args.only)
+        name = RESULTS.name
+        if args.only:
+            name = f"{RESULTS.stem}-{len(list(args.out.glob(RESULTS.stem + '*.json')))}.json"
+        (args.out / name).write_text(json.dumps(curves) + "\n")
     if args.what in ("report", "all"):
-        curves = json.loads(results.read_text())
+        found: dict[str, list[Curve]] = {}
+        for path in sorted(args.out.glob(RESULTS.stem + "*.json")):
+            found.update(json.loads(path.read_text()))
+        curves = {label: found[label] for label in CODECS if label in found}
         summary = report(curves)
         plot(curves, summary, args.out)
 

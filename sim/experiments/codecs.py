@@ -191,13 +191,14 @@ def plot(curves: dict[str, list[Curve]], summary: dict[str, Any], out: Path) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13.0, 4.8))
-    for index, (label, runs) in enumerate(curves.items()):
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14.0, 5.6))
+    colours = {label: plt.get_cmap("tab20")(index % 20) for index, label in enumerate(curves)}
+    for label, runs in curves.items():
         sent = torch.tensor([[b for _, b, _ in run] for run in runs], dtype=torch.float64)
         accuracy = torch.tensor([[a for _, _, a in run] for run in runs], dtype=torch.float64)
         style = "--" if "no EF" in label else "-"
         left.plot(
-            sent.mean(dim=0) / 1e6, accuracy.mean(dim=0), style, color=f"C{index}", label=label
+            sent.mean(dim=0) / 1e6, accuracy.mean(dim=0), style, color=colours[label], label=label
         )
     left.axhline(summary["target"], color="grey", linewidth=0.8, linestyle=":")
     left.set_xscale("log")
@@ -205,15 +206,21 @@ def plot(curves: dict[str, list[Curve]], summary: dict[str, Any], out: Path) -> 
     left.set_ylabel("mean test accuracy over nodes")
     left.set_title(f"accuracy against traffic (mean of {SEEDS} seeds); dotted: target")
     left.grid(alpha=0.3)
-    left.legend(fontsize=8)
-    for index, row in enumerate(summary["rows"]):
+    left.legend(fontsize=7)
+    for row in summary["rows"]:
         right.errorbar(
             row["ratio"],
             row["final_accuracy"],
             yerr=row["final_accuracy_std"],
             fmt="o",
-            color=f"C{index}",
-            label=row["codec"],
+            color=colours[row["codec"]],
+        )
+        right.annotate(
+            row["codec"],
+            (row["ratio"], row["final_accuracy"]),
+            xytext=(5, 3),
+            textcoords="offset points",
+            fontsize=7,
         )
     right.axhline(summary["dense_final"] - LOSS_POINTS, color="grey", linewidth=0.8, linestyle=":")
     right.set_xscale("log")

@@ -63,7 +63,7 @@ Schema (every relative path is relative to the directory of the config file)::
     model = "mlp"                    # mlp | cnn1d | lenet5 | cifar_cnn | "python:package.module:factory"
     hidden = [32]                    # mlp only: hidden layer sizes ([] is a linear model)
     # model_params = { channels = [32, 32, 32] }   # the model factory's keyword arguments
-    optimizer = "sgd"                # sgd | adam | adamw
+    optimizer = "sgd"                # sgd | adam | adamw | sam (rho = 0.05: SAM ascent radius)
     lr = 0.1
     momentum = 0.0                   # sgd; nesterov = true for Nesterov momentum
     weight_decay = 0.0
@@ -72,18 +72,23 @@ Schema (every relative path is relative to the directory of the config file)::
     optimizer_state = "keep"         # keep | reset (dropped when a merge changed the model)
     batch_size = 32
 
-    [protocol]                       # the fields of p2pfl.protocol.CoreConfig
+    [protocol]                       # the keys of p2pfl.protocol.CoreConfig: a scenario's
+                                     #   [protocol] keys plus rounds, local_steps,
+                                     #   replay_window and server
     mode = "dsgd"                    # dsgd | gossip | modest | fedavg (or a plug-in's)
     # server = "<64 hex>"            # fedavg: the server's key, the same on every node; a
                                      #   client lists the server in [[peers]], the server
                                      #   lists its clients
     rounds = 20                      # 1 .. 10**9 (protocol.config.MAX_ROUNDS)
     local_steps = 20
-    round_timeout = 10.0
+    round_timeout = 10.0             # default 30.0
     # period, period_jitter, fanout, wire_dtype, max_rounds_ahead, replay_window,
     # peer_sampling ("neighbours" | "membership"), history_gossip, history_lambda,
     # history_capacity, and modest's sample_size, aggregators, success_fraction, min_models,
-    # ping_timeout, aggregation_timeout, ack_timeout, inactivity_threshold, view_entries, ...
+    # ping_timeout, aggregation_timeout, ack_timeout, inactivity_threshold, view_entries,
+    # view_capacity, announce_join (all: p2pfl.protocol.ProtocolSettings)
+    # gossip_steps = 1               # dsgd: exchanges and merges per round (DFedSAM-MGS's Q)
+    # merge_trigger = "count"        # gossip: "time" merges every merge_interval s (FedFix-style)
     # codec = "dense"                # dense | int8 | topk | fedzip (p2pfl.codec.CODECS), with
                                      #   codec_fraction, codec_count, codec_clusters,
                                      #   codec_chunk, error_feedback, keyframe_every
@@ -92,28 +97,32 @@ Schema (every relative path is relative to the directory of the config file)::
     rule = "weighted"                # a name in p2pfl.merge.MERGE_RULES
     [merge.params]                   # keyword arguments of the rule
 
-Every mistake (unknown key, wrong type, bad value, missing file) raises
-:class:`~p2pfl.errors.ConfigError` whose one-line message names the dotted key, e.g.
+Every table is a strict pydantic model (:class:`p2pfl.schema.Strict`), the same rules a
+scenario follows; ``[learner]`` and ``[protocol]`` are the scenario's own schemas
+(:class:`~p2pfl.learn.LearnerSettings`, :class:`~p2pfl.protocol.CoreConfig`). Every mistake
+(unknown key, wrong type, bad value, missing file) raises :class:`~p2pfl.errors.ConfigError`
+whose one-line message names the dotted key, e.g.
 ``protocol.mode = 'gosip': one of dsgd, fedavg, gossip, modest``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import ipaddress
-import math
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
+
+from pydantic import ConfigDict, Field, ValidationError, field_validator
 
 from p2pfl.errors import ConfigError
 from p2pfl.identity import NodeId
 from p2pfl.learn.settings import LearnerSettings
 from p2pfl.protocol.config import CoreConfig
+from p2pfl.schema import Seconds, Strict, Unit, config_error, registered
 
 LearnerConfig = LearnerSettings
 """The ``[learner]`` table: the same schema as a scenario's (:mod:`p2pfl.learn.settings`)."""
@@ -122,8 +131,9 @@ if TYPE_CHECKING:
     from p2pfl.learn import TorchLearner
     from p2pfl.merge import MergeRule
 
-_MISSING: Any = object()
 _TABLES = ("node", "peers", "bootstrap", "data", "learner", "protocol", "merge")
+_Part = TypeVar("_Part", bound=Strict)
+FramesPerSecond = Annotated[float, Field(gt=0.0), Unit("frames per second")]
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,54 +149,123 @@ class PeerConfig:
         return _format_address(self.host, self.port)
 
 
-@dataclass(frozen=True, slots=True)
-class DataConfig:
+def _datasets() -> Collection[str]:
+    from p2pfl.learn.datasets import DATASETS
+
+    return DATASETS
+
+
+def _partitions() -> Collection[str]:
+    from p2pfl.learn.partition import PARTITIONS
+
+    return PARTITIONS
+
+
+Dataset = Annotated[str, registered(_datasets)]
+
+
+class DataConfig(Strict):
     """The ``[data]`` table: dataset, partition and this node's share."""
 
-    dataset: str = "digits"
-    params: Mapping[str, Any] = field(default_factory=dict)
-    partition: str = "iid"
-    partition_params: Mapping[str, Any] = field(default_factory=dict)
-    num_nodes: int = 1
-    node_index: int = 0
-    seed: int = 0
-    test_fraction: float = 0.2
+    dataset: Dataset = "digits"
+    params: dict[str, Any] = Field(default_factory=dict)
+    partition: Annotated[str, registered(_partitions)] = "iid"
+    partition_params: dict[str, Any] = Field(default_factory=dict)
+    num_nodes: int = Field(default=1, ge=1)
+    node_index: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0)
+    test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
 
 
-@dataclass(frozen=True, slots=True)
-class MergeConfig:
+class MergeConfig(Strict):
     """The ``[merge]`` table: a merge rule by name and its parameters."""
 
     rule: str = "weighted"
-    params: Mapping[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class LimitsConfig:
+class LimitsConfig(Strict):
     """Bounds that keep a node alive under hostile traffic (keys of ``[node]``)."""
 
-    max_peers: int = 32
-    max_handshakes: int = 16
-    max_frame_bytes: int = 64 * 1024 * 1024
-    peer_message_rate: float = 20.0
-    peer_message_burst: int = 40
-    idle_timeout: float = 60.0
-    strikes_to_ban: int = 3
-    ban_interval: float = 300.0
-    ip_failures_to_ban: int = 10
-    ip_failure_window: float = 60.0
-    max_bans: int = 1024
+    max_peers: int = Field(default=32, ge=1)
+    max_handshakes: int = Field(default=16, ge=1)
+    max_frame_bytes: int = Field(default=64 * 1024 * 1024, ge=4096)
+    peer_message_rate: FramesPerSecond = 20.0
+    peer_message_burst: int = Field(default=40, ge=1)
+    idle_timeout: Seconds = 60.0
+    strikes_to_ban: int = Field(default=3, ge=1)
+    ban_interval: Seconds = 300.0
+    ip_failures_to_ban: int = Field(default=10, ge=0)
+    ip_failure_window: Seconds = 60.0
+    max_bans: int = Field(default=1024, ge=1)
 
 
-@dataclass(frozen=True, slots=True)
-class PeerExchangeConfig:
-    """Peer exchange settings (keys of ``[node]``)."""
+class PeerExchangeConfig(Strict):
+    """Peer exchange settings (keys of ``[node]``, named there as the aliases say)."""
 
-    enabled: bool = True
-    interval: float = 30.0
-    max_per_message: int = 32
-    max_known_peers: int = 256
+    model_config = ConfigDict(validate_by_name=True, validate_by_alias=True)
+
+    enabled: bool = Field(default=True, alias="peer_exchange")
+    interval: Seconds = Field(default=30.0, alias="peer_exchange_interval")
+    max_per_message: int = Field(default=32, ge=1, alias="peer_exchange_max_per_message")
+    max_known_peers: int = Field(default=256, ge=0)
     accept_unknown_peers: bool = False
+
+
+class NodeTable(LimitsConfig, PeerExchangeConfig):
+    """The ``[node]`` table: where the node listens, its key, its timeouts, and the keys of
+    :class:`LimitsConfig` and :class:`PeerExchangeConfig`."""
+
+    listen: str
+    key_file: str
+    checkpoint_dir: str | None = None
+    startup_timeout: Seconds = 30.0
+    send_queue: int = Field(default=16, ge=1)
+    handshake_timeout: Seconds = 10.0
+    status_listen: str | None = None
+    status_allow_remote: bool = False
+
+    @field_validator("listen", "status_listen")
+    @classmethod
+    def _address(cls, address: str | None) -> str | None:
+        if address is not None:
+            _split_address(address)
+        return address
+
+
+class PeerTable(Strict):
+    """One ``[[peers]]`` or ``[[bootstrap]]`` entry; the key is checked when it is read."""
+
+    address: str
+    public_key: str | None = None
+    public_key_file: str | None = None
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, address: str) -> str:
+        _split_address(address)
+        return address
+
+
+class DataTable(DataConfig):
+    """The ``[data]`` table as a file spells it: the dataset must be named."""
+
+    dataset: Dataset
+
+
+class NodeFile(Strict):
+    """A whole node config file; ``[protocol]`` is read into :class:`CoreConfig` apart."""
+
+    node: NodeTable
+    peers: list[PeerTable] = Field(default_factory=list)
+    bootstrap: list[PeerTable] = Field(default_factory=list)
+    data: DataTable
+    learner: LearnerSettings = Field(default_factory=LearnerSettings)
+    protocol: dict[str, Any] = Field(default_factory=dict)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+
+
+_NODE_DEFAULTS = NodeTable.model_fields
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,9 +276,9 @@ class NodeConfig:
     listen_port: int
     key_file: Path
     checkpoint_dir: Path | None = None
-    startup_timeout: float = 30.0
-    send_queue: int = 16
-    handshake_timeout: float = 10.0
+    startup_timeout: float = _NODE_DEFAULTS["startup_timeout"].default
+    send_queue: int = _NODE_DEFAULTS["send_queue"].default
+    handshake_timeout: float = _NODE_DEFAULTS["handshake_timeout"].default
     status_host: str | None = None
     status_port: int = 0
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -345,101 +424,68 @@ def config_from_dict(
     for key in document:
         if key not in _TABLES:
             _fail(key, document[key], f"not a section; sections are {', '.join(_TABLES)}")
-    node = _Table(document, "node", required=True)
-    listen_host, listen_port = _parse_address("node.listen", node.get("listen", str))
-    key_file = base_dir / node.get("key_file", str)
+    try:
+        parsed = NodeFile.model_validate(dict(document))
+    except ValidationError as exc:
+        raise config_error(exc, NodeFile, elide_tables=False) from None
+    import p2pfl.protocol  # noqa: F401  (registers the protocol modes)
+
+    protocol = CoreConfig(**parsed.protocol)
+    node = parsed.node
+    listen_host, listen_port = _split_address(node.listen)
+    key_file = base_dir / node.key_file
     if key_file.is_dir():
         _fail(
             "node.key_file",
             str(key_file),
             "a private key file (made by `p2pfl keygen --out FILE`), not a directory",
         )
-    checkpoint_raw = node.get("checkpoint_dir", str, None)
-    checkpoint_dir = None if checkpoint_raw is None else base_dir / checkpoint_raw
-    startup_timeout = node.seconds("startup_timeout", 30.0)
-    send_queue = node.integer("send_queue", 16, minimum=1)
-    handshake_timeout = node.seconds("handshake_timeout", 10.0)
-    status_raw = node.get("status_listen", str, None)
-    status_remote = node.get("status_allow_remote", bool, False)
     status_host: str | None = None
     status_port = 0
-    if status_raw is not None:
-        status_host, status_port = _parse_address("node.status_listen", status_raw)
-        if not status_remote and not _is_loopback(status_host):
+    if node.status_listen is not None:
+        status_host, status_port = _split_address(node.status_listen)
+        if not node.status_allow_remote and not _is_loopback(status_host):
             _fail(
                 "node.status_listen",
-                status_raw,
+                node.status_listen,
                 "a loopback address such as '127.0.0.1:9101' "
                 "(or set node.status_allow_remote = true)",
             )
-    limits = _parse_limits(node)
-    exchange = PeerExchangeConfig(
-        enabled=node.get("peer_exchange", bool, True),
-        interval=node.seconds("peer_exchange_interval", 30.0),
-        max_per_message=node.integer("peer_exchange_max_per_message", 32, minimum=1),
-        max_known_peers=node.integer("max_known_peers", 256, minimum=0),
-        accept_unknown_peers=node.get("accept_unknown_peers", bool, False),
-    )
-    node.finish()
-
-    peers = _parse_peers(document.get("peers", []), base_dir)
-    bootstrap = _parse_peers(document.get("bootstrap", []), base_dir, section="bootstrap")
-    if limits.max_peers < len(peers):
+    peers = _read_peers(parsed.peers, base_dir, "peers")
+    bootstrap = _read_peers(parsed.bootstrap, base_dir, "bootstrap")
+    if node.max_peers < len(peers):
         _fail(
             "node.max_peers",
-            limits.max_peers,
+            node.max_peers,
             f"an integer >= the number of [[peers]] ({len(peers)})",
         )
-    data = _parse_data(_Table(document, "data", required=True), base_dir)
-    learner = _parse_learner(_Table(document, "learner"))
-    protocol = _parse_protocol(_Table(document, "protocol"))
-    merge_table = _Table(document, "merge")
-    merge = MergeConfig(
-        rule=merge_table.get("rule", str, "weighted"),
-        params=merge_table.table("params"),
-    )
-    merge_table.finish()
     config = NodeConfig(
         listen_host=listen_host,
         listen_port=listen_port,
         key_file=key_file,
-        checkpoint_dir=checkpoint_dir,
-        startup_timeout=startup_timeout,
-        send_queue=send_queue,
-        handshake_timeout=handshake_timeout,
+        checkpoint_dir=None if node.checkpoint_dir is None else base_dir / node.checkpoint_dir,
+        startup_timeout=node.startup_timeout,
+        send_queue=node.send_queue,
+        handshake_timeout=node.handshake_timeout,
         status_host=status_host,
         status_port=status_port,
-        limits=limits,
-        peer_exchange=exchange,
+        limits=_part(LimitsConfig, node),
+        peer_exchange=_part(PeerExchangeConfig, node),
         peers=peers,
         bootstrap=bootstrap,
-        data=data,
-        learner=learner,
+        data=_read_data(parsed.data, base_dir),
+        learner=parsed.learner,
         protocol=protocol,
-        merge=merge,
+        merge=parsed.merge,
         source=source,
     )
     config.build_merge()
     return config
 
 
-def _parse_limits(node: _Table) -> LimitsConfig:
-    rate = node.number("peer_message_rate", 20.0)
-    if rate <= 0:
-        _fail(node.key("peer_message_rate"), rate, "a number of frames per second > 0")
-    return LimitsConfig(
-        max_peers=node.integer("max_peers", 32, minimum=1),
-        max_handshakes=node.integer("max_handshakes", 16, minimum=1),
-        max_frame_bytes=node.integer("max_frame_bytes", 64 * 1024 * 1024, minimum=4096),
-        peer_message_rate=rate,
-        peer_message_burst=node.integer("peer_message_burst", 40, minimum=1),
-        idle_timeout=node.seconds("idle_timeout", 60.0),
-        strikes_to_ban=node.integer("strikes_to_ban", 3, minimum=1),
-        ban_interval=node.seconds("ban_interval", 300.0),
-        ip_failures_to_ban=node.integer("ip_failures_to_ban", 10, minimum=0),
-        ip_failure_window=node.seconds("ip_failure_window", 60.0),
-        max_bans=node.integer("max_bans", 1024, minimum=1),
-    )
+def _part(model: type[_Part], table: NodeTable) -> _Part:
+    """The settings of ``model`` among the keys of the ``[node]`` table."""
+    return model.model_validate({name: getattr(table, name) for name in model.model_fields})
 
 
 def _is_loopback(host: str) -> bool:
@@ -451,89 +497,15 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-class _Table:
-    """One TOML table being read: typed getters that name ``prefix.key`` in errors."""
-
-    def __init__(self, document: Mapping[str, Any], name: str, *, required: bool = False) -> None:
-        raw = document.get(name, _MISSING)
-        if raw is _MISSING:
-            if required:
-                _fail(name, None, f"a [{name}] section (required)")
-            raw = {}
-        if not isinstance(raw, dict):
-            _fail(name, raw, f"a [{name}] table")
-        self.name = name
-        self.raw: dict[str, Any] = raw
-        self.used: list[str] = []
-
-    def key(self, key: str) -> str:
-        return f"{self.name}.{key}"
-
-    def get(self, key: str, kind: type, default: Any = _MISSING) -> Any:
-        self.used.append(key)
-        value = self.raw.get(key, _MISSING)
-        if value is _MISSING:
-            if default is _MISSING:
-                _fail(self.key(key), None, f"a {_type_name(kind)} (required)")
-            return default
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            _fail(self.key(key), value, f"a {_type_name(kind)}")
-        return value
-
-    def integer(self, key: str, default: Any = _MISSING, *, minimum: int = 0) -> int:
-        value: int = self.get(key, int, default)
-        if value < minimum:
-            _fail(self.key(key), value, f"an integer >= {minimum}")
-        return value
-
-    def number(self, key: str, default: Any = _MISSING) -> float:
-        self.used.append(key)
-        value = self.raw.get(key, _MISSING)
-        if value is _MISSING:
-            if default is _MISSING:
-                _fail(self.key(key), None, "a number (required)")
-            return float(default)
-        if (
-            not isinstance(value, int | float)
-            or isinstance(value, bool)
-            or not math.isfinite(value)
-        ):
-            _fail(self.key(key), value, "a finite number")
-        return float(value)
-
-    def seconds(self, key: str, default: float) -> float:
-        value = self.number(key, default)
-        if value <= 0:
-            _fail(self.key(key), value, "a number of seconds > 0")
-        return value
-
-    def table(self, key: str) -> dict[str, Any]:
-        value: dict[str, Any] = self.get(key, dict, {})
-        return dict(value)
-
-    def finish(self, allowed: tuple[str, ...] | None = None) -> None:
-        names = tuple(self.used) if allowed is None else allowed
-        for key, value in self.raw.items():
-            if key not in names:
-                _fail(
-                    self.key(key), value, f"not a key of [{self.name}]; keys are {', '.join(names)}"
-                )
-
-
-def _parse_peers(raw: object, base_dir: Path, *, section: str = "peers") -> tuple[PeerConfig, ...]:
-    if not isinstance(raw, list):
-        _fail(section, raw, f"an array of [[{section}]] tables")
+def _read_peers(tables: list[PeerTable], base_dir: Path, section: str) -> tuple[PeerConfig, ...]:
     peers: list[PeerConfig] = []
-    for index, entry in enumerate(raw):
+    for index, table in enumerate(tables):
         name = f"{section}[{index}]"
-        table = _Table({name: entry}, name)
-        host, port = _parse_address(table.key("address"), table.get("address", str))
-        key_hex = table.get("public_key", str, None)
-        key_file = table.get("public_key_file", str, None)
-        table.finish()
+        host, port = _split_address(table.address)
+        key_hex, key_file = table.public_key, table.public_key_file
         if (key_hex is None) == (key_file is None):
             _fail(
-                table.key("public_key"),
+                f"{name}.public_key",
                 key_hex,
                 "exactly one of public_key (64 hex characters) or public_key_file",
             )
@@ -543,63 +515,43 @@ def _parse_peers(raw: object, base_dir: Path, *, section: str = "peers") -> tupl
                 key_hex = path.read_text(encoding="ascii").strip()
             except (OSError, UnicodeDecodeError):
                 _fail(
-                    table.key("public_key_file"),
+                    f"{name}.public_key_file",
                     str(path),
                     "a readable file holding a hex public key (made by `p2pfl keygen`)",
                 )
-            node_id = NodeId.from_hex(key_hex, key=table.key("public_key_file"))
+            node_id = NodeId.from_hex(key_hex, key=f"{name}.public_key_file")
         else:
-            node_id = NodeId.from_hex(key_hex, key=table.key("public_key"))
+            assert key_hex is not None  # exactly one of the two is set
+            node_id = NodeId.from_hex(key_hex, key=f"{name}.public_key")
         if any(p.node_id == node_id for p in peers):
-            _fail(table.key("public_key"), node_id.hex(), f"a key no other [[{section}]] entry has")
+            _fail(f"{name}.public_key", node_id.hex(), f"a key no other [[{section}]] entry has")
         peers.append(PeerConfig(host=host, port=port, node_id=node_id))
     return tuple(peers)
 
 
-def _parse_data(table: _Table, base_dir: Path) -> DataConfig:
+def _read_data(table: DataTable, base_dir: Path) -> DataConfig:
     from p2pfl.learn.datasets import DATASETS, PATH_PARAMS
     from p2pfl.learn.partition import FIXED_ARGUMENTS, PARTITIONS
 
-    dataset = table.get("dataset", str)
-    if dataset not in DATASETS:
-        _fail(table.key("dataset"), dataset, f"one of {', '.join(sorted(DATASETS))}")
-    partition = table.get("partition", str, "iid")
-    if partition not in PARTITIONS:
-        _fail(table.key("partition"), partition, f"one of {', '.join(sorted(PARTITIONS))}")
-    params = table.table("params")
-    partition_params = table.table("partition_params")
-    _check_params("data.params", params, DATASETS[dataset], fixed=())
+    params = dict(table.params)
+    _check_params("data.params", params, DATASETS[table.dataset], fixed=())
     for key in PATH_PARAMS & set(params):
         if not isinstance(params[key], str):
             _fail(f"data.params.{key}", params[key], "a path (string)")
         params[key] = str(base_dir / Path(params[key]).expanduser())
     _check_params(
         "data.partition_params",
-        partition_params,
-        PARTITIONS[partition],
+        table.partition_params,
+        PARTITIONS[table.partition],
         fixed=FIXED_ARGUMENTS,
     )
-    num_nodes = table.integer("num_nodes", 1, minimum=1)
-    node_index = table.integer("node_index", 0, minimum=0)
-    if node_index >= num_nodes:
+    if table.node_index >= table.num_nodes:
         _fail(
-            table.key("node_index"), node_index, f"an integer in [0, {num_nodes}) (data.num_nodes)"
+            "data.node_index",
+            table.node_index,
+            f"an integer in [0, {table.num_nodes}) (data.num_nodes)",
         )
-    seed = table.integer("seed", 0, minimum=0)
-    test_fraction = table.number("test_fraction", 0.2)
-    if not 0 < test_fraction < 1:
-        _fail(table.key("test_fraction"), test_fraction, "a number strictly between 0 and 1")
-    table.finish()
-    return DataConfig(
-        dataset=dataset,
-        params=params,
-        partition=partition,
-        partition_params=partition_params,
-        num_nodes=num_nodes,
-        node_index=node_index,
-        seed=seed,
-        test_fraction=test_fraction,
-    )
+    return DataConfig.model_validate({**table.model_dump(), "params": params})
 
 
 def _check_params(prefix: str, params: Mapping[str, Any], fn: Any, fixed: tuple[str, ...]) -> None:
@@ -613,32 +565,6 @@ def _check_params(prefix: str, params: Mapping[str, Any], fn: Any, fixed: tuple[
         if key not in accepted:
             allowed = ", ".join(accepted) if accepted else "none"
             _fail(f"{prefix}.{key}", value, f"not a parameter; parameters are {allowed}")
-
-
-def _parse_learner(table: _Table) -> LearnerSettings:
-    from p2pfl.learn.settings import parse_learner_settings
-
-    return parse_learner_settings(table.raw, prefix=table.name)
-
-
-def _parse_protocol(table: _Table) -> CoreConfig:
-    import p2pfl.protocol  # noqa: F401  (registers the protocol modes)
-
-    fields = {f.name: f.default for f in dataclasses.fields(CoreConfig)}
-    table.finish(tuple(fields))
-    values: dict[str, Any] = {}
-    for key, value in table.raw.items():
-        default = fields[key]
-        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        values[key] = value
-    config = CoreConfig(**values)
-    try:
-        config.validate()
-    except ConfigError as exc:
-        key = exc.key if exc.key.startswith("protocol.") else f"protocol.{exc.key}"
-        raise ConfigError(key, exc.value, exc.allowed) from None
-    return config
 
 
 _LEARNER_KEYS = {
@@ -672,27 +598,21 @@ def _learner_key(key: str, data: DataConfig) -> str:
     return _LEARNER_KEYS.get(key, f"data.{key}")
 
 
-def _parse_address(key: str, text: str) -> tuple[str, int]:
+def _split_address(text: str) -> tuple[str, int]:
+    """``host:port`` (``[::1]:7101`` for IPv6) as its host and port.
+
+    Raises:
+        ValueError: not of that form, or the port is outside 0..65535.
+    """
     host, sep, port_text = text.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        _fail(key, text, "host:port with a port in 0..65535 (e.g. '127.0.0.1:7101')")
+        raise ValueError("host:port with a port in 0..65535 (e.g. '127.0.0.1:7101')")
     return host, int(port_text)
 
 
 def _format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _type_name(kind: type) -> str:
-    return {
-        str: "string",
-        int: "integer",
-        float: "number",
-        list: "list",
-        dict: "table",
-        bool: "boolean (true or false)",
-    }.get(kind, kind.__name__)
 
 
 def _fail(key: str, value: object, allowed: str) -> NoReturn:

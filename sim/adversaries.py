@@ -69,7 +69,8 @@ from torch import Tensor
 from p2pfl.codec import WIRE_DTYPES, decode_vector, encode_vector
 from p2pfl.errors import ConfigError
 from p2pfl.learn import derive_seed
-from p2pfl.wire import Envelope, MessageKind, seal
+from p2pfl.protocol import model_kinds
+from p2pfl.wire import Envelope, seal
 from sim.scenario import (
     AdversarySpec,
     AlieAttack,
@@ -89,10 +90,6 @@ if TYPE_CHECKING:
     from sim.engine import Engine
 
 STREAM_ADVERSARIES = 15
-MODEL_KINDS = frozenset(
-    {MessageKind.MODEL_UPDATE, MessageKind.MODEST_TRAINED, MessageKind.MODEST_AGGREGATE}
-)
-"""Message kinds whose payload is a model; a model attack rewrites only these."""
 DATA_ATTACKS = ("label_flip", "backdoor")
 MODEL_ATTACKS = ("sign_flip", "gaussian", "alie", "ipm", "dissensus", "free_rider")
 PER_TARGET_ATTACKS = ("alie", "ipm", "dissensus")
@@ -486,6 +483,9 @@ class Adversary:
         self._memory: dict[int, Tensor] = {}
         self.forged = 0
         """Envelopes re-sealed so far."""
+        self._model_kinds = model_kinds()
+        """The kinds whose payload is a model, as the registered modes declare them
+        (``ModeTraits.model_kinds``); a model attack rewrites only these."""
 
     @property
     def byzantine(self) -> list[bool]:
@@ -495,7 +495,7 @@ class Adversary:
     def forge(self, engine: Engine, node: int, receiver: int, envelope: Envelope) -> Envelope:
         """What Byzantine ``node`` sends to ``receiver`` instead of ``envelope``."""
         spec = self.plan.spec_of(node)
-        if spec is None or envelope.kind not in MODEL_KINDS:
+        if spec is None or envelope.kind not in self._model_kinds:
             return envelope
         leader = self._leader.get(node)
         model_attack = spec.attack in MODEL_ATTACKS

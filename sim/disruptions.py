@@ -13,7 +13,10 @@ remove     seconds (0: the OS resets the connections at once; ``inf``: a silent 
            noticed only through timeouts). ``remove`` is the same with a name that reads
            better for "remove 20% of the nodes by degree".
 leave      the nodes go offline, keeping their state (a device suspended); ``graceful``
-           (default) tells the neighbours at once, otherwise they are not told
+           (default) tells the neighbours at once, otherwise they are not told. With
+           ``for_good`` they leave for good, as a node its operator stops: each core is told
+           ``LeaveRequested`` and its goodbye is sent (:meth:`~sim.engine.Engine.farewell`),
+           and the node dies once that goodbye has arrived
 join       offline nodes (default: all) come back; see the engine for what they are told
 cut        the links go down; both ends see the connection reset
 restore    cut links (default: all) come back; both ends reconnect
@@ -72,6 +75,14 @@ STREAM_DISRUPTIONS = 14
 @dataclass(frozen=True, slots=True)
 class _Fire:
     index: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Gone:
+    """A node that said goodbye (a ``leave`` with ``for_good``) goes now."""
+
+    index: int
+    node: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +200,17 @@ class Disruptions:
         if isinstance(payload, _Churn):
             self._churn_step(engine, payload)
             return
+        if isinstance(payload, _Gone):
+            spec = self.specs[payload.index]
+            assert isinstance(spec, LeaveSpec)
+            engine.take_down(
+                payload.node,
+                dead=True,
+                notify_after=0.0 if spec.graceful else None,
+                cause="leave",
+                disruption=payload.index,
+            )
+            return
         assert isinstance(payload, _Fire)
         index = payload.index
         spec = self.specs[index]
@@ -201,6 +223,12 @@ class Disruptions:
                     engine.take_down(
                         node, dead=True, notify_after=notify, cause=spec.kind, disruption=index
                     )
+                record["nodes"] = nodes
+            case LeaveSpec(for_good=True):
+                nodes = self.select(engine, spec, index)
+                for node in nodes:
+                    gone_at = engine.farewell(node)
+                    engine.push(gone_at, WORLD, WorldItem(_Gone(index, node)))
                 record["nodes"] = nodes
             case LeaveSpec(graceful=graceful):
                 nodes = self.select(engine, spec, index)

@@ -21,7 +21,7 @@ turns it into a core event and carries out the actions the core returns:
   and forwards at the pace of the data holders.
 * ``DeadlineReached``: after each ``handle`` the engine re-reads ``next_deadline()``; a timer
   entry whose time no longer matches the core's deadline is stale and skipped.
-* ``SaveCheckpoint`` marks the end of a node's round for the metrics.
+* ``SaveCheckpoint`` marks the end of a node's round for the metrics (with the loss it carries).
 
 At time 0 every node gets ``NeighboursConnected`` then ``Started``: one event per node, not one
 per neighbour, so a dense graph costs no heap entries per edge. If a disruption at time 0 has
@@ -36,7 +36,8 @@ honest nodes' sends are untouched.
 The world: disruptions
 ----------------------
 Every node is *online*, *offline* (suspended: its core keeps its state but gets no events) or
-*dead* (forever). Every link is up or down (cut, or split by a partition). The scenario's
+*dead* (forever). A node leaving for good first says goodbye (:meth:`Engine.farewell`: its
+core's ``LeaveRequested``), then is taken down once the goodbye is delivered. Every link is up or down (cut, or split by a partition). The scenario's
 timeline (:mod:`sim.disruptions`) changes these states through four primitives:
 :meth:`Engine.take_down`, :meth:`Engine.bring_up`, :meth:`Engine.cut_link`,
 :meth:`Engine.restore_link`. The cores see only what a real network shows:
@@ -85,6 +86,7 @@ from p2pfl.protocol.actions import (
 from p2pfl.protocol.events import (
     DeadlineReached,
     Event,
+    LeaveRequested,
     MessageReceived,
     NeighboursConnected,
     PeerConnected,
@@ -197,7 +199,6 @@ class Engine:
         self._parked: dict[int, _ParkedTraining] = {}
         self._trained: dict[int, tuple[Tensor, float, int]] = {}
         self._outstanding: dict[int, _ParkedTraining] = {}
-        self._last_loss = [float("nan")] * size
         self._stopped = [False] * size
         self._finished = 0
         self._started = [False] * size
@@ -266,7 +267,6 @@ class Engine:
                     self._train_parked()
                 vector, loss, steps = self._trained.pop(node)
                 self._outstanding.pop(node, None)
-                self._last_loss[node] = loss
                 return TrainingFinished(vector=vector, loss=loss, steps=steps)
             case _Delivery(sender, envelope, frame_bytes, connection):
                 if connection != self._connection(sender, node):
@@ -285,10 +285,13 @@ class Engine:
             case _:
                 return item
 
-    def _carry_out(self, node: int, actions: list[Any]) -> None:
+    def _carry_out(self, node: int, actions: list[Any]) -> float | None:
+        """Carry out ``node``'s actions; returns when the last frame they sent arrives (None
+        if none is delivered)."""
         # Keyed by id(): the entry holds the envelope itself so that no id is reused while the
         # dict lives (an adversary forges a fresh envelope per receiver).
         framed: dict[int, tuple[Envelope, Envelope, int]] = {}
+        last_arrival: float | None = None
         adversary = self.adversary
         for action in actions:
             match action:
@@ -311,19 +314,22 @@ class Engine:
                     if arrival is not None:
                         connection = self._connection(node, receiver)
                         self.push(arrival, receiver, _Delivery(node, verified, size, connection))
+                        last_arrival = (
+                            arrival if last_arrival is None else max(last_arrival, arrival)
+                        )
                 case StartTraining(vector, steps, round_):
                     if self.disruptions is not None and not self.disruptions.may_train(self, node):
-                        return
+                        return last_arrival
                     self.trainings_started[node] += 1
                     self._begin_training(node, _ParkedTraining(vector, steps, round_))
-                case SaveCheckpoint(round_, vector):
+                case SaveCheckpoint(round_, vector, loss):
                     component, component_size = self.network.component_of(node)
                     self.completed_rounds[node] = round_
                     self.recorder.record(
                         round_ - 1,
                         node,
                         now=self.now,
-                        train_loss=self._last_loss[node],
+                        train_loss=loss,
                         vector=vector.detach().clone(),
                         traffic=self.traffic[node],
                         component=component,
@@ -360,6 +366,7 @@ class Engine:
                     pass
                 case _:
                     raise TypeError(f"engine cannot carry out {action!r}")
+        return last_arrival
 
     def _begin_training(self, node: int, training: _ParkedTraining) -> None:
         self._outstanding[node] = training
@@ -434,6 +441,23 @@ class Engine:
 
     def _notify(self, at: float, node: int, event: Event) -> None:
         self.push(at, node, event)
+
+    def farewell(self, node: int) -> float:
+        """Tell an online node's core that it leaves for good (``LeaveRequested``) and send
+        the goodbye it returns; the time its last goodbye frame arrives (now if none), when
+        to take it down, as a leaving runtime node flushes its queues before it closes.
+
+        The core's ``Stop`` does not count the node as finished (it did not run its rounds):
+        taking it down, dead, does. Nothing happens to a node that is not online or whose
+        core has finished.
+        """
+        core = self.cores[node]
+        if self.status[node] is not ONLINE or core.finished:
+            return self.now
+        actions = core.handle(LeaveRequested(), now=self.now)
+        last = self._carry_out(node, [action for action in actions if not isinstance(action, Stop)])
+        self._rearm(node)
+        return self.now if last is None else max(last, self.now)
 
     def take_down(
         self, node: int, *, dead: bool, notify_after: float | None, cause: str, disruption: int

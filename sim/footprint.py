@@ -11,10 +11,11 @@ nodes of a random 6-regular graph, torch 2.13 CPU):
 
 * models: nodes x parameters x 4 bytes x copies. A node holds its model, the envelope it
   last sent (payload and decoded tensor), its pending metrics row, the training's input and
-  output: :data:`MODEL_COPIES`; plus the received models its buffer holds (dsgd: received
-  models are decoded once and shared by their receivers, so :data:`DSGD_SHARED_BUFFERED` per
-  node whatever the degree; gossip: about two per push it receives, ``2 * fanout``; modest:
-  ``sample_size``) and :func:`optimizer_copies` per node for optimizer state (plain SGD:
+  output: :data:`MODEL_COPIES`; plus the received models its buffer holds, as the mode
+  declares (``ModeTraits.buffered``; dsgd: received models are decoded once and shared by
+  their receivers, so two per node whatever the degree; gossip: about two per push it
+  receives, ``2 * fanout``; modest: ``sample_size``; one per neighbour for a mode that
+  declares nothing) and :func:`optimizer_copies` per node for optimizer state (plain SGD:
   none), plus :func:`codec_copies` for a compressed codec's state.
 * data: examples x (features x 4 + 8 label bytes) x :data:`DATA_COPIES` (the dataset, its
   training split and the nodes' shares are separate tensors).
@@ -43,11 +44,11 @@ from pathlib import Path
 
 from p2pfl.codec import CODECS
 from p2pfl.errors import ConfigError
+from p2pfl.protocol import CoreConfig, mode_traits
 from p2pfl.sizes import dataset_shape, parameter_count
 from sim.scenario import Scenario
 
 MODEL_COPIES = 5
-DSGD_SHARED_BUFFERED = 2.0
 DATA_COPIES = 3
 NODE_BYTES = 24_000
 EDGE_BYTES = 450
@@ -187,15 +188,13 @@ def estimate(scenario: Scenario) -> Footprint | None:
         raise ConfigError(f"learner.{exc.key}", exc.value, exc.allowed) from None
     degree = mean_degree(scenario, nodes)
     protocol = scenario.protocol
-    buffered = {
-        # A received model is decoded once per envelope and shared by all its receivers
-        # (p2pfl.protocol.messages.decode_model): a dsgd buffer references its neighbours'
-        # models, which exist once each, about one per node for the round collected and
-        # one for a round that started early.
-        "dsgd": min(degree, DSGD_SHARED_BUFFERED),
-        "gossip": min(degree, 2.0 * protocol.fanout),
-        "modest": float(protocol.sample_size),
-    }.get(protocol.mode, degree)
+    declared = mode_traits(protocol.mode).buffered
+    buffered = degree
+    if declared is not None:
+        config = CoreConfig.from_settings(
+            protocol, rounds=scenario.rounds, local_steps=learner.local_steps
+        )
+        buffered = declared(config, degree)
     copies = MODEL_COPIES + optimizer_copies(learner.optimizer, learner.momentum) + buffered
     copies += codec_copies(protocol.codec, protocol.error_feedback)
     implicit = scenario.topology.kind in IMPLICIT_KINDS and not scenario.adversaries

@@ -32,7 +32,9 @@ primitive becomes a shard command through the runtime:
 ===========  =================================================================================
 crash        ``stop``: the node's loop ends (``request_stop``); its connections close, so its
 remove       neighbours see the disconnect at once whatever ``detect_after`` says
-leave        ``leave``: the node stops, its checkpoint kept (neighbours always see it go)
+leave        ``leave``: the node stops, its checkpoint kept (neighbours always see it go);
+             with ``for_good``, ``depart``: the node stops gracefully, its core told
+             ``LeaveRequested`` (its goodbye sent), and never comes back
 join         ``join``: a left node starts again on the same port, resumed from its checkpoint
 cut/restore  ``cut``/``restore`` at both ends: the connection is closed and neither end dials
 partition    or accepts the other until the link is restored
@@ -66,7 +68,7 @@ import tempfile
 import threading
 import time
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -76,13 +78,14 @@ from p2pfl.errors import ConfigError
 from sim.engine import WORLD, WorldItem
 from sim.interrupts import Interrupted, StopRequest, ignore_interrupts
 from sim.metrics import MetricsRecorder, Traffic
-from sim.population import Population, build_population
+from sim.population import PhaseHook, Population, build_population
 from sim.run import (
     RunResult,
     build_trainer,
     default_run_dir,
     interrupted_line,
     make_directory,
+    node_rounds,
     removed_if_empty,
     summarise,
     write_topology,
@@ -518,6 +521,13 @@ class LiveWorld:
     def _send(self, name: str, node: int, peer: int | None = None) -> None:
         self._owners[node].command(name, node, peer)
 
+    def farewell(self, node: int) -> float:
+        """The node leaves for good: the shard stops it gracefully, so its core is told
+        ``LeaveRequested`` and its goodbye flushed; take it down now (it is on its way)."""
+        if self.status[node] is ONLINE and not self.finished[node]:
+            self._send("depart", node)
+        return self.now
+
     def take_down(
         self, node: int, *, dead: bool, notify_after: float | None, cause: str, disruption: int
     ) -> bool:
@@ -562,6 +572,8 @@ def run_live(
     wall_limit: float | None = None,
     ray_init: dict[str, Any] | None = None,
     stop: StopRequest | None = None,
+    on_phase: PhaseHook | None = None,
+    changed: Mapping[str, Any] | None = None,
 ) -> RunResult:
     """Run ``scenario`` live and write its run directory (the format of a virtual run).
 
@@ -580,6 +592,10 @@ def run_live(
             records the shards hold are taken, every shard is closed and the directory is
             written with ``"interrupted": true``. A :class:`KeyboardInterrupt` while the
             nodes run does the same, and :class:`~sim.interrupts.Interrupted` is raised after.
+        on_phase: told each phase as it begins (building the population, starting Ray and
+            the shards, binding, starting the nodes, ``"running"``): progress while the
+            shards start, which takes seconds.
+        changed: the keys the run changed from its scenario (titles, ``summary["overrides"]``).
 
     Raises:
         ConfigError, TopologyError: the scenario is invalid.
@@ -603,8 +619,10 @@ def run_live(
 
     with removed_if_empty(directory, created), contextlib.ExitStack() as cleanup:
         cleanup.callback(finish)
-        population = build_population(scenario)
+        phase = on_phase or (lambda _name: None)
+        population = build_population(scenario, on_phase=on_phase)
         if handles is None:
+            phase("starting Ray")
             import ray
 
             if not ray.is_initialized():
@@ -622,6 +640,7 @@ def run_live(
                 ray_started.append(True)
             count = shards or int(ray.cluster_resources().get("CPU", 1.0))
             blocks = assign(population.size, max(1, count))
+            phase(f"starting {len(blocks)} shard actors")
             shard_handles += ray_shards(scenario, blocks, checkpoints=_needs_checkpoints(scenario))
         world, timed_out, interrupted = _drive(
             scenario,
@@ -630,6 +649,7 @@ def run_live(
             on_round,
             wall_limit or default_wall_limit(scenario),
             stop,
+            phase,
         )
     wall_seconds = time.perf_counter() - started_wall
     (directory / "scenario.toml").write_text(to_toml(scenario))
@@ -638,6 +658,7 @@ def run_live(
         scenario, world, world.now, wall_seconds, interrupted=interrupted is not None
     )
     summary["clock"] = "wall"
+    summary["overrides"] = dict(changed or {})
     summary["live"] = {
         "shards": len(shard_handles),
         "timed_out": timed_out,
@@ -650,11 +671,11 @@ def run_live(
     if plots and world.recorder.rounds:
         from sim.plots import plot_run
 
-        plot_run(directory)
+        plot_run(directory, overrides=summary["overrides"])
     (directory / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     if interrupted == "cut":
         raise Interrupted(interrupted_line(directory, summary))
-    return RunResult(directory, summary)
+    return RunResult(directory, summary, list(world.recorder.rounds), node_rounds(world.recorder))
 
 
 def _needs_checkpoints(scenario: Scenario) -> bool:
@@ -668,6 +689,7 @@ def _drive(
     on_round: Callable[[LiveWorld], None] | None,
     wall_limit: float,
     stop: StopRequest | None = None,
+    on_phase: PhaseHook | None = None,
 ) -> tuple[LiveWorld, bool, str | None]:
     """Start the shards and feed their records to the recorder until the run ends.
 
@@ -703,12 +725,16 @@ def _drive(
                     f"p2pfl-sim: live mode ignores disruptions[{index}] (battery)", file=sys.stderr
                 )
 
+    phase = on_phase or (lambda _name: None)
     book: dict[int, str] = {}
-    for handle in handles:
+    for number, handle in enumerate(handles, start=1):
+        phase(f"binding shard {number}/{len(handles)} (loads its data)")
         book.update(handle.bind())
     started_at = time.time()
+    phase(f"starting {population.size} nodes")
     for handle in handles:
         handle.start(book, started_at)
+    phase("running")
     if world.disruptions is not None:
         world.disruptions.schedule(world)
     deadline = time.monotonic() + wall_limit

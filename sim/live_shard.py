@@ -13,7 +13,8 @@ driver (:mod:`sim.live`) does goes through five thread-safe calls:
 ``poll``       drain the per-node per-round records, with every node's traffic counters
                and which nodes are *idle* (see below)
 ``command``    ``stop`` (a crash: the node ends for good), ``leave`` (the node ends, its
-               checkpoint kept), ``join`` (a left node starts again from its checkpoint, on
+               checkpoint kept), ``depart`` (the node leaves for good, saying goodbye: its
+               core is told ``LeaveRequested``), ``join`` (a left node starts again from its checkpoint, on
                the same port), ``cut`` / ``restore`` (a link: close the connection and refuse
                it until restored)
 ``close``      ask every node to stop, wait (bounded), then cancel the loop
@@ -41,8 +42,8 @@ Protocols whose cores talk beyond their neighbours (``CoreConfig.admits_stranger
 accepts them) and ``max_peers`` of at least the population, so a connection to every sampled
 peer fits. In ``modest`` the nodes not sampled near the end never finish: they wait, with no
 timer, like the virtual engine's nodes with no event left. ``poll`` therefore reports the
-running nodes that are *idle* (core phase ``WAITING`` and no deadline: nothing will happen to
-them unless a message comes), and the driver ends a run once a node has finished and every
+running nodes that are *idle* (``Core.idle``: no training outstanding and no timer armed,
+nothing will happen to them unless a message comes), and the driver ends a run once a node has finished and every
 other node is finished, dead or idle (:func:`sim.live._drive`).
 """
 
@@ -76,8 +77,6 @@ from p2pfl.learn import TorchLearner
 from p2pfl.learn.base import EvalResult, TrainResult
 from p2pfl.merge import make_merge_rule
 from p2pfl.params import ParamLayout
-from p2pfl.protocol.base import BaseCore
-from p2pfl.protocol.phases import Phase
 from p2pfl.runtime.node import Node
 from p2pfl.runtime.peer import Backoff
 from p2pfl.runtime.policy import OpenLinks
@@ -97,7 +96,7 @@ RECONNECT = Backoff(base=0.1, cap=1.0)
 PEER_MESSAGE_RATE = 1000.0
 PEER_MESSAGE_BURST = 1000
 BIND_TIMEOUT = 60.0
-COMMANDS = ("stop", "leave", "join", "cut", "restore")
+COMMANDS = ("stop", "leave", "depart", "join", "cut", "restore")
 
 Record = dict[str, Any]
 """``round``, ``node``, ``time``, ``loss``, ``vector`` (float32 bytes), ``traffic`` (5 ints)."""
@@ -264,7 +263,7 @@ class Shard:
         Returns:
             ``records`` (list of :data:`Record`), ``traffic`` (``{node: 5 ints}`` now),
             ``running``, ``finished`` and ``idle`` (node lists; idle: running, the core
-            waiting with no deadline), ``done`` (the loop ended), ``errors``.
+            ``idle``), ``done`` (the loop ended), ``errors``.
         """
         idle = self._idle()
         with self._lock:
@@ -320,20 +319,14 @@ class Shard:
             shutil.rmtree(self._checkpoint_root, ignore_errors=True)
 
     def _idle(self) -> list[int]:
-        """The running nodes whose core waits with no deadline (read in the loop's thread)."""
+        """The running nodes whose core is idle (read in the loop's thread)."""
         if self._token is None or self._done.is_set():
             return []
         idle: list[int] = []
 
         def collect() -> None:
             for node, slot in self._slots.items():
-                core = slot.node.core if slot.node is not None else None
-                if (
-                    slot.running
-                    and isinstance(core, BaseCore)
-                    and core.phase is Phase.WAITING
-                    and core.next_deadline() is None
-                ):
+                if slot.running and slot.node is not None and slot.node.core.idle:
                     idle.append(node)
 
         try:
@@ -398,7 +391,7 @@ class Shard:
                 self._errors.append(f"node {slot.index}: {traceback.format_exc()}")
         finally:
             slot.running = False
-            slot.finished = slot.finished or node.core.finished
+            slot.finished = slot.finished or (node.core.finished and not node.left)
             slot.listeners = []  # Node.run closed them
         if slot.rejoin and not slot.dead and not slot.finished:
             slot.rejoin = False
@@ -503,11 +496,13 @@ class Shard:
         slot = self._slots[index]
         node = slot.node
         match name:
-            case "stop" | "leave":
-                slot.dead = slot.dead or name == "stop"
+            case "stop" | "leave" | "depart":
+                slot.dead = slot.dead or name != "leave"
                 slot.rejoin = False
                 if node is not None and slot.running:
-                    node.request_stop(f"live disruption: {name}")
+                    # Only a departure says goodbye (the core's LeaveRequested): a crash says
+                    # nothing, and a node that leaves to join again later is only suspended.
+                    node.request_stop(f"live disruption: {name}", leave=name == "depart")
             case "join":
                 if slot.dead or slot.finished or node is None:
                     return
@@ -542,7 +537,7 @@ class Shard:
         for slot in self._slots.values():
             slot.dead = True
             if slot.node is not None and slot.running:
-                slot.node.request_stop("live run ends")
+                slot.node.request_stop("live run ends", leave=False)
         if self._closing is not None:
             self._closing.set()
 

@@ -16,8 +16,9 @@ and ``scenario.toml`` and writes, as PNG and SVG:
 
 The time plots put virtual seconds on x, or rounds with ``x="rounds"`` (``p2pfl-sim plot
 --x rounds``). Disruption times are drawn as dotted vertical lines on them. Titles name the
-scenario and, when the run differs from the shipped scenario of that name (``--set``
-overrides, ``--seed``), the keys that differ. ``compare_runs`` overlays several runs, each
+scenario and the keys the run changed (``--set`` overrides, ``--seed``, a sweep's grid
+values), as ``summary.json`` records them under ``overrides`` (for a directory without them:
+the keys that differ from the shipped scenario of that name). ``compare_runs`` overlays several runs, each
 curve labelled with the scenario keys in which the runs differ. Each plot has a ``draw_*``
 function returning the figure (for tests and notebooks) beside the ``plot_*`` one that
 saves it. Everything uses matplotlib's Agg backend; no display is needed.
@@ -28,6 +29,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import textwrap
 import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -55,9 +57,11 @@ XAxis = Literal["seconds", "rounds"]
 X_AXES: tuple[XAxis, ...] = ("seconds", "rounds")
 X_LABEL: dict[XAxis, str] = {"seconds": "virtual time (s)", "rounds": "round"}
 TICK_LABEL_SIZE = 9
+TITLE_CHARS = 75
+"""Overrides in a title wrap at this many characters (a 7-inch figure at 10 pt)."""
 LABEL_KEYS_SHOWN = 4
 """A compare legend or title names at most this many differing keys, then "+N more"."""
-NOT_A_SETTING = frozenset({"output_dir"})
+NOT_A_SETTING = frozenset({"output_dir", "description"})
 """Scenario keys that do not change what a run computes, left out of differences."""
 STATE_STYLE = {
     "data": ("tab:blue", "o", "data holder"),
@@ -98,6 +102,14 @@ class RunData:
         if not self.overrides:
             return self.name
         return f"{self.name} [{describe(self.overrides)}]"
+
+    def heading(self, what: str) -> str:
+        """A plot's title: ``NAME: what``, then the overrides wrapped on lines of their own,
+        so a long list stays inside the figure."""
+        first = f"{self.name}: {what}"
+        if not self.overrides:
+            return first
+        return "\n".join([first, *textwrap.wrap(f"[{describe(self.overrides)}]", TITLE_CHARS)])
 
     def disruption_times(self) -> list[tuple[float, str]]:
         return [(e["time"], e["kind"]) for e in self.events if e.get("event") == "disruption"]
@@ -141,9 +153,22 @@ def read_run(directory: Path) -> RunData:
     if "honest" in metrics:
         for node, flag in zip(metrics["node"], metrics["honest"], strict=True):
             honest[int(node)] = bool(flag) and honest.get(int(node), True)
-    baseline = shipped_baseline(name) if scenario else {}
-    overrides = differences([baseline, scenario])[1] if baseline else {}
+    overrides = recorded_overrides(directory)
+    if overrides is None:  # a run directory written before summary.json recorded them
+        baseline = shipped_baseline(name) if scenario else {}
+        overrides = differences([baseline, scenario])[1] if baseline else {}
     return RunData(directory, name, metrics, events, relay, edges, honest, scenario, overrides)
+
+
+def recorded_overrides(directory: Path) -> dict[str, Any] | None:
+    """The keys the run changed (``--set``, ``--seed``, a sweep's grid values), as its
+    ``summary.json`` records them; None when it records none."""
+    try:
+        summary = json.loads((directory / "summary.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    overrides = summary.get("overrides") if isinstance(summary, dict) else None
+    return overrides if isinstance(overrides, dict) else None
 
 
 # -- what differs between scenarios ---------------------------------------------------------
@@ -189,8 +214,10 @@ def _show(value: Any) -> str:
 
 
 def describe(keys: dict[str, Any]) -> str:
-    """``learner.lr=0.05, seed=7``, at most :data:`LABEL_KEYS_SHOWN` keys then ``+N more``."""
-    parts = [f"{key}={_show(value)}" for key, value in list(keys.items())[:LABEL_KEYS_SHOWN]]
+    """``learner.lr=0.05, seed=7``: the keys sorted (the same wherever the dict came from,
+    ``summary.json`` sorts them), at most :data:`LABEL_KEYS_SHOWN` then ``+N more``."""
+    shown = sorted(keys.items())[:LABEL_KEYS_SHOWN]
+    parts = [f"{key}={_show(value)}" for key, value in shown]
     if len(keys) > LABEL_KEYS_SHOWN:
         parts.append(f"+{len(keys) - LABEL_KEYS_SHOWN} more")
     return ", ".join(parts)
@@ -346,9 +373,10 @@ def _time_axes(title: str, ylabel: str, x: XAxis = "seconds") -> tuple[Figure, A
         raise ValueError(f"x = {x!r}: one of {', '.join(X_AXES)}")
     fig, ax = plt.subplots(figsize=(7, 4))
     # fixed margins: tight_layout would measure every tick label, which costs more than
-    # drawing the figure
-    fig.subplots_adjust(left=0.11, right=0.97, bottom=0.13, top=0.91)
-    ax.set_title(title)
+    # drawing the figure; each extra title line takes 4.5% of the height
+    lines = title.count("\n")
+    fig.subplots_adjust(left=0.11, right=0.97, bottom=0.13, top=0.91 - 0.045 * lines)
+    ax.set_title(title, fontsize=11 if not lines else 10)
     ax.set_ylabel(ylabel)
     _style_axes(ax, x)
     return fig, ax
@@ -366,7 +394,7 @@ def _per_node_legend(ax: Axes, run: RunData, color: str) -> None:
 
 
 def draw_accuracy(run: RunData, x: XAxis = "seconds") -> Figure:
-    fig, ax = _time_axes(f"{run.title}: test accuracy", "test accuracy (fraction correct)", x)
+    fig, ax = _time_axes(run.heading("test accuracy"), "test accuracy (fraction correct)", x)
     _band_plot(
         ax, run, "test_accuracy", label="mean (honest nodes)", color="tab:blue", per_node=True, x=x
     )
@@ -376,7 +404,7 @@ def draw_accuracy(run: RunData, x: XAxis = "seconds") -> Figure:
 
 
 def draw_loss(run: RunData, x: XAxis = "seconds") -> Figure:
-    fig, ax = _time_axes(f"{run.title}: loss", "cross-entropy loss (nats)", x)
+    fig, ax = _time_axes(run.heading("loss"), "cross-entropy loss (nats)", x)
     _band_plot(
         ax, run, "test_loss", label="test loss, mean", color="tab:orange", per_node=True, x=x
     )
@@ -396,7 +424,7 @@ def draw_loss(run: RunData, x: XAxis = "seconds") -> Figure:
 
 def draw_consensus(run: RunData, x: XAxis = "seconds") -> Figure:
     fig, ax = _time_axes(
-        f"{run.title}: consensus distance", "mean squared distance to the mean model", x
+        run.heading("consensus distance"), "mean squared distance to the mean model", x
     )
     stats = _rounds(run, "consensus_distance", honest_only=False)
     if len(stats["time"]):
@@ -426,7 +454,7 @@ def _cumulative_bytes(run: RunData) -> dict[str, np.ndarray]:
 
 
 def draw_traffic(run: RunData, x: XAxis = "seconds") -> Figure:
-    fig, ax = _time_axes(f"{run.title}: traffic", "bytes sent, all nodes (MB, cumulative)", x)
+    fig, ax = _time_axes(run.heading("traffic"), "bytes sent, all nodes (MB, cumulative)", x)
     traffic = _cumulative_bytes(run)
     if len(traffic["time"]):
         ax.plot(_x(traffic, x), traffic["mean"], color="tab:green", marker=".", label="bytes sent")
@@ -532,8 +560,11 @@ def draw_topology(run: RunData, times: Sequence[float] | None = None) -> Figure:
     ]
     handles.append(Line2D([], [], color="tab:red", linestyle="--", label="link down"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8)
-    fig.suptitle(f"{run.title}: topology and node states over virtual time")
-    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.1, top=0.86, wspace=0.05)
+    heading = run.heading("topology and node states over virtual time")
+    fig.suptitle(heading)
+    fig.subplots_adjust(
+        left=0.02, right=0.98, bottom=0.1, top=0.86 - 0.04 * heading.count("\n"), wspace=0.05
+    )
     return fig
 
 
@@ -582,7 +613,7 @@ def component_series(
 
 def draw_components(run: RunData, x: XAxis = "seconds") -> Figure:
     fig, ax = _time_axes(
-        f"{run.title}: accuracy per connected component", "test accuracy (fraction correct)", x
+        run.heading("accuracy per connected component"), "test accuracy (fraction correct)", x
     )
     for key, (xs, values) in component_series(run, x).items():
         style: dict[str, Any] = (
@@ -627,15 +658,19 @@ def plot_run(
     topology_times: Sequence[float] | None = None,
     out: Path | None = None,
     x: XAxis = "seconds",
+    overrides: dict[str, Any] | None = None,
 ) -> list[Path]:
     """Draw every plot of a run directory into ``out`` (default: the directory itself),
-    with virtual seconds or rounds on x.
+    with virtual seconds or rounds on x; ``overrides`` (the keys the run changed) title
+    the plots instead of those :func:`read_run` finds.
 
     Raises:
         FileNotFoundError: ``directory`` holds no ``metrics.csv``.
         ValueError: ``x`` is not one of :data:`X_AXES`.
     """
     run = read_run(directory)
+    if overrides is not None:
+        run.overrides = dict(overrides)
     target = out or directory
     target.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []

@@ -18,23 +18,28 @@ A run directory holds:
   reports rounds, so every accuracy is the global model's: ``mean_test_accuracy`` (= min =
   max) and ``final_accuracy_alive`` are the last global model's accuracy (null if the server
   died), ``final_consensus_distance`` is 0, and ``nodes`` counts the clients and the server;
-  the traffic totals cover every node;
+  the traffic totals cover every node; ``overrides`` holds the dotted keys the run changed
+  from the scenario it was given (``--set``, ``--seed``, a sweep's grid values) with their
+  values, which title the plots;
 * the plots, PNG and SVG (:mod:`sim.plots`), redrawn from these files by ``p2pfl-sim plot``.
+
+Without a directory (``run_scenario(..., out=None)``) nothing is written: the
+:class:`RunResult` holds the summary, the per-round summaries and every node's rows in memory.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import sys
 import time
-from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass
+import tomllib
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -50,20 +55,115 @@ from sim.disruptions import Disruptions
 from sim.engine import Engine
 from sim.footprint import check_fits
 from sim.interrupts import Interrupted, StopRequest
-from sim.metrics import MetricsRecorder
+from sim.metrics import MetricsRecorder, RoundSummary
 from sim.network import LinkModel
 from sim.population import PhaseHook, Population, build_population, initial_vectors
-from sim.scenario import Scenario, to_toml
+from sim.scenario import Scenario, apply_overrides, parse_scenario, read_document, to_toml
 from topologies import CompleteAdjacency
 
 STREAM_CORE = 10
 STREAM_NETWORK = 11
 
 
+class NodeRound(NamedTuple):
+    """One node's round: a row of ``metrics.csv`` (the same columns, in the same order)."""
+
+    round: int
+    node: int
+    honest: int
+    virtual_time: float
+    train_loss: float
+    test_loss: float
+    test_accuracy: float
+    distance_to_mean: float
+    consensus_distance: float
+    bytes_sent: int
+    bytes_received: int
+    messages_sent: int
+    messages_received: int
+    rejected: int
+    relay: int
+    component: int
+    component_size: int
+    attack_success: float
+
+
 @dataclass(frozen=True, slots=True)
 class RunResult:
-    directory: Path
+    """What a run produced, in memory.
+
+    Attributes:
+        directory: the run directory, or None for a run that wrote no files.
+        summary: what ``summary.json`` holds (totals, final accuracies, ``overrides``...).
+        rounds: one summary per completed round, in order: mean/min/max test accuracy of the
+            honest nodes (NaN for a round not evaluated, see ``metrics.eval_every``),
+            consensus distance, nodes reporting, virtual time it completed.
+        rows: every node's every round, as ``metrics.csv`` has them, by (round, node).
+    """
+
+    directory: Path | None
     summary: dict[str, Any]
+    rounds: list[RoundSummary] = field(default_factory=list)
+    rows: list[NodeRound] = field(default_factory=list)
+
+
+def node_rounds(recorder: MetricsRecorder) -> list[NodeRound]:
+    """The recorder's rows as :class:`NodeRound`, ordered as ``metrics.csv``."""
+    ordered = sorted(recorder.rows, key=lambda row: (row[0], row[1]))
+    return [NodeRound._make(row) for row in ordered]
+
+
+def load_scenario(
+    scenario: Scenario | str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    seed: int | None = None,
+) -> tuple[Scenario, dict[str, Any]]:
+    """Resolve a scenario (a shipped name, a ``.toml`` path or a parsed :class:`Scenario`)
+    with ``--set``-style ``overrides`` (``"learner.lr=0.05"``) and a ``seed``.
+
+    Returns:
+        The scenario, and the dotted keys in which it differs from the one it was made from,
+        with their new values (what titles its plots); empty without overrides.
+
+    Raises:
+        ConfigError: the name, the file, an override or the resolved scenario is invalid.
+    """
+    assignments = [*overrides, *([f"seed={seed}"] if seed is not None else [])]
+    if isinstance(scenario, Scenario):
+        if not assignments:
+            return scenario, {}
+        document: dict[str, Any] = tomllib.loads(to_toml(scenario))
+        source = "scenario"
+    else:
+        document, source = read_document(str(scenario))
+    resolved = parse_scenario(apply_overrides(document, assignments), source=source)
+    if not assignments:
+        return resolved, {}
+    try:
+        base = (
+            scenario if isinstance(scenario, Scenario) else parse_scenario(document, source=source)
+        )
+    except ConfigError:  # only valid with its overrides: name the keys they set
+        return resolved, _assigned(resolved, assignments)
+    return resolved, scenario_changes(base, resolved)
+
+
+def scenario_changes(base: Scenario, scenario: Scenario) -> dict[str, Any]:
+    """The dotted keys (``learner.lr``, ``disruptions[0].fraction``) whose values differ
+    between two scenarios, with ``scenario``'s values (``-`` where it has none)."""
+    from sim.plots import differences, flatten
+
+    flat = [flatten(tomllib.loads(to_toml(item))) for item in (base, scenario)]
+    return differences(flat)[1]
+
+
+def _assigned(scenario: Scenario, assignments: Sequence[str]) -> dict[str, Any]:
+    from sim.plots import flatten
+
+    flat = flatten(tomllib.loads(to_toml(scenario)))
+    keys = [assignment.partition("=")[0].strip() for assignment in assignments]
+    return {key: flat.get(key, "-") for key in dict.fromkeys(keys)}
 
 
 def core_config(scenario: Scenario, population: Population | None = None) -> CoreConfig:
@@ -72,18 +172,16 @@ def core_config(scenario: Scenario, population: Population | None = None) -> Cor
     Raises:
         ConfigError: a protocol setting is invalid.
     """
-    protocol = scenario.protocol
-    # ProtocolSpec's fields are CoreConfig's, named alike; rounds and steps live elsewhere.
-    config = CoreConfig(
-        **protocol.model_dump(),
+    server = ""
+    if population is not None and population.server is not None:
+        server = population.identities[population.server].node_id.hex()
+    # The scenario spells rounds and local steps elsewhere; the [protocol] keys are shared.
+    return CoreConfig.from_settings(
+        scenario.protocol,
         rounds=scenario.rounds,
         local_steps=scenario.learner.local_steps,
+        server=server,
     )
-    if population is not None and population.server is not None:
-        server = population.identities[population.server].node_id
-        config = dataclasses.replace(config, server=server.hex())
-    config.validate()
-    return config
 
 
 def build_engine(
@@ -206,16 +304,26 @@ def default_run_dir(scenario: Scenario) -> Path:
 
 
 def run_scenario(
-    scenario: Scenario,
+    scenario: Scenario | str | Path,
     out: Path | None = None,
     *,
+    overrides: Sequence[str] = (),
+    seed: int | None = None,
+    changed: Mapping[str, Any] | None = None,
     on_round: Callable[[Engine], None] | None = None,
     plots: bool = True,
     stop: StopRequest | None = None,
     force: bool = False,
     on_phase: PhaseHook | None = None,
 ) -> RunResult:
-    """Run ``scenario`` and write its run directory (with its plots unless ``plots=False``).
+    """Run a scenario; write its run directory ``out`` (with its plots unless ``plots=False``),
+    or nothing when ``out`` is None; return what it measured (:class:`RunResult`).
+
+    ``scenario`` is a parsed :class:`Scenario`, a shipped name or a ``.toml`` path;
+    ``overrides`` (``"learner.lr=0.05"``, as ``--set``) and ``seed`` are applied to it
+    (:func:`load_scenario`). The keys they changed title the plots and are recorded in
+    ``summary["overrides"]``; ``changed`` gives them instead (a caller that resolved the
+    scenario itself).
 
     Before allocating anything, the scenario's memory footprint is estimated
     (:mod:`sim.footprint`) and a scenario that does not fit the machine is refused, unless
@@ -231,13 +339,15 @@ def run_scenario(
     are written the same way, and :class:`~sim.interrupts.Interrupted` is raised after.
 
     Raises:
-        ConfigError, TopologyError: the scenario is invalid, does not fit in memory, or
-            ``out`` cannot be a directory.
+        ConfigError, TopologyError: the scenario or an override is invalid, the scenario
+            does not fit in memory, or ``out`` cannot be a directory.
         Interrupted: a KeyboardInterrupt cut the run; its directory is written.
     """
     started = time.perf_counter()
-    directory = out or default_run_dir(scenario)
-    created = make_directory("--out", directory)
+    scenario, found = load_scenario(scenario, overrides, seed=seed)
+    changes = dict(found if changed is None else changed)
+    directory = out
+    created = make_directory("--out", directory) if directory is not None else False
     stopping: list[int] = []
 
     def round_done(engine: Engine) -> None:
@@ -269,9 +379,24 @@ def run_scenario(
         virtual_seconds = engine.now
     interrupted = cut or bool(stopping)
     wall_seconds = time.perf_counter() - started
+    summary = summarise(scenario, engine, virtual_seconds, wall_seconds, interrupted=interrupted)
+    summary["overrides"] = changes
+    result = RunResult(
+        directory, summary, list(engine.recorder.rounds), node_rounds(engine.recorder)
+    )
+    if directory is not None:
+        write_run(directory, scenario, engine, summary, plots=plots)
+    if cut:
+        raise Interrupted(interrupted_line(directory, summary))
+    return result
+
+
+def write_run(
+    directory: Path, scenario: Scenario, engine: Engine, summary: dict[str, Any], *, plots: bool
+) -> None:
+    """Write a finished run's files into ``directory``; ``summary.json`` last."""
     (directory / "scenario.toml").write_text(to_toml(scenario))
     (directory / "metrics.csv").write_text(engine.recorder.csv_text())
-    summary = summarise(scenario, engine, virtual_seconds, wall_seconds, interrupted=interrupted)
     skipped = write_topology(engine.population, directory)
     if skipped is not None:
         summary["edges_csv"] = skipped
@@ -281,15 +406,14 @@ def run_scenario(
     if plots and engine.recorder.rounds:
         from sim.plots import plot_run
 
-        plot_run(directory)
+        plot_run(directory, overrides=summary["overrides"])
     (directory / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    if cut:
-        raise Interrupted(interrupted_line(directory, summary))
-    return RunResult(directory, summary)
 
 
-def interrupted_line(directory: Path, summary: dict[str, Any]) -> str:
+def interrupted_line(directory: Path | None, summary: dict[str, Any]) -> str:
     """The one line printed after an interrupted run."""
+    if directory is None:
+        return f"interrupted after {summary['rounds']} rounds (nothing written)"
     return (
         f"interrupted after {summary['rounds']} rounds; wrote {directory} "
         '(summary.json says "interrupted": true)'
@@ -321,13 +445,18 @@ def make_directory(key: str, path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def removed_if_empty(directory: Path, created: bool) -> Iterator[None]:
+def removed_if_empty(directory: Path | None, created: bool) -> Iterator[None]:
     """If the block fails before anything was written, remove the directory made for it, so
     a failed run leaves no empty run directory behind."""
     try:
         yield
     except BaseException:
-        if created and directory.is_dir() and not any(directory.iterdir()):
+        if (
+            created
+            and directory is not None
+            and directory.is_dir()
+            and not any(directory.iterdir())
+        ):
             directory.rmdir()
         raise
 
@@ -437,7 +566,8 @@ def final_accuracies(engine: Engine) -> dict[str, Any]:
 
     last: dict[int, float] = {}
     for row in engine.recorder.rows:
-        node, accuracy = int(row[1]), float(row[6])  # type: ignore[arg-type]
+        node, accuracy = row[1], row[6]
+        assert isinstance(node, int) and isinstance(accuracy, float)
         last[node] = accuracy
     online = [node for node, state in enumerate(engine.status) if state == ONLINE]
     components = engine.network.components()

@@ -27,27 +27,16 @@ from pydantic import (
     model_validator,
 )
 
-from p2pfl.codec import CODECS, MAX_CLUSTERS
+from p2pfl.codec import CODECS
 from p2pfl.errors import ConfigError
 from p2pfl.learn.settings import LearnerSettings
-from p2pfl.protocol import PROTOCOL_MODES
-from p2pfl.protocol.config import MAX_ROUNDS
+from p2pfl.protocol.config import MAX_ROUNDS, ProtocolSettings
+from p2pfl.schema import Elided, config_error
+from p2pfl.schema import Strict as _Strict
 from topologies import registry as topology_registry
 
 SCENARIO_PACKAGE = "sim.scenarios"
 DEFAULT_SCENARIO = "default"
-
-
-class _Strict(BaseModel):
-    """Base of every scenario table: unknown keys are errors, and values are never coerced.
-
-    Strict mode takes a value only as the type it is written as: ``"0.1"`` is not a number,
-    ``1`` is not ``true``, ``2.0`` is not an integer (an integer is still a float: ``lr = 1``).
-    No float is infinite or NaN, except where a field says so (``allow_inf_nan=True``).
-    Fields typed as tuples take TOML arrays through :data:`Pair`.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 def _tuple(value: Any) -> Any:
@@ -96,9 +85,6 @@ class LearnerSpec(LearnerSettings):
     """``[learner]``: the keys a node's config shares (:class:`p2pfl.learn.LearnerSettings`)
     plus the simulator's own (a node takes ``local_steps`` from ``[protocol]``)."""
 
-    # The scenario's rules (see _Strict) on top of LearnerSettings': no inf or nan anywhere.
-    model_config = ConfigDict(allow_inf_nan=False)
-
     local_steps: int = Field(default=10, ge=1)
     step_time: float = Field(default=0.01, gt=0.0, description="virtual seconds per local step")
     init: Literal["shared", "independent"] = Field(
@@ -107,55 +93,10 @@ class LearnerSpec(LearnerSettings):
     )
 
 
-class ProtocolSpec(_Strict):
-    mode: str = Field(default="dsgd", description="a registered protocol mode")
-    round_timeout: float = Field(default=5.0, gt=0.0)
-    period: float = Field(default=1.0, gt=0.0)
-    period_jitter: float = Field(default=0.2, ge=0.0, lt=1.0)
-    fanout: int = Field(default=1, ge=1)
-    wire_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    max_rounds_ahead: int = Field(default=4, ge=0)
-    # modest (p2pfl.protocol.modest; defaults as in the MoDeST reference)
-    sample_size: int = Field(default=10, ge=1)
-    # fedavg: clients per round as a share of all clients (unset: sample_size clients)
-    sample_fraction: float | None = Field(default=None, gt=0.0, le=1.0)
-    aggregators: int = Field(default=1, ge=1)
-    success_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
-    min_models: int = Field(default=3, ge=1)
-    ping_timeout: float = Field(default=5.0, gt=0.0)
-    aggregation_timeout: float = Field(default=300.0, gt=0.0)
-    ack_timeout: float = Field(default=320.0, gt=0.0)
-    inactivity_threshold: int = Field(default=50, ge=1)
-    view_entries: int = Field(default=16, ge=1, le=256)
-    announce_join: bool = True
-    # gossip: push targets from the neighbours, or from the membership view beyond them
-    peer_sampling: Literal["neighbours", "membership"] = "neighbours"
-    # SybilWall history gossip (p2pfl.protocol.histories): unset = on for sybilwall rules
-    history_gossip: bool | None = None
-    history_lambda: float = Field(default=0.8, gt=0.0)
-    history_capacity: int = Field(default=32, ge=1)
-    # compressed updates (p2pfl.protocol.compression): codec name and its parameters
-    codec: str = Field(default="dense", description="a registered payload codec")
-    codec_fraction: float = Field(default=0.01, gt=0.0, le=1.0)
-    codec_count: int = Field(default=0, ge=0)
-    codec_clusters: int = Field(default=3, ge=1, le=MAX_CLUSTERS)
-    codec_chunk: int = Field(default=4096, ge=1)
-    error_feedback: bool = True
-    keyframe_every: int = Field(default=20, ge=0)
-
-    @field_validator("codec")
-    @classmethod
-    def _known_codec(cls, codec: str) -> str:
-        if codec not in CODECS:
-            raise ValueError(f"one of {', '.join(sorted(CODECS))}")
-        return codec
-
-    @field_validator("mode")
-    @classmethod
-    def _registered(cls, mode: str) -> str:
-        if mode not in PROTOCOL_MODES:
-            raise ValueError(f"one of {', '.join(sorted(PROTOCOL_MODES))}")
-        return mode
+class ProtocolSpec(ProtocolSettings):
+    """``[protocol]``: the keys a node's config shares (:class:`p2pfl.protocol.ProtocolSettings`,
+    declared there once); ``rounds`` and ``local_steps`` are spelled elsewhere in a scenario
+    (top level, ``[learner]``). Simulator-only keys would be added here."""
 
 
 class MetricsSpec(_Strict):
@@ -233,14 +174,9 @@ class SpeedSpec(_Strict):
     low: float = Field(default=0.5, gt=0.0)
     high: float = Field(default=1.5, gt=0.0)
     sigma: float = Field(default=0.5, gt=0.0, description="lognormal with median 1")
-    values: list[float] = Field(default_factory=list, description="one factor per node")
-
-    @field_validator("values")
-    @classmethod
-    def _positive(cls, values: list[float]) -> list[float]:
-        if any(not value > 0 for value in values):
-            raise ValueError("every speed factor must be > 0")
-        return values
+    values: list[Annotated[float, Field(gt=0.0)]] = Field(
+        default_factory=list, description="one factor per node"
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> SpeedSpec:
@@ -268,19 +204,13 @@ class RolesSpec(_Strict):
         return sorted(set(relays))
 
 
-def _fraction(value: float) -> float:
-    if not 0.0 < value <= 1.0:
-        raise ValueError("a number in (0, 1]")
-    return value
-
-
 def _node_list(nodes: list[int] | None) -> list[int] | None:
     if nodes is not None and any(node < 0 for node in nodes):
         raise ValueError("node indices are >= 0")
     return None if nodes is None else sorted(set(nodes))
 
 
-Fraction = Annotated[float, AfterValidator(_fraction)]
+Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
 NodeList = Annotated[list[int] | None, AfterValidator(_node_list)]
 Link = Annotated[list[int], Field(min_length=2, max_length=2)]
 
@@ -334,10 +264,17 @@ class CrashSpec(_Selection):
 
 
 class LeaveSpec(_Selection):
-    """Nodes go offline (state kept, suspended); ``graceful`` tells the neighbours."""
+    """Nodes go offline (state kept, suspended); ``graceful`` tells the neighbours.
+
+    ``for_good``: the nodes leave for good instead, as a node its operator stops (SIGTERM):
+    each core is told ``LeaveRequested`` and says goodbye (``modest``: a LEAVE announcement
+    and a ``NACK`` for each model it holds), then the node goes once its goodbye is delivered
+    and never comes back (a later ``join`` skips it).
+    """
 
     kind: Literal["leave"]
     graceful: bool = True
+    for_good: bool = False
 
 
 class JoinSpec(_When):
@@ -454,13 +391,7 @@ DISRUPTION_KINDS = (
 )
 
 
-def _share(value: float) -> float:
-    if not 0.0 <= value <= 1.0:
-        raise ValueError("a number in [0, 1]")
-    return value
-
-
-Share = Annotated[float, AfterValidator(_share)]
+Share = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
 class _Adversary(_Strict):
@@ -614,6 +545,16 @@ def _file_name(value: str) -> str:
     return value
 
 
+MAX_DESCRIPTION_CHARS = 200
+"""Longest ``description``: one line of a terminal listing."""
+
+
+def _one_line(value: str) -> str:
+    if not value.isprintable() or len(value) > MAX_DESCRIPTION_CHARS:
+        raise ValueError(f"one line of at most {MAX_DESCRIPTION_CHARS} printable characters")
+    return value
+
+
 def _path_text(value: str) -> str:
     if not value or not value.isprintable():
         raise ValueError("a non-empty path of printable characters")
@@ -625,6 +566,9 @@ class Scenario(_Strict):
 
     name: Annotated[str, AfterValidator(_file_name)] = Field(
         default="unnamed", description="also names the run directory"
+    )
+    description: Annotated[str, AfterValidator(_one_line)] = Field(
+        default="", description="what the scenario is for, shown by `p2pfl-sim scenarios`"
     )
     seed: int = Field(default=1, ge=0)
     rounds: int = Field(default=30, ge=1, le=MAX_ROUNDS)
@@ -676,104 +620,6 @@ _DISRUPTION_MODELS: dict[str, type[BaseModel]] = {
 }
 
 
-_TAGGED_ARRAYS: dict[str, tuple[str, dict[str, type[BaseModel]]]] = {
-    "disruptions": ("kind", _DISRUPTION_MODELS),
-    "adversaries": ("attack", _ADVERSARY_MODELS),
-}
-"""Arrays of tables told apart by a tag key: array name -> (tag key, models by tag)."""
-
-
-def _clean_loc(loc: Sequence[str | int]) -> list[str | int]:
-    """Drop the discriminator tags pydantic puts after a list index of a tagged array."""
-    cleaned: list[str | int] = []
-    tagged = _TAGGED_ARRAYS.get(str(loc[0])) if loc else None
-    for index, part in enumerate(loc):
-        after_index = index > 0 and isinstance(loc[index - 1], int)
-        if after_index and tagged is not None and part in tagged[1]:
-            continue
-        cleaned.append(part)
-    return cleaned
-
-
-def _dotted(loc: Sequence[str | int]) -> str:
-    text = ""
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text
-
-
-def _allowed_keys(raw_loc: Sequence[str | int]) -> list[str]:
-    model: type[BaseModel] = Scenario
-    parts = list(raw_loc[:-1])
-    tagged = _TAGGED_ARRAYS.get(str(parts[0])) if parts else None
-    if tagged is not None and len(parts) >= 3 and str(parts[2]) in tagged[1]:
-        return sorted(tagged[1][str(parts[2])].model_fields)
-    for part in parts:
-        field = model.model_fields.get(str(part))
-        annotation = field.annotation if field else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return []
-        model = annotation
-    return sorted(model.model_fields)
-
-
-def _first_error(exc: ValidationError, source: str) -> ConfigError:
-    error = exc.errors()[0]
-    raw_loc = list(error["loc"])
-    loc = _clean_loc(raw_loc)
-    tag: str = "kind"
-    tags: tuple[str, ...] = DISRUPTION_KINDS
-    if raw_loc[:1] == ["adversaries"]:
-        tag, tags = "attack", ATTACKS
-    if error["type"] in {"union_tag_invalid", "union_tag_not_found"}:
-        loc.append(tag)
-    key = _dotted(loc) or "(scenario)"
-    value = error.get("input")
-    if error["type"] == "extra_forbidden":
-        allowed = _allowed_keys(raw_loc)
-        return ConfigError(
-            f"{source}: {key}", value, f"unknown key; allowed keys here: {', '.join(allowed)}"
-        )
-    if error["type"] == "union_tag_invalid":
-        value = error.get("ctx", {}).get("tag", value)
-        message = f"one of {', '.join(tags)}"
-    elif error["type"] == "union_tag_not_found":
-        value = None
-        what = "disruption needs a" if tag == "kind" else "adversary needs an"
-        message = f"every {what} `{tag}`: one of {', '.join(tags)}"
-    elif error["type"] in _TYPE_WORDS:
-        message = _TYPE_WORDS[error["type"]]
-        if isinstance(value, str):
-            message += ", not a string: write it without quotes"
-    elif error["type"] == "finite_number":
-        message = "a finite number (inf and nan make no sense here)"
-    else:
-        message = error["msg"].removeprefix("Value error, ")
-    if isinstance(value, dict):
-        value = _Elided()
-    return ConfigError(f"{source}: {key}", value, message)
-
-
-_TYPE_WORDS = {
-    "int_type": "an integer",
-    "float_type": "a number",
-    "bool_type": "true or false",
-    "string_type": "a string (in quotes)",
-    "list_type": "an array",
-    "tuple_type": "an array",
-    "dict_type": "a table",
-    "model_type": "a table",
-}
-"""What a strict type error asks for, in the words of a TOML file."""
-
-
-class _Elided:
-    """Stands for a value too large to print in a one-line error."""
-
-    def __repr__(self) -> str:
-        return "{...}"
-
-
 def parse_scenario(
     document: Mapping[str, Any], *, source: str = "scenario", base_dir: Path | None = None
 ) -> Scenario:
@@ -795,7 +641,7 @@ def parse_scenario(
     try:
         scenario = Scenario.model_validate(dict(document), context={"base_dir": base_dir})
     except ValidationError as exc:
-        raise _first_error(exc, source) from None
+        raise config_error(exc, Scenario, source=source) from None
     return scenario
 
 
@@ -960,7 +806,7 @@ def apply_overrides(document: dict[str, Any], assignments: Sequence[str]) -> dic
             value = None
         if value is None or nesting(value) >= MAX_NESTING:
             raise ConfigError(
-                f"--set {key.strip()}", _Elided(), f"a value nested at most {MAX_NESTING} deep"
+                f"--set {key.strip()}", Elided(), f"a value nested at most {MAX_NESTING} deep"
             )
         path = override_path(key)
         if len(path) > MAX_NESTING:

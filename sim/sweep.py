@@ -5,7 +5,10 @@ Every combination of the ``--grid key=v1,v2,...`` values (keys as for ``--set``,
 from the scenario). Every run gets its own directory ``run-NNN`` under the sweep directory;
 ``sweep.csv`` is the tidy table (one row per run: its grid values, its seed and its summary
 metrics) and ``sweep.png``/``sweep.svg`` the comparison plot (each metric against the first
-grid key, one line per combination of the other keys, mean over seeds with their spread).
+grid key, one line per combination of the other keys, mean ± std over seeds, seeds as dots).
+``sweep-summary.csv`` and ``sweep-summary.md`` hold one row per grid point: each chosen metric's
+mean, sample standard deviation (n - 1; empty with one value) and number of runs with a value,
+over the point's seeds; ``p2pfl-sim sweep`` prints the same table.
 
 ``--resume`` (same ``--out``) reuses every run whose directory already holds a finished run of
 the same resolved scenario and runs only the others. SIGINT/SIGTERM stops the workers at once,
@@ -68,6 +71,13 @@ class SweepRun:
     seed: int
     document: dict[str, Any]
     directory: Path
+    base_changes: tuple[tuple[str, Any], ...] = ()
+    """What the sweep's ``--set`` changed in the scenario, for every run."""
+
+    @property
+    def changed(self) -> dict[str, Any]:
+        """The keys this run changed from the scenario: ``--set``, its grid values, seed."""
+        return {**dict(self.base_changes), **dict(self.values), "seed": self.seed}
 
 
 def split_values(text: str) -> list[str]:
@@ -124,8 +134,10 @@ def plan(
     *,
     seeds: int,
     out: Path,
+    changed: dict[str, Any] | None = None,
 ) -> list[SweepRun]:
-    """Every run of the sweep, each document validated.
+    """Every run of the sweep, each document validated; ``changed`` is what the sweep's
+    ``--set`` changed (recorded with each run's grid values and seed).
 
     Raises:
         ConfigError: a grid value makes an invalid scenario, ``seeds`` < 1, or more than
@@ -139,6 +151,7 @@ def plan(
     base = parse_scenario(document, source=source)
     runs: list[SweepRun] = []
     keys = [key for key, _ in grid]
+    base_changes = tuple((changed or {}).items())
     for combination in itertools.product(*(values for _, values in grid)):
         assigned = [f"{key}={value}" for key, value in zip(keys, combination, strict=True)]
         for offset in range(seeds):
@@ -147,7 +160,8 @@ def plan(
             parse_scenario(run_document, source=source)
             values = tuple((key, _read_value(run_document, key)) for key in keys)
             index = len(runs)
-            runs.append(SweepRun(index, values, seed, run_document, out / f"run-{index:03d}"))
+            directory = out / f"run-{index:03d}"
+            runs.append(SweepRun(index, values, seed, run_document, directory, base_changes))
     return runs
 
 
@@ -159,8 +173,15 @@ def _read_value(document: dict[str, Any], key: str) -> Any:
     return value
 
 
-def run_one(document: dict[str, Any], source: str, directory: str, plots: bool) -> dict[str, Any]:
-    """One sweep run, in a worker process; returns the run's summary."""
+def run_one(
+    document: dict[str, Any],
+    source: str,
+    directory: str,
+    plots: bool,
+    changed: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One sweep run, in a worker process; returns the run's summary. ``changed`` (its grid
+    values and seed) titles its plots and is its summary's ``overrides``."""
     import torch
 
     torch.set_num_threads(1)
@@ -168,7 +189,9 @@ def run_one(document: dict[str, Any], source: str, directory: str, plots: bool) 
 
     scenario = parse_scenario(document, source=source)
     # run_sweep checked the memory estimate against each worker's share of the machine.
-    return run_scenario(scenario, Path(directory), plots=plots, force=True).summary
+    return run_scenario(
+        scenario, Path(directory), plots=plots, force=True, changed=changed or {}
+    ).summary
 
 
 def finished_summary(run: SweepRun, source: str) -> dict[str, Any] | None:
@@ -258,6 +281,7 @@ def run_sweep(
     done = [run for run in runs if run.index in summaries]
     write_table(runs, summaries, table)
     keys = [key for key, _ in runs[0].values] if runs else []
+    write_grid_summary(summarise_grid(table, keys, metrics), keys, metrics, out)
     if done:
         plot_sweep(table, keys, metrics, out, name=name)
     if interrupted:
@@ -290,7 +314,14 @@ def _run_in_workers(
     try:
         with children_ignore_sigint():  # the pool starts its processes as work is submitted
             futures = {
-                pool.submit(run_one, run.document, source, str(run.directory), plots): run.index
+                pool.submit(
+                    run_one,
+                    run.document,
+                    source,
+                    str(run.directory),
+                    plots,
+                    run.changed,
+                ): run.index
                 for run in todo
             }
         pending = set(futures)
@@ -352,6 +383,96 @@ def write_table(runs: Sequence[SweepRun], summaries: dict[int, dict[str, Any]], 
             )
 
 
+@dataclass(frozen=True, slots=True)
+class MetricStats:
+    """One metric over a grid point's seeds: runs without a value (None, NaN) left out."""
+
+    mean: float | None
+    std: float | None
+    """Sample standard deviation (n - 1); None with fewer than two values."""
+    n: int
+
+    def text(self, digits: int = 4) -> str:
+        """``0.8123 ± 0.0121``; ``0.8123`` with one value; ``—`` with none."""
+        if self.mean is None:
+            return "—"
+        if self.std is None:
+            return f"{self.mean:.{digits}g}"
+        return f"{self.mean:.{digits}g} ± {self.std:.2g}"
+
+
+@dataclass(frozen=True, slots=True)
+class GridPoint:
+    """One combination of grid values and its metrics over the seeds run."""
+
+    values: tuple[tuple[str, str], ...]
+    seeds: int
+    stats: dict[str, MetricStats]
+
+
+def metric_stats(values: Sequence[float]) -> MetricStats:
+    finite = [value for value in values if math.isfinite(value)]
+    if not finite:
+        return MetricStats(None, None, 0)
+    mean = math.fsum(finite) / len(finite)
+    if len(finite) < 2:
+        return MetricStats(mean, None, 1)
+    variance = math.fsum((value - mean) ** 2 for value in finite) / (len(finite) - 1)
+    return MetricStats(mean, math.sqrt(variance), len(finite))
+
+
+def summarise_grid(table: Path, keys: Sequence[str], metrics: Sequence[str]) -> list[GridPoint]:
+    """Group ``sweep.csv``'s runs by their grid values (in run order) and reduce
+    each metric over the seeds with :func:`metric_stats`."""
+    with table.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    groups: dict[tuple[tuple[str, str], ...], list[dict[str, str]]] = {}
+    for row in rows:
+        groups.setdefault(tuple((key, row[key]) for key in keys), []).append(row)
+    return [
+        GridPoint(
+            values,
+            len(group),
+            {
+                metric: metric_stats(
+                    [float(row[metric]) for row in group if row[metric] not in ("", "None")]
+                )
+                for metric in metrics
+            },
+        )
+        for values, group in groups.items()
+    ]
+
+
+def write_grid_summary(
+    points: Sequence[GridPoint], keys: Sequence[str], metrics: Sequence[str], out: Path
+) -> list[Path]:
+    """``sweep-summary.csv`` (mean, std, n per metric) and ``sweep-summary.md`` (a table of
+    ``mean ± std``) in ``out``."""
+    csv_path, md_path = out / "sweep-summary.csv", out / "sweep-summary.md"
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        stat_columns = [f"{metric}_{part}" for metric in metrics for part in ("mean", "std", "n")]
+        writer.writerow([*keys, "seeds", *stat_columns])
+        for point in points:
+            cells: list[Any] = []
+            for metric in metrics:
+                stats = point.stats[metric]
+                cells += [_cell(stats.mean), _cell(stats.std), stats.n]
+            writer.writerow([*(value for _, value in point.values), point.seeds, *cells])
+    header = [*keys, "seeds", *(f"{metric} (mean ± std)" for metric in metrics)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for point in points:
+        cells_md = [
+            *(value for _, value in point.values),
+            str(point.seeds),
+            *(point.stats[metric].text() for metric in metrics),
+        ]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells_md) + " |")
+    md_path.write_text("\n".join(lines) + "\n")
+    return [csv_path, md_path]
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return ""
@@ -364,7 +485,8 @@ def plot_sweep(
     table: Path, keys: Sequence[str], metrics: Sequence[str], out: Path, *, name: str = "sweep"
 ) -> list[Path]:
     """One panel per metric: the metric against the first grid key, a line per combination of
-    the other keys; the mean over seeds, with each seed's value as a dot."""
+    the other keys; the mean over seeds with the sample standard deviation as an error bar
+    (the numbers of ``sweep-summary.csv``), each seed's value as a dot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -385,21 +507,33 @@ def plot_sweep(
             series.setdefault(label, {}).setdefault(row[first], []).append(value)
         for offset, (label, points) in enumerate(series.items()):
             shift = (offset - (len(series) - 1) / 2) * 0.06
-            positions, means = [], []
+            positions, means, errors = [], [], []
             for position, x in enumerate(xs):
                 values = np.array(points.get(x, []), dtype=float)
                 finite = values[np.isfinite(values)]
                 ax.scatter(
                     [position + shift] * len(finite), finite, s=10, alpha=0.5, color=f"C{offset}"
                 )
-                if len(finite):
+                stats = metric_stats([float(value) for value in finite])
+                if stats.mean is not None:
                     positions.append(position + shift)
-                    means.append(float(finite.mean()))
-            ax.plot(positions, means, marker="o", color=f"C{offset}", label=label)
+                    means.append(stats.mean)
+                    errors.append(stats.std or 0.0)
+            ax.errorbar(
+                positions,
+                means,
+                yerr=errors,
+                marker="o",
+                capsize=3,
+                color=f"C{offset}",
+                label=label,
+            )
         ax.set_xticks(range(len(xs)), xs)
         ax.set_xlabel(first)
         ax.set_ylabel(metric.replace("_", " ") + (" (fraction)" if "accuracy" in metric else ""))
-        ax.set_title(f"{name}: {metric.replace('_', ' ')} (mean over seeds; dots = seeds)")
+        ax.set_title(
+            f"{name}: {metric.replace('_', ' ')}\nmean ± std over seeds; dots = seeds", fontsize=10
+        )
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize=8)
     fig.tight_layout()

@@ -1,5 +1,8 @@
 """Argument checks shared by the generators (private).
 
+What an integer or a number is comes from :mod:`p2pfl.checks` (one definition for configs,
+scenarios and generators); only the wording is the generators' own.
+
 Every check raises :class:`~p2pfl.errors.TopologyError` with a message of the form
 ``"<family>: <name> = <value> must satisfy <rule> (<context>)"``, so a user reading it knows
 which argument to change and what to choose instead.
@@ -8,11 +11,13 @@ which argument to change and what to choose instead.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable
 
 import networkx as nx
 import numpy as np
 
+from p2pfl.checks import is_int, is_real
 from p2pfl.errors import TopologyError
 
 #: How many derived seeds a ``connected=True`` generator tries before giving up.
@@ -44,9 +49,9 @@ def check_int(family: str, name: str, value: object) -> int:
     Raises:
         TopologyError: If ``value`` is not an int.
     """
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+    if not is_int(value):
         raise TopologyError(f"{family}: {name} = {value!r} must be an int")
-    return int(value)
+    return operator.index(value)
 
 
 def check_at_least(family: str, name: str, value: object, minimum: int) -> int:
@@ -67,7 +72,7 @@ def check_real(family: str, name: str, value: object) -> float:
     Raises:
         TopologyError: If ``value`` is not a finite real number.
     """
-    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+    if not is_real(value):
         raise TopologyError(f"{family}: {name} = {value!r} must be a number")
     number = float(value)
     if not math.isfinite(number):
@@ -106,11 +111,9 @@ def check_seed(family: str, seed: object) -> int | None:
     """
     if seed is None:
         return None
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+    if not is_int(seed):
         raise TopologyError(f"{family}: seed = {seed!r} must be None or a non-negative int")
-    if seed < 0:
-        raise fail(family, "seed", seed, "seed >= 0")
-    return int(seed)
+    return check_at_least(family, "seed", seed, 0)
 
 
 def derived_seed(seed: int | None, attempt: int) -> int | None:

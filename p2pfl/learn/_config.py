@@ -1,9 +1,9 @@
-"""Argument checks shared by the dataset and partition registries."""
+"""Calling a dataset or partition builder with a config's parameters (numbers are checked by
+:mod:`p2pfl.checks`)."""
 
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -47,25 +47,3 @@ def call_with_params(
             f"{kind}_params.{missing[0]}", None, f"{kind} {name!r} requires {', '.join(missing)}"
         )
     return fn(**fixed, **params)
-
-
-def check_int(key: str, value: object, minimum: int) -> None:
-    """Raise ConfigError naming ``key`` unless ``value`` is an int >= ``minimum``."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(key, value, f"an int >= {minimum}")
-
-
-def check_seed(seed: object, key: str = "seed") -> None:
-    """Raise ConfigError unless ``seed`` is a non-negative int (numpy's SeedSequence rule)."""
-    check_int(key, seed, 0)
-
-
-def check_positive(key: str, value: object) -> None:
-    """Raise ConfigError naming ``key`` unless ``value`` is a finite number > 0."""
-    if (
-        not isinstance(value, int | float)
-        or isinstance(value, bool)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ConfigError(key, value, "a finite number > 0")

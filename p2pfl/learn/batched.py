@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,7 @@ from p2pfl.learn.optim import (
     OptimizerState,
     optimizer_step,
     stack_states,
+    step_gradient,
     unstack_states,
 )
 from p2pfl.learn.sampling import MinibatchSampler
@@ -172,13 +174,20 @@ class BatchedLearner:
             if self.batched:
                 x = torch.stack([data[0][pick] for data, pick in zip(datasets, picks, strict=True)])
                 y = torch.stack([data[1][pick] for data, pick in zip(datasets, picks, strict=True)])
-                loss, grads = self._vmap_gradient(params, x, y)
+                gradient = partial(self._vmap_gradient, x=x, y=y)
+                loss, grads = step_gradient(settings, gradient, params)
             else:
                 (data,), (pick,) = datasets, picks
                 buffers = self._buffers_of(nodes[0])
-                loss, grads = row_gradient(
-                    self.model, self.layout, params, buffers, data[0][pick], data[1][pick]
+                gradient = partial(
+                    row_gradient,
+                    self.model,
+                    self.layout,
+                    buffers=buffers,
+                    x=data[0][pick],
+                    y=data[1][pick],
                 )
+                loss, grads = step_gradient(settings, gradient, params)
                 loss = loss.view(1)
             counts = [state.steps + step + 1 for state in states]
             optimizer_step(settings, params, grads, stacked, lrs=lrs, step_counts=counts)

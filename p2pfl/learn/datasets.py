@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from p2pfl.checks import check_int, check_seed
 from p2pfl.errors import ConfigError
-from p2pfl.learn._config import call_with_params, check_int, check_seed
+from p2pfl.learn._config import call_with_params
 from p2pfl.learn.data.core import ArrayDataset, SplitDataset, train_test_split
 from p2pfl.learn.data.hf import load_hf
 from p2pfl.learn.data.mnist1d import mnist1d

@@ -1,4 +1,5 @@
-"""The optimisers of every p2pfl learner: SGD (momentum, Nesterov, weight decay), Adam, AdamW.
+"""The optimisers of every p2pfl learner: SGD (momentum, Nesterov, weight decay), Adam, AdamW,
+and SAM over SGD.
 
 One implementation serves the one-by-one :class:`~p2pfl.learn.TorchLearner` of a node and the
 simulator's :class:`~p2pfl.learn.batched.BatchedLearner`: it updates *rows* of flat parameter
@@ -26,6 +27,13 @@ carries it): ``constant``; ``step`` (``lr * lr_gamma ** (round // lr_step_size)`
 formula of torch's ``CosineAnnealingLR`` with one "epoch" per round and ``T_max`` the run's
 rounds; rounds past the end keep ``lr_min``).
 
+SAM (sharpness-aware minimisation, the local optimiser of DFedSAM; Foret et al., Shi et al.)
+takes two gradients per step: ``g = grad F(x)``, then ``g' = grad F(x + rho * g / ||g||)`` on
+the same minibatch (``||g||`` the norm of the node's whole flat gradient), and updates ``x``
+with SGD's rule (momentum, Nesterov, weight decay as for ``sgd``) applied to ``g'``.
+:func:`step_gradient` is that two-gradient wrapper around any learner's gradient function, so
+the one-by-one and batched learners share it; the reported loss is the one at ``x``.
+
 After a merge: ``optimizer_state = "keep"`` carries the state into the next training whatever
 vector it starts from (local SGD with momentum as usually simulated). ``"reset"`` drops it at
 the start of a training whenever the starting vector is not bit-identical to the vector that
@@ -36,15 +44,20 @@ the model between two trainings; a node whose model was left alone keeps its sta
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from p2pfl.checks import check_number
 from p2pfl.errors import ConfigError
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
+OPTIMIZERS = ("sgd", "adam", "adamw", "sam")
+DEFAULT_RHO = 0.05
+"""SAM's ascent radius when none is given (DFedSAM's range is about 0.01-0.05)."""
+SAM_NORM_EPS = 1e-12
+"""Added to ``||g||`` in SAM's ascent step so that a zero gradient gives a zero step."""
 LR_SCHEDULES = ("constant", "step", "cosine")
 STATE_POLICIES = ("keep", "reset")
 
@@ -71,6 +84,8 @@ class OptimizerSettings:
     lr_min: float = 0.0
     total_rounds: int = 1
     state_policy: str = "keep"
+    rho: float = DEFAULT_RHO
+    """SAM: the radius of the ascent step (``optimizer = "sam"`` only)."""
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
@@ -81,30 +96,38 @@ class OptimizerSettings:
             raise ConfigError(
                 "optimizer_state", self.state_policy, f"one of {', '.join(STATE_POLICIES)}"
             )
-        _check_number("lr", self.lr, low=0.0, low_open=True)
-        _check_number("momentum", self.momentum, low=0.0, high=1.0)
-        _check_number("weight_decay", self.weight_decay, low=0.0)
-        _check_number("eps", self.eps, low=0.0, low_open=True)
-        _check_number("lr_gamma", self.lr_gamma, low=0.0, low_open=True)
-        _check_number("lr_min", self.lr_min, low=0.0)
+        check_number("lr", self.lr, minimum=0, open_min=True)
+        check_number("momentum", self.momentum, minimum=0, maximum=1, open_max=True)
+        check_number("weight_decay", self.weight_decay, minimum=0)
+        check_number("eps", self.eps, minimum=0, open_min=True)
+        check_number("lr_gamma", self.lr_gamma, minimum=0, open_min=True)
+        check_number("lr_min", self.lr_min, minimum=0)
         for index, beta in enumerate(self.betas):
-            _check_number(f"betas[{index}]", beta, low=0.0, high=1.0)
+            check_number(f"betas[{index}]", beta, minimum=0, maximum=1, open_max=True)
         if len(self.betas) != 2:
             raise ConfigError("betas", list(self.betas), "two numbers in [0, 1)")
-        if self.nesterov and (self.name != "sgd" or self.momentum == 0):
+        check_number("rho", self.rho, minimum=0, open_min=True)
+        if self.nesterov and (not self.sgd_rule or self.momentum == 0):
             raise ConfigError(
-                "nesterov", self.nesterov, "true only with optimizer sgd, momentum > 0"
+                "nesterov", self.nesterov, "true only with optimizer sgd or sam, momentum > 0"
             )
-        if self.momentum and self.name != "sgd":
-            raise ConfigError("momentum", self.momentum, "0 unless optimizer is sgd (adam: betas)")
+        if self.momentum and not self.sgd_rule:
+            raise ConfigError(
+                "momentum", self.momentum, "0 unless optimizer is sgd or sam (adam: betas)"
+            )
         for key, value in (("lr_step_size", self.lr_step_size), ("rounds", self.total_rounds)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(key, value, "an int >= 1")
 
     @property
+    def sgd_rule(self) -> bool:
+        """Whether the update is SGD's (``sgd``, and ``sam``, which is SGD at another gradient)."""
+        return self.name in ("sgd", "sam")
+
+    @property
     def state_names(self) -> tuple[str, ...]:
         """Names of the per-parameter state tensors this optimiser keeps (none for plain SGD)."""
-        if self.name == "sgd":
+        if self.sgd_rule:
             return ("momentum_buffer",) if self.momentum else ()
         return ("exp_avg", "exp_avg_sq")
 
@@ -193,7 +216,7 @@ def optimizer_step(
         return torch.tensor(values, dtype=params.dtype).view(rows, 1)
 
     with torch.no_grad():
-        if settings.name == "sgd":
+        if settings.sgd_rule:
             update = grads
             if settings.weight_decay:
                 update = update.add(params, alpha=settings.weight_decay)
@@ -226,22 +249,25 @@ def optimizer_step(
         torch.addcdiv(params, exp_avg * column(step_sizes), denom, out=params)
 
 
-def _check_number(
-    key: str,
-    value: object,
-    *,
-    low: float,
-    high: float | None = None,
-    low_open: bool = False,
-) -> None:
-    ok = (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and (value > low if low_open else value >= low)
-        and (high is None or value < high)
-    )
-    if not ok:
-        bound = f"> {low}" if low_open else f">= {low}"
-        allowed = f"a finite number {bound}" + (f" and < {high}" if high is not None else "")
-        raise ConfigError(key, value, allowed)
+GradientFn = Callable[[Tensor], tuple[Tensor, Tensor]]
+"""Rows ``[R, P]`` -> (each row's loss, ``[R, P]`` gradients) on the step's fixed minibatch."""
+
+
+def step_gradient(
+    settings: OptimizerSettings, gradient: GradientFn, params: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The loss at ``params [R, P]`` and the gradient the optimiser steps with.
+
+    For every optimiser but ``sam`` that is ``gradient(params)``. For ``sam`` it is the
+    gradient at each row's ascent point ``x + rho * g / (||g|| + SAM_NORM_EPS)``, with ``g`` the
+    row's gradient at ``x`` and the norm taken over the row (one node's whole model), so a
+    row's step depends on that row alone and B rows batched equal B rows one by one.
+    """
+    loss, grads = gradient(params)
+    if settings.name != "sam":
+        return loss, grads
+    with torch.no_grad():
+        norms = torch.linalg.vector_norm(grads, dim=1, keepdim=True).add_(SAM_NORM_EPS)
+        ascent = torch.addcdiv(params, grads, norms, value=settings.rho)
+    _, sharp = gradient(ascent)
+    return loss, sharp

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from p2pfl.checks import check_int, check_number, check_seed
 from p2pfl.errors import ConfigError
-from p2pfl.learn._config import call_with_params, check_int, check_positive, check_seed
+from p2pfl.learn._config import call_with_params
 
 Partition = list[npt.NDArray[np.int64]]
 DEFAULT_MAX_ATTEMPTS = 100
@@ -62,7 +63,7 @@ def dirichlet(
             lower ``min_size`` or use fewer nodes).
     """
     y = _check_common(labels, n, seed)
-    check_positive("alpha", alpha)
+    check_number("alpha", alpha, minimum=0, open_min=True)
     check_int("min_size", min_size, 0)
     check_int("max_attempts", max_attempts, 1)
     if n * min_size > len(y):
@@ -120,7 +121,7 @@ def quantity_skew(labels: npt.ArrayLike, n: int, alpha: float, *, seed: int) -> 
         ConfigError: ``alpha <= 0`` or another argument is out of range.
     """
     y = _check_common(labels, n, seed)
-    check_positive("alpha", alpha)
+    check_number("alpha", alpha, minimum=0, open_min=True)
     rng = np.random.default_rng(seed)
     sizes = 1 + rng.multinomial(len(y) - n, rng.dirichlet(np.full(n, float(alpha))))
     return _sorted(np.split(rng.permutation(len(y)), np.cumsum(sizes)[:-1]))

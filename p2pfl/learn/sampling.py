@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from p2pfl.learn._config import check_int
+from p2pfl.checks import check_int
 
 SEED_MASK = 2**64 - 1
 

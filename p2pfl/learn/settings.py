@@ -3,8 +3,9 @@
 ``sim.scenario.LearnerSpec`` extends :class:`LearnerSettings` with the simulator-only keys
 (``local_steps``, ``step_time``, ``init``) and ``p2pfl.config`` reads a node's ``[learner]``
 table with :func:`parse_learner_settings`, so a node runs exactly the learner that was
-simulated. Types are strict: ``lr = "0.1"`` or ``hidden = ["32"]`` is refused, not
-converted (an int is accepted where a number is expected).
+simulated. Types are strict (:class:`p2pfl.schema.Strict`): ``lr = "0.1"`` or
+``hidden = ["32"]`` is refused, not converted (an int is accepted where a number is
+expected), and no number is infinite or NaN.
 
 Keys (defaults in brackets):
 
@@ -12,9 +13,11 @@ Keys (defaults in brackets):
   ``"python:package.module:factory"`` (runs that module's code); ``model_params`` [{}] are
   the factory's keyword arguments; ``hidden`` is a shortcut for ``model_params.hidden`` of
   ``mlp`` (the default mlp is ``hidden = [32]``).
-* ``optimizer`` [``"sgd"``] | ``"adam"`` | ``"adamw"``; ``lr`` [0.1]; ``momentum`` [0] and
-  ``nesterov`` [false] (sgd); ``weight_decay`` [0] (L2 for sgd/adam, decoupled for adamw);
-  ``betas`` [[0.9, 0.999]] and ``eps`` [1e-8] (adam/adamw).
+* ``optimizer`` [``"sgd"``] | ``"adam"`` | ``"adamw"`` | ``"sam"``; ``lr`` [0.1];
+  ``momentum`` [0] and ``nesterov`` [false] (sgd, sam); ``weight_decay`` [0] (L2 for
+  sgd/sam/adam, decoupled for adamw); ``betas`` [[0.9, 0.999]] and ``eps`` [1e-8]
+  (adam/adamw); ``rho`` [unset: 0.05] (sam: the ascent radius; SAM's update is SGD's, at the
+  gradient of the ascent point, see :mod:`p2pfl.learn.optim`).
 * ``lr_schedule`` [``"constant"``] | ``"step"`` (``lr_step_size`` rounds [1], ``lr_gamma``
   [0.1]) | ``"cosine"`` (down to ``lr_min`` [0] over the run's rounds).
 * ``optimizer_state`` [``"keep"``] | ``"reset"``: see :mod:`p2pfl.learn.optim`.
@@ -26,26 +29,24 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
-from p2pfl.errors import ConfigError
 from p2pfl.learn.models import MODELS, PYTHON_PREFIX
-from p2pfl.learn.optim import OptimizerSettings
+from p2pfl.learn.optim import DEFAULT_RHO, OptimizerSettings
+from p2pfl.schema import Strict, config_error
 
 DEFAULT_HIDDEN = (32,)
 
 
-class LearnerSettings(BaseModel):
+class LearnerSettings(Strict):
     """The ``[learner]`` keys shared by scenarios and node configs."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     model: str = "mlp"
     model_params: dict[str, Any] = Field(default_factory=dict)
     hidden: list[int] | None = Field(
         default=None, description="mlp hidden widths (shortcut for model_params.hidden)"
     )
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    optimizer: Literal["sgd", "adam", "adamw", "sam"] = "sgd"
     lr: float = Field(default=0.1, gt=0.0, allow_inf_nan=False)
     momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
     nesterov: bool = False
@@ -60,6 +61,12 @@ class LearnerSettings(BaseModel):
     lr_min: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
     optimizer_state: Literal["keep", "reset"] = "keep"
     batch_size: int = Field(default=32, ge=1)
+    rho: float | None = Field(
+        default=None,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="sam: ascent step radius (unset: 0.05)",
+    )
 
     @field_validator("model")
     @classmethod
@@ -86,16 +93,25 @@ class LearnerSettings(BaseModel):
     @field_validator("momentum")
     @classmethod
     def _momentum_for_sgd(cls, momentum: float, info: ValidationInfo) -> float:
-        if momentum and info.data.get("optimizer", "sgd") != "sgd":
-            raise ValueError("0 unless optimizer is 'sgd' (adam and adamw have betas)")
+        if momentum and info.data.get("optimizer", "sgd") not in ("sgd", "sam"):
+            raise ValueError("0 unless optimizer is 'sgd' or 'sam' (adam and adamw have betas)")
         return momentum
 
     @field_validator("nesterov")
     @classmethod
     def _nesterov_needs_momentum(cls, nesterov: bool, info: ValidationInfo) -> bool:
         if nesterov and not info.data.get("momentum"):
-            raise ValueError("true only with optimizer 'sgd' and momentum > 0")
+            raise ValueError("true only with optimizer 'sgd' or 'sam' and momentum > 0")
         return nesterov
+
+    @field_validator("rho")
+    @classmethod
+    def _rho_for_sam(cls, rho: float | None, info: ValidationInfo) -> float | None:
+        if rho is not None and info.data.get("optimizer", "sgd") != "sam":
+            raise ValueError(
+                f"only for optimizer 'sam' (optimizer is {info.data.get('optimizer')!r})"
+            )
+        return rho
 
     def model_parameters(self) -> dict[str, Any]:
         """The factory's keyword arguments (``hidden`` folded in for ``mlp``)."""
@@ -125,6 +141,7 @@ class LearnerSettings(BaseModel):
             lr_min=self.lr_min,
             total_rounds=total_rounds,
             state_policy=self.optimizer_state,
+            rho=DEFAULT_RHO if self.rho is None else self.rho,
         )
 
 
@@ -138,20 +155,7 @@ def parse_learner_settings(table: Mapping[str, Any], prefix: str = "learner") ->
     try:
         return LearnerSettings.model_validate(dict(table))
     except ValidationError as exc:
-        raise validation_error(exc, prefix) from None
-
-
-def validation_error(exc: ValidationError, prefix: str) -> ConfigError:
-    """The first problem of ``exc`` as a one-line :class:`ConfigError` naming the dotted key."""
-    error = exc.errors()[0]
-    dotted = prefix
-    for part in error["loc"]:
-        dotted += f"[{part}]" if isinstance(part, int) else f".{part}"
-    message = str(error["msg"]).removeprefix("Value error, ")
-    value = error.get("input")
-    if error["type"] == "extra_forbidden":
-        message = f"not a key of [{prefix}]; keys are {', '.join(LearnerSettings.model_fields)}"
-    return ConfigError(dotted, value, message)
+        raise config_error(exc, LearnerSettings, prefix=prefix) from None
 
 
 def _is_python_factory(name: str) -> bool:

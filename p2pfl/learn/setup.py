@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 from torch import Tensor, nn
 
+from p2pfl.checks import check_int, check_seed
 from p2pfl.errors import ConfigError
-from p2pfl.learn._config import check_int, check_seed
 from p2pfl.learn.datasets import ArrayDataset, load_split
 from p2pfl.learn.models import build_model
 from p2pfl.learn.optim import OptimizerSettings

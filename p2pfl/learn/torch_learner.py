@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import math
 import threading
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from p2pfl.checks import check_int
 from p2pfl.errors import ConfigError
-from p2pfl.learn._config import check_int
 from p2pfl.learn.base import EvalResult, TrainResult
 from p2pfl.learn.datasets import ArrayDataset
 from p2pfl.learn.functional import row_gradient
@@ -28,6 +29,7 @@ from p2pfl.learn.optim import (
     OptimizerState,
     optimizer_step,
     stack_states,
+    step_gradient,
     unstack_states,
 )
 from p2pfl.learn.sampling import MinibatchSampler
@@ -153,14 +155,15 @@ class TorchLearner:
             total_loss = torch.zeros((), dtype=torch.float64)
             for step in range(steps):
                 index = self._sampler.next_batch()
-                loss, grads = row_gradient(
+                gradient = partial(
+                    row_gradient,
                     self._model,
                     self._layout,
-                    row,
-                    self._buffers,
-                    self._train_x[index],
-                    self._train_y[index],
+                    buffers=self._buffers,
+                    x=self._train_x[index],
+                    y=self._train_y[index],
                 )
+                loss, grads = step_gradient(settings, gradient, row)
                 counts = [self._state.steps + step + 1]
                 optimizer_step(settings, row, grads, state, lrs=lrs, step_counts=counts)
                 total_loss += loss

@@ -13,8 +13,10 @@ from p2pfl.merge import sybil as sybil
 from p2pfl.merge import variance as variance
 from p2pfl.merge.base import (
     MERGE_RULES,
+    HistoryHook,
     MergeContext,
     MergeRule,
+    history_hook,
     make_merge_rule,
     register_merge_rule,
 )
@@ -39,6 +41,7 @@ from p2pfl.merge.sybil import (
 from p2pfl.merge.variance import VarianceCorrected
 
 __all__ = ["MERGE_RULES", "MergeContext", "MergeRule", "make_merge_rule", "register_merge_rule"]
+__all__ += ["HistoryHook", "history_hook"]
 __all__ += [
     "Bristle",
     "BristleContextError",

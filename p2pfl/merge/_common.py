@@ -9,12 +9,10 @@ copy of the ``[k, P]`` stack), own first.
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
 
-from p2pfl.errors import ConfigError
 from p2pfl.merge.base import as_rows
 from p2pfl.merge.kernels import coordinate_median
 from p2pfl.numerics import all_finite, finite_rows
@@ -185,39 +183,3 @@ def row_norms(matrix: torch.Tensor) -> torch.Tensor:
     ):
         norms = torch.linalg.vector_norm(matrix, dim=1, dtype=torch.float64)
     return norms.to(torch.float64)
-
-
-def check_int(key: str, value: object, *, minimum: int = 0) -> int:
-    """An integer parameter ``>= minimum`` (bools refused).
-
-    Raises:
-        ConfigError: otherwise, naming ``merge.<key>``.
-    """
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"merge.{key}", value, f"an integer >= {minimum}")
-    return value
-
-
-def check_float(
-    key: str,
-    value: object,
-    *,
-    minimum: float = 0.0,
-    maximum: float = math.inf,
-    open_min: bool = False,
-) -> float:
-    """A finite real parameter in ``[minimum, maximum]`` (``(minimum, ...]`` if ``open_min``).
-
-    Raises:
-        ConfigError: otherwise, naming ``merge.<key>``.
-    """
-    low = "(" if open_min else "["
-    allowed = f"a finite number in {low}{minimum}, {maximum}]"
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"merge.{key}", value, allowed)
-    number = float(value)
-    if not math.isfinite(number) or number > maximum:
-        raise ConfigError(f"merge.{key}", value, allowed)
-    if number < minimum or (open_min and number == minimum):
-        raise ConfigError(f"merge.{key}", value, allowed)
-    return number

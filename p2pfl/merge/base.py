@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -62,6 +62,46 @@ class MergeRule(Protocol):
     def __call__(
         self, own: torch.Tensor, received: torch.Tensor, weights: torch.Tensor, ctx: MergeContext
     ) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class HistoryHook(Protocol):
+    """What a merge rule implements to learn from histories of *distant* nodes (SybilWall).
+
+    A protocol core that finds this hook on its rule (:func:`history_hook`) gossips signed
+    histories (:mod:`p2pfl.protocol.histories`) and tells the rule what it learns through
+    these two calls; the rule keeps it in ``state``, the node's private state that its merges
+    get as ``ctx.state``. The core never reads or writes that state itself.
+    """
+
+    def learn_history(
+        self,
+        state: MutableMapping[str, Any],
+        origin: NodeId,
+        round: int,
+        distance: int,
+        history: torch.Tensor,
+    ) -> None:
+        """A distant node's history, its signature checked: ``origin`` is ``distance`` >= 2
+        hops away and published ``history`` (its accumulated update, ``[P]`` float32, the
+        caller's copy) in ``round``. Must not raise on a peer's data (drop it instead)."""
+        ...
+
+    def forget_history(self, state: MutableMapping[str, Any], origin: NodeId) -> None:
+        """The core evicted ``origin``'s history (its table is bounded): forget it too."""
+        ...
+
+
+def history_hook(rule: object) -> HistoryHook | None:
+    """The :class:`HistoryHook` of ``rule``, or of the rule it wraps (``rule.base``, as
+    variance correction wraps a base rule), or None if neither learns from histories."""
+    for _ in range(8):  # a wrapper chain is short; the bound guards against a cycle
+        if rule is None:
+            return None
+        if isinstance(rule, HistoryHook):
+            return rule
+        rule = getattr(rule, "base", None)
+    return None
 
 
 def as_rows(

@@ -48,7 +48,8 @@ from collections.abc import Mapping
 
 import torch
 
-from p2pfl.errors import ConfigError, LocalProtocolError
+from p2pfl.checks import check_int
+from p2pfl.errors import LocalProtocolError
 from p2pfl.identity import NodeId
 from p2pfl.merge.base import MergeContext, register_merge_rule
 from p2pfl.merge.sybil import _finite_split, _per_row
@@ -105,12 +106,6 @@ def _write_classes(
         flat[bias.span] = classes[:, hidden].to(flat.dtype)
 
 
-def _check_int(key: str, value: object, minimum: int) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
-        return value
-    raise ConfigError(key, value, f"an integer >= {minimum}")
-
-
 class Bristle:
     """Bristle's prioritiser and per-class integrator on the output layer.
 
@@ -131,10 +126,10 @@ class Bristle:
         min_screening: int = 20,
         seed: int = 0,
     ) -> None:
-        self.exploitation = _check_int("merge.exploitation", exploitation, 1)
-        self.exploration = _check_int("merge.exploration", exploration, 0)
-        self.min_screening = _check_int("merge.min_screening", min_screening, 0)
-        self.seed = _check_int("merge.seed", seed, 0)
+        self.exploitation = check_int("merge.exploitation", exploitation, 1)
+        self.exploration = check_int("merge.exploration", exploration, 0)
+        self.min_screening = check_int("merge.min_screening", min_screening, 0)
+        self.seed = check_int("merge.seed", seed, 0)
 
     def __call__(
         self, own: torch.Tensor, received: torch.Tensor, weights: torch.Tensor, ctx: MergeContext

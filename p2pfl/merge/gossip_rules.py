@@ -14,7 +14,8 @@ import math
 
 import torch
 
-from p2pfl.merge._common import check_float, gather, mean64, reference, result, row_norms
+from p2pfl.checks import check_number
+from p2pfl.merge._common import gather, mean64, reference, result, row_norms
 from p2pfl.merge.base import MergeContext, register_merge_rule
 
 
@@ -77,7 +78,7 @@ class ClippedGossip:
     name: str = "clipped_gossip"
 
     def __init__(self, *, tau: float | None = None) -> None:
-        self.tau = None if tau is None else check_float("tau", tau, open_min=True)
+        self.tau = None if tau is None else check_number("merge.tau", tau, minimum=0, open_min=True)
 
     def __call__(
         self, own: torch.Tensor, received: torch.Tensor, weights: torch.Tensor, ctx: MergeContext
@@ -126,9 +127,9 @@ class Balance:
     name: str = "balance"
 
     def __init__(self, *, gamma: float = 0.3, kappa: float = 1.0, alpha: float = 0.5) -> None:
-        self.gamma = check_float("gamma", gamma)
-        self.kappa = check_float("kappa", kappa)
-        self.alpha = check_float("alpha", alpha, maximum=1.0)
+        self.gamma = check_number("merge.gamma", gamma, minimum=0)
+        self.kappa = check_number("merge.kappa", kappa, minimum=0)
+        self.alpha = check_number("merge.alpha", alpha, minimum=0, maximum=1.0)
 
     def radius(self, reference_norm: float, ctx: MergeContext) -> float:
         """The acceptance radius ``γ · exp(−κ · t/T) · ‖w_i‖`` at this round."""

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import torch
 
+from p2pfl.checks import check_int, check_number
 from p2pfl.errors import ConfigError, InsufficientInputs
 from p2pfl.merge._common import (
     Inputs,
     canonical_order,
-    check_float,
-    check_int,
     gather,
     gram_matrix,
     mean64,
@@ -83,8 +82,8 @@ class TrimmedMean:
     name: str = "trimmed_mean"
 
     def __init__(self, *, f: int = 1, b: int | None = None) -> None:
-        self.f = check_int("f", f)
-        self.b = self.f if b is None else check_int("b", b)
+        self.f = check_int("merge.f", f, 0)
+        self.b = self.f if b is None else check_int("merge.b", b, 0)
 
     def __call__(
         self, own: torch.Tensor, received: torch.Tensor, weights: torch.Tensor, ctx: MergeContext
@@ -145,7 +144,7 @@ class Krum:
     name: str = "krum"
 
     def __init__(self, *, f: int = 1) -> None:
-        self.f = check_int("f", f)
+        self.f = check_int("merge.f", f, 0)
 
     def __call__(
         self, own: torch.Tensor, received: torch.Tensor, weights: torch.Tensor, ctx: MergeContext
@@ -181,8 +180,8 @@ class MultiKrum:
     name: str = "multi_krum"
 
     def __init__(self, *, f: int = 1, m: int | None = None) -> None:
-        self.f = check_int("f", f)
-        self.m = None if m is None else check_int("m", m, minimum=1)
+        self.f = check_int("merge.f", f, 0)
+        self.m = None if m is None else check_int("merge.m", m, 1)
 
     def __call__(
         self, own: torch.Tensor, received: torch.Tensor, weights: torch.Tensor, ctx: MergeContext
@@ -222,8 +221,8 @@ class GeometricMedian:
     name: str = "geometric_median"
 
     def __init__(self, *, nu: float = 0.1, iterations: int = 8) -> None:
-        self.nu = check_float("nu", nu, open_min=True)
-        self.iterations = check_int("iterations", iterations, minimum=1)
+        self.nu = check_number("merge.nu", nu, minimum=0, open_min=True)
+        self.iterations = check_int("merge.iterations", iterations, 1)
 
     def __call__(
         self, own: torch.Tensor, received: torch.Tensor, weights: torch.Tensor, ctx: MergeContext
@@ -295,8 +294,8 @@ class CenteredClipping:
     STATE_KEY = "centered_clipping.previous"
 
     def __init__(self, *, tau: float = 1.0, iterations: int = 1, start: str = "own") -> None:
-        self.tau = check_float("tau", tau, open_min=True)
-        self.iterations = check_int("iterations", iterations, minimum=1)
+        self.tau = check_number("merge.tau", tau, minimum=0, open_min=True)
+        self.iterations = check_int("merge.iterations", iterations, 1)
         if start not in ("own", "previous"):
             raise ConfigError("merge.start", start, "one of own, previous")
         self.start = start
@@ -357,7 +356,7 @@ class NearestNeighbourAveraging:
     name: str = "nna"
 
     def __init__(self, *, f: int = 1) -> None:
-        self.f = check_int("f", f)
+        self.f = check_int("merge.f", f, 0)
 
     def __call__(
         self, own: torch.Tensor, received: torch.Tensor, weights: torch.Tensor, ctx: MergeContext

@@ -19,8 +19,9 @@ Bookkeeping. Each node keeps a :class:`HistoryTable` in ``ctx.state[STATE_KEY]``
   update ``m_p − own`` (the own model at that time). Rows older than the recorded round
   (``ctx.rounds``) do not change the history.
 * ``distant[o]``: histories of nodes ``o`` learnt by gossip, with the round and the hop
-  distance; the protocol stores them with :func:`record_distant_history`. Gossip never
-  overwrites a direct record.
+  distance; the SybilWall variants implement :class:`~p2pfl.merge.base.HistoryHook`, through
+  which the protocol's history gossip hands them over (:func:`record_distant_history`).
+  Gossip never overwrites a direct record.
 
 **Deviation from the reference code** (ALGORITHMS.md §2.1): the reference stores the first
 received model itself as the history and then adds deltas, so its history telescopes to the
@@ -55,6 +56,7 @@ from typing import Any
 
 import torch
 
+from p2pfl.checks import check_number
 from p2pfl.errors import ConfigError
 from p2pfl.identity import NodeId
 from p2pfl.merge.base import MergeContext, as_rows, register_merge_rule
@@ -162,18 +164,6 @@ def forget_distant_history(state: MutableMapping[str, Any], origin: NodeId) -> N
     """
     if state.get(STATE_KEY) is not None:
         history_table(state).distant.pop(origin, None)
-
-
-def uses_history_gossip(rule: object) -> bool:
-    """Whether ``rule`` (or the base rule it wraps, e.g. variance correction's ``base``)
-    compares distant histories, i.e. is a SybilWall variant that wants history gossip."""
-    seen = 0
-    while rule is not None and seen < 8:
-        if isinstance(rule, _SimilarityRule) and rule.gossip:
-            return True
-        rule = getattr(rule, "base", None)
-        seen += 1
-    return False
 
 
 def history_gossip_weights(
@@ -377,19 +367,6 @@ def _per_row(values: tuple[Any, ...], k: int, what: str) -> tuple[Any, ...] | No
     return values
 
 
-def _check_float(key: str, value: object, *, minimum: float, strict: bool, allowed: str) -> float:
-    """``value`` as a float if it is a finite real above (or, unless strict, at) ``minimum``.
-
-    Raises:
-        ConfigError: it is not.
-    """
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        number = float(value)
-        if math.isfinite(number) and (number > minimum if strict else number >= minimum):
-            return number
-    raise ConfigError(key, value, allowed)
-
-
 class _SimilarityRule:
     """Shared machinery: history bookkeeping, similarity weights, then :meth:`_combine`."""
 
@@ -397,12 +374,8 @@ class _SimilarityRule:
     gossip: bool = False  # compare against every known history, not only this call's senders
 
     def __init__(self, *, kappa: float = 1.0, own_trust: float = 1.0, baseline: str = "zero"):
-        self.kappa = _check_float(
-            "merge.kappa", kappa, minimum=0.0, strict=True, allowed="a finite number > 0"
-        )
-        self.own_trust = _check_float(
-            "merge.own_trust", own_trust, minimum=0.0, strict=False, allowed="a finite number >= 0"
-        )
+        self.kappa = check_number("merge.kappa", kappa, minimum=0, open_min=True)
+        self.own_trust = check_number("merge.own_trust", own_trust, minimum=0)
         if baseline not in BASELINES:
             raise ConfigError("merge.baseline", baseline, f"one of {', '.join(BASELINES)}")
         self.baseline = baseline
@@ -518,6 +491,31 @@ class SybilWall(_SimilarityRule):
 
     name = "sybilwall"
     gossip = True
+
+    # The HistoryHook (p2pfl.merge.base): the protocol's history gossip feeds these.
+
+    def learn_history(
+        self,
+        state: MutableMapping[str, Any],
+        origin: NodeId,
+        round: int,
+        distance: int,
+        history: torch.Tensor,
+    ) -> None:
+        """Store a gossiped history ``distance`` hops away (see :func:`record_distant_history`).
+
+        Raises:
+            TypeError: ``state[STATE_KEY]`` is not a :class:`HistoryTable`.
+        """
+        record_distant_history(state, origin, round, distance - 1, history)
+
+    def forget_history(self, state: MutableMapping[str, Any], origin: NodeId) -> None:
+        """Drop ``origin``'s gossiped history (see :func:`forget_distant_history`).
+
+        Raises:
+            TypeError: ``state[STATE_KEY]`` is not a :class:`HistoryTable`.
+        """
+        forget_distant_history(state, origin)
 
 
 class SybilWallMedian(SybilWall):

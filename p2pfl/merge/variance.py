@@ -31,8 +31,9 @@ from typing import Any
 
 import torch
 
+from p2pfl.checks import check_number
 from p2pfl.errors import ConfigError
-from p2pfl.merge._common import Inputs, check_float, gather, mean64, result
+from p2pfl.merge._common import Inputs, gather, mean64, result
 from p2pfl.merge.base import MergeContext, MergeRule, make_merge_rule, register_merge_rule
 from p2pfl.params import ParamLayout
 
@@ -134,11 +135,11 @@ class VarianceCorrected:
         base: str | None = None,
         base_params: Mapping[str, Any] | None = None,
     ) -> None:
-        self.beta = check_float("beta", beta, maximum=1.0)
+        self.beta = check_number("merge.beta", beta, minimum=0, maximum=1.0)
         if target not in TARGETS:
             raise ConfigError("merge.target", target, f"one of {', '.join(TARGETS)}")
         self.target = target
-        self.eps = check_float("eps", eps)
+        self.eps = check_number("merge.eps", eps, minimum=0)
         if not isinstance(include_bias, bool):
             raise ConfigError("merge.include_bias", include_bias, "true or false")
         self.include_bias = include_bias

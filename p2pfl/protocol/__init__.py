@@ -16,7 +16,9 @@ committees over the membership view of :mod:`p2pfl.protocol.membership`) and ``f
 life cycles are tabulated in :mod:`p2pfl.protocol.phases`, and what each needs from its
 population is in its :class:`ModeTraits` (:func:`mode_traits`). Drivers report
 ``PeerConnected`` for each neighbour they reach; every neighbour starts out not connected (the
-simulator reports ``NeighboursConnected``, all of them at once, before ``Started``).
+simulator reports ``NeighboursConnected``, all of them at once, before ``Started``). A node
+leaving for good is told ``LeaveRequested``; its driver carries out the goodbye the core
+returns (``modest``'s LEAVE announcement) before it closes the connections.
 """
 
 from __future__ import annotations
@@ -43,18 +45,20 @@ from p2pfl.protocol.actions import (
     StartTraining,
     Stop,
 )
-from p2pfl.protocol.config import CoreConfig
+from p2pfl.protocol.config import CoreConfig, ProtocolSettings
 from p2pfl.protocol.core import (
     PROTOCOL_MODES,
     Core,
     CoreFactory,
     ModeTraits,
     mode_traits,
+    model_kinds,
     register_protocol_mode,
 )
 from p2pfl.protocol.events import (
     DeadlineReached,
     Event,
+    LeaveRequested,
     MessageReceived,
     NeighboursConnected,
     PeerConnected,
@@ -103,7 +107,6 @@ def make_core(
     Raises:
         ConfigError: a config field or argument is invalid; the message names it.
     """
-    config.validate()
     factory = PROTOCOL_MODES[config.mode]
     return factory(
         config,
@@ -131,12 +134,14 @@ __all__ = [
     "Disconnect",
     "Emit",
     "Event",
+    "LeaveRequested",
     "MessageReceived",
     "ModeTraits",
     "NeighboursConnected",
     "PeerConnected",
     "PeerDisconnected",
     "PeerMisbehaved",
+    "ProtocolSettings",
     "SaveCheckpoint",
     "Send",
     "StartTraining",
@@ -145,5 +150,6 @@ __all__ = [
     "TrainingFinished",
     "make_core",
     "mode_traits",
+    "model_kinds",
     "register_protocol_mode",
 ]

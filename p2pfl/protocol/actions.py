@@ -49,10 +49,18 @@ class PeerMisbehaved:
 
 @dataclass(frozen=True, slots=True)
 class SaveCheckpoint:
-    """Persist the model: ``round`` is the next round to run, ``vector`` the model to run it on."""
+    """Persist the model: ``round`` is the next round to run, ``vector`` the model to run it on.
+
+    ``loss`` is the training loss of the latest training this node finished before this
+    checkpoint (NaN if it finished none yet): the loss a driver reports with the round, so no
+    driver has to remember it. In ``dsgd``, ``gossip`` and the ``fedavg`` server it is the
+    loss of the training that produced the round; a ``modest`` node that adopts a round it did
+    not train reports its previous training's.
+    """
 
     round: int
     vector: torch.Tensor
+    loss: float
 
 
 @dataclass(frozen=True, slots=True)

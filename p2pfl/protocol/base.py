@@ -19,14 +19,25 @@ decreasing), then dispatches the event with ``match``:
 - ``Started``, ``TrainingFinished`` are checked against the phase (misuse raises
   :class:`~p2pfl.errors.LocalProtocolError` before any state changes) and handed to the mode;
 - ``DeadlineReached`` is handed to the mode, which acts only on timers that are due, so an
-  early or repeated wake-up is harmless.
+  early or repeated wake-up is harmless;
+- ``LeaveRequested``: the mode says goodbye (``_on_leave``: ``modest`` announces LEAVE and
+  refuses the models it holds), then the core is ``DONE`` and returns ``Stop``; a training
+  outstanding then may still be reported, and is dropped.
 
 Modes implement the ``_on_*`` hooks and ``_deadline``; they own their buffers and timers and
-move their :class:`~p2pfl.protocol.phases.PhaseMachine` along their table.
+move their :class:`~p2pfl.protocol.phases.PhaseMachine` along their table. What the base
+class owns, a mode uses rather than repeats: every envelope is sealed by ``self._sealer``
+(:class:`~p2pfl.protocol.messages.Sealer`, the one owner of the sequence counter); a
+checkpoint is ``self._checkpoint(round, vector)`` (it carries the latest training's loss);
+``idle`` and ``finished`` follow from the phase and ``_deadline``; ``_on_leave`` (optional)
+is the goodbye. What a mode needs from its population it declares in its
+:class:`~p2pfl.protocol.core.ModeTraits`, never by name elsewhere.
 
 History gossip (SybilWall, :mod:`p2pfl.protocol.histories`) is on when
-``config.history_gossip`` says so, or, when it is ``None``, when the merge rule is a SybilWall
-variant; a mode calls :meth:`BaseCore._gossip_histories` right after it sends its model.
+``config.history_gossip`` says so, or, when it is ``None``, when the merge rule implements
+:class:`~p2pfl.merge.base.HistoryHook` (the SybilWall variants), through which the rule learns
+the distant histories; a mode calls :meth:`BaseCore._gossip_histories` right after it sends
+its model.
 
 The driver learns its neighbours' reachability only through events: every configured
 neighbour starts *not connected*, and a driver reports ``PeerConnected`` for each neighbour it
@@ -38,24 +49,31 @@ from __future__ import annotations
 
 import abc
 import math
-import operator
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any, ClassVar, assert_never
 
 import numpy as np
 import torch
 
+from p2pfl.checks import check_int
 from p2pfl.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 from p2pfl.identity import Identity, NodeId
-from p2pfl.merge.base import MergeRule, Probe
-from p2pfl.merge.sybil import uses_history_gossip
+from p2pfl.merge.base import MergeRule, Probe, history_hook
 from p2pfl.params import ParamLayout
-from p2pfl.protocol.actions import Action, Disconnect, PeerMisbehaved, Send, Stop
+from p2pfl.protocol.actions import (
+    Action,
+    Disconnect,
+    PeerMisbehaved,
+    SaveCheckpoint,
+    Send,
+    Stop,
+)
 from p2pfl.protocol.compression import Chains, MissingBase, make_compressor
 from p2pfl.protocol.config import CoreConfig
 from p2pfl.protocol.events import (
     DeadlineReached,
     Event,
+    LeaveRequested,
     MessageReceived,
     NeighboursConnected,
     PeerConnected,
@@ -69,6 +87,9 @@ from p2pfl.protocol.messages import ModelUpdate, Sealer, check_sender, parse_mod
 from p2pfl.protocol.peers import PeerSet
 from p2pfl.protocol.phases import Phase, PhaseMachine, Transitions
 from p2pfl.wire import Envelope, MessageKind
+
+_NOT_IDLE = frozenset({Phase.IDLE, Phase.TRAINING, Phase.DONE})
+"""Phases in which a core is not idle: not started, training, or finished."""
 
 
 class BaseCore(abc.ABC):
@@ -99,14 +120,13 @@ class BaseCore(abc.ABC):
         Raises:
             ConfigError: a config field or argument is invalid (the message names it).
         """
-        config.validate()
         if vector.ndim != 1 or not vector.is_floating_point():
             raise ConfigError("vector", tuple(vector.shape), "a 1-D floating-point tensor")
         if layout is not None and layout.size != vector.numel():
             raise ConfigError("layout", layout.size, f"a layout of {vector.numel()} elements")
-        samples = _count("samples", samples)
-        start_round = _count("start_round", start_round)
-        seq_start = _count("seq_start", seq_start)
+        samples = check_int("samples", samples, 0)
+        start_round = check_int("start_round", start_round, 0)
+        seq_start = check_int("seq_start", seq_start, 0)
         self.config = config
         self.node_id = identity.node_id
         self._identity = identity
@@ -139,20 +159,26 @@ class BaseCore(abc.ABC):
             total_rounds=config.rounds,
             probe=probe,
         )
+        hook = history_hook(merge)
         wants_histories = config.history_gossip
         if wants_histories is None:
-            wants_histories = uses_history_gossip(merge)
+            wants_histories = hook is not None
         self._histories: HistoryGossip | None = None
         if wants_histories and self.HISTORY_GOSSIP:
             self._histories = HistoryGossip(
                 identity,
                 self.vector,
+                hook=hook,
+                state=self._merger.state,
                 lam=config.history_lambda,
                 capacity=config.history_capacity,
                 wire_dtype=config.wire_dtype,
             )
         self._machine = PhaseMachine(self.TRANSITIONS)
         self._now = -math.inf
+        self._last_loss = math.nan
+        self._left_training = False
+        """Left while a training was outstanding: its ``TrainingFinished`` is dropped."""
         self._init_mode()
 
     # -- the Core interface -------------------------------------------------------------
@@ -162,8 +188,17 @@ class BaseCore(abc.ABC):
         return self._machine.phase is Phase.DONE
 
     @property
+    def idle(self) -> bool:
+        phase = self._machine.phase
+        return phase not in _NOT_IDLE and self._deadline() is None
+
+    @property
     def phase(self) -> Phase:
         return self._machine.phase
+
+    @property
+    def gossips_histories(self) -> bool:
+        return self._histories is not None
 
     @property
     def history_gossip(self) -> HistoryGossip | None:
@@ -181,6 +216,7 @@ class BaseCore(abc.ABC):
 
         Raises:
             LocalProtocolError: ``now`` went backwards or is not finite; ``Started`` twice;
+                ``TrainingFinished`` after ``LeaveRequested`` with no training outstanding then;
                 ``TrainingFinished`` with no training outstanding or a vector of another
                 shape; ``PeerConnected`` for this node itself. A peer's fault never raises.
         """
@@ -219,6 +255,9 @@ class BaseCore(abc.ABC):
                     return []
                 return self._on_message(event)
             case TrainingFinished(vector=trained, loss=loss, steps=steps):
+                if self._left_training:
+                    self._left_training = False
+                    return []
                 self._machine.expect(Phase.TRAINING, "TrainingFinished")
                 if trained.shape != self.vector.shape or not trained.is_floating_point():
                     raise LocalProtocolError(
@@ -226,9 +265,17 @@ class BaseCore(abc.ABC):
                         f"float vector of shape {list(self.vector.shape)}"
                     )
                 own = trained.detach().to(device="cpu", dtype=torch.float32).clone()
+                self._last_loss = float(loss)
                 return self._on_trained(own, float(loss), int(steps))
             case DeadlineReached():
                 return [] if self.finished else self._on_deadline()
+            case LeaveRequested():
+                if self.finished:
+                    return []
+                actions = self._on_leave()
+                self._left_training = self._machine.phase is Phase.TRAINING
+                self._machine.leave()
+                return [*actions, Stop(f"left the population at round {self.round}")]
             case _:
                 assert_never(event)
 
@@ -237,6 +284,11 @@ class BaseCore(abc.ABC):
         ``now``, so the answer is never in the past."""
         deadline = None if self.finished else self._deadline()
         return None if deadline is None else max(deadline, self._now)
+
+    def _checkpoint(self, round: int, vector: torch.Tensor) -> SaveCheckpoint:
+        """``SaveCheckpoint`` of ``vector`` as the start of ``round``, with the latest
+        training's loss."""
+        return SaveCheckpoint(round, vector, self._last_loss)
 
     # -- mode hooks ---------------------------------------------------------------------
 
@@ -268,7 +320,7 @@ class BaseCore(abc.ABC):
         assert histories is not None
         try:
             check_sender(event, self._peers)
-            histories.receive(event.peer, event.envelope, self.vector.shape, self._merger.state)
+            histories.receive(event.peer, event.envelope, self.vector.shape)
         except RemoteProtocolError as exc:
             return [PeerMisbehaved(event.peer, str(exc))]
         return []
@@ -287,10 +339,7 @@ class BaseCore(abc.ABC):
             found = sealed.get(key)
             if found is None:
                 record = own if distance == 0 else histories.table[origin].record
-                found = seal_history(
-                    self._identity, record, distance=distance, seq=self._sealer.next_seq
-                )
-                self._sealer.next_seq += 1
+                found = seal_history(self._sealer, record, distance=distance)
                 sealed[key] = found
             return found
 
@@ -305,6 +354,11 @@ class BaseCore(abc.ABC):
 
     def _on_connected(self, peer: NodeId) -> list[Action]:
         """A neighbour (re)connected; the PeerSet already counts it as connected."""
+        return []
+
+    def _on_leave(self) -> list[Action]:
+        """The node leaves for good (the core is not DONE; it will be right after): what to
+        tell the others. By default nothing: neighbours see the connections close."""
         return []
 
     def _on_disconnected(self, peer: NodeId) -> list[Action]:
@@ -326,18 +380,3 @@ class BaseCore(abc.ABC):
     @abc.abstractmethod
     def _deadline(self) -> float | None:
         """The earliest armed timer, or None (may lie before ``self._now`` if overdue)."""
-
-
-def _count(key: str, value: int) -> int:
-    """``value`` as a non-negative int (numpy integers welcome).
-
-    Raises:
-        ConfigError: not an integer, or negative.
-    """
-    try:
-        number = operator.index(value)
-    except TypeError:
-        number = -1
-    if isinstance(value, bool) or number < 0:
-        raise ConfigError(key, value, "an integer >= 0")
-    return number

@@ -1,11 +1,27 @@
-"""The settings of a protocol core (the ``[protocol]`` table of a scenario or node config)."""
+"""The settings of a protocol core: one schema for a scenario's ``[protocol]`` table and a
+node config's.
+
+:class:`ProtocolSettings` holds the keys both share, each declared once with its type, its
+default and its allowed range; ``sim.scenario.ProtocolSpec`` is it (plus any simulator-only
+key), and :class:`CoreConfig`, what a core is built from and what a node's ``[protocol]``
+table is read into, adds the keys a scenario spells elsewhere (``rounds``, ``local_steps``)
+or the simulator fills in (``server``, ``replay_window``).
+
+To add a protocol key, add one annotated field to :class:`ProtocolSettings` (with a
+``Field(...)`` bound, or a validator when a registry decides) and document it in
+:class:`CoreConfig`'s attributes: scenarios, node configs and cores all take it from there.
+
+``round_timeout`` defaults to 30 s everywhere: long enough for a real device's slowest
+neighbour to train and send (a timeout too short silently drops its models, a cost no log
+shows), where a too-long wait only delays a round after a silent failure. Shipped scenarios
+that want a faster virtual round set ``round_timeout = 5.0``.
+"""
 
 from __future__ import annotations
 
-import math
-import weakref
-from dataclasses import dataclass
-from typing import NoReturn, TypeGuard
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
 from p2pfl.codec import CODECS, DENSE, MAX_CLUSTERS, WIRE_DTYPES, CodecSettings
 from p2pfl.errors import ConfigError
@@ -13,6 +29,8 @@ from p2pfl.identity import NodeId
 from p2pfl.protocol.compression import DELTA_MODES
 from p2pfl.protocol.core import MODE_TRAITS, PROTOCOL_MODES
 from p2pfl.protocol.membership import MAX_RECORDS_PER_MESSAGE
+from p2pfl.protocol.timed import MERGE_TRIGGERS
+from p2pfl.schema import Seconds, Strict, config_error, registered
 
 PEER_SAMPLING = ("neighbours", "membership")
 """The values of ``protocol.peer_sampling``."""
@@ -21,12 +39,104 @@ MAX_ROUNDS = 10**9
 """The most rounds a run may ask for (nodes and scenarios alike): far beyond any real run,
 and far below the wire's round field (``wire.MAX_ROUND``) however far ahead peers run."""
 
+MAX_GOSSIP_STEPS = 1000
+"""The most dsgd gossip steps per round (``rounds * gossip_steps`` stays far below the wire's
+round field)."""
+
 CONFIG_PREFIX = "protocol"
 """Config keys in errors are named ``protocol.<field>``, as in a scenario file."""
 
 
-@dataclass(frozen=True, slots=True, weakref_slot=True)
-class CoreConfig:
+class ProtocolSettings(Strict):
+    """The ``[protocol]`` keys scenarios and node configs share (see :class:`CoreConfig`)."""
+
+    mode: Annotated[str, registered(lambda: PROTOCOL_MODES)] = "dsgd"
+    round_timeout: Seconds = 30.0
+    period: Seconds = 1.0
+    period_jitter: float = Field(default=0.2, ge=0.0, lt=1.0)
+    fanout: int = Field(default=1, ge=1)
+    wire_dtype: Annotated[str, registered(lambda: WIRE_DTYPES)] = "float32"
+    max_rounds_ahead: int = Field(default=4, ge=0)
+    # modest (p2pfl.protocol.modest; defaults as in the MoDeST reference)
+    sample_size: int = Field(default=10, ge=1)
+    sample_fraction: float | None = Field(default=None, gt=0.0, le=1.0)
+    aggregators: int = Field(default=1, ge=1)
+    success_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
+    min_models: int = Field(default=3, ge=1)
+    ping_timeout: Seconds = 5.0
+    aggregation_timeout: Seconds = 300.0
+    ack_timeout: Seconds = 320.0
+    inactivity_threshold: int = Field(default=50, ge=1)
+    view_entries: int = Field(default=16, ge=1, le=MAX_RECORDS_PER_MESSAGE)
+    view_capacity: int = Field(default=4096, ge=1)
+    announce_join: bool = True
+    peer_sampling: Literal["neighbours", "membership"] = "neighbours"
+    # SybilWall history gossip (p2pfl.protocol.histories): unset = on for sybilwall rules
+    history_gossip: bool | None = None
+    history_lambda: float = Field(default=0.8, gt=0.0)
+    history_capacity: int = Field(default=32, ge=1)
+    # DFedSAM-MGS: exchanges and merges per dsgd round (p2pfl.protocol.dsgd); 1 = plain dsgd
+    gossip_steps: int = Field(default=1, ge=1, le=MAX_GOSSIP_STEPS)
+    # gossip: merge when models arrive ("count") or every merge_interval s ("time", FedFix-style)
+    merge_trigger: Annotated[str, registered(lambda: MERGE_TRIGGERS)] = "count"
+    merge_interval: Seconds = 1.0
+    # compressed updates (p2pfl.codec, p2pfl.protocol.compression): the codec, its parameters
+    codec: Annotated[str, registered(lambda: CODECS)] = DENSE
+    codec_fraction: float = Field(default=0.01, gt=0.0, le=1.0)
+    codec_count: int = Field(default=0, ge=0)
+    codec_clusters: int = Field(default=3, ge=1, le=MAX_CLUSTERS)
+    codec_chunk: int = Field(default=4096, ge=1)
+    error_feedback: bool = True
+    keyframe_every: int = Field(default=20, ge=0)
+
+    @field_validator("codec")
+    @classmethod
+    def _codec_fits_mode(cls, codec: str, info: ValidationInfo) -> str:
+        mode = info.data.get("mode")
+        found = CODECS.get(codec)
+        if found is None:
+            return codec  # refused by registered()
+        if codec != DENSE and mode == "modest":
+            raise ValueError("'dense' with mode 'modest' (it seals its own messages)")
+        if found.delta and mode not in DELTA_MODES:
+            allowed = ", ".join(name for name, c in sorted(CODECS.items()) if not c.delta)
+            raise ValueError(
+                f"one of {allowed} with mode {mode!r} (a delta codec needs a mode that sends "
+                f"every model to every neighbour: {', '.join(DELTA_MODES)})"
+            )
+        return codec
+
+    @field_validator("gossip_steps")
+    @classmethod
+    def _steps_for_dsgd(cls, steps: int, info: ValidationInfo) -> int:
+        mode = info.data.get("mode")
+        if steps != 1 and mode != "dsgd":
+            raise ValueError(f"1 unless mode is dsgd (mode is {mode!r})")
+        return steps
+
+    @field_validator("merge_trigger")
+    @classmethod
+    def _time_trigger_for_gossip(cls, trigger: str, info: ValidationInfo) -> str:
+        if trigger == "time":
+            mode = info.data.get("mode")
+            if mode != "gossip":
+                raise ValueError(f"'count' unless mode is gossip (mode is {mode!r})")
+            # Data shares are over a fixed neighbour set; a membership view has no such set.
+            if info.data.get("peer_sampling") != "neighbours":
+                raise ValueError("'count' with peer_sampling 'membership'")
+        return trigger
+
+    @field_validator("history_gossip")
+    @classmethod
+    def _mode_gossips_histories(cls, wanted: bool | None, info: ValidationInfo) -> bool | None:
+        # A mode declares whether it can gossip histories (BaseCore.HISTORY_GOSSIP).
+        mode = info.data.get("mode")
+        if wanted and not getattr(PROTOCOL_MODES.get(str(mode)), "HISTORY_GOSSIP", True):
+            raise ValueError(f"false or absent with mode {mode!r}")
+        return wanted
+
+
+class CoreConfig(ProtocolSettings):
     """What every protocol mode needs to know; fields a mode does not use are ignored.
 
     Attributes:
@@ -74,6 +184,13 @@ class CoreConfig:
         history_lambda: the decay λ of the history draw, ``∝ λ·e^{−λ(d−1)}`` (0.8).
         history_capacity: signed history records a node keeps at most (each the size of
             a model); the farthest, then the oldest, is forgotten first.
+        merge_trigger: gossip: ``"count"`` (merge whenever models arrived, the default) or
+            ``"time"`` (train back to back, push each trained model, merge every
+            ``merge_interval`` seconds with FedFix-style unbiased weights:
+            :mod:`p2pfl.protocol.timed`).
+        merge_interval: gossip with ``merge_trigger = "time"``: seconds between merges.
+        gossip_steps: dsgd: exchanges and merges per round after the one training (Q of
+            DFedSAM-MGS); 1 is plain dsgd. Every node of a run must use the same value.
         codec: how models go on the wire (a key of ``codec.CODECS``): ``"dense"`` (the
             default: ``wire_dtype`` elements), ``"int8"`` (8-bit per tensor), ``"topk"`` or
             ``"fedzip"`` (sparse deltas; mode ``dsgd`` only). See
@@ -88,150 +205,51 @@ class CoreConfig:
             receiver that missed one resumes; 0: only the first message is one.
     """
 
-    mode: str = "dsgd"
-    rounds: int = 10
-    local_steps: int = 10
-    round_timeout: float = 30.0
-    period: float = 1.0
-    period_jitter: float = 0.2
-    fanout: int = 1
-    wire_dtype: str = "float32"
-    max_rounds_ahead: int = 4
-    replay_window: int = 1024
-    sample_size: int = 10
-    sample_fraction: float | None = None
+    rounds: int = Field(default=10, ge=1, le=MAX_ROUNDS)
+    local_steps: int = Field(default=10, ge=1)
+    replay_window: int = Field(default=1024, ge=1)
     server: str = ""
-    aggregators: int = 1
-    success_fraction: float = 1.0
-    min_models: int = 3
-    ping_timeout: float = 5.0
-    aggregation_timeout: float = 300.0
-    ack_timeout: float = 320.0
-    inactivity_threshold: int = 50
-    view_entries: int = 16
-    view_capacity: int = 4096
-    announce_join: bool = True
-    peer_sampling: str = "neighbours"
-    history_gossip: bool | None = None
-    history_lambda: float = 0.8
-    history_capacity: int = 32
-    # -- compressed updates (p2pfl.protocol.compression) --
-    codec: str = "dense"
-    codec_fraction: float = 0.01
-    codec_count: int = 0
-    codec_clusters: int = 3
-    codec_chunk: int = 4096
-    error_feedback: bool = True
-    keyframe_every: int = 20
 
-    @property
-    def admits_strangers(self) -> bool:
-        """Whether the core takes connections and messages from peers that are not its
-        configured neighbours, as its mode declares (``ModeTraits.strangers``: ``modest``,
-        and ``gossip`` with membership peer sampling); drivers use it to route such peers'
-        traffic to the core. False for a mode that is not registered."""
-        traits = MODE_TRAITS.get(self.mode)
-        if traits is None:
-            return False
-        strangers = traits.strangers
-        return strangers(self) if callable(strangers) else strangers
-
-    def validate(self) -> None:
-        """Check every field.
+    def __init__(self, **settings: Any) -> None:
+        """Check every field: a config object exists only valid (and is frozen).
 
         Raises:
             ConfigError: naming the first wrong key (e.g. ``protocol.fanout``), its value and
                 what is allowed.
         """
-        # A config is immutable, and a simulator hands one object to every core it builds:
-        # check each object once. Keyed by identity, not equality (1 == True == 1.0 would let
-        # an invalid config pass as an equal valid one); the entry dies with the object.
-        if _VALIDATED.get(id(self)) is self:
-            return
-        self._check()
-        _VALIDATED[id(self)] = self
+        try:
+            super().__init__(**settings)
+        except ValidationError as exc:
+            raise config_error(exc, type(self), prefix=CONFIG_PREFIX) from None
 
-    def _check(self) -> None:
-        if self.mode not in PROTOCOL_MODES:
-            _fail("mode", self.mode, f"one of {', '.join(sorted(PROTOCOL_MODES))}")
-        _int_at_least("rounds", self.rounds, 1)
-        if self.rounds > MAX_ROUNDS:
-            _fail("rounds", self.rounds, f"an integer in [1, {MAX_ROUNDS}]")
-        _int_at_least("local_steps", self.local_steps, 1)
-        _positive_seconds("round_timeout", self.round_timeout)
-        _positive_seconds("period", self.period)
-        jitter = self.period_jitter
-        if not _is_real(jitter) or not 0.0 <= jitter < 1.0:
-            _fail("period_jitter", jitter, "a number in [0, 1)")
-        _int_at_least("fanout", self.fanout, 1)
-        if self.wire_dtype not in WIRE_DTYPES:
-            _fail("wire_dtype", self.wire_dtype, f"one of {', '.join(sorted(WIRE_DTYPES))}")
-        _int_at_least("max_rounds_ahead", self.max_rounds_ahead, 0)
-        _int_at_least("replay_window", self.replay_window, 1)
-        _int_at_least("sample_size", self.sample_size, 1)
-        share = self.sample_fraction
-        if share is not None and (not _is_real(share) or not 0.0 < share <= 1.0):
-            _fail("sample_fraction", share, "a number in (0, 1] (or absent: use sample_size)")
-        if not isinstance(self.server, str):
-            _fail("server", self.server, "the server's 64-hex-character public key")
-        if self.server:
-            NodeId.from_hex(self.server, key=f"{CONFIG_PREFIX}.server")
-        _int_at_least("aggregators", self.aggregators, 1)
-        fraction = self.success_fraction
-        if not _is_real(fraction) or not 0.0 < fraction <= 1.0:
-            _fail("success_fraction", fraction, "a number in (0, 1]")
-        _int_at_least("min_models", self.min_models, 1)
-        _positive_seconds("ping_timeout", self.ping_timeout)
-        _positive_seconds("aggregation_timeout", self.aggregation_timeout)
-        _positive_seconds("ack_timeout", self.ack_timeout)
-        _int_at_least("inactivity_threshold", self.inactivity_threshold, 1)
-        _int_at_least("view_entries", self.view_entries, 1)
-        if self.view_entries > MAX_RECORDS_PER_MESSAGE:
-            _fail("view_entries", self.view_entries, f"at most {MAX_RECORDS_PER_MESSAGE}")
-        _int_at_least("view_capacity", self.view_capacity, 1)
-        if not isinstance(self.announce_join, bool):
-            _fail("announce_join", self.announce_join, "true or false")
-        if self.peer_sampling not in PEER_SAMPLING:
-            _fail("peer_sampling", self.peer_sampling, f"one of {', '.join(PEER_SAMPLING)}")
-        if self.history_gossip is not None and not isinstance(self.history_gossip, bool):
-            _fail("history_gossip", self.history_gossip, "true or false (or absent: automatic)")
-        # A mode declares whether it can gossip histories (BaseCore.HISTORY_GOSSIP).
-        if self.history_gossip is True and not getattr(
-            PROTOCOL_MODES[self.mode], "HISTORY_GOSSIP", True
-        ):
-            _fail("history_gossip", True, f"false or absent with mode {self.mode!r}")
-        lam = self.history_lambda
-        if not _is_real(lam) or not math.isfinite(lam) or lam <= 0:
-            _fail("history_lambda", lam, "a finite number > 0 (default 0.8)")
-        _int_at_least("history_capacity", self.history_capacity, 1)
-        self._check_codec()
+    @classmethod
+    def from_settings(cls, settings: ProtocolSettings, **fields: Any) -> CoreConfig:
+        """The config of ``settings`` (a scenario's table: only the shared keys are read) with
+        ``fields`` (``rounds``, ``local_steps``, ...) added.
 
-    def _check_codec(self) -> None:
-        codec = CODECS.get(self.codec) if isinstance(self.codec, str) else None
-        if codec is None:
-            _fail("codec", self.codec, f"one of {', '.join(sorted(CODECS))}")
-        if self.codec != DENSE and self.mode == "modest":
-            _fail("codec", self.codec, "'dense' with mode 'modest' (it seals its own messages)")
-        if codec.delta and self.mode not in DELTA_MODES:
-            allowed = ", ".join(name for name, c in sorted(CODECS.items()) if not c.delta)
-            _fail(
-                "codec",
-                self.codec,
-                f"one of {allowed} with mode {self.mode!r} (a delta "
-                f"codec needs a mode that sends every model to every neighbour: "
-                f"{', '.join(DELTA_MODES)})",
-            )
-        share = self.codec_fraction
-        if not _is_real(share) or not 0.0 < share <= 1.0:
-            _fail("codec_fraction", share, "a number in (0, 1]")
-        _int_at_least("codec_count", self.codec_count, 0)
-        _int_at_least("codec_clusters", self.codec_clusters, 1)
-        if self.codec_clusters > MAX_CLUSTERS:
-            _fail("codec_clusters", self.codec_clusters, f"an integer in [1, {MAX_CLUSTERS}]")
-        _int_at_least("codec_chunk", self.codec_chunk, 1)
-        if not isinstance(self.error_feedback, bool):
-            _fail("error_feedback", self.error_feedback, "true or false")
-        _int_at_least("keyframe_every", self.keyframe_every, 0)
+        Raises:
+            ConfigError: a field is invalid.
+        """
+        shared = {name: getattr(settings, name) for name in ProtocolSettings.model_fields}
+        return cls(**{**shared, **fields})
+
+    def replace(self, **changes: Any) -> CoreConfig:
+        """A copy with ``changes``, checked as a new config.
+
+        Raises:
+            ConfigError: a changed field is invalid.
+        """
+        return type(self)(**{**self.model_dump(), **changes})
+
+    @field_validator("server")
+    @classmethod
+    def _server_key(cls, server: str) -> str:
+        if server:
+            try:
+                NodeId.from_hex(server, key=f"{CONFIG_PREFIX}.server")
+            except ConfigError as exc:
+                raise ValueError(exc.allowed) from None
+        return server
 
     def codec_settings(self) -> CodecSettings:
         """The payload codec these settings describe."""
@@ -244,24 +262,14 @@ class CoreConfig:
             chunk=self.codec_chunk,
         )
 
-
-def _fail(field: str, value: object, allowed: str) -> NoReturn:
-    raise ConfigError(f"{CONFIG_PREFIX}.{field}", value, allowed)
-
-
-def _is_real(value: object) -> TypeGuard[int | float]:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _int_at_least(field: str, value: object, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        _fail(field, value, f"an integer >= {low}")
-
-
-def _positive_seconds(field: str, value: object) -> None:
-    if not _is_real(value) or not math.isfinite(value) or value <= 0:
-        _fail(field, value, "a finite number of seconds > 0")
-
-
-_VALIDATED: weakref.WeakValueDictionary[int, CoreConfig] = weakref.WeakValueDictionary()
-"""The config objects that passed :meth:`CoreConfig.validate`, by ``id``."""
+    @property
+    def admits_strangers(self) -> bool:
+        """Whether the core takes connections and messages from peers that are not its
+        configured neighbours, as its mode declares (``ModeTraits.strangers``: ``modest``,
+        and ``gossip`` with membership peer sampling); drivers use it to route such peers'
+        traffic to the core. False for a mode that is not registered."""
+        traits = MODE_TRAITS.get(self.mode)
+        if traits is None:
+            return False
+        strangers = traits.strangers
+        return strangers(self) if callable(strangers) else strangers

@@ -25,6 +25,7 @@ from p2pfl.merge.base import MergeRule, Probe
 from p2pfl.params import ParamLayout
 from p2pfl.protocol.actions import Action
 from p2pfl.protocol.events import Event
+from p2pfl.wire import MessageKind
 
 if TYPE_CHECKING:
     from p2pfl.protocol.config import CoreConfig
@@ -51,6 +52,20 @@ class Core(Protocol):
     @property
     def finished(self) -> bool:
         """True once ``Stop`` was returned."""
+        ...
+
+    @property
+    def gossips_histories(self) -> bool:
+        """Whether the core sends history records with its models (SybilWall's gossip): a
+        driver sizing what a peer may send it counts them."""
+        ...
+
+    @property
+    def idle(self) -> bool:
+        """True while the core runs but waits on nothing of its own: started, not finished,
+        no training outstanding and no timer armed, so only a message or a connection can
+        move it on (e.g. a ``modest`` node not sampled near the end). A driver that runs
+        until every node is done counts an idle node as done."""
         ...
 
     def handle(self, event: Event, *, now: float) -> list[Action]:
@@ -106,11 +121,19 @@ class ModeTraits:
             ``model_frames`` is the frames a model takes (1, more with history records). The
             runtime sizes each peer's rate limit from it; a mode that declares nothing gets
             only the node's configured ``peer_message_rate``/``peer_message_burst``.
+        buffered: how many received models a node of this mode holds at once:
+            ``buffered(config, degree) -> models`` for a node of ``degree`` neighbours (mean
+            degree in a population); the simulator's memory estimate reads it. A mode that
+            declares nothing is taken to hold one model per neighbour.
+        model_kinds: the message kinds in which this mode sends a model (``MODEL_UPDATE`` by
+            default); a simulated model attack rewrites exactly these (:func:`model_kinds`).
     """
 
     server: bool = False
     strangers: bool | Callable[[CoreConfig], bool] = False
     traffic: Callable[[CoreConfig, int], tuple[float, float]] | None = None
+    buffered: Callable[[CoreConfig, float], float] | None = None
+    model_kinds: frozenset[MessageKind] = frozenset({MessageKind.MODEL_UPDATE})
 
 
 F = TypeVar("F", bound=CoreFactory)
@@ -138,6 +161,11 @@ def register_protocol_mode(name: str, *, traits: ModeTraits | None = None) -> Ca
         return factory
 
     return add
+
+
+def model_kinds() -> frozenset[MessageKind]:
+    """Every message kind in which some registered mode sends a model."""
+    return frozenset(kind for traits in MODE_TRAITS.values() for kind in traits.model_kinds)
 
 
 def mode_traits(name: str) -> ModeTraits:

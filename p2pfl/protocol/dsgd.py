@@ -28,6 +28,18 @@ earlier rounds are ignored, models further ahead dropped; neither is a fault, si
 may legitimately be behind or far ahead after a restart.
 
 ``core.vector`` is the last merged model: it changes only when a round closes.
+
+Multiple gossip steps (DFedSAM-MGS, Shi et al. 2023)
+----------------------------------------------------
+With ``gossip_steps = Q > 1`` a round runs Q exchanges after its one training: step 0 sends
+and collects the trained models as above; each step ``q = 1 .. Q-1`` seals the previous
+step's merged model, sends it to every connected neighbour and collects theirs (same closing
+rule, a fresh ``round_timeout`` deadline), then merges again, so a round applies the mixing
+matrix Q times (x <- W^Q x on a static graph) for Q times the communication. On the wire, step
+``q`` of round ``r`` is numbered ``r * Q + q`` (its *exchange*); ``max_rounds_ahead`` still
+counts rounds (exchanges up to the last step of round ``r + max_rounds_ahead`` are buffered). Every node of a run must use
+the same Q. ``Q = 1`` is the plain protocol, message for message. The round record sums
+``received`` and ``expected`` over the Q steps; ``timed_out`` is 1 if any step timed out.
 """
 
 from __future__ import annotations
@@ -41,7 +53,6 @@ from p2pfl.protocol.actions import (
     Action,
     Emit,
     PeerMisbehaved,
-    SaveCheckpoint,
     Send,
     StartTraining,
     Stop,
@@ -65,23 +76,50 @@ class _Trained:
     steps: int
     trained_at: float
     collect_until: float
+    step: int = 0
+    """The gossip step being collected (0 .. gossip_steps - 1)."""
+    received: int = 0
+    expected: int = 0
+    timed_out: bool = False
+    """Totals of the round's earlier gossip steps."""
 
 
 def _traffic(config: CoreConfig, model_frames: int) -> tuple[float, float]:
-    # One model per round; a neighbour that gives up on this node runs a round at most every
-    # round_timeout seconds.
-    return float(model_frames), model_frames / config.round_timeout
+    # One model per gossip step (gossip_steps per round); a neighbour that gives up on this
+    # node runs a step at most every round_timeout seconds.
+    frames = model_frames * config.gossip_steps
+    return float(frames), frames / config.round_timeout
 
 
-@register_protocol_mode("dsgd", traits=ModeTraits(traffic=_traffic))
+SHARED_BUFFERED = 2.0
+"""Received models a dsgd node holds, counted in a simulation whatever its degree: a model is
+decoded once per envelope and shared by all its receivers
+(:func:`~p2pfl.protocol.messages.decode_model`), so a buffer references its neighbours'
+models, which exist once each: about one per node for the round collected and one for a round
+that started early."""
+
+
+def _buffered(config: CoreConfig, degree: float) -> float:
+    return min(degree, SHARED_BUFFERED)
+
+
+@register_protocol_mode("dsgd", traits=ModeTraits(traffic=_traffic, buffered=_buffered))
 class DsgdCore(BaseCore):
     """Synchronous rounds: train, send to all neighbours, wait for theirs or a timeout, merge."""
 
     TRANSITIONS = DSGD_TRANSITIONS
 
     def _init_mode(self) -> None:
-        self._buffer = RoundBuffer(self.config.max_rounds_ahead)
+        self._steps = self.config.gossip_steps
+        # Exchanges up to the last step of round + max_rounds_ahead.
+        self._buffer = RoundBuffer((self.config.max_rounds_ahead + 1) * self._steps - 1)
         self._trained: _Trained | None = None
+
+    @property
+    def exchange(self) -> int:
+        """The wire number of the exchange being run or next: ``round * gossip_steps + step``."""
+        step = self._trained.step if self._trained is not None else 0
+        return self.round * self._steps + step
 
     # -- hooks --------------------------------------------------------------------------
 
@@ -97,15 +135,15 @@ class DsgdCore(BaseCore):
         return self._close_if_complete()
 
     def _on_update(self, update: ModelUpdate) -> list[Action]:
-        offer = self._buffer.offer(update, self.round)
+        offer = self._buffer.offer(update, self.exchange)
         if offer is Offer.CONFLICT:
             return [PeerMisbehaved(update.sender, f"two different models for round {update.round}")]
-        if offer is Offer.ACCEPTED and update.round == self.round:
+        if offer is Offer.ACCEPTED and update.round == self.exchange:
             return self._close_if_complete()
         return []
 
     def _on_trained(self, trained: torch.Tensor, loss: float, steps: int) -> list[Action]:
-        envelope = self._sealer.seal(trained, self.round)
+        envelope = self._sealer.seal(trained, self.exchange)
         self._trained = _Trained(
             vector=trained,
             envelope=envelope,
@@ -143,9 +181,10 @@ class DsgdCore(BaseCore):
         connected = self._peers.connected()
         # Fewer models than connected neighbours cannot cover them all: an O(1) answer for
         # every message but the last ones of a round, instead of a walk over the neighbours.
-        if self._buffer.count(self.round) < len(connected):
+        exchange = self.exchange
+        if self._buffer.count(exchange) < len(connected):
             return []
-        if any(not self._buffer.holds(self.round, peer) for peer in connected):
+        if any(not self._buffer.holds(exchange, peer) for peer in connected):
             return []
         return self._close_round(timed_out=False)
 
@@ -153,9 +192,14 @@ class DsgdCore(BaseCore):
         trained = self._trained
         assert trained is not None, "COLLECTING always has a trained model"
         finished_round = self.round
-        expected = set(self._peers.connected()) | self._buffer.senders(finished_round)
-        updates = self._buffer.take(finished_round, self._peers.neighbours)
-        merged = self._merger.merge(trained.vector, updates, own_round=finished_round)
+        exchange = self.exchange
+        expected = set(self._peers.connected()) | self._buffer.senders(exchange)
+        updates = self._buffer.take(exchange, self._peers.neighbours)
+        merged = self._merger.merge(trained.vector, updates, own_round=exchange)
+        if trained.step + 1 < self._steps:
+            return self._next_gossip_step(
+                trained, merged, len(updates), len(expected), timed_out=timed_out
+            )
         self.vector = merged
         self.round = finished_round + 1
         self._trained = None
@@ -165,17 +209,44 @@ class DsgdCore(BaseCore):
                 "round": finished_round,
                 "loss": trained.loss,
                 "steps": trained.steps,
-                "received": len(updates),
-                "expected": len(expected),
+                "received": trained.received + len(updates),
+                "expected": trained.expected + len(expected),
                 "neighbours": len(self._peers.neighbours),
-                "timed_out": int(timed_out),
+                "timed_out": int(timed_out or trained.timed_out),
                 "merge_fallbacks": self._merger.fallbacks,
                 "trained_at": trained.trained_at,
                 "merged_at": self._now,
             },
         )
-        actions: list[Action] = [record, SaveCheckpoint(self.round, merged)]
+        actions: list[Action] = [record, self._checkpoint(self.round, merged)]
         if self.round >= self.config.rounds:
             self._machine.goto(Phase.DONE)
             return [*actions, Stop(f"completed {self.round} rounds")]
         return actions + self._start_training()
+
+    def _next_gossip_step(
+        self,
+        previous: _Trained,
+        merged: torch.Tensor,
+        received: int,
+        expected: int,
+        *,
+        timed_out: bool,
+    ) -> list[Action]:
+        """Send the step's merged model as the next gossip step's and collect again."""
+        step = previous.step + 1
+        envelope = self._sealer.seal(merged, self.round * self._steps + step)
+        self._trained = _Trained(
+            vector=merged,
+            envelope=envelope,
+            loss=previous.loss,
+            steps=previous.steps,
+            trained_at=previous.trained_at,
+            collect_until=self._now + self.config.round_timeout,
+            step=step,
+            received=previous.received + received,
+            expected=previous.expected + expected,
+            timed_out=previous.timed_out or timed_out,
+        )
+        sends: list[Action] = [Send(peer, envelope) for peer in self._peers.connected()]
+        return sends + self._close_if_complete()

@@ -65,6 +65,17 @@ class DeadlineReached:
     """The time the core gave in ``next_deadline()`` has come."""
 
 
+@dataclass(frozen=True, slots=True)
+class LeaveRequested:
+    """The node is leaving for good (its operator stopped it: SIGTERM, ``Node.request_stop``).
+
+    The core says goodbye as its mode does (``modest``: a signed LEAVE announcement, and a
+    ``NACK`` for every model it holds for aggregation, so trainers fail over at once) and
+    returns ``Stop``; the driver carries out those actions before it closes the
+    connections. A training still outstanding may be reported afterwards; it is dropped.
+    """
+
+
 Event = (
     Started
     | PeerConnected
@@ -73,4 +84,5 @@ Event = (
     | MessageReceived
     | TrainingFinished
     | DeadlineReached
+    | LeaveRequested
 )

@@ -61,7 +61,6 @@ from p2pfl.protocol.actions import (
     Action,
     Emit,
     PeerMisbehaved,
-    SaveCheckpoint,
     Send,
     StartTraining,
     Stop,
@@ -237,7 +236,7 @@ class FedAvgServer(FedAvgCore):
                     "merged_at": self._now,
                 },
             ),
-            SaveCheckpoint(self.round, merged),
+            self._checkpoint(self.round, merged),
         ]
         if self.round < self.config.rounds:
             return actions + self._open_round()

@@ -41,6 +41,11 @@ driver must deliver to any key (the simulator does; the runtime dials on demand)
 
 With history gossip on (:mod:`p2pfl.protocol.histories`), each push is followed, for each
 target, by the own signed history and one relayed record.
+
+*Time-triggered merging.* With ``merge_trigger = "time"`` the node instead trains back to
+back, pushes each trained model, and merges every ``merge_interval`` seconds whatever arrived,
+with FedFix-style weights whose expectation is each neighbour's data share whatever its
+speed: :mod:`p2pfl.protocol.timed`. The default ``"count"`` is the protocol above, unchanged.
 """
 
 from __future__ import annotations
@@ -56,19 +61,19 @@ from p2pfl.protocol.actions import (
     Action,
     Emit,
     PeerMisbehaved,
-    SaveCheckpoint,
     Send,
     StartTraining,
     Stop,
 )
 from p2pfl.protocol.base import BaseCore
-from p2pfl.protocol.buffers import LatestBuffer
+from p2pfl.protocol.buffers import LatestBuffer, Offer
 from p2pfl.protocol.config import CoreConfig
 from p2pfl.protocol.core import ModeTraits, register_protocol_mode
 from p2pfl.protocol.events import MessageReceived
 from p2pfl.protocol.membership import Membership, parse_records
 from p2pfl.protocol.messages import ModelUpdate, parse_model_update
 from p2pfl.protocol.phases import GOSSIP_TRANSITIONS, Phase
+from p2pfl.protocol.timed import TimedMerging
 from p2pfl.wire import MessageKind
 
 
@@ -79,6 +84,8 @@ class _Outstanding:
     merged: int
     connected: int
     started_at: float
+    start: torch.Tensor | None = None
+    """Time-triggered merging: the vector the training started from."""
 
 
 def _samples_membership(config: CoreConfig) -> bool:
@@ -91,8 +98,14 @@ def _traffic(config: CoreConfig, model_frames: int) -> tuple[float, float]:
     return 0.0, model_frames / (config.period * (1.0 - config.period_jitter))
 
 
+def _buffered(config: CoreConfig, degree: float) -> float:
+    # About two models per push received while training: 2 * fanout.
+    return min(degree, 2.0 * config.fanout)
+
+
 @register_protocol_mode(
-    "gossip", traits=ModeTraits(strangers=_samples_membership, traffic=_traffic)
+    "gossip",
+    traits=ModeTraits(strangers=_samples_membership, traffic=_traffic, buffered=_buffered),
 )
 class GossipCore(BaseCore):
     """Asynchronous push gossip: periodic pushes to random neighbours; merge on receipt."""
@@ -103,6 +116,11 @@ class GossipCore(BaseCore):
         self._buffer = LatestBuffer()
         self._push_at: float | None = None
         self._outstanding: _Outstanding | None = None
+        self.timed: TimedMerging | None = None
+        if self.config.merge_trigger == "time":
+            self.timed = TimedMerging(self.config.merge_interval)
+            self._merged_in_training = 0
+            self._last_push: float | None = None
         self.membership: Membership | None = None
         if self.config.peer_sampling == "membership":
             self.membership = Membership(
@@ -117,6 +135,9 @@ class GossipCore(BaseCore):
     # -- hooks --------------------------------------------------------------------------
 
     def _on_started(self) -> list[Action]:
+        if self.timed is not None:
+            self.timed.begin(self._now)
+            return self._train(merged=0)
         self._push_at = self._now + self._interval()
         return self._train(merged=0)
 
@@ -140,7 +161,11 @@ class GossipCore(BaseCore):
         return []
 
     def _on_update(self, update: ModelUpdate) -> list[Action]:
-        self._buffer.offer(update)
+        offer = self._buffer.offer(update)
+        if self.timed is not None:
+            if offer is Offer.ACCEPTED:
+                self.timed.arrived(update)
+            return []
         if self._machine.phase is Phase.WAITING:
             return self._merge_and_train()
         return []
@@ -149,35 +174,20 @@ class GossipCore(BaseCore):
         outstanding = self._outstanding
         assert outstanding is not None, "TRAINING always has an outstanding record"
         self._outstanding = None
-        finished_round = self.round
+        if self.timed is not None:
+            return self._timed_trained(outstanding, trained, loss, steps)
         self.vector = trained
-        self.round = finished_round + 1
-        record = Emit(
-            "round",
-            {
-                "round": finished_round,
-                "loss": loss,
-                "steps": steps,
-                "received": outstanding.merged,
-                "expected": outstanding.connected,
-                "neighbours": len(self._peers.neighbours),
-                "timed_out": 0,
-                "merge_fallbacks": self._merger.fallbacks,
-                "trained_at": self._now,
-                "merged_at": outstanding.started_at,
-            },
-        )
-        actions: list[Action] = [record, SaveCheckpoint(self.round, trained)]
-        if self.round >= self.config.rounds:
-            self._machine.goto(Phase.DONE)
-            self._push_at = None
-            return [*actions, Stop(f"completed {self.round} trainings")]
+        actions = self._record_training(outstanding, loss, steps, received=outstanding.merged)
+        if self.finished:
+            return actions
         if len(self._buffer):
             return actions + self._merge_and_train()
         self._machine.goto(Phase.WAITING)
         return actions
 
     def _on_deadline(self) -> list[Action]:
+        if self.timed is not None:
+            return self._timed_tick(self.timed)
         if self._push_at is None or self._now < self._push_at:
             return []
         self._push_at = self._now + self._interval()
@@ -187,6 +197,8 @@ class GossipCore(BaseCore):
         return actions
 
     def _deadline(self) -> float | None:
+        if self.timed is not None:
+            return self.timed.next_at
         return self._push_at
 
     # -- pushing and learning -----------------------------------------------------------
@@ -227,6 +239,76 @@ class GossipCore(BaseCore):
     def _train(self, *, merged: int) -> list[Action]:
         self._machine.goto(Phase.TRAINING)
         self._outstanding = _Outstanding(
-            merged=merged, connected=len(self._peers.connected()), started_at=self._now
+            merged=merged,
+            connected=len(self._peers.connected()),
+            started_at=self._now,
+            start=self.vector if self.timed is not None else None,
         )
         return [StartTraining(self.vector, self.config.local_steps, self.round)]
+
+    def _record_training(
+        self, outstanding: _Outstanding, loss: float, steps: int, *, received: int
+    ) -> list[Action]:
+        """Count the finished training: its round record and checkpoint of ``core.vector``,
+        and ``Stop`` (phase DONE, no more timers) after the last one."""
+        finished_round = self.round
+        self.round = finished_round + 1
+        record = Emit(
+            "round",
+            {
+                "round": finished_round,
+                "loss": loss,
+                "steps": steps,
+                "received": received,
+                "expected": outstanding.connected,
+                "neighbours": len(self._peers.neighbours),
+                "timed_out": 0,
+                "merge_fallbacks": self._merger.fallbacks,
+                "trained_at": self._now,
+                "merged_at": outstanding.started_at,
+            },
+        )
+        actions: list[Action] = [record, self._checkpoint(self.round, self.vector)]
+        if self.round >= self.config.rounds:
+            self._machine.goto(Phase.DONE)
+            self._push_at = None
+            if self.timed is not None:
+                self.timed.stop()
+            actions.append(Stop(f"completed {self.round} trainings"))
+        return actions
+
+    # -- time-triggered merging (p2pfl.protocol.timed) ----------------------------------
+
+    def _timed_tick(self, timed: TimedMerging) -> list[Action]:
+        if not timed.due(self._now):
+            return []
+        # Every buffered model passed check_sender; key order is the same in every process.
+        updates = self._buffer.take(None)
+        if updates:
+            weights, own_weight = timed.weights(updates, self._now, self._merger.own_weight)
+            self.vector = self._merger.merge(
+                self.vector, updates, own_round=self.round, weights=weights, own_weight=own_weight
+            )
+            self._merged_in_training += len(updates)
+        return []
+
+    def _timed_trained(
+        self, outstanding: _Outstanding, trained: torch.Tensor, loss: float, steps: int
+    ) -> list[Action]:
+        timed = self.timed
+        assert timed is not None and outstanding.start is not None
+        if self.vector is outstanding.start:
+            self.vector = trained
+        else:
+            # Ticks merged into the model while it trained: keep them, add the training's step.
+            self.vector = self.vector + (trained - outstanding.start)
+        actions = self._record_training(outstanding, loss, steps, received=self._merged_in_training)
+        self._merged_in_training = 0
+        if self.finished:
+            return actions
+        # Push the fresh model, no more often than the runtime's rate limits allow.
+        quiet = self.config.period * (1.0 - self.config.period_jitter)
+        if self._last_push is None or self._now >= self._last_push + quiet:
+            self._last_push = self._now
+            actions += self._push()
+        return actions + self._train(merged=0)

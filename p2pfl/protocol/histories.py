@@ -27,14 +27,16 @@ forward a record but never forge or alter one. Records of this node itself are i
 valid record is stored at ``d + 1`` hops: an unknown origin always; a direct record
 (distance 1, published by a neighbour) is replaced only by that neighbour's newer
 publication; a distant one by a newer round, or the same round over a shorter path. A stored
-distant record (distance ≥ 2) is handed to the merge rule with
-:func:`~p2pfl.merge.sybil.record_distant_history`. Direct records only feed the relaying: the
-merge rule computes its neighbours' histories from their models itself.
+distant record (distance ≥ 2) is handed to the merge rule's
+:meth:`~p2pfl.merge.base.HistoryHook.learn_history`. Direct records only feed the relaying: the
+merge rule computes its neighbours' histories from their models itself. The rule receives
+records through the :class:`~p2pfl.merge.base.HistoryHook` it implements and keeps them in its
+own state; this module never touches that state.
 
 What a relay can still do: lie about the distance (changing only how often the record is
 drawn) or withhold records; what it cannot: change a history or its round, or invent one.
 Memory is bounded: at most ``capacity`` records, the farthest and then oldest forgotten first
-(also in the merge rule's table). Traffic is bounded: per recipient and send, one own record
+(the rule is told: :meth:`~p2pfl.merge.base.HistoryHook.forget_history`). Traffic is bounded: per recipient and send, one own record
 and at most one relayed record.
 """
 
@@ -51,9 +53,10 @@ import torch
 from p2pfl.codec import encode_vector
 from p2pfl.errors import BadSignature, RemoteProtocolError
 from p2pfl.identity import NODE_ID_BYTES, SIGNATURE_BYTES, Identity, NodeId
-from p2pfl.merge.sybil import forget_distant_history, history_gossip_weights, record_distant_history
-from p2pfl.protocol.messages import decode_model
-from p2pfl.wire import Envelope, MessageKind, PayloadSpec, seal
+from p2pfl.merge.base import HistoryHook
+from p2pfl.merge.sybil import history_gossip_weights
+from p2pfl.protocol.messages import Sealer, decode_model
+from p2pfl.wire import Envelope, MessageKind, PayloadSpec
 
 HISTORY_CONTEXT = b"p2pfl/history/v1\x00"
 MAX_DISTANCE = 255
@@ -109,14 +112,12 @@ def sign_history(
     return SignedHistory(identity.node_id, round, spec, payload, digest, signature)
 
 
-def seal_history(identity: Identity, record: SignedHistory, *, distance: int, seq: int) -> Envelope:
-    """A ``HISTORY`` message carrying ``record`` unchanged, sealed by ``identity`` (the
+def seal_history(sealer: Sealer, record: SignedHistory, *, distance: int) -> Envelope:
+    """A ``HISTORY`` message carrying ``record`` unchanged, sealed by ``sealer``'s node (the
     relay, or the origin itself with ``distance`` 0)."""
-    return seal(
-        identity,
+    return sealer.seal_payload(
         MessageKind.HISTORY,
-        seq=seq,
-        round=record.round,
+        record.round,
         payload=record.payload,
         spec=record.spec,
         meta={"o": record.origin.raw, "d": distance, "hs": record.signature},
@@ -167,19 +168,38 @@ class HeldHistory:
 class HistoryGossip:
     """One node's signed history records, its own history and the λ-weighted draw."""
 
-    __slots__ = ("_baseline", "_identity", "capacity", "lam", "own", "table", "wire_dtype")
+    __slots__ = (
+        "_baseline",
+        "_hook",
+        "_identity",
+        "_state",
+        "capacity",
+        "lam",
+        "own",
+        "table",
+        "wire_dtype",
+    )
 
     def __init__(
         self,
         identity: Identity,
         baseline: torch.Tensor,
         *,
+        hook: HistoryHook | None = None,
+        state: MutableMapping[str, Any] | None = None,
         lam: float = 0.8,
         capacity: int = 32,
         wire_dtype: str = "float32",
     ) -> None:
-        """Start with an empty table; the own history is measured from ``baseline``."""
+        """Start with an empty table; the own history is measured from ``baseline``.
+
+        ``hook`` (the merge rule's) learns every stored distant record and forgets every
+        evicted one, keeping them in ``state`` (the rule's per-node state); with no hook
+        the records are only relayed.
+        """
         self._identity = identity
+        self._hook = hook
+        self._state: MutableMapping[str, Any] = {} if state is None else state
         self._baseline = baseline.detach().to(torch.float32).clone()
         self.lam = lam
         self.capacity = capacity
@@ -221,11 +241,9 @@ class HistoryGossip:
         peer: NodeId,
         envelope: Envelope,
         shape: torch.Size,
-        state: MutableMapping[str, Any],
     ) -> HeldHistory | None:
         """Check and store a ``HISTORY`` message from ``peer`` (whose envelope the caller
-        checked already: sender, freshness); distant records go to the merge rule's
-        ``state``.
+        checked already: sender, freshness); distant records go to the merge rule's hook.
 
         Returns:
             The stored record, or None if it taught nothing (stale, or this node's own).
@@ -261,16 +279,17 @@ class HistoryGossip:
         vector = decode_model(envelope, shape).clone()
         held = HeldHistory(record, stored, peer)
         self.table[origin] = held
-        if stored >= 2:
-            record_distant_history(state, origin, record.round, distance, vector)
-        self._evict(state)
+        if stored >= 2 and self._hook is not None:
+            self._hook.learn_history(self._state, origin, record.round, stored, vector)
+        self._evict()
         return self.table.get(origin)
 
-    def _evict(self, state: MutableMapping[str, Any]) -> None:
+    def _evict(self) -> None:
         while len(self.table) > self.capacity:
             victim = max(
                 self.table,
                 key=lambda o: (self.table[o].distance, -self.table[o].record.round, o.raw),
             )
             del self.table[victim]
-            forget_distant_history(state, victim)
+            if self._hook is not None:
+                self._hook.forget_history(self._state, victim)

@@ -48,9 +48,16 @@ class Merger:
         """Merges skipped because the rule had too few inputs (own model kept)."""
 
     def merge(
-        self, own: torch.Tensor, updates: Sequence[ModelUpdate], *, own_round: int
+        self,
+        own: torch.Tensor,
+        updates: Sequence[ModelUpdate],
+        *,
+        own_round: int,
+        weights: Sequence[float] | None = None,
+        own_weight: float | None = None,
     ) -> torch.Tensor:
-        """Merge ``own`` with ``updates``; weights are the senders' sample counts.
+        """Merge ``own`` with ``updates``; weights are the senders' sample counts unless
+        ``weights`` (one per update) and ``own_weight`` are given (time-triggered gossip).
 
         Raises:
             LocalProtocolError: the rule returned a tensor of another shape than ``own``.
@@ -59,12 +66,14 @@ class Merger:
             received = torch.stack([update.vector for update in updates])
         else:
             received = own.new_empty((0, *own.shape))
-        weights = torch.tensor([float(update.samples) for update in updates], dtype=torch.float32)
+        if weights is None:
+            weights = [float(update.samples) for update in updates]
+        row_weights = torch.tensor(weights, dtype=torch.float32)
         context = MergeContext(
             senders=tuple(update.sender for update in updates),
             rounds=tuple(update.round for update in updates),
             own_round=own_round,
-            own_weight=self.own_weight,
+            own_weight=self.own_weight if own_weight is None else own_weight,
             layout=self.layout,
             state=self.state,
             degree=self.degree,
@@ -73,7 +82,7 @@ class Merger:
             probe=self.probe,
         )
         try:
-            merged = self.rule(own, received, weights, context)
+            merged = self.rule(own, received, row_weights, context)
         except InsufficientInputs:
             # Too few inputs for the rule's guarantee: keeping the own model is the one
             # choice no Byzantine input can influence.

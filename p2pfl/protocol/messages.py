@@ -2,11 +2,13 @@
 
 Theory of operation
 -------------------
-Outgoing, :class:`Sealer` turns a model into one signed ``MODEL_UPDATE`` envelope: the payload
-is the vector in the configured wire dtype, the header carries the round (dsgd) or age
-(gossip), this node's sample count and number of neighbours (``meta["deg"]``), and the next
-number of a per-node sequence that never repeats. One envelope is sealed per model and the
-same object is sent to every recipient.
+Outgoing, :class:`Sealer` signs every message a core sends and owns the per-node sequence
+counter, so the numbers never repeat. A model becomes one ``MODEL_UPDATE`` envelope: the
+payload is the vector in the configured wire dtype, the header carries the round (dsgd) or
+age (gossip), this node's sample count and number of neighbours (``meta["deg"]``). One
+envelope is sealed per model and the same object is sent to every recipient. Modes with
+messages of their own (``modest``, history gossip) seal them with
+:meth:`Sealer.seal_vector` / :meth:`Sealer.seal_payload`.
 
 Incoming, :func:`parse_model_update` turns a ``MessageReceived`` whose signature the driver
 already verified into a :class:`ModelUpdate`, cheapest checks first: the transport peer is a
@@ -26,14 +28,14 @@ from dataclasses import dataclass
 
 import torch
 
-from p2pfl.codec import CODECS, Payload, decode_vector, encode_vector
+from p2pfl.codec import CODECS, decode_vector, encode_vector
 from p2pfl.errors import RemoteProtocolError, WireError
 from p2pfl.identity import Identity, NodeId
 from p2pfl.numerics import all_finite
 from p2pfl.protocol.compression import BASE, Chains, Compressor
 from p2pfl.protocol.events import MessageReceived
 from p2pfl.protocol.peers import PeerSet
-from p2pfl.wire import Envelope, MessageKind, seal
+from p2pfl.wire import Envelope, MessageKind, PayloadSpec, seal
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,13 +61,13 @@ MAX_DEGREE = 1 << 20
 
 
 class Sealer:
-    """Signs this node's models as ``MODEL_UPDATE`` envelopes with increasing sequence numbers.
+    """Signs everything one node sends, numbering the envelopes from one sequence counter.
 
-    With a :class:`~p2pfl.protocol.compression.Compressor` the payload is what it encodes
-    (a lossy codec, error feedback, delta chains); without one, the model in ``wire_dtype``.
+    The counter is this object's alone: every envelope a core sends is sealed here, so the
+    numbers never repeat and only grow (a peer's replay window refuses anything else).
     """
 
-    __slots__ = ("_identity", "compressor", "degree", "next_seq", "samples", "wire_dtype")
+    __slots__ = ("_identity", "_next_seq", "compressor", "degree", "samples", "wire_dtype")
 
     def __init__(
         self,
@@ -81,35 +83,69 @@ class Sealer:
         self.wire_dtype = wire_dtype
         self.degree = degree
         self.samples = samples
-        self.next_seq = seq_start
+        self._next_seq = seq_start
         self.compressor = compressor
+        """With one, ``MODEL_UPDATE`` payloads are what it encodes (a lossy codec, error
+        feedback, delta chains: :mod:`p2pfl.protocol.compression`); without, the model in
+        ``wire_dtype``."""
+
+    @property
+    def next_seq(self) -> int:
+        """The sequence number the next envelope will carry."""
+        return self._next_seq
 
     def seal(
         self, vector: torch.Tensor, round: int, *, meta: Mapping[str, object] | None = None
     ) -> Envelope:
-        """One signed envelope for ``vector``; it may share ``vector``'s memory (no copy).
+        """One signed ``MODEL_UPDATE`` for ``vector``; it may share ``vector``'s memory.
 
         ``meta`` adds header fields (e.g. a membership view) next to ``deg``.
         """
         compressor = self.compressor
-        payload: Payload
+        fields = {"deg": self.degree, **(meta or {})}
         if compressor is None:
-            spec, payload = encode_vector(vector, dtype=self.wire_dtype, samples=self.samples)
-            links: dict[str, int] = {}
-        else:
-            (spec, payload, _), links = compressor.encode(vector, self.samples)
+            return self.seal_vector(MessageKind.MODEL_UPDATE, vector, round, meta=fields)
+        (spec, payload, _), links = compressor.encode(vector, self.samples)
+        envelope = self.seal_payload(
+            MessageKind.MODEL_UPDATE, round, payload=payload, spec=spec, meta={**fields, **links}
+        )
+        compressor.sealed(envelope.seq)
+        return envelope
+
+    def seal_vector(
+        self,
+        kind: MessageKind,
+        vector: torch.Tensor,
+        round: int,
+        *,
+        meta: Mapping[str, object] | None = None,
+    ) -> Envelope:
+        """One signed message of ``kind`` carrying ``vector`` in the wire dtype, with this
+        node's sample count; it may share ``vector``'s memory (no copy)."""
+        spec, payload = encode_vector(vector, dtype=self.wire_dtype, samples=self.samples)
+        return self.seal_payload(kind, round, payload=payload, spec=spec, meta=meta)
+
+    def seal_payload(
+        self,
+        kind: MessageKind,
+        round: int,
+        *,
+        payload: bytes | bytearray | memoryview = b"",
+        spec: PayloadSpec | None = None,
+        meta: Mapping[str, object] | None = None,
+    ) -> Envelope:
+        """One signed message of ``kind`` with the next sequence number (no payload by
+        default)."""
         envelope = seal(
             self._identity,
-            MessageKind.MODEL_UPDATE,
-            seq=self.next_seq,
+            kind,
+            seq=self._next_seq,
             round=round,
             payload=payload,
             spec=spec,
-            meta={"deg": self.degree, **(meta or {}), **links},
+            meta=meta,
         )
-        if compressor is not None:
-            compressor.sealed(self.next_seq)
-        self.next_seq += 1
+        self._next_seq += 1
         return envelope
 
 

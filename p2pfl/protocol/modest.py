@@ -38,7 +38,7 @@ One round, as seen by its participants::
 - *Membership*: every model message carries a bounded piggyback of the sender's view; the
   pending joins are applied right before a model is sent. ``MEMBERSHIP`` messages carry join
   and leave announcements to ``min(10 * sample_size, view)`` random peers (at ``Started`` when
-  ``announce_join``, and in :meth:`ModestCore.leave`).
+  ``announce_join``, and at ``LeaveRequested``).
 - *Stopping*: a node stops once it holds the model of round ``rounds`` and, if it produced that
   model, has sent it on. Nodes never sampled near the end simply stay idle: they arm no timer.
 
@@ -61,14 +61,12 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from p2pfl.codec import encode_vector
-from p2pfl.errors import LocalProtocolError, RemoteProtocolError, WireError
+from p2pfl.errors import RemoteProtocolError, WireError
 from p2pfl.identity import NodeId
 from p2pfl.protocol.actions import (
     Action,
     Emit,
     PeerMisbehaved,
-    SaveCheckpoint,
     Send,
     StartTraining,
     Stop,
@@ -81,7 +79,7 @@ from p2pfl.protocol.events import MessageReceived
 from p2pfl.protocol.membership import Membership, Record, Status, parse_records
 from p2pfl.protocol.messages import ModelUpdate, decode_model
 from p2pfl.protocol.phases import MODEST_TRANSITIONS, Phase
-from p2pfl.wire import Envelope, MessageKind, PayloadSpec, ReplayWindow, seal
+from p2pfl.wire import Envelope, MessageKind, ReplayWindow
 
 MODEST_KINDS = frozenset(
     {
@@ -138,7 +136,17 @@ def _traffic(config: CoreConfig, model_frames: int) -> tuple[float, float]:
     return float(FRAMES_PER_ROUND), FRAMES_PER_ROUND / config.ping_timeout
 
 
-@register_protocol_mode("modest", traits=ModeTraits(strangers=True, traffic=_traffic))
+def _buffered(config: CoreConfig, degree: float) -> float:
+    # An aggregator holds the models of one sample.
+    return float(config.sample_size)
+
+
+@register_protocol_mode(
+    "modest",
+    traits=ModeTraits(
+        strangers=True, traffic=_traffic, buffered=_buffered, model_kinds=MODEL_KINDS
+    ),
+)
 class ModestCore(BaseCore):
     """Per round a sampled committee: ``sample_size`` trainers, ``aggregators`` aggregators."""
 
@@ -164,21 +172,11 @@ class ModestCore(BaseCore):
         self._distributions: dict[int, _Distribution] = {}
         self._training_round: int | None = None
         self._train_wanted = False
-        self._left = False
 
-    # -- public -------------------------------------------------------------------------
+    # -- hooks --------------------------------------------------------------------------
 
-    def leave(self, *, now: float) -> list[Action]:
-        """Leave for good: announce LEAVE, refuse (``NACK``) every model held for
-        aggregation, and stop (after the outstanding training, if any, is reported).
-
-        Raises:
-            LocalProtocolError: ``now`` went backwards or is not finite.
-        """
-        self.handle_time(now)
-        if self.finished or self._left:
-            return []
-        self._left = True
+    def _on_leave(self) -> list[Action]:
+        """Announce LEAVE and refuse (``NACK``) every model held for aggregation."""
         self.membership.announce(Status.LEAVE)
         actions = self._advertise()
         for aggregation in self._aggregations.values():
@@ -188,22 +186,7 @@ class ModestCore(BaseCore):
         self._outboxes.clear()
         self._distributions.clear()
         self._train_wanted = False
-        if self._machine.phase is not Phase.TRAINING:
-            self._machine.goto(Phase.DONE)
-            actions.append(Stop("left the population"))
         return actions
-
-    def handle_time(self, now: float) -> None:
-        """Advance the core's clock to ``now`` without an event.
-
-        Raises:
-            LocalProtocolError: ``now`` went backwards or is not finite.
-        """
-        if not math.isfinite(now) or now < self._now:
-            raise LocalProtocolError(f"now = {now!r} is not finite or before {self._now!r}")
-        self._now = now
-
-    # -- hooks --------------------------------------------------------------------------
 
     def _on_started(self) -> list[Action]:
         self._machine.goto(Phase.WAITING)
@@ -217,8 +200,6 @@ class ModestCore(BaseCore):
         raise AssertionError("modest parses its own messages")  # pragma: no cover
 
     def _on_message(self, event: MessageReceived) -> list[Action]:
-        if self._left:
-            return []
         envelope = event.envelope
         try:
             records, vector = self._check(event)
@@ -262,9 +243,6 @@ class ModestCore(BaseCore):
     def _on_trained(self, trained: torch.Tensor, loss: float, steps: int) -> list[Action]:
         trained_round = self._training_round
         self._training_round = None
-        if self._left:
-            self._machine.goto(Phase.DONE)
-            return [Stop("left the population")]
         self._machine.goto(Phase.WAITING)
         actions: list[Action] = [
             Emit(
@@ -374,24 +352,9 @@ class ModestCore(BaseCore):
         vector: torch.Tensor | None = None,
         meta: dict[str, object] | None = None,
     ) -> Envelope:
-        payload: bytes | bytearray | memoryview
         if vector is not None:
-            spec, payload = encode_vector(
-                vector, dtype=self.config.wire_dtype, samples=self.samples
-            )
-        else:
-            spec, payload = PayloadSpec(), b""
-        envelope = seal(
-            self._identity,
-            kind,
-            seq=self._sealer.next_seq,
-            round=round,
-            payload=payload,
-            spec=spec,
-            meta=meta,
-        )
-        self._sealer.next_seq += 1
-        return envelope
+            return self._sealer.seal_vector(kind, vector, round, meta=meta)
+        return self._sealer.seal_payload(kind, round, meta=meta)
 
     def _view(self) -> dict[str, object]:
         records = self.membership.piggyback(self.config.view_entries, self._rng)
@@ -526,7 +489,7 @@ class ModestCore(BaseCore):
                     "adopted_at": self._now,
                 },
             ),
-            SaveCheckpoint(round, vector),
+            self._checkpoint(round, vector),
         ]
         self._train_wanted = train and round < self.config.rounds
         return actions + self._maybe_train() + self._maybe_finish()

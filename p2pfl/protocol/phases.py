@@ -10,7 +10,8 @@ lives next to the phase, not in it.
 Each mode moves between phases only along the edges of its table below, as h11's
 ``_state.py`` does for HTTP. The value of each edge says what triggers it; the code that
 takes an edge calls :meth:`PhaseMachine.goto`, which refuses an edge that is not in the table,
-so this file is the whole picture of a mode's life cycle.
+so this file is the whole picture of a mode's life cycle. One edge is common to every mode and
+so in no table: from any phase to ``DONE`` on ``LeaveRequested`` (:meth:`PhaseMachine.leave`).
 """
 
 from __future__ import annotations
@@ -81,12 +82,11 @@ MODEST_TRANSITIONS: Transitions = {
     Phase.TRAINING: {
         Phase.WAITING: "TrainingFinished: the model goes to the aggregators (or, stale, is "
         "dropped)",
-        Phase.DONE: "TrainingFinished after leave()",
     },
     Phase.WAITING: {
         Phase.TRAINING: "selected as a trainer of the round whose model the node holds "
         "(an aggregated model adopted, or the first sample at Started)",
-        Phase.DONE: "the final model adopted (and, by its aggregator, sent on), or leave()",
+        Phase.DONE: "the final model adopted (and, by its aggregator, sent on)",
     },
     Phase.DONE: {},
 }
@@ -135,6 +135,10 @@ class PhaseMachine:
         if new not in self.table[self.phase]:
             raise RuntimeError(f"no transition {self.phase.name} -> {new.name} in this mode")
         self.phase = new
+
+    def leave(self) -> None:
+        """Take the edge every mode has: from any phase to ``DONE`` (``LeaveRequested``)."""
+        self.phase = Phase.DONE
 
     def expect(self, phase: Phase, event: str) -> None:
         """Check that the caller's ``event`` is legal now.

@@ -21,7 +21,8 @@ is a module of this package, with its own docstring:
 A node restarts from its checkpoint (round and model) when one exists. :meth:`Node.run`
 listens (``status_listen`` too, bound before anything is logged so that its failure is the
 only line), starts the connection, peer-exchange, startup-gate and evaluator tasks, runs the
-pump until the core stops or :meth:`Node.request_stop` is called, then flushes the send
+pump until the core stops or :meth:`Node.request_stop` is called (a graceful stop, e.g.
+SIGTERM, then tells the core ``LeaveRequested`` and sends its goodbye), then flushes the send
 queues and the evaluations (bounded by ``FLUSH_TIMEOUT``), closes everything, and logs one
 ``stopped`` record with the node's counters.
 
@@ -55,7 +56,6 @@ from p2pfl.errors import ConfigError
 from p2pfl.identity import Identity, NodeId
 from p2pfl.learn.base import Learner
 from p2pfl.merge.base import MergeRule
-from p2pfl.merge.sybil import uses_history_gossip
 from p2pfl.protocol import make_core
 from p2pfl.protocol.events import Event
 from p2pfl.runtime.connections import Connections
@@ -205,14 +205,11 @@ class Node:
 
         limits = config.limits
         self.limits = limits
-        histories = config.protocol.history_gossip
-        if histories is None:
-            histories = config.protocol.mode != "modest" and uses_history_gossip(self.merge)
         self.allowance: PeerAllowance = peer_allowance(
             config.protocol,
             base_rate=limits.peer_message_rate,
             base_burst=limits.peer_message_burst,
-            histories=histories,
+            histories=self.core.gossips_histories,
             idle_timeout=limits.idle_timeout,
             exchange_interval=(
                 config.peer_exchange.interval if config.peer_exchange.enabled else None
@@ -263,6 +260,8 @@ class Node:
         self._bind_metrics()
         self._pump_scope: trio.CancelScope | None = None
         self._stop_requested = False
+        self._leave = False
+        self._left = False
         self._stop_reason: str | None = None
         self.finished = trio.Event()
 
@@ -305,8 +304,15 @@ class Node:
 
     @property
     def stop_reason(self) -> str | None:
-        """Why the node stopped (or is stopping): the core's reason or the stop request's."""
-        return self.pump.stop_reason or self._stop_reason
+        """Why the node stopped (or is stopping): the stop request's reason, if one came
+        before the core finished, else the core's."""
+        return self._stop_reason or self.pump.stop_reason
+
+    @property
+    def left(self) -> bool:
+        """Whether the node left before its core finished: stopped gracefully, the core was
+        told ``LeaveRequested`` (so ``core.finished`` holds, but not all rounds ran)."""
+        return self._left
 
     def render_metrics(self) -> str:
         """The status endpoint's body: every metric in the Prometheus text format."""
@@ -316,10 +322,19 @@ class Node:
         """Return once :attr:`history` holds at least ``count`` rounds (or the node stopped)."""
         await self.reporting.wait_rounds(count)
 
-    def request_stop(self, reason: str = "stop requested") -> None:
-        """Leave the loop as soon as possible and shut down gracefully (idempotent)."""
+    def request_stop(self, reason: str = "stop requested", *, leave: bool = True) -> None:
+        """Leave the loop as soon as possible and shut down gracefully (idempotent).
+
+        Args:
+            reason: logged as the stop reason (unless the core had finished already).
+            leave: tell the core it leaves for good (``LeaveRequested``) and send the goodbye
+                it returns (``modest``'s LEAVE announcement) before closing; False ends the
+                node as a crash would, saying nothing.
+        """
         self._stop_requested = True
-        self._stop_reason = self._stop_reason or reason
+        if not self.core.finished and self._stop_reason is None:
+            self._stop_reason = reason
+            self._leave = leave
         if self._pump_scope is not None:
             self._pump_scope.cancel()
 
@@ -407,6 +422,8 @@ class Node:
                     self._pump_scope.cancel()
                 with self._pump_scope:
                     await self.pump.run(nursery)
+                if self._leave:
+                    self._left = await self.pump.leave()
                 self.reporting.close()
                 with trio.move_on_after(FLUSH_TIMEOUT):
                     await evaluator_done.wait()

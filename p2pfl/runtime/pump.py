@@ -21,6 +21,10 @@ none of which blocks it for long:
 ``Stop``           leave the loop; the node flushes the send queues (bounded), closes all
 =================  ==========================================================================
 
+A node stopped gracefully (``Node.request_stop``, SIGTERM) ends the loop, then hands the core
+``LeaveRequested`` (:meth:`Pump.leave`) and carries out the goodbye it returns before the node
+flushes and closes.
+
 After each event the pump credits every peer's rate limit with the rounds the core completed
 (:meth:`~p2pfl.runtime.defences.Defences.credit_rounds`).
 """
@@ -47,7 +51,7 @@ from p2pfl.protocol.actions import (
     Stop,
 )
 from p2pfl.protocol.core import Core
-from p2pfl.protocol.events import DeadlineReached, Event, TrainingFinished
+from p2pfl.protocol.events import DeadlineReached, Event, LeaveRequested, TrainingFinished
 from p2pfl.runtime.connections import Connections
 from p2pfl.runtime.defences import Defences
 from p2pfl.runtime.logs import log_event
@@ -106,6 +110,18 @@ class Pump:
                 for action in actions:
                     await self._carry_out(action)
 
+    async def leave(self) -> bool:
+        """Tell the core the node leaves for good (``LeaveRequested``) and carry out its
+        goodbye (sends are queued; the node flushes them before closing). Call it once the
+        loop has ended; a core already finished has nothing to say (returns False)."""
+        if self.core.finished:
+            return False
+        actions = self.core.handle(LeaveRequested(), now=trio.current_time())
+        with trio.CancelScope(shield=True):
+            for action in actions:
+                await self._carry_out(action)
+        return True
+
     def _credit_progress(self) -> None:
         """Each round this node completes earns every peer the frames a round lets it send."""
         advanced = self.core.round - self._credited_round
@@ -121,8 +137,8 @@ class Pump:
             case StartTraining():
                 assert self._nursery is not None
                 self._nursery.start_soon(self._train, action)
-            case SaveCheckpoint(round=round_, vector=vector):
-                await self._reporting.save(round_, vector)
+            case SaveCheckpoint(round=round_, vector=vector, loss=loss):
+                await self._reporting.save(round_, vector, loss)
             case Disconnect(peer=peer, reason=reason):
                 log_event(
                     log,
@@ -173,5 +189,4 @@ class Pump:
             self.learner.train, action.vector, action.steps, round=action.round
         )
         result = await trio.to_thread.run_sync(train)
-        self._reporting.trained(action.round, result.loss)
         await self._events_send.send(TrainingFinished(result.vector, result.loss, result.steps))

@@ -2,10 +2,9 @@
 
 Theory of operation
 -------------------
-The pump tells :class:`Reporting` three things, in this order for every round: the training
-loss of each finished training (:meth:`Reporting.trained`), the core's ``Emit("round")``
-fields (:meth:`Reporting.round_closed`), and the core's ``SaveCheckpoint``
-(:meth:`Reporting.save`). ``save`` writes the checkpoint atomically, calls ``on_round``, and
+The pump tells :class:`Reporting` two things, in this order for every round: the core's
+``Emit("round")`` fields (:meth:`Reporting.round_closed`), and the core's ``SaveCheckpoint``
+with the training loss it carries (:meth:`Reporting.save`). ``save`` writes the checkpoint atomically, calls ``on_round``, and
 queues the round for the evaluator task (:meth:`Reporting.evaluate`), which evaluates saved
 models one at a time, in round order, in a worker thread, off the pump. Once a round is
 evaluated it is appended to :attr:`Reporting.history`, the ``last_*`` gauges are set, and the
@@ -76,30 +75,25 @@ class Reporting:
         self.history: list[dict[str, Any]] = []
         self._changed = trio.Event()
         self._stopped = False
-        self._train_loss: dict[int, float] = {}
         self._round_fields: dict[str, Any] = {}
         self._evals_send, self._evals_receive = trio.open_memory_channel[
-            tuple[int, torch.Tensor, int, dict[str, Any]]
+            tuple[int, torch.Tensor, float, int, dict[str, Any]]
         ](math.inf)
         for name in LOSS_GAUGES:
             metrics.set(name, math.nan)
-
-    def trained(self, round_: int, loss: float) -> None:
-        """The training of round ``round_`` ended with ``loss``."""
-        self._train_loss[round_] = loss
 
     def round_closed(self, fields: Mapping[str, Any]) -> None:
         """The core's ``round`` record; logged with the next saved round's evaluation."""
         self._round_fields = dict(fields)
 
-    async def save(self, round_: int, vector: torch.Tensor) -> None:
-        """Checkpoint ``vector`` as the start of round ``round_``, then queue its evaluation.
+    async def save(self, round_: int, vector: torch.Tensor, loss: float) -> None:
+        """Checkpoint ``vector`` as the start of round ``round_`` (``loss``: the training loss
+        the core reports with it), then queue its evaluation.
 
         Raises:
             ConfigError: the checkpoint directory can no longer be written.
         """
         target = self.checkpoint_file
-        loss = self._train_loss.get(round_ - 1, math.nan)
         if target is not None:
             info = {"saved_at": time.time(), "loss": loss}
             try:
@@ -120,7 +114,7 @@ class Reporting:
         if self._on_round is not None:
             self._on_round(round_ - 1, vector, loss)
         fields, self._round_fields = self._round_fields, {}
-        self._evals_send.send_nowait((round_, vector, self._peers(), fields))
+        self._evals_send.send_nowait((round_, vector, loss, self._peers(), fields))
 
     def close(self) -> None:
         """No more rounds: the evaluator ends once it has evaluated those queued."""
@@ -140,12 +134,12 @@ class Reporting:
         """Evaluate saved models one at a time, in round order, off the pump; set ``done``
         when the queue is closed and empty."""
         try:
-            async for round_, vector, peers, fields in self._evals_receive:
+            async for round_, vector, loss, peers, fields in self._evals_receive:
                 result = await trio.to_thread.run_sync(self.learner.evaluate, vector)
                 completed = round_ - 1
                 entry: dict[str, Any] = {
                     "round": completed,
-                    "loss": self._train_loss.pop(completed, math.nan),
+                    "loss": loss,
                     "test_loss": result.loss,
                     "test_accuracy": result.accuracy,
                     "peers": peers,

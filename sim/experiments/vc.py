@@ -153,7 +153,8 @@ def document(
             "partition_params": {"alpha": 0.5},
         },  # fmt: skip
         "learner": {"hidden": [32], "lr": 0.1, "batch_size": 32, "local_steps": 5, "init": init},
-        "protocol": protocol or {"mode": "dsgd"},
+        # round_timeout as these figures were made (the scenario default was 5 s then)
+        "protocol": {"round_timeout": 5.0, **(protocol or {"mode": "dsgd"})},
         "merge": merge,
     }
 

@@ -30,6 +30,7 @@ OPTIMIZERS = {
     ),
     "adam": OptimizerSettings(name="adam", lr=1e-4, weight_decay=1e-4),
     "adamw": OptimizerSettings(name="adamw", lr=1e-4, weight_decay=0.01),
+    "sam": OptimizerSettings(name="sam", lr=0.05, rho=0.05, momentum=0.9, weight_decay=1e-3),
 }
 
 
@@ -133,9 +134,10 @@ def test_reset_policy_agrees_between_paths() -> None:
     _compare(build, shape, settings, calls=2)
 
 
-def test_linear_stack_fast_path_is_bit_identical_to_vmap() -> None:
+@pytest.mark.parametrize("optimizer", ["sgd", "sam"])
+def test_linear_stack_fast_path_is_bit_identical_to_vmap(optimizer: str) -> None:
     model = build_model("mlp", {"hidden": [16, 8]}, (12,), 3, seed=0)
-    settings = OptimizerSettings(name="sgd", lr=0.1, momentum=0.5)
+    settings = OptimizerSettings(name=optimizer, lr=0.1, momentum=0.5)
     fast = BatchedLearner(model, settings, (12,))
     slow = BatchedLearner(model, settings, (12,))
     slow._stack = None
@@ -194,6 +196,10 @@ def test_batchnorm_falls_back_to_one_by_one_with_a_notice() -> None:
     assert not fallback.batched
     for node in range(NODES):
         assert fallback._node_buffers[node]["norm.num_batches_tracked"] == STEPS
+    # SAM's two forward passes a step update the running statistics twice, in both paths
+    sam = _compare(_batchnorm, (12,), OPTIMIZERS["sam"])
+    for node in range(NODES):
+        assert sam._node_buffers[node]["norm.num_batches_tracked"] == 2 * STEPS
 
 
 def test_data_dependent_control_flow_falls_back() -> None:

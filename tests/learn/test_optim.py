@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
 from torch import nn
 
 from p2pfl.errors import ConfigError
-from p2pfl.learn.optim import OptimizerSettings, OptimizerState, optimizer_step, stack_states
+from p2pfl.learn.optim import (
+    OptimizerSettings,
+    OptimizerState,
+    optimizer_step,
+    stack_states,
+    step_gradient,
+)
 
 CASES = [
     OptimizerSettings(name="sgd", lr=0.1),
@@ -124,9 +131,49 @@ def test_reset_policy_drops_state_only_when_the_vector_changed() -> None:
         ({"betas": (0.9, 1.0)}, "betas[1]"),
         ({"lr_schedule": "linear"}, "lr_schedule"),
         ({"state_policy": "forget"}, "optimizer_state"),
+        ({"name": "sam", "rho": -0.1}, "rho"),
+        ({"name": "adam", "nesterov": True}, "nesterov"),
     ],
 )
 def test_bad_settings_name_the_key(kwargs: dict[str, object], key: str) -> None:
     with pytest.raises(ConfigError) as info:
         OptimizerSettings(**kwargs)  # type: ignore[arg-type]
     assert info.value.key == key
+
+
+def _quadratic(scales: torch.Tensor) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Rows -> (loss, gradient) of F(x) = sum(scales * x**3) / 3, whose gradient is not linear."""
+
+    def gradient(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (scales * rows**3).sum(dim=1) / 3, scales * rows**2
+
+    return gradient
+
+
+def test_sam_steps_with_the_gradient_at_the_ascent_point() -> None:
+    scales = torch.tensor([1.0, 2.0, 0.5])
+    gradient = _quadratic(scales)
+    params = torch.tensor([[1.0, -2.0, 3.0], [0.5, 0.0, -1.0]])
+    settings = OptimizerSettings(name="sam", lr=0.1, rho=0.05)
+    loss, grads = step_gradient(settings, gradient, params)
+    for row in range(2):
+        g = scales * params[row] ** 2
+        ascent = params[row] + 0.05 * g / g.norm()
+        assert torch.allclose(grads[row], scales * ascent**2, atol=1e-6)
+        assert torch.allclose(loss[row], (scales * params[row] ** 3).sum() / 3)
+    # each row's ascent is scaled by its own norm: a row alone gives the same gradient
+    alone = step_gradient(settings, gradient, params[1:])[1]
+    assert torch.equal(alone[0], grads[1])
+    plain = step_gradient(OptimizerSettings(name="sgd"), gradient, params)[1]
+    assert not torch.allclose(plain, grads, atol=1e-3)
+    # the update is SGD's rule on that gradient
+    updated = params.clone()
+    optimizer_step(settings, updated, grads, {}, lrs=[0.1, 0.1], step_counts=[1, 1])
+    assert torch.allclose(updated, params - 0.1 * grads)
+
+
+def test_sam_with_a_zero_gradient_stays_put() -> None:
+    settings = OptimizerSettings(name="sam", rho=0.05)
+    params = torch.zeros(1, 3)
+    _, grads = step_gradient(settings, _quadratic(torch.ones(3)), params)
+    assert torch.equal(grads, torch.zeros(1, 3))

@@ -23,8 +23,8 @@ def test_defaults_are_plain_sgd_on_the_32_unit_mlp() -> None:
 @pytest.mark.parametrize(
     ("table", "expected"),
     [
-        ({"hidden": ["32"]}, "learner.hidden[0] = '32': Input should be a valid integer"),
-        ({"lr": "0.1"}, "learner.lr = '0.1': Input should be a valid number"),
+        ({"hidden": ["32"]}, "learner.hidden[0] = '32': an integer, not a string"),
+        ({"lr": "0.1"}, "learner.lr = '0.1': a finite number > 0, not a string"),
         ({"batch_size": 3.0}, "learner.batch_size = 3.0:"),
         ({"nesterov": 1}, "learner.nesterov = 1:"),
         ({"hidden": [0]}, "learner.hidden = [0]: hidden layer widths must be >= 1"),
@@ -36,6 +36,8 @@ def test_defaults_are_plain_sgd_on_the_32_unit_mlp() -> None:
         ({"optimizer_state": "drop"}, "learner.optimizer_state = 'drop':"),
         ({"model": "python:no_colon"}, "learner.model = 'python:no_colon':"),
         ({"local_steps": 3}, "learner.local_steps = 3: not a key of [learner]"),
+        ({"rho": 0.05}, "learner.rho = 0.05: only for optimizer 'sam'"),
+        ({"optimizer": "sam", "rho": 0.0}, "learner.rho = 0.0:"),
     ],
 )
 def test_mistakes_name_the_key_in_one_line(table: dict[str, object], expected: str) -> None:
@@ -43,6 +45,13 @@ def test_mistakes_name_the_key_in_one_line(table: dict[str, object], expected: s
         parse_learner_settings(table)
     assert "\n" not in str(info.value)
     assert str(info.value).startswith(expected), str(info.value)
+
+
+def test_sam_is_sgd_with_a_rho() -> None:
+    table = {"optimizer": "sam", "rho": 0.02, "momentum": 0.9, "nesterov": True}
+    optimizer = parse_learner_settings(table).optimizer_settings(5)
+    assert (optimizer.name, optimizer.rho, optimizer.momentum) == ("sam", 0.02, 0.9)
+    assert optimizer.state_names == ("momentum_buffer",)
 
 
 def test_the_scenario_learner_is_the_shared_schema_plus_simulator_keys() -> None:

@@ -59,7 +59,12 @@ class Single:
 
 
 def make_single(
-    mode: str, *, connect: bool = True, samples: int = 1, **overrides: object
+    mode: str,
+    *,
+    connect: bool = True,
+    samples: int = 1,
+    merge: str = "mean",
+    **overrides: object,
 ) -> Single:
     config = CoreConfig(mode=mode, **overrides)  # type: ignore[arg-type]
     me = identity_of(ME)
@@ -70,7 +75,7 @@ def make_single(
         neighbours=[peers[i].node_id for i in NEIGHBOURS],
         vector=torch.zeros(SIZE),
         samples=samples,
-        merge=make_merge_rule("mean"),
+        merge=make_merge_rule(merge),
         rng=np.random.default_rng(1),
     )
     single = Single(core, me, peers)

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
 from p2pfl.errors import ConfigError, LocalProtocolError
 from p2pfl.identity import Identity
@@ -74,34 +75,26 @@ def kinds(actions: list[object]) -> list[str]:
 )
 def test_config_errors_name_the_key(field: str, value: object) -> None:
     with pytest.raises(ConfigError) as info:
-        CoreConfig(**{field: value}).validate()  # type: ignore[arg-type]
+        CoreConfig(**{field: value})
     assert info.value.key == f"protocol.{field}"
 
 
 def test_default_config_is_valid() -> None:
     for mode in MODES:
-        CoreConfig(mode=mode).validate()
+        assert CoreConfig(mode=mode).mode == mode
 
 
-def test_config_is_checked_once_per_object(monkeypatch: pytest.MonkeyPatch) -> None:
-    checks: list[CoreConfig] = []
-    real = CoreConfig._check
-
-    def counting(self: CoreConfig) -> None:
-        checks.append(self)
-        real(self)
-
-    monkeypatch.setattr(CoreConfig, "_check", counting)
+def test_a_config_exists_only_valid() -> None:
+    """Checked when made, frozen after: a core never needs to check it again."""
     config = CoreConfig(rounds=1)
-    for _ in range(3):
-        config.validate()
-    assert checks == [config]
-    # Equal is not the same: rounds=True == rounds=1, yet it is checked, and refused.
+    with pytest.raises(ValidationError, match="frozen"):
+        config.rounds = 0  # type: ignore[misc]
+    # Equal is not the same: rounds=True == rounds=1, yet it is refused.
     with pytest.raises(ConfigError, match="protocol.rounds"):
-        CoreConfig(rounds=True).validate()  # type: ignore[arg-type]
-    with pytest.raises(ConfigError):
-        CoreConfig(rounds=True).validate()  # type: ignore[arg-type]
-    assert len(checks) == 3
+        CoreConfig(rounds=True)
+    with pytest.raises(ConfigError, match=r"^protocol\.fanout = 0: an integer >= 1$"):
+        config.replace(fanout=0)
+    assert config.replace(fanout=3).fanout == 3 and config.fanout == 1
 
 
 @pytest.fixture
@@ -115,7 +108,6 @@ def plugin_mode() -> Iterator[str]:
 
 def test_a_plugin_mode_is_named_and_declares_what_it_needs(plugin_mode: str) -> None:
     config = CoreConfig(mode=plugin_mode)
-    config.validate()
     assert config.admits_strangers and mode_traits(plugin_mode) == ModeTraits(strangers=True)
     assert not CoreConfig(mode="dsgd").admits_strangers
     with pytest.raises(ValueError, match="already registered"):

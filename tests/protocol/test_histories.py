@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from collections.abc import MutableMapping
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ import torch
 
 from p2pfl.errors import ConfigError
 from p2pfl.identity import NodeId
-from p2pfl.merge import make_merge_rule
+from p2pfl.merge import MergeContext, history_hook, make_merge_rule
 from p2pfl.merge.sybil import STATE_KEY, HistoryTable, history_gossip_weights
 from p2pfl.protocol import (
     CoreConfig,
@@ -31,6 +33,7 @@ from p2pfl.protocol.histories import (
     seal_history,
     sign_history,
 )
+from p2pfl.protocol.messages import Sealer
 from p2pfl.testing.network import FakeNetwork, identity_of
 from p2pfl.wire import Envelope, MessageKind, decode_frame, encode_frame, seal
 
@@ -50,7 +53,8 @@ def signed(origin: int, round: int, value: float = 1.0) -> SignedHistory:
 
 def relayed(relay: int, record: SignedHistory, *, distance: int, seq: int) -> Envelope:
     """What a relay sends, framed and parsed as a driver would deliver it."""
-    envelope = seal_history(identity_of(relay), record, distance=distance, seq=seq)
+    sealer = Sealer(identity_of(relay), wire_dtype="float32", samples=0, seq_start=seq)
+    envelope = seal_history(sealer, record, distance=distance)
     return decode_frame(bytearray(encode_frame(envelope)))
 
 
@@ -59,7 +63,8 @@ def receive(core: BaseCore, relay: int, envelope: Envelope, now: float = 0.0) ->
 
 
 def history_core(**overrides: object) -> BaseCore:
-    single = make_single("dsgd", history_gossip=True, **overrides)  # type: ignore[arg-type]
+    # SybilWall learns the distant histories (its HistoryHook); the core only relays them.
+    single = make_single("dsgd", merge="sybilwall", history_gossip=True, **overrides)  # type: ignore[arg-type]
     return core_of(single.core)
 
 
@@ -233,9 +238,9 @@ def test_on_for_sybilwall_variants_off_otherwise_unless_configured() -> None:
 )
 def test_history_config_errors_name_the_key(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=f"protocol.{field}"):
-        CoreConfig(**{field: value}).validate()  # type: ignore[arg-type]
+        CoreConfig(**{field: value})
     with pytest.raises(ConfigError, match="protocol.history_gossip"):
-        CoreConfig(mode="modest", history_gossip=True).validate()
+        CoreConfig(mode="modest", history_gossip=True)
 
 
 # -- the draw ---------------------------------------------------------------------------
@@ -355,3 +360,69 @@ def test_history_gossip_reaches_two_hops_with_gossip_mode_on_a_ring() -> None:
         assert far, f"node {i} learnt no distant history"
         assert all(distance >= 2 for _, distance in far.values())
     assert all(not node.misbehaved for node in network.nodes.values())
+
+
+# -- the merge rule's history hook -------------------------------------------------------
+
+
+class _Listening:
+    """A plug-in rule (the mean) that implements HistoryHook and notes every call."""
+
+    name = "listening"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, NodeId, int]] = []
+
+    def __call__(
+        self, own: torch.Tensor, received: torch.Tensor, weights: torch.Tensor, ctx: MergeContext
+    ) -> torch.Tensor:
+        return torch.cat([own[None], received]).mean(dim=0)
+
+    def learn_history(
+        self,
+        state: MutableMapping[str, Any],
+        origin: NodeId,
+        round: int,
+        distance: int,
+        history: torch.Tensor,
+    ) -> None:
+        state["learnt"] = state.get("learnt", 0) + 1
+        self.calls.append(("learn", origin, distance))
+
+    def forget_history(self, state: MutableMapping[str, Any], origin: NodeId) -> None:
+        self.calls.append(("forget", origin, 0))
+
+
+def test_a_plug_in_rule_with_the_history_hook_gets_gossip_and_learns_distant_records() -> None:
+    rule = _Listening()
+    assert history_hook(rule) is rule and history_hook(make_merge_rule("mean")) is None
+    peers = [identity_of(i).node_id for i in NEIGHBOURS]
+    core = core_of(
+        make_core(
+            CoreConfig(mode="dsgd", history_capacity=1),
+            identity=identity_of(ME),
+            neighbours=peers,
+            vector=torch.zeros(SIZE),
+            samples=1,
+            merge=rule,
+            rng=np.random.default_rng(1),
+        )
+    )
+    assert core.gossips_histories  # on by itself: the rule declared the hook
+    relay = NEIGHBOURS[0]
+    first, second = signed(ORIGIN, round=3), signed(8, round=4)
+    assert receive(core, relay, relayed(relay, first, distance=1, seq=1)) == []
+    assert receive(core, relay, relayed(relay, second, distance=2, seq=2)) == []
+    origin, other = identity_of(ORIGIN).node_id, identity_of(8).node_id
+    # Stored two and three hops away; the table holds one, so the farther is evicted.
+    assert rule.calls == [("learn", origin, 2), ("learn", other, 3), ("forget", other, 0)]
+    assert core.merge_state == {"learnt": 2}  # only the rule wrote its state
+
+
+def test_history_gossip_without_a_hook_relays_but_leaves_the_rule_state_alone() -> None:
+    core = core_of(make_single("dsgd", history_gossip=True).core)  # the mean: no hook
+    relay = NEIGHBOURS[0]
+    assert receive(core, relay, relayed(relay, signed(ORIGIN, round=3), distance=1, seq=1)) == []
+    gossip = core.history_gossip
+    assert gossip is not None and identity_of(ORIGIN).node_id in gossip.table
+    assert core.merge_state == {}

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 import torch
 
 from p2pfl.identity import Identity
-from p2pfl.protocol import Action, CoreConfig, Event, Send
+from p2pfl.protocol import Action, CoreConfig, Event, LeaveRequested, Send, Stop
 from p2pfl.protocol.committee import ordering
 from p2pfl.protocol.modest import ModestCore
 from p2pfl.testing.network import FakeNetwork, FakeNode
@@ -130,7 +130,8 @@ def test_a_leaving_aggregator_sends_nacks_and_the_round_goes_on() -> None:
     leaver = holders[0]
     core = leaver.core
     assert isinstance(core, ModestCore)
-    actions = core.leave(now=net.now)
+    actions = core.handle(LeaveRequested(), now=net.now)
+    assert core.finished and isinstance(actions[-1], Stop)
     kinds = Counter(action.envelope.kind.name for action in actions if isinstance(action, Send))
     assert kinds["MODEST_NACK"] >= 1 and kinds["MODEST_MEMBERSHIP"] >= 1
     for action in actions:
@@ -186,5 +187,5 @@ def test_modest_config_errors_name_the_key() -> None:
         ("announce_join", 1),
     ]:
         with pytest.raises(ConfigError) as info:
-            modest(**{field: value}).validate()
+            modest(**{field: value})
         assert info.value.key == f"protocol.{field}"

@@ -29,6 +29,7 @@ from p2pfl.protocol import (
     CoreConfig,
     DeadlineReached,
     Event,
+    LeaveRequested,
     MessageReceived,
     PeerMisbehaved,
     Send,
@@ -38,7 +39,6 @@ from p2pfl.protocol import (
     make_core,
 )
 from p2pfl.protocol.membership import Advert, Record, Status, sign_advert
-from p2pfl.protocol.modest import ModestCore
 from p2pfl.testing.network import identity_of
 from p2pfl.wire import Envelope, MessageKind, PayloadSpec, seal
 
@@ -249,9 +249,8 @@ class ModestMachine(RuleBasedStateMachine):
 
     @rule()
     def leave(self) -> None:
-        core = self.core
-        assert isinstance(core, ModestCore)
-        self.check(core.leave(now=self.now))
+        self.feed(LeaveRequested())
+        assert self.core.finished
         self.left = True
 
     # -- invariants ---------------------------------------------------------------------

@@ -261,7 +261,7 @@ class CoreMachine(RuleBasedStateMachine):
     def disconnect(self, peer: int) -> None:
         self.connected.discard(peer)
         actions = self.apply(PeerDisconnected(self.peers[peer].node_id))
-        assert not any(isinstance(a, Send) for a in actions)
+        assert self.SENDS_ON_CLOSE or not any(isinstance(a, Send) for a in actions)
 
     @rule()
     def stranger_connects(self) -> None:
@@ -309,6 +309,8 @@ class CoreMachine(RuleBasedStateMachine):
             assert any(isinstance(a, self.PROGRESS) for a in actions), actions
 
     PROGRESS: ClassVar[tuple[type, ...]] = (StartTraining, Stop)
+    SENDS_ON_CLOSE: ClassVar[bool] = False
+    """Whether closing a collection can send (dsgd's next gossip step does)."""
     """What a due timer must bring when :meth:`progress_due` says it must bring something."""
 
     def progress_due(self) -> bool:
@@ -352,3 +354,26 @@ TestDsgdCore = DsgdMachine.TestCase
 TestDsgdCore.settings = STATEFUL_SETTINGS
 TestGossipCore = GossipMachine.TestCase
 TestGossipCore.settings = STATEFUL_SETTINGS
+
+
+class DsgdGossipStepsMachine(CoreMachine):
+    """dsgd with two exchanges a round (DFedSAM-MGS)."""
+
+    MODE = "dsgd"
+    CONFIG: ClassVar[dict[str, Any]] = {"gossip_steps": 2}
+    # a step that closes sends the next step's model instead of training
+    PROGRESS: ClassVar[tuple[type, ...]] = (StartTraining, Stop, Send)
+    SENDS_ON_CLOSE = True
+
+
+class TimedGossipMachine(CoreMachine):
+    """gossip merging on a clock (FedFix-style)."""
+
+    MODE = "gossip"
+    CONFIG: ClassVar[dict[str, Any]] = {"merge_trigger": "time", "merge_interval": 0.7}
+
+
+TestDsgdGossipStepsCore = DsgdGossipStepsMachine.TestCase
+TestDsgdGossipStepsCore.settings = STATEFUL_SETTINGS
+TestTimedGossipCore = TimedGossipMachine.TestCase
+TestTimedGossipCore.settings = STATEFUL_SETTINGS

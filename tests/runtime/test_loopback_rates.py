@@ -57,10 +57,10 @@ def round_records() -> Iterator[RoundRecords]:
 
 
 async def loopback_nodes(
-    tmp_path: Path, rounds: int, protocol: str = "", mode: str = "dsgd"
+    tmp_path: Path, rounds: int, protocol: str = "", mode: str = "dsgd", learner: str = ""
 ) -> list[Node]:
     """The example's three nodes on ports bound now, ``rounds`` rounds of one local step,
-    ``protocol`` appended to each ``[protocol]`` table."""
+    ``protocol`` appended to each ``[protocol]`` table (``learner`` to each ``[learner]``)."""
     work = tmp_path / "loopback"
     shutil.copytree(EXAMPLE, work, ignore=shutil.ignore_patterns("*.key", "*.pub", "state"))
     listeners = {i: await trio.open_tcp_listeners(0, host="127.0.0.1") for i in NODES}
@@ -74,6 +74,7 @@ async def loopback_nodes(
         text = re.sub(r"(?m)^rounds = \d+$", f"rounds = {rounds}", text)
         text = re.sub(r"(?m)^local_steps = \d+$", "local_steps = 1" + protocol, text)
         text = text.replace('mode = "dsgd"', f'mode = "{mode}"')
+        text = text.replace("batch_size = 32", "batch_size = 32" + learner)
         config.write_text(text)
     return [Node(load_config(work / f"node{i}.toml"), listeners=listeners[i]) for i in NODES]
 

@@ -70,8 +70,7 @@ async def make_nodes(
                 seed=7,
             ),
             learner=LearnerConfig(hidden=[32], lr=0.2, batch_size=32),
-            protocol=dataclasses.replace(
-                mode or CoreConfig(mode="dsgd"),
+            protocol=(mode or CoreConfig(mode="dsgd")).replace(
                 rounds=rounds,
                 local_steps=local_steps,
                 round_timeout=round_timeout,
@@ -172,7 +171,7 @@ async def test_peer_sending_bad_frames_is_disconnected_after_three_strikes(tmp_p
 async def test_redials_of_a_banned_key_never_ban_the_ip_it_shares(tmp_path: Path) -> None:
     """A banned peer redialling is refused as a key; the address, which honest peers on the
     same host share, is banned only for failures of unauthenticated connections."""
-    limits = dataclasses.replace(LimitsConfig(), ip_failures_to_ban=3)
+    limits = LimitsConfig(ip_failures_to_ban=3)
     banned, victim, node = await node_with_one_dialling_peer(tmp_path, 32, limits=limits)
     with trio.fail_after(RUN_TIMEOUT):
         async with trio.open_nursery() as nursery:

@@ -18,6 +18,8 @@ from p2pfl.config import (
 )
 from p2pfl.identity import Identity
 from p2pfl.protocol import CoreConfig
+from p2pfl.protocol.membership import Status
+from p2pfl.protocol.modest import ModestCore
 from p2pfl.runtime.node import Node
 
 RUN_TIMEOUT = 55
@@ -154,3 +156,47 @@ async def test_membership_gossip_reaches_peers_learnt_by_peer_exchange(tmp_path:
         assert [entry["round"] for entry in node.history] == list(range(rounds))
         assert node.stats["misbehaviour"] == 0
     assert sum(node.stats["dials_on_demand"] for node in nodes) > 0
+
+
+async def test_a_node_stopped_gracefully_announces_its_leave_to_its_peers(
+    tmp_path: Path,
+) -> None:
+    """request_stop (what SIGTERM calls) hands the core LeaveRequested and sends its goodbye
+    before the connections close: every other node holds the leaver's signed LEAVE and drops
+    it from its committees, and the run goes on without it."""
+    rounds = 8
+    nodes = await modest_nodes(tmp_path, rounds=rounds, local_steps=1)
+    leaver = nodes[-1]
+    with trio.fail_after(RUN_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            done = trio.Event()
+
+            async def run(node: Node) -> None:
+                await node.run()
+                if node is not leaver:
+                    done.set()
+
+            for node in nodes:
+                nursery.start_soon(run, node)
+            async with trio.open_nursery() as watchers:
+                for node in nodes:  # the run is under way once some node completed a round
+                    watchers.start_soon(_first_round, node, watchers.cancel_scope)
+            leaver.request_stop("leaving")
+            await done.wait()  # another node ran all its rounds
+            for node in nodes:
+                node.request_stop("run over")
+    assert leaver.left and leaver.core.finished and leaver.stop_reason == "leaving"
+    assert leaver.core.round < rounds
+    leaver_id = leaver.node_id
+    for node in nodes[:-1]:
+        core = node.core
+        assert isinstance(core, ModestCore)
+        advert = core.membership.advert(leaver_id)
+        assert advert is not None and advert.status is Status.LEAVE
+        assert leaver_id not in core.membership.candidates(core.round)
+    assert any(node.core.round == rounds for node in nodes[:-1])
+
+
+async def _first_round(node: Node, scope: trio.CancelScope) -> None:
+    await node.wait_rounds(1)
+    scope.cancel()

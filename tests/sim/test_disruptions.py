@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from p2pfl.errors import ConfigError
+from p2pfl.protocol.membership import Status
+from p2pfl.protocol.modest import ModestCore
 from sim.engine import Engine
 from sim.metrics import MetricsRecorder, Traffic
 from sim.run import build_engine, run_scenario
@@ -406,3 +408,45 @@ def test_overrides_index_arrays_of_tables(small_document: SmallDocument) -> None
     assert getattr(scenario.disruptions[0], "fraction", None) == 0.3
     with pytest.raises(ConfigError, match="--set"):
         apply_overrides(document, ["disruptions[3].fraction=0.3"])
+
+
+def test_a_leave_for_good_says_goodbye_first_and_never_comes_back(
+    small_document: SmallDocument,
+) -> None:
+    """The leaving modest node's core is told LeaveRequested: every peer ends up holding
+    its signed LEAVE (and drops it from the committees), then it dies; a join skips it."""
+    leaver = 3
+    document = small_document(
+        rounds=6,
+        topology={"kind": "complete", "n": 8},
+        protocol={
+            "mode": "modest",
+            "sample_size": 3,
+            "aggregators": 1,
+            "success_fraction": 1.0,
+            "min_models": 2,
+            "ping_timeout": 0.5,
+            "aggregation_timeout": 2.0,
+            "ack_timeout": 3.0,
+        },
+        disruptions=[
+            {"kind": "leave", "round": 2, "nodes": [leaver], "for_good": True},
+            {"kind": "join", "round": 4},
+        ],
+    )
+    engine = run_engine(document)
+    fired = next(e for e in engine.events_log if e.get("kind") == "leave")
+    gone = [e for e in engine.events_log if e.get("event") == "node" and e["node"] == leaver]
+    assert [(e["state"], e["cause"]) for e in gone] == [("dead", "leave")]  # no join
+    assert gone[0]["time"] > fired["time"]  # once its goodbye had arrived
+    assert engine.status[leaver] == "dead"
+    leaver_id = engine.cores[leaver].node_id
+    for index, core in enumerate(engine.cores):
+        if index == leaver:
+            continue
+        assert isinstance(core, ModestCore)
+        advert = core.membership.advert(leaver_id)
+        assert advert is not None and advert.status is Status.LEAVE, index
+        assert leaver_id not in core.membership.candidates(core.round)
+    assert engine.cores[leaver].finished and engine.cores[leaver].round < 6
+    assert max(core.round for core in engine.cores) == 6  # the others ran every round

@@ -112,3 +112,20 @@ def test_sweep_refuses_before_starting_a_run(
     with pytest.raises(ConfigError, match=r"^topology\.n = 4: needs about .*--force"):
         run_sweep(runs, "<test>", tmp_path / "sweep", jobs=2)
     assert not any((tmp_path / "sweep").glob("run-*"))
+
+
+def test_the_buffered_models_are_what_each_mode_declares() -> None:
+    """ModeTraits.buffered: dsgd 2 (shared decoded models), gossip 2 * fanout, modest
+    sample_size received models per node, over the same base copies."""
+    topology = {"kind": "complete", "n": 200}
+
+    def models(protocol: dict[str, object]) -> int:
+        scenario = parse_scenario({**SMALL, "topology": topology, "protocol": protocol})
+        estimate = footprint.estimate(scenario)
+        assert estimate is not None
+        return estimate.models
+
+    unit = (models({"mode": "modest", "sample_size": 8}) - models({"mode": "dsgd"})) // 6
+    assert unit > 0  # one received model on every node
+    assert models({"mode": "modest", "sample_size": 9}) - models({"mode": "dsgd"}) == 7 * unit
+    assert models({"mode": "gossip", "fanout": 3}) - models({"mode": "dsgd"}) == 4 * unit

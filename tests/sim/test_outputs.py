@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from sim.network import LinkModel
 from sim.plots import PLOT_NAMES
 from sim.run import run_scenario
 from sim.scenario import NetworkSpec, parse_scenario
+from sim.sweep import MetricStats
 
 SmallDocument = Callable[..., dict[str, Any]]
 
@@ -71,7 +74,9 @@ def test_every_run_draws_its_plots_and_plot_redraws_them(
     assert "metrics.csv" in capsys.readouterr().err
 
 
-def test_a_2x3_sweep_with_2_seeds_writes_its_table_and_plot(tmp_path: Path) -> None:
+def test_a_2x3_sweep_with_2_seeds_writes_its_table_and_plot(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     scenario = tmp_path / "tiny.toml"
     scenario.write_text(TINY)
     out = tmp_path / "sweep"
@@ -87,6 +92,8 @@ def test_a_2x3_sweep_with_2_seeds_writes_its_table_and_plot(tmp_path: Path) -> N
             "2",
             "--jobs",
             "2",
+            "--set",
+            "learner.batch_size=16",
             "--out",
             str(out),
             "--quiet",
@@ -106,6 +113,32 @@ def test_a_2x3_sweep_with_2_seeds_writes_its_table_and_plot(tmp_path: Path) -> N
     assert all(r["final_accuracy_alive"] for r in rows)
     assert (out / "sweep.png").stat().st_size > 1000 and (out / "sweep.svg").exists()
     assert (out / "run-011" / "metrics.csv").exists()
+    first = json.loads((out / "run-000" / "summary.json").read_text())
+    assert first["overrides"] == {
+        "learner.batch_size": 16,
+        "disruptions[0].count": 1,
+        "learner.lr": 0.05,
+        "seed": 3,
+    }
+    # one row per grid point: mean and sample std over its two seeds, printed and written
+    with (out / "sweep-summary.csv").open() as handle:
+        points = list(csv.DictReader(handle))
+    assert len(points) == 6 and all(point["seeds"] == "2" for point in points)
+    printed = capsys.readouterr().out
+    markdown = (out / "sweep-summary.md").read_text()
+    for point in points:
+        values = [
+            float(row["final_accuracy_alive"])
+            for row in rows
+            if (row["disruptions[0].count"], row["learner.lr"])
+            == (point["disruptions[0].count"], point["learner.lr"])
+        ]
+        assert len(values) == 2 and point["final_accuracy_alive_n"] == "2"
+        assert float(point["final_accuracy_alive_mean"]) == pytest.approx(statistics.mean(values))
+        assert float(point["final_accuracy_alive_std"]) == pytest.approx(statistics.stdev(values))
+        shown = MetricStats(statistics.mean(values), statistics.stdev(values), 2).text()
+        assert shown in markdown
+        assert shown in printed
 
 
 def test_bad_grid_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -159,5 +159,5 @@ def test_a_run_with_overrides_is_titled_with_them(tmp_path: Path) -> None:
     run = read_run(tmp_path / "overridden")
     assert run.overrides == {"seed": 7, "learner.lr": 0.05}
     fig = draw(run, "accuracy")
-    assert fig.axes[0].get_title() == "default [seed=7, learner.lr=0.05]: test accuracy"
+    assert fig.axes[0].get_title() == "default: test accuracy\n[learner.lr=0.05, seed=7]"
     plt.close(fig)

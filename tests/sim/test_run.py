@@ -14,7 +14,7 @@ import pytest
 from p2pfl.errors import ConfigError
 from sim.cli import main
 from sim.run import build_engine, run_scenario
-from sim.scenario import Scenario, parse_scenario, read_document
+from sim.scenario import Scenario, parse_scenario, read_document, shipped_scenarios
 
 SmallDocument = Callable[..., dict[str, Any]]
 
@@ -75,9 +75,18 @@ def test_training_improves_accuracy(small_document: SmallDocument, tmp_path: Pat
     assert after.summary["mean_test_accuracy"] > before.summary["mean_test_accuracy"] + 0.05
 
 
-def test_cli_scenarios_lists_the_default_first(capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_scenarios_lists_each_with_its_description_the_default_first(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     assert main(["scenarios"]) == 0
-    assert capsys.readouterr().out.splitlines()[0] == "default"
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == shipped_scenarios()
+    assert lines[0].split()[0] == "default"
+    for line, name in zip(lines, shipped_scenarios(), strict=True):
+        document, source = read_document(name)
+        description = parse_scenario(document, source=source).description
+        assert description, f"{name}.toml has no description"
+        assert line.split(None, 1)[1] == description
 
 
 def test_cli_bad_override_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:

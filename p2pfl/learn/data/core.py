@@ -18,8 +18,8 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
+from p2pfl.checks import check_seed
 from p2pfl.errors import ConfigError
-from p2pfl.learn._config import check_seed
 
 DATA_EXTRA_HINT = "pip install 'p2pfl-gossip[data]'"
 HF_EXTRA_HINT = "pip install 'p2pfl-gossip[hf]'"

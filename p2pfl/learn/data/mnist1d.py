@@ -23,8 +23,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from p2pfl.checks import check_int, check_seed
 from p2pfl.errors import ConfigError
-from p2pfl.learn._config import check_int, check_seed
 from p2pfl.learn.data.core import DATA_EXTRA_HINT, ArrayDataset, require
 
 # Lengths of the package's procedure that the vectorised path relies on.

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from p2pfl.checks import check_int
 from p2pfl.errors import ConfigError
-from p2pfl.learn._config import check_int
 from p2pfl.learn.data.core import (
     ArrayDataset,
     SplitDataset,

@@ -24,8 +24,8 @@ import math
 import numpy as np
 import torch
 
+from p2pfl.checks import check_int, check_seed
 from p2pfl.errors import ConfigError
-from p2pfl.learn._config import check_int, check_seed
 from p2pfl.learn.data.core import ArrayDataset
 
 MAX_FLOATS = 1 << 30

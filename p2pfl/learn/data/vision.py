@@ -26,8 +26,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from p2pfl.checks import check_int
 from p2pfl.errors import ConfigError
-from p2pfl.learn._config import check_int
 from p2pfl.learn.data.core import ArrayDataset, SplitDataset
 
 DEFAULT_MAX_BYTES = 8 << 30

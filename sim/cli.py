@@ -155,7 +155,7 @@ def _run(args: argparse.Namespace, console: Console, stop: StopRequest) -> int:
     task = progress.add_task(scenario.name, total=scenario.rounds, vtime=0.0, accuracy="-")
 
     def on_round(engine: Engine) -> None:
-        rounds = engine.recorder.rounds
+        rounds = engine.recorder.settled_rounds()  # never waits for an evaluation
         accuracy = f"{rounds[-1].mean_test_accuracy:.3f}" if rounds else "-"
         progress.update(task, completed=len(rounds), vtime=engine.now, accuracy=accuracy)
 

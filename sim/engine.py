@@ -21,7 +21,8 @@ turns it into a core event and carries out the actions the core returns:
   and forwards at the pace of the data holders.
 * ``DeadlineReached``: after each ``handle`` the engine re-reads ``next_deadline()``; a timer
   entry whose time no longer matches the core's deadline is stale and skipped.
-* ``SaveCheckpoint`` marks the end of a node's round for the metrics.
+* ``SaveCheckpoint`` marks the end of a node's round for the metrics; a completed round is
+  evaluated in a worker thread while the loop goes on (see :class:`sim.metrics.MetricsRecorder`).
 
 At time 0 every node gets ``NeighboursConnected`` then ``Started``: one event per node, not one
 per neighbour, so a dense graph costs no heap entries per edge. If a disruption at time 0 has
@@ -64,6 +65,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -119,7 +121,8 @@ class _TrainingDue:
 @dataclass(frozen=True, slots=True)
 class _Delivery:
     sender: int
-    envelope: Envelope
+    envelope: Envelope | Future[Envelope]
+    """The verified envelope, or its verification still running in the worker."""
     frame_bytes: int
     connection: tuple[int, int, int]
 
@@ -153,6 +156,14 @@ class _ParkedTraining:
     vector: Tensor
     steps: int
     round: int
+
+
+def _verified(frame: bytes) -> Envelope:
+    """The envelope of a frame an honest core produced, verified as a receiver verifies it."""
+    try:
+        return decode_frame(frame)
+    except WireError as exc:
+        raise AssertionError(f"an honest core produced an invalid frame: {exc}") from exc
 
 
 class Engine:
@@ -203,6 +214,10 @@ class Engine:
         self._started = [False] * size
         self._incarnation = [0] * size
         self._link_epoch: dict[tuple[int, int], int] = {}
+        self.workers = True
+        """Evaluate rounds and verify frames in worker threads (False: all in the caller's
+        thread; the metrics are the same either way)."""
+        self._verifier: ThreadPoolExecutor | None = None
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -212,7 +227,39 @@ class Engine:
         self._sequence += 1
 
     def run(self) -> float:
-        """Run to completion; returns the virtual time reached."""
+        """Run to completion; returns the virtual time reached.
+
+        Two worker threads help meanwhile: one evaluates completed rounds, one verifies sent
+        frames (torch kernels and Ed25519 release the GIL, so on a second core they cost the
+        loop little). Both compute pure functions of their inputs, and the loop takes each
+        result at the point of the run where it would have computed it, so where they run
+        changes no metric.
+        """
+        if not self.workers:
+            return self._run()
+        threads = torch.get_num_threads()
+        with (
+            ThreadPoolExecutor(
+                1,
+                thread_name_prefix="p2pfl-sim-eval",
+                initializer=torch.set_num_threads,
+                initargs=(threads,),
+            ) as evaluator,
+            ThreadPoolExecutor(1, thread_name_prefix="p2pfl-sim-verify") as verifier,
+        ):
+            own_evaluator = self.recorder.executor is None
+            if own_evaluator:
+                self.recorder.executor = evaluator
+            self._verifier = verifier
+            try:
+                return self._run()
+            finally:
+                self._verifier = None
+                self.recorder.settle()
+                if own_evaluator:
+                    self.recorder.executor = None
+
+    def _run(self) -> float:
         if self.disruptions is not None:
             self.disruptions.schedule(self)
         for node in range(len(self.cores)):
@@ -276,6 +323,8 @@ class Engine:
                 traffic.messages_received += 1
                 if self.link_log is not None:
                     self.link_log.append((self.now, sender, node, frame_bytes))
+                if not isinstance(envelope, Envelope):
+                    envelope = envelope.result()
                 return MessageReceived(peer=self.cores[sender].node_id, envelope=envelope)
             case PeerConnected(peer):
                 return item if self.network.reachable(node, self._index[peer]) else None
@@ -288,7 +337,7 @@ class Engine:
     def _carry_out(self, node: int, actions: list[Any]) -> None:
         # Keyed by id(): the entry holds the envelope itself so that no id is reused while the
         # dict lives (an adversary forges a fresh envelope per receiver).
-        framed: dict[int, tuple[Envelope, Envelope, int]] = {}
+        framed: dict[int, tuple[Envelope, Envelope | Future[Envelope], int]] = {}
         adversary = self.adversary
         for action in actions:
             match action:
@@ -370,13 +419,11 @@ class Engine:
         duration = training.steps * self.step_time / self.population.speed[node]
         self.push(self.now + duration, node, _TrainingDue(self._incarnation[node]))
 
-    def _frame(self, envelope: Envelope) -> tuple[Envelope, int]:
+    def _frame(self, envelope: Envelope) -> tuple[Envelope | Future[Envelope], int]:
         frame = encode_frame(envelope)
-        try:
-            verified = decode_frame(frame)
-        except WireError as exc:
-            raise AssertionError(f"an honest core produced an invalid frame: {exc}") from exc
-        return verified, len(frame)
+        if self._verifier is None:
+            return _verified(frame), len(frame)
+        return self._verifier.submit(_verified, frame), len(frame)
 
     def _rearm(self, node: int) -> None:
         deadline = self.cores[node].next_deadline()

@@ -108,6 +108,9 @@ class RoundSummary:
     virtual_time: float
 
 
+_RELEASED = torch.empty(0)
+"""What a completed round's pending entries hold instead of their models."""
+
 _Scores = tuple[list[float], list[float], list[float]] | None
 """A round's test losses, accuracies and attack success rates (None: nothing to evaluate)."""
 
@@ -308,15 +311,20 @@ class MetricsRecorder:
         entries = sorted(self._pending.pop(round_), key=lambda entry: entry.node)
         del self._pending_nodes[round_]
         del self._reported_active[round_]
+        asynchronous = self.executor is not None and self._evaluated(round_)
+        if asynchronous:
+            # One evaluation in flight at most, finished before this round's models are
+            # stacked: a round's [n, P] stack is the largest thing the recorder holds.
+            self.settle()
         vectors = torch.stack([entry.vector for entry in entries])
+        for entry in entries:
+            entry.vector = _RELEASED  # the stack holds them now; rows need the rest only
         mean = vectors.mean(dim=0)
         distances = (vectors - mean).pow(2).sum(dim=1).to(torch.float64)
         consensus = float(distances.mean())
         self._completed[round_] = consensus
-        if self.executor is not None and self._evaluated(round_):
-            # One evaluation in flight at most: a round's [n, P] stack is the largest thing
-            # the recorder holds, and the worker cannot go faster than one at a time anyway.
-            self.settle()
+        if asynchronous:
+            assert self.executor is not None
             evaluation = self.executor.submit(self._scores, round_, vectors)
         else:
             evaluation = _done(self._scores(round_, vectors))

@@ -112,3 +112,20 @@ def test_sweep_refuses_before_starting_a_run(
     with pytest.raises(ConfigError, match=r"^topology\.n = 4: needs about .*--force"):
         run_sweep(runs, "<test>", tmp_path / "sweep", jobs=2)
     assert not any((tmp_path / "sweep").glob("run-*"))
+
+
+def test_gossip_counts_the_models_of_its_pushes_in_flight() -> None:
+    def models(mode: str, fanout: int = 1) -> int:
+        document = {
+            **SMALL,
+            "topology": {"kind": "complete", "n": 400},
+            "protocol": {"mode": mode, "fanout": fanout},
+        }
+        estimate = footprint.estimate(parse_scenario(document))
+        assert estimate is not None
+        return estimate.models // (estimate.nodes * estimate.params * footprint.FLOAT_BYTES)
+
+    # Measured on the dense-graph bench: a gossip node holds about four models more than the
+    # pushes it buffers (frames on their way), a dsgd node's buffer only its round's models.
+    assert models("gossip") >= models("dsgd") + footprint.GOSSIP_IN_FLIGHT
+    assert models("gossip", fanout=3) == models("gossip") + 4

@@ -170,9 +170,17 @@ _FIGURES = {
 }
 
 
-def compare(baseline: Path, repeat: int) -> None:
-    """Run this script's workload against ``baseline`` and this tree in turns; print ratios."""
-    here = Path(__file__).resolve().parent.parent
+def compare(
+    baseline: Path,
+    repeat: int,
+    *,
+    script: str = __file__,
+    figures_of: dict[str, re.Pattern[str]] = _FIGURES,
+    extra: tuple[str, ...] = ("--no-floor",),
+) -> None:
+    """Run ``script``'s workload (this command's arguments) against ``baseline`` and this tree
+    in turns, in fresh processes; print each run's figures and the ratios of the medians."""
+    here = Path(script).resolve().parent.parent
     argv = [arg for arg in sys.argv[1:] if arg not in {"--baseline", str(baseline)}]
     if "--repeat" in argv:
         index = argv.index("--repeat")
@@ -183,7 +191,7 @@ def compare(baseline: Path, repeat: int) -> None:
         for name, tree in trees.items():
             env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
             output = subprocess.run(
-                [sys.executable, str(Path(__file__).resolve()), "--no-floor", *argv],
+                [sys.executable, str(Path(script).resolve()), *extra, *argv],
                 cwd=tree,
                 env=env,
                 check=True,
@@ -192,7 +200,7 @@ def compare(baseline: Path, repeat: int) -> None:
             ).stdout
             found = {}
             for line in output.splitlines():
-                for figure, pattern in _FIGURES.items():
+                for figure, pattern in figures_of.items():
                     match = pattern.match(line)
                     if match:
                         found[figure] = float(match.group(1))
@@ -201,7 +209,7 @@ def compare(baseline: Path, repeat: int) -> None:
             )
             for figure, value in found.items():
                 figures[name].setdefault(figure, []).append(value)
-    for figure in _FIGURES:
+    for figure in figures_of:
         base, ours = figures["baseline"].get(figure), figures["this tree"].get(figure)
         if base and ours:
             ratio = statistics.median(base) / statistics.median(ours)

@@ -27,7 +27,7 @@ from sim.scenario import parse_scenario
 FIGURES = {
     "setup CPU": re.compile(r"^setup: ([0-9.]+) s CPU"),
     "setup wall": re.compile(r"^setup: [0-9.]+ s CPU, ([0-9.]+) s wall"),
-    "peak RSS (GB, not s)": re.compile(r"^peak RSS: ([0-9.]+) GB"),
+    "peak RSS": re.compile(r"^peak RSS: ([0-9.]+) GB"),
 }
 
 

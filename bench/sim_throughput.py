@@ -170,6 +170,10 @@ _FIGURES = {
 }
 
 
+def _unit(figure: str) -> str:
+    return "GB" if "RSS" in figure else "s"
+
+
 def compare(
     baseline: Path,
     repeat: int,
@@ -204,18 +208,18 @@ def compare(
                     match = pattern.match(line)
                     if match:
                         found[figure] = float(match.group(1))
-            print(
-                f"{name:9} #{attempt + 1}: " + ", ".join(f"{k} {v:.2f} s" for k, v in found.items())
-            )
+            shown = ", ".join(f"{k} {v:.2f} {_unit(k)}" for k, v in found.items())
+            print(f"{name:9} #{attempt + 1}: {shown}")
             for figure, value in found.items():
                 figures[name].setdefault(figure, []).append(value)
     for figure in figures_of:
         base, ours = figures["baseline"].get(figure), figures["this tree"].get(figure)
         if base and ours:
             ratio = statistics.median(base) / statistics.median(ours)
+            unit = _unit(figure)
             print(
-                f"median {figure}: baseline {statistics.median(base):.2f} s, "
-                f"this tree {statistics.median(ours):.2f} s, ratio {ratio:.2f}x"
+                f"median {figure}: baseline {statistics.median(base):.2f} {unit}, "
+                f"this tree {statistics.median(ours):.2f} {unit}, ratio {ratio:.2f}x"
             )
 
 

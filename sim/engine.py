@@ -21,8 +21,9 @@ turns it into a core event and carries out the actions the core returns:
   and forwards at the pace of the data holders.
 * ``DeadlineReached``: after each ``handle`` the engine re-reads ``next_deadline()``; a timer
   entry whose time no longer matches the core's deadline is stale and skipped.
-* ``SaveCheckpoint`` marks the end of a node's round for the metrics; a completed round is
-  evaluated in a worker thread while the loop goes on (see :class:`sim.metrics.MetricsRecorder`).
+* ``SaveCheckpoint`` marks the end of a node's round for the metrics; up to 5,000 nodes a
+  completed round is evaluated in a worker thread while the loop goes on (see
+  :meth:`Engine.run` and :class:`sim.metrics.MetricsRecorder`).
 
 At time 0 every node gets ``NeighboursConnected`` then ``Started``: one event per node, not one
 per neighbour, so a dense graph costs no heap entries per edge. If a disruption at time 0 has
@@ -65,7 +66,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -105,12 +106,12 @@ if TYPE_CHECKING:
     from sim.disruptions import Disruptions
 
 WORLD = -1
+"""The ``node`` of heap entries that belong to the world (disruptions), not to a core."""
 ASIDE_EVALUATION_NODES = 5_000
 """Above this many nodes the rounds are evaluated in the loop's thread: evaluating in a
 worker raised the peak RSS of the standard workload by 0.25 GB at 3,000 nodes and 0.37 GB at
 10,000 (a sleeping worker holding the same tensors raised nothing; glibc's per-thread arenas
 are about two thirds of it at 3,000 nodes), and at scale memory is what limits a run."""
-"""The ``node`` of heap entries that belong to the world (disruptions), not to a core."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,8 +127,7 @@ class _TrainingDue:
 @dataclass(frozen=True, slots=True)
 class _Delivery:
     sender: int
-    envelope: Envelope | Future[Envelope]
-    """The verified envelope, or its verification still running in the worker."""
+    envelope: Envelope
     frame_bytes: int
     connection: tuple[int, int, int]
 
@@ -161,14 +161,6 @@ class _ParkedTraining:
     vector: Tensor
     steps: int
     round: int
-
-
-def _verified(frame: bytes) -> Envelope:
-    """The envelope of a frame an honest core produced, verified as a receiver verifies it."""
-    try:
-        return decode_frame(frame)
-    except WireError as exc:
-        raise AssertionError(f"an honest core produced an invalid frame: {exc}") from exc
 
 
 class Engine:
@@ -220,9 +212,8 @@ class Engine:
         self._incarnation = [0] * size
         self._link_epoch: dict[tuple[int, int], int] = {}
         self.workers = True
-        """Evaluate rounds and verify frames in worker threads (False: all in the caller's
-        thread; the metrics are the same either way)."""
-        self._verifier: ThreadPoolExecutor | None = None
+        """Evaluate rounds in a worker thread (False: in the loop's thread; the metrics are
+        the same either way)."""
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -234,37 +225,29 @@ class Engine:
     def run(self) -> float:
         """Run to completion; returns the virtual time reached.
 
-        Worker threads help meanwhile: one verifies sent frames and, up to
-        :data:`ASIDE_EVALUATION_NODES` nodes, one evaluates completed rounds (torch kernels
-        and Ed25519 release the GIL, so on a second core they cost the loop little). Both
-        compute pure functions of their inputs, and the loop takes each result at the point
-        of the run where it would have computed it, so where they run changes no metric.
+        Up to :data:`ASIDE_EVALUATION_NODES` nodes, a worker thread evaluates each completed
+        round while the loop goes on (torch kernels release the GIL, so on a second core the
+        evaluation costs the loop little). An evaluation is a pure function of a round's
+        models and its rows are taken in completion order, so where it runs changes no
+        metric.
         """
-        if not self.workers:
+        if not self.workers or self.recorder.executor is not None:
+            return self._run()
+        if len(self.cores) > ASIDE_EVALUATION_NODES:
             return self._run()
         threads = torch.get_num_threads()
-        with (
-            ThreadPoolExecutor(
-                1,
-                thread_name_prefix="p2pfl-sim-eval",
-                initializer=torch.set_num_threads,
-                initargs=(threads,),
-            ) as evaluator,
-            ThreadPoolExecutor(1, thread_name_prefix="p2pfl-sim-verify") as verifier,
-        ):
-            own_evaluator = (
-                self.recorder.executor is None and len(self.cores) <= ASIDE_EVALUATION_NODES
-            )
-            if own_evaluator:
-                self.recorder.executor = evaluator
-            self._verifier = verifier
+        with ThreadPoolExecutor(
+            1,
+            thread_name_prefix="p2pfl-sim-eval",
+            initializer=torch.set_num_threads,
+            initargs=(threads,),
+        ) as evaluator:
+            self.recorder.executor = evaluator
             try:
                 return self._run()
             finally:
-                self._verifier = None
                 self.recorder.settle()
-                if own_evaluator:
-                    self.recorder.executor = None
+                self.recorder.executor = None
 
     def _run(self) -> float:
         if self.disruptions is not None:
@@ -330,8 +313,6 @@ class Engine:
                 traffic.messages_received += 1
                 if self.link_log is not None:
                     self.link_log.append((self.now, sender, node, frame_bytes))
-                if not isinstance(envelope, Envelope):
-                    envelope = envelope.result()
                 return MessageReceived(peer=self.cores[sender].node_id, envelope=envelope)
             case PeerConnected(peer):
                 return item if self.network.reachable(node, self._index[peer]) else None
@@ -344,7 +325,7 @@ class Engine:
     def _carry_out(self, node: int, actions: list[Any]) -> None:
         # Keyed by id(): the entry holds the envelope itself so that no id is reused while the
         # dict lives (an adversary forges a fresh envelope per receiver).
-        framed: dict[int, tuple[Envelope, Envelope | Future[Envelope], int]] = {}
+        framed: dict[int, tuple[Envelope, Envelope, int]] = {}
         adversary = self.adversary
         for action in actions:
             match action:
@@ -426,11 +407,13 @@ class Engine:
         duration = training.steps * self.step_time / self.population.speed[node]
         self.push(self.now + duration, node, _TrainingDue(self._incarnation[node]))
 
-    def _frame(self, envelope: Envelope) -> tuple[Envelope | Future[Envelope], int]:
+    def _frame(self, envelope: Envelope) -> tuple[Envelope, int]:
         frame = encode_frame(envelope)
-        if self._verifier is None:
-            return _verified(frame), len(frame)
-        return self._verifier.submit(_verified, frame), len(frame)
+        try:
+            verified = decode_frame(frame)
+        except WireError as exc:
+            raise AssertionError(f"an honest core produced an invalid frame: {exc}") from exc
+        return verified, len(frame)
 
     def _rearm(self, node: int) -> None:
         deadline = self.cores[node].next_deadline()

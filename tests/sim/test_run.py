@@ -169,7 +169,7 @@ def test_bad_metrics_keys_are_named(small_document: SmallDocument, key: str, val
 
 
 def test_worker_threads_change_no_metric_byte(small_document: SmallDocument) -> None:
-    # Rounds evaluated and frames verified in worker threads, or all in the loop's thread:
+    # Rounds evaluated in a worker thread or in the loop's thread:
     # the same bytes, late rows of a node that was offline included.
     document = small_document(
         rounds=5,

@@ -26,14 +26,16 @@ What an attack does (formulas in ALGORITHMS.md §7):
 * **Data attacks** (``label_flip``, ``backdoor``) poison the attacker's training set
   (:func:`poison`); its protocol stays honest and its models are what it trained.
 * **Model attacks** (``sign_flip``, ``gaussian``, ``alie``, ``ipm``, ``dissensus``,
-  ``free_rider``) replace what a Byzantine node *sends*. The engine hands every ``Send`` of a
-  Byzantine node to :meth:`Adversary.forge`, which decodes the envelope's model, computes the
+  ``free_rider``) replace what a Byzantine node *sends*. The engine is built with the
+  :class:`Adversary` (its :class:`sim.engine.SendFilter`) and hands it every ``Send`` of a
+  Byzantine node (:meth:`Adversary.forge`), which decodes the envelope's model, computes the
   attack's model for that receiver, and **re-seals** it with the sender's own key
   (:func:`p2pfl.wire.seal`), keeping kind, round, sequence number and meta, so the receiver
   accepts it as that sender's model of that round. A receiver gets one model per envelope
   (the same one if the core re-sends the envelope after a reconnect).
 * **Omniscience.** Attacks that need honest models (ALIE, IPM, dissensus, free-rider
-  ``received``) read every node's *current model*, ``engine.cores[j].vector``: in ``dsgd``
+  ``received``) read every node's *current model*, ``cores[j].vector`` of the cores the
+  :class:`Adversary` was given (the engine's): in ``dsgd``
   the node's last merged model (what its current training started from), in ``gossip`` its
   newest model. The target's *honest neighbourhood* is the target and its honest
   neighbours, as in the epfml reference (``codes/attacks.py``).
@@ -59,7 +61,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from statistics import NormalDist
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 import networkx as nx
 import numpy as np
@@ -68,6 +70,7 @@ from torch import Tensor
 
 from p2pfl.codec import WIRE_DTYPES, decode_vector, encode_vector
 from p2pfl.errors import ConfigError
+from p2pfl.identity import Identity
 from p2pfl.learn import derive_seed
 from p2pfl.protocol import model_kinds
 from p2pfl.wire import Envelope, seal
@@ -84,10 +87,6 @@ from sim.scenario import (
     SignFlipAttack,
 )
 from sim.selection import choose_nodes
-
-if TYPE_CHECKING:
-    from p2pfl.identity import Identity
-    from sim.engine import Engine
 
 STREAM_ADVERSARIES = 15
 DATA_ATTACKS = ("label_flip", "backdoor")
@@ -441,7 +440,16 @@ def _add_sybils(
     return tuple(clones)
 
 
-# --- the engine hook ------------------------------------------------------------------------
+# --- what Byzantine nodes send -------------------------------------------------------------
+
+
+class HoldsModel(Protocol):
+    """A node whose current model an omniscient attack reads (a protocol core)."""
+
+    @property
+    def vector(self) -> Tensor:
+        """The model the node stands on now."""
+        ...
 
 
 @dataclass(slots=True)
@@ -455,18 +463,29 @@ class _Sent:
 
 class Adversary:
     """Rewrites what Byzantine nodes send (model attacks, Sybil clones); the engine calls
-    :meth:`forge` for every ``Send`` of a node with ``byzantine[node]`` true."""
+    :meth:`forge` for every ``Send`` of a node with ``byzantine[node]`` true.
+
+    Args:
+        plan: who is Byzantine, and with which attack.
+        cores: every node's core; omniscient attacks read their current models.
+        identities: every node's key (a forged model is sealed with its sender's).
+        neighbours: every node's neighbour indices.
+        initial: every node's initial model (what a free rider replays).
+        seed: the run seed (random attacks draw from streams derived from it).
+    """
 
     def __init__(
         self,
         plan: AdversaryPlan,
         *,
+        cores: Sequence[HoldsModel],
         identities: Sequence[Identity],
         neighbours: Sequence[Sequence[int]],
         initial: Sequence[Tensor],
         seed: int,
     ) -> None:
         self.plan = plan
+        self._cores = cores
         self._byzantine = plan.byzantine
         self._identities = identities
         self._neighbours = neighbours
@@ -492,7 +511,7 @@ class Adversary:
         """Whether each node is Byzantine."""
         return self._byzantine
 
-    def forge(self, engine: Engine, node: int, receiver: int, envelope: Envelope) -> Envelope:
+    def forge(self, node: int, receiver: int, envelope: Envelope) -> Envelope:
         """What Byzantine ``node`` sends to ``receiver`` instead of ``envelope``."""
         spec = self.plan.spec_of(node)
         if spec is None or envelope.kind not in self._model_kinds:
@@ -523,11 +542,11 @@ class Adversary:
             # one draw per group model, so every clone sends the identical model
             cached = self._group_forged.get(leader)
             if cached is None or cached[0] is not own:
-                cached = (own, self._attack(engine, spec, node, receiver, own))
+                cached = (own, self._attack(spec, node, receiver, own))
                 self._group_forged[leader] = cached
             model = cached[1]
         else:
-            model = self._attack(engine, spec, node, receiver, own)
+            model = self._attack(spec, node, receiver, own)
         forged = self._seal(node, envelope, model)
         if per_target:
             sent.by_receiver[receiver] = forged
@@ -556,15 +575,13 @@ class Adversary:
             meta=envelope.meta,
         )
 
-    def _model(self, engine: Engine, node: int) -> Tensor:
-        return engine.cores[node].vector
+    def _model(self, node: int) -> Tensor:
+        return self._cores[node].vector
 
     def _honest_neighbours(self, node: int) -> list[int]:
         return [peer for peer in self._neighbours[node] if not self.byzantine[peer]]
 
-    def _attack(
-        self, engine: Engine, spec: AdversarySpec, node: int, receiver: int, own: Tensor
-    ) -> Tensor:
+    def _attack(self, spec: AdversarySpec, node: int, receiver: int, own: Tensor) -> Tensor:
         match spec:
             case SignFlipAttack(scale=scale):
                 return sign_flip(own, scale)
@@ -572,31 +589,27 @@ class Adversary:
                 return gaussian(own, sigma, mode, self._generator(node))
             case AlieAttack(z=z):
                 honest = self._honest_neighbours(receiver)
-                models = torch.stack(
-                    [self._model(engine, receiver), *(self._model(engine, j) for j in honest)]
-                )
+                models = torch.stack([self._model(receiver), *(self._model(j) for j in honest)])
                 degree = len(self._neighbours[receiver])
                 chosen = alie_z(degree + 1, degree - len(honest)) if z is None else z
                 return alie(models, chosen)
             case IpmAttack(epsilon=epsilon):
                 honest = self._honest_neighbours(receiver)
-                models = torch.stack(
-                    [self._model(engine, receiver), *(self._model(engine, j) for j in honest)]
-                )
+                models = torch.stack([self._model(receiver), *(self._model(j) for j in honest)])
                 return ipm(models, epsilon)
             case DissensusAttack(epsilon=epsilon):
-                return self._dissensus(engine, receiver, epsilon)
+                return self._dissensus(receiver, epsilon)
             case FreeRiderAttack(replay=replay):
                 if replay == "initial":
                     return self._initial[node]
                 previous = self._memory.get(node, self._initial[node])
                 honest = self._honest_neighbours(node)
                 if honest:
-                    self._memory[node] = self._model(engine, honest[0]).clone()
+                    self._memory[node] = self._model(honest[0]).clone()
                 return previous
         raise AssertionError(spec.attack)
 
-    def _dissensus(self, engine: Engine, target: int, epsilon: float) -> Tensor:
+    def _dissensus(self, target: int, epsilon: float) -> Tensor:
         degree = len(self._neighbours[target])
         honest: list[int] = []
         weights: list[float] = []
@@ -608,9 +621,9 @@ class Adversary:
             else:
                 honest.append(peer)
                 weights.append(weight)
-        target_model = self._model(engine, target)
+        target_model = self._model(target)
         rows = (
-            torch.stack([self._model(engine, j) for j in honest])
+            torch.stack([self._model(j) for j in honest])
             if honest
             else target_model.new_empty((0, target_model.numel()))
         )

@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -29,7 +29,7 @@ import topologies
 from p2pfl.errors import ConfigError, TopologyError
 from sim.footprint import check_fits, node_count
 from sim.interrupts import EXIT_INTERRUPTED, Interrupted, StopRequest, stop_on_signals
-from sim.metrics import COLUMNS, MetricsRecorder, RoundSummary, Traffic
+from sim.metrics import COLUMNS, RoundSummary
 from sim.plots import PLOT_NAMES, X_AXES, compare_runs, describe, plot_run
 from sim.run import default_run_dir, interrupted_line, load_scenario, make_directory, run_scenario
 from sim.scenario import (
@@ -41,6 +41,7 @@ from sim.scenario import (
     to_toml,
 )
 from sim.sweep import DEFAULT_METRICS, parse_grid, plan, run_sweep, summarise_grid
+from sim.world import World
 
 EXIT_USAGE = 2
 
@@ -152,14 +153,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Progressing(Protocol):
-    """What the progress line reads from a running world (the engine or the live world)."""
-
-    now: float
-    recorder: MetricsRecorder
-    traffic: list[Traffic]
-
-
 UNITS = ("B", "kB", "MB", "GB", "TB")
 
 
@@ -244,8 +237,8 @@ def _run(args: argparse.Namespace, console: Console, stop: StopRequest) -> int:
     )
     seen = [0]
 
-    def on_round(world: Progressing) -> None:
-        rounds = world.recorder.rounds
+    def on_round(world: World) -> None:
+        rounds = world.recorder.settled_rounds()  # never waits for an evaluation
         if len(rounds) == seen[0]:  # called after every node's round: work once per round
             return
         sent = sum(traffic.bytes_sent for traffic in world.traffic)
@@ -290,6 +283,9 @@ def _run(args: argparse.Namespace, console: Console, stop: StopRequest) -> int:
                     on_phase=on_phase,
                 )
             progress.update(task, completed=result.summary["rounds"], description=shown_title)
+            if writer is not None and len(result.rounds) > seen[0]:
+                # Rounds whose evaluation settled after the last progress callback.
+                writer.write(result.rounds[seen[0] :], bytes_sent=result.summary["bytes_sent"])
     finally:
         if writer is not None:
             writer.close()

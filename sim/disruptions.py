@@ -1,11 +1,15 @@
-"""The disruption timeline of a scenario, applied to a running engine.
+"""The disruption timeline of a scenario, applied to a running world.
 
 Theory of operation
 -------------------
-Each ``[[disruptions]]`` entry fires once, at a virtual time (``at``) or when nodes reach a
-round (``round``, see :class:`sim.scenario._When`), and changes the world through the
-engine's four primitives (:meth:`~sim.engine.Engine.take_down`, ``bring_up``, ``cut_link``,
-``restore_link``). What each kind does, and what the cores see (see :mod:`sim.engine`):
+Each ``[[disruptions]]`` entry fires once, at a time (``at``: virtual seconds in the engine,
+wall seconds live) or when nodes reach a round (``round``, see :class:`sim.scenario._When`),
+and changes the world through the four primitives of :class:`sim.world.World`
+(:meth:`~sim.world.World.take_down`, ``bring_up``, ``cut_link``, ``restore_link``); timed
+entries come back through :meth:`~sim.world.World.schedule`. :class:`Disruptions` is the
+:class:`sim.world.Timeline` a world is built with; it knows no world in particular. What each
+kind does, and what the cores see in the engine (see :mod:`sim.engine`; live mode:
+:mod:`sim.live`):
 
 ========== ==================================================================================
 crash      the nodes die forever; neighbours get ``PeerDisconnected`` after ``detect_after``
@@ -15,7 +19,7 @@ remove     seconds (0: the OS resets the connections at once; ``inf``: a silent 
 leave      the nodes go offline, keeping their state (a device suspended); ``graceful``
            (default) tells the neighbours at once, otherwise they are not told. With
            ``for_good`` they leave for good, as a node its operator stops: each core is told
-           ``LeaveRequested`` and its goodbye is sent (:meth:`~sim.engine.Engine.farewell`),
+           ``LeaveRequested`` and its goodbye is sent (:meth:`~sim.world.World.farewell`),
            and the node dies once that goodbye has arrived
 join       offline nodes (default: all) come back; see the engine for what they are told
 cut        the links go down; both ends see the connection reset
@@ -53,7 +57,6 @@ import numpy as np
 from p2pfl.errors import ConfigError
 from p2pfl.learn import derive_seed
 from sim.churn import read_trace
-from sim.engine import DEAD, OFFLINE, WORLD, Engine, WorldItem
 from sim.population import Population
 from sim.scenario import (
     BatterySpec,
@@ -68,6 +71,7 @@ from sim.scenario import (
     RestoreSpec,
 )
 from sim.selection import choose_nodes
+from sim.world import DEAD, OFFLINE, World
 
 STREAM_DISRUPTIONS = 14
 
@@ -93,7 +97,7 @@ class _Churn:
 
 
 class Disruptions:
-    """The timeline of one run: what fires when, and what it does to the engine."""
+    """The timeline of one run: what fires when, and what it does to the world."""
 
     def __init__(
         self, specs: Sequence[DisruptionSpec], population: Population, *, seed: int
@@ -108,7 +112,8 @@ class Disruptions:
         self._seed = seed
         self._first: list[tuple[int, int]] = []
         self._all: list[tuple[int, int]] = []
-        self._battery: dict[int, tuple[int, int]] = {}
+        self._battery: dict[int, int] = {}
+        """Trainings each node with a battery may still start."""
         self._battery_index: dict[int, int] = {}
         self._traces: dict[int, dict[int, list[tuple[float, float]]]] = {}
         self._churn_rngs: dict[tuple[int, int], np.random.Generator] = {}
@@ -150,18 +155,18 @@ class Disruptions:
 
     # -- scheduling ---------------------------------------------------------------------
 
-    def schedule(self, engine: Engine) -> None:
-        """Queue every timed disruption; called by the engine before it starts the nodes."""
+    def start(self, world: World) -> None:
+        """Queue every timed disruption; called by the world before it starts the nodes."""
         for index, spec in enumerate(self.specs):
             if spec.at is not None:
-                engine.push(spec.at, WORLD, WorldItem(_Fire(index)))
+                world.schedule(spec.at, _Fire(index))
             elif spec.round == 0:
-                engine.push(0.0, WORLD, WorldItem(_Fire(index)))
+                world.schedule(0.0, _Fire(index))
             elif spec.round is not None:
                 target = self._first if spec.trigger == "first" else self._all
                 target.append((spec.round, index))
 
-    def on_progress(self, engine: Engine, node: int, completed: int) -> None:
+    def on_progress(self, world: World, node: int, completed: int) -> None:
         """``node`` has completed ``completed`` rounds (its checkpoint just came)."""
         if not self._first:
             return
@@ -169,9 +174,9 @@ class Disruptions:
         if due:
             self._first = [entry for entry in self._first if entry[0] > completed]
             for _round, index in due:
-                engine.push(engine.now, WORLD, WorldItem(_Fire(index)))
+                world.schedule(world.now, _Fire(index))
 
-    def on_round_complete(self, engine: Engine, round_index: int) -> None:
+    def on_round_complete(self, world: World, round_index: int) -> None:
         """Every active node has reported round ``round_index`` (0-based)."""
         if not self._all:
             return
@@ -179,31 +184,32 @@ class Disruptions:
         if due:
             self._all = [entry for entry in self._all if entry[0] > round_index + 1]
             for _round, index in due:
-                engine.push(engine.now, WORLD, WorldItem(_Fire(index)))
+                world.schedule(world.now, _Fire(index))
 
-    def may_train(self, engine: Engine, node: int) -> bool:
-        """False (and the node dies) if its battery is empty."""
-        budget = self._battery.get(node)
-        if budget is None:
+    def may_train(self, world: World, node: int) -> bool:
+        """Whether ``node`` may start a training: False (and the node dies) if its battery is
+        empty; every True spends one training of it."""
+        left = self._battery.get(node)
+        if left is None:
             return True
-        base, trainings = budget
-        if engine.trainings_started[node] - base < trainings:
+        if left > 0:
+            self._battery[node] = left - 1
             return True
         index = self._battery_index[node]
-        engine.take_down(node, dead=True, notify_after=0.0, cause="battery", disruption=index)
+        world.take_down(node, dead=True, notify_after=0.0, cause="battery", disruption=index)
         return False
 
     # -- firing -------------------------------------------------------------------------
 
-    def fire(self, engine: Engine, payload: object) -> None:
-        """Apply a timeline entry (called by the engine when its heap entry comes due)."""
+    def fire(self, world: World, payload: object) -> None:
+        """Apply a timeline entry (called by the world when its time has come)."""
         if isinstance(payload, _Churn):
-            self._churn_step(engine, payload)
+            self._churn_step(world, payload)
             return
         if isinstance(payload, _Gone):
             spec = self.specs[payload.index]
             assert isinstance(spec, LeaveSpec)
-            engine.take_down(
+            world.take_down(
                 payload.node,
                 dead=True,
                 notify_after=0.0 if spec.graceful else None,
@@ -217,23 +223,22 @@ class Disruptions:
         record: dict[str, object] = {"event": "disruption", "index": index, "kind": spec.kind}
         match spec:
             case CrashSpec(detect_after=detect_after):
-                nodes = self.select(engine, spec, index)
+                nodes = self.select(world, spec, index)
                 notify = None if math.isinf(detect_after) else detect_after
                 for node in nodes:
-                    engine.take_down(
+                    world.take_down(
                         node, dead=True, notify_after=notify, cause=spec.kind, disruption=index
                     )
                 record["nodes"] = nodes
             case LeaveSpec(for_good=True):
-                nodes = self.select(engine, spec, index)
+                nodes = self.select(world, spec, index)
                 for node in nodes:
-                    gone_at = engine.farewell(node)
-                    engine.push(gone_at, WORLD, WorldItem(_Gone(index, node)))
+                    world.schedule(world.farewell(node), _Gone(index, node))
                 record["nodes"] = nodes
             case LeaveSpec(graceful=graceful):
-                nodes = self.select(engine, spec, index)
+                nodes = self.select(world, spec, index)
                 for node in nodes:
-                    engine.take_down(
+                    world.take_down(
                         node,
                         dead=False,
                         notify_after=0.0 if graceful else None,
@@ -245,37 +250,37 @@ class Disruptions:
                 nodes = (
                     listed
                     if listed is not None
-                    else [node for node, state in enumerate(engine.status) if state is OFFLINE]
+                    else [node for node, state in enumerate(world.status) if state is OFFLINE]
                 )
                 for node in nodes:
-                    engine.bring_up(node, cause="join", disruption=index)
+                    world.bring_up(node, cause="join", disruption=index)
                 record["nodes"] = nodes
             case CutSpec(links=links):
                 for u, v in links:
-                    engine.cut_link(u, v, reason="cut", disruption=index)
+                    world.cut_link(u, v, reason="cut", disruption=index)
                 record["links"] = [sorted(link) for link in links]
             case RestoreSpec(links=listed_links):
-                listed = [tuple(link) for link in listed_links or []]
-                restore = listed or engine.network.down_links("cut")
+                given = [(u, v) for u, v in listed_links or []]
+                restore = given or world.network.down_links("cut")
                 for u, v in restore:
-                    engine.restore_link(u, v, reason="cut", disruption=index)
+                    world.restore_link(u, v, reason="cut", disruption=index)
                 record["links"] = [sorted(link) for link in restore]
             case PartitionSpec():
                 groups = self._groups(spec, index)
-                self._partition(engine, groups, index)
+                self._partition(world, groups, index)
                 record["groups"] = groups
             case HealSpec():
-                for u, v in engine.network.down_links("partition"):
-                    engine.restore_link(u, v, reason="partition", disruption=index)
+                for u, v in world.network.down_links("partition"):
+                    world.restore_link(u, v, reason="partition", disruption=index)
             case BatterySpec(trainings=trainings):
-                nodes = self.select(engine, spec, index)
+                nodes = self.select(world, spec, index)
                 for node in nodes:
-                    self._battery[node] = (engine.trainings_started[node], trainings)
+                    self._battery[node] = trainings
                     self._battery_index[node] = index
                 record["nodes"] = nodes
             case ChurnSpec():
-                record["nodes"] = self._start_churn(engine, spec, index)
-        engine.log(record)
+                record["nodes"] = self._start_churn(world, spec, index)
+        world.log(record)
 
     # -- selection ----------------------------------------------------------------------
 
@@ -283,7 +288,7 @@ class Disruptions:
         return np.random.default_rng(derive_seed(self._seed, STREAM_DISRUPTIONS, *path))
 
     def select(
-        self, engine: Engine, spec: CrashSpec | LeaveSpec | BatterySpec, index: int
+        self, world: World, spec: CrashSpec | LeaveSpec | BatterySpec, index: int
     ) -> list[int]:
         """The nodes a selecting disruption acts on, in the order chosen."""
         if spec.nodes is not None:
@@ -293,7 +298,7 @@ class Disruptions:
         candidates = [
             node
             for node in range(size)
-            if engine.status[node] is not DEAD
+            if world.status[node] is not DEAD
             and (spec.among == "all" or (spec.among == "relays") == relay[node])
         ]
         wanted = spec.count if spec.count is not None else round((spec.fraction or 0.0) * size)
@@ -301,22 +306,22 @@ class Disruptions:
             candidates,
             wanted,
             spec.choose,
-            graph=self.live_graph(engine),
+            graph=self.live_graph(world),
             rng=self._rng(index),
             centrality_seed=derive_seed(self._seed, STREAM_DISRUPTIONS, index, 1),
         )
 
-    def live_graph(self, engine: Engine) -> nx.Graph:
+    def live_graph(self, world: World) -> nx.Graph:
         """The nodes not dead and the links up between them."""
         graph = nx.Graph()
-        alive = [node for node in range(self.population.size) if engine.status[node] is not DEAD]
+        alive = [node for node in range(self.population.size) if world.status[node] is not DEAD]
         graph.add_nodes_from(alive)
         graph.add_edges_from(
             (u, v)
             for u, v in self.population.graph.edges()
-            if engine.status[u] is not DEAD
-            and engine.status[v] is not DEAD
-            and engine.network.link_up(u, v)
+            if world.status[u] is not DEAD
+            and world.status[v] is not DEAD
+            and world.network.link_up(u, v)
         )
         return graph
 
@@ -333,31 +338,31 @@ class Disruptions:
         order = self._rng(index).permutation(size)
         return [sorted(int(node) for node in part) for part in np.array_split(order, spec.random)]
 
-    def _partition(self, engine: Engine, groups: list[list[int]], index: int) -> None:
+    def _partition(self, world: World, groups: list[list[int]], index: int) -> None:
         group_of = {node: number for number, group in enumerate(groups) for node in group}
         wanted = {
             (min(u, v), max(u, v))
             for u, v in self.population.graph.edges()
             if group_of[u] != group_of[v]
         }
-        current = set(engine.network.down_links("partition"))
+        current = set(world.network.down_links("partition"))
         for u, v in sorted(current - wanted):
-            engine.restore_link(u, v, reason="partition", disruption=index)
+            world.restore_link(u, v, reason="partition", disruption=index)
         for u, v in sorted(wanted - current):
-            engine.cut_link(u, v, reason="partition", disruption=index)
+            world.cut_link(u, v, reason="partition", disruption=index)
 
     # -- churn ----------------------------------------------------------------------------
 
-    def _start_churn(self, engine: Engine, spec: ChurnSpec, index: int) -> list[int]:
+    def _start_churn(self, world: World, spec: ChurnSpec, index: int) -> list[int]:
         trace = self._traces.get(index)
         if trace is not None:
             for node, spans in trace.items():
                 if spans[0][0] > 0.0:
-                    self._churn_step(engine, _Churn(index, node, online=False))
+                    self._churn_step(world, _Churn(index, node, online=False))
                 for start, end in spans:
                     if start > 0.0:
-                        engine.push(engine.now + start, WORLD, WorldItem(_Churn(index, node, True)))
-                    engine.push(engine.now + end, WORLD, WorldItem(_Churn(index, node, False)))
+                        world.schedule(world.now + start, _Churn(index, node, True))
+                    world.schedule(world.now + end, _Churn(index, node, False))
             return sorted(trace)
         size = self.population.size
         if spec.nodes is not None:
@@ -367,10 +372,10 @@ class Disruptions:
             picked = self._rng(index).choice(size, size=min(wanted, size), replace=False)
             nodes = sorted(int(node) for node in picked)
         for node in nodes:
-            self._schedule_next(engine, index, node, online=False)
+            self._schedule_next(world, index, node, online=False)
         return nodes
 
-    def _schedule_next(self, engine: Engine, index: int, node: int, *, online: bool) -> None:
+    def _schedule_next(self, world: World, index: int, node: int, *, online: bool) -> None:
         spec = self.specs[index]
         assert isinstance(spec, ChurnSpec)
         mean = spec.mean_offline if online else spec.mean_online
@@ -380,18 +385,18 @@ class Disruptions:
             rng = self._rng(index, node + 2)
             self._churn_rngs[(index, node)] = rng
         delay = float(rng.exponential(mean))
-        engine.push(engine.now + delay, WORLD, WorldItem(_Churn(index, node, online)))
+        world.schedule(world.now + delay, _Churn(index, node, online))
 
-    def _churn_step(self, engine: Engine, step: _Churn) -> None:
+    def _churn_step(self, world: World, step: _Churn) -> None:
         spec = self.specs[step.index]
         assert isinstance(spec, ChurnSpec)
         node = step.node
-        if engine.status[node] is DEAD or engine.is_finished(node):
+        if world.status[node] is DEAD or world.is_finished(node):
             return
         if step.online:
-            engine.bring_up(node, cause="churn", disruption=step.index)
+            world.bring_up(node, cause="churn", disruption=step.index)
         else:
-            engine.take_down(
+            world.take_down(
                 node,
                 dead=False,
                 notify_after=0.0 if spec.graceful else None,
@@ -399,4 +404,4 @@ class Disruptions:
                 disruption=step.index,
             )
         if step.index not in self._traces:
-            self._schedule_next(engine, step.index, node, online=not step.online)
+            self._schedule_next(world, step.index, node, online=not step.online)

@@ -21,26 +21,30 @@ turns it into a core event and carries out the actions the core returns:
   and forwards at the pace of the data holders.
 * ``DeadlineReached``: after each ``handle`` the engine re-reads ``next_deadline()``; a timer
   entry whose time no longer matches the core's deadline is stale and skipped.
-* ``SaveCheckpoint`` marks the end of a node's round for the metrics (with the loss it carries).
+* ``SaveCheckpoint`` marks the end of a node's round for the metrics (with the loss it carries);
+  up to 5,000 nodes a completed round is evaluated in a worker thread while the loop goes on
+  (see :meth:`Engine.run` and :class:`sim.metrics.MetricsRecorder`).
 
 At time 0 every node gets ``NeighboursConnected`` then ``Started``: one event per node, not one
 per neighbour, so a dense graph costs no heap entries per edge. If a disruption at time 0 has
 already taken something down, the engine hands the node one ``PeerConnected`` per reachable
 neighbour instead, back to back, which the cores treat alike.
 
-Adversaries: when ``engine.adversary`` is set (:class:`sim.adversaries.Adversary`), every
-``Send`` of a node it marks Byzantine is first handed to ``adversary.forge``, which may return
-another envelope for that receiver (a model attack, re-sealed with the sender's own key);
-honest nodes' sends are untouched.
+Adversaries: when the engine is built with an ``adversary`` (a :class:`SendFilter`, e.g.
+:class:`sim.adversaries.Adversary`), every ``Send`` of a node it marks Byzantine is first handed
+to ``adversary.forge``, which may return another envelope for that receiver (a model attack,
+re-sealed with the sender's own key); honest nodes' sends are untouched.
 
 The world: disruptions
 ----------------------
-Every node is *online*, *offline* (suspended: its core keeps its state but gets no events) or
-*dead* (forever). A node leaving for good first says goodbye (:meth:`Engine.farewell`: its
-core's ``LeaveRequested``), then is taken down once the goodbye is delivered. Every link is up or down (cut, or split by a partition). The scenario's
-timeline (:mod:`sim.disruptions`) changes these states through four primitives:
-:meth:`Engine.take_down`, :meth:`Engine.bring_up`, :meth:`Engine.cut_link`,
-:meth:`Engine.restore_link`. The cores see only what a real network shows:
+The engine is a :class:`sim.world.World`. Every node is *online*, *offline* (suspended: its
+core keeps its state but gets no events) or *dead* (forever). A node leaving for good first
+says goodbye (:meth:`Engine.farewell`: its core's ``LeaveRequested``), then is taken down once
+the goodbye is delivered. Every link is up or down (cut, or split by a partition). The
+scenario's timeline (:mod:`sim.disruptions`, handed to the engine when it is built) changes
+these states through four primitives: :meth:`Engine.take_down`, :meth:`Engine.bring_up`,
+:meth:`Engine.cut_link`, :meth:`Engine.restore_link`, and has itself called back at a virtual
+time with :meth:`Engine.schedule`. The cores see only what a real network shows:
 
 * a node that is not online receives nothing: frames, timers and trainings due while it is
   down are dropped; frames in flight on a connection that broke (either end went down, or the
@@ -56,7 +60,8 @@ timeline (:mod:`sim.disruptions`) changes these states through four primitives:
   ``PeerConnected``.
 
 The state itself (statuses, links down and why, components) is a
-:class:`sim.world.NetworkState` (``engine.network``), shared with live mode. Node and link
+:class:`sim.world.NetworkState` (``engine.network``), and the bookkeeping around it a
+:class:`sim.world.WorldState`, both shared with live mode. Node and link
 state changes are logged (``events_log``, written as ``events.jsonl``) with
 their virtual time, so plots can redraw the network at any moment.
 """
@@ -64,9 +69,10 @@ their virtual time, so plots can redraw the network at any moment.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -95,17 +101,18 @@ from p2pfl.protocol.events import (
     TrainingFinished,
 )
 from p2pfl.wire import Envelope, decode_frame, encode_frame
-from sim.metrics import MetricsRecorder, Traffic
+from sim.metrics import MetricsRecorder
 from sim.network import LinkModel
 from sim.population import Population
-from sim.world import DEAD as DEAD
-from sim.world import OFFLINE, ONLINE, NetworkState, link_key
-
-if TYPE_CHECKING:
-    from sim.disruptions import Disruptions
+from sim.world import OFFLINE, ONLINE, ProgressHook, Timeline, WorldState, link_key
 
 WORLD = -1
 """The ``node`` of heap entries that belong to the world (disruptions), not to a core."""
+ASIDE_EVALUATION_NODES = 5_000
+"""Above this many nodes the rounds are evaluated in the loop's thread: evaluating in a
+worker raised the peak RSS of the standard workload by 0.25 GB at 3,000 nodes and 0.37 GB at
+10,000 (a sleeping worker holding the same tensors raised nothing; glibc's per-thread arenas
+are about two thirds of it at 3,000 nodes), and at scale memory is what limits a run."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,13 +135,13 @@ class _Delivery:
 
 @dataclass(frozen=True, slots=True)
 class WorldItem:
-    """A heap entry for the disruption timeline; ``payload`` is the timeline's own."""
+    """A heap entry for the disruption timeline; ``payload`` is the timeline's own
+    (see :meth:`Engine.schedule`)."""
 
     payload: Any
 
 
 _Item = Event | _Timer | _TrainingDue | _Delivery | WorldItem
-ProgressHook = Callable[["Engine"], None]
 
 
 class SendFilter(Protocol):
@@ -145,7 +152,7 @@ class SendFilter(Protocol):
         """Whether each node is Byzantine (its sends go through :meth:`forge`)."""
         ...
 
-    def forge(self, engine: Engine, node: int, receiver: int, envelope: Envelope) -> Envelope:
+    def forge(self, node: int, receiver: int, envelope: Envelope) -> Envelope:
         """The envelope ``node`` sends to ``receiver`` instead of ``envelope``."""
         ...
 
@@ -157,8 +164,13 @@ class _ParkedTraining:
     round: int
 
 
-class Engine:
-    """Runs one population of cores until every core stops or dies, or the horizon passes."""
+class Engine(WorldState):
+    """Runs one population of cores until every core stops or dies, or the horizon passes.
+
+    ``disruptions`` is the scenario's timeline (None: nothing happens to the network);
+    ``adversary`` rewrites what Byzantine nodes send (None: every node is honest);
+    ``on_round`` is called after every node's round.
+    """
 
     def __init__(
         self,
@@ -170,27 +182,20 @@ class Engine:
         step_time: float,
         horizon: float | None = None,
         recorder: MetricsRecorder,
+        disruptions: Timeline | None = None,
+        adversary: SendFilter | None = None,
         on_round: ProgressHook | None = None,
     ) -> None:
-        self.population = population
+        super().__init__(population, recorder, disruptions=disruptions, on_round=on_round)
         self.cores = cores
         self.links = links
         self.trainer = trainer
         self.step_time = step_time
         self.horizon = horizon
-        self.recorder = recorder
-        self.on_round = on_round
-        self.disruptions: Disruptions | None = None
-        self.adversary: SendFilter | None = None
-        self.now = 0.0
-        self.traffic = [Traffic() for _ in cores]
-        self.events_log: list[dict[str, Any]] = []
+        self.adversary = adversary
         self.link_log: list[tuple[float, int, int, int]] | None = None
         """Set to a list to record every delivered frame as (time, sender, receiver, bytes)."""
         size = len(cores)
-        self.network = NetworkState(population.neighbours, self.log)
-        """Node status, links down and why, components (shared with live mode)."""
-        self.completed_rounds = [0] * size
         self.trainings_started = [0] * size
         self._index = {core.node_id: index for index, core in enumerate(cores)}
         self._heap: list[tuple[float, int, int, _Item]] = []
@@ -204,6 +209,9 @@ class Engine:
         self._started = [False] * size
         self._incarnation = [0] * size
         self._link_epoch: dict[tuple[int, int], int] = {}
+        self.workers = True
+        """Evaluate rounds in a worker thread (False: in the loop's thread; the metrics are
+        the same either way)."""
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -212,10 +220,40 @@ class Engine:
         heapq.heappush(self._heap, (at, self._sequence, node, item))
         self._sequence += 1
 
+    def schedule(self, at: float, payload: object) -> None:
+        """Hand ``payload`` to the timeline's ``fire`` at virtual time ``at``."""
+        self.push(at, WORLD, WorldItem(payload))
+
     def run(self) -> float:
-        """Run to completion; returns the virtual time reached."""
+        """Run to completion; returns the virtual time reached.
+
+        Up to :data:`ASIDE_EVALUATION_NODES` nodes, a worker thread evaluates each completed
+        round while the loop goes on (torch kernels release the GIL, so on a second core the
+        evaluation costs the loop little). An evaluation is a pure function of a round's
+        models and its rows are taken in completion order, so where it runs changes no
+        metric.
+        """
+        if not self.workers or self.recorder.executor is not None:
+            return self._run()
+        if len(self.cores) > ASIDE_EVALUATION_NODES:
+            return self._run()
+        threads = torch.get_num_threads()
+        with ThreadPoolExecutor(
+            1,
+            thread_name_prefix="p2pfl-sim-eval",
+            initializer=torch.set_num_threads,
+            initargs=(threads,),
+        ) as evaluator:
+            self.recorder.executor = evaluator
+            try:
+                return self._run()
+            finally:
+                self.recorder.settle()
+                self.recorder.executor = None
+
+    def _run(self) -> float:
         if self.disruptions is not None:
-            self.disruptions.schedule(self)
+            self.disruptions.start(self)
         for node in range(len(self.cores)):
             self.push(0.0, node, NeighboursConnected())
             self.push(0.0, node, Started())
@@ -283,6 +321,7 @@ class Engine:
                 self._started[node] = True
                 return item
             case _:
+                assert not isinstance(item, WorldItem)  # the loop hands those to the timeline
                 return item
 
     def _carry_out(self, node: int, actions: list[Any]) -> float | None:
@@ -300,7 +339,7 @@ class Engine:
                     if receiver is None:
                         continue
                     if adversary is not None and adversary.byzantine[node]:
-                        envelope = adversary.forge(self, node, receiver, envelope)
+                        envelope = adversary.forge(node, receiver, envelope)
                     cached = framed.get(id(envelope))
                     if cached is None:
                         cached = framed[id(envelope)] = (envelope, *self._frame(envelope))
@@ -323,22 +362,14 @@ class Engine:
                     self.trainings_started[node] += 1
                     self._begin_training(node, _ParkedTraining(vector, steps, round_))
                 case SaveCheckpoint(round_, vector, loss):
-                    component, component_size = self.network.component_of(node)
-                    self.completed_rounds[node] = round_
-                    self.recorder.record(
-                        round_ - 1,
+                    self.record_round(
                         node,
-                        now=self.now,
-                        train_loss=loss,
+                        round_,
+                        at=self.now,
+                        loss=loss,
                         vector=vector.detach().clone(),
                         traffic=self.traffic[node],
-                        component=component,
-                        component_size=component_size,
                     )
-                    if self.disruptions is not None:
-                        self.disruptions.on_progress(self, node, round_)
-                    if self.on_round is not None:
-                        self.on_round(self)
                 case PeerMisbehaved(peer, reason):
                     self.traffic[node].rejected += 1
                     self.log(
@@ -418,18 +449,9 @@ class Engine:
 
     # -- the world ----------------------------------------------------------------------
 
-    def log(self, entry: dict[str, Any]) -> None:
-        """Append ``entry`` to the run's events, stamped with the current virtual time."""
-        self.events_log.append({"time": self.now, **entry})
-
     def is_finished(self, node: int) -> bool:
         """The node's core has stopped (ran all its rounds)."""
         return self._stopped[node]
-
-    @property
-    def status(self) -> list[str]:
-        """Every node's status: :data:`ONLINE`, :data:`OFFLINE` or :data:`DEAD`."""
-        return self.network.status
 
     def _connection(self, sender: int, receiver: int) -> tuple[int, int, int]:
         """Identifies the connection a frame travels on; it changes whenever it breaks."""

@@ -24,10 +24,9 @@ feeds them to the same :class:`~sim.metrics.MetricsRecorder` a virtual run uses,
 directory has the same files, columns and summary keys. ``virtual_time`` holds wall seconds
 since the start, and ``summary.json`` says ``"clock": "wall"``.
 
-Disruptions: :class:`LiveWorld` offers the primitives :mod:`sim.disruptions` drives
-(``take_down``, ``bring_up``, ``cut_link``, ``restore_link``, and the state they read), so
-the scenario's timeline is the same code as in a virtual run, fired by the wall clock; each
-primitive becomes a shard command through the runtime:
+Disruptions: :class:`LiveWorld` is a :class:`sim.world.World`, as the engine is, so the
+scenario's timeline (:mod:`sim.disruptions`) is the same code as in a virtual run, fired by the
+wall clock; each primitive becomes a shard command through the runtime:
 
 ===========  =================================================================================
 crash        ``stop``: the node's loop ends (``request_stop``); its connections close, so its
@@ -68,14 +67,14 @@ import tempfile
 import threading
 import time
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from p2pfl.errors import ConfigError
-from sim.engine import WORLD, WorldItem
+from sim.disruptions import Disruptions
 from sim.interrupts import Interrupted, StopRequest, ignore_interrupts
 from sim.metrics import MetricsRecorder, Traffic
 from sim.population import PhaseHook, Population, build_population
@@ -91,7 +90,7 @@ from sim.run import (
     write_topology,
 )
 from sim.scenario import BatterySpec, Scenario, parse_scenario, to_toml
-from sim.world import DEAD, ONLINE, NetworkState
+from sim.world import DEAD, ONLINE, ProgressHook, Timeline, WorldState
 
 POLL_INTERVAL = 0.2
 QUIET_SECONDS = 0.5
@@ -436,13 +435,10 @@ def decode_report(report: dict[str, Any]) -> dict[str, Any]:
 # -- the world the timeline acts on -----------------------------------------------------
 
 
-class LiveWorld:
-    """The state of a live run that metrics and the disruption timeline read and change.
-
-    It has the attributes and primitives of :class:`sim.engine.Engine` that
-    :mod:`sim.disruptions`, :func:`sim.run.summarise` and progress hooks use; the primitives
-    turn into shard commands.
-    """
+class LiveWorld(WorldState):
+    """The :class:`sim.world.World` of a live run: the state metrics and the disruption
+    timeline read, fed by the shards' reports; the primitives turn into shard commands and
+    the timeline's scheduled entries fire by the wall clock (:meth:`fire_due`)."""
 
     def __init__(
         self,
@@ -450,71 +446,48 @@ class LiveWorld:
         recorder: MetricsRecorder,
         owners: dict[int, ShardHandle],
         *,
-        on_round: Callable[[LiveWorld], None] | None = None,
+        disruptions: Timeline | None = None,
+        on_round: ProgressHook | None = None,
     ) -> None:
-        size = population.size
-        self.population = population
-        self.recorder = recorder
-        self.on_round = on_round
-        self.disruptions: Any = None
-        self.now = 0.0
-        self.traffic = [Traffic() for _ in range(size)]
-        self.completed_rounds = [0] * size
-        self.trainings_started = [0] * size
-        self.events_log: list[dict[str, Any]] = []
-        self.network = NetworkState(population.neighbours, self.log)
-        self.finished = [False] * size
+        super().__init__(population, recorder, disruptions=disruptions, on_round=on_round)
+        self.finished = [False] * population.size
         self._owners = owners
-        self._heap: list[tuple[float, int, Any]] = []
+        self._heap: list[tuple[float, int, object]] = []
         self._sequence = 0
 
-    # -- scheduling (what Disruptions.schedule and on_progress call) --------------------
+    # -- the timeline's clock -------------------------------------------------------------
 
-    def push(self, at: float, node: int, item: Any) -> None:
-        assert node == WORLD and isinstance(item, WorldItem)
-        heapq.heappush(self._heap, (at, self._sequence, item.payload))
+    def schedule(self, at: float, payload: object) -> None:
+        """Hand ``payload`` to the timeline's ``fire`` once ``now`` reaches ``at``."""
+        heapq.heappush(self._heap, (at, self._sequence, payload))
         self._sequence += 1
 
     def pending(self) -> bool:
+        """Something scheduled has not fired yet."""
         return bool(self._heap)
 
     def fire_due(self) -> None:
+        """Fire everything scheduled up to ``now``, in time order."""
         while self._heap and self._heap[0][0] <= self.now and self.disruptions is not None:
             _, _, payload = heapq.heappop(self._heap)
             self.disruptions.fire(self, payload)
 
+    # -- the shards' reports ----------------------------------------------------------------
+
     def record(self, record: dict[str, Any]) -> None:
         """A node's round record from a shard."""
-        node, round_ = int(record["node"]), int(record["round"])
-        vector = torch.frombuffer(bytearray(record["vector"]), dtype=torch.float32)
-        component, component_size = self.network.component_of(node)
-        self.completed_rounds[node] = max(self.completed_rounds[node], round_ + 1)
-        self.recorder.record(
-            round_,
-            node,
-            now=float(record["time"]),
-            train_loss=float(record["loss"]),
-            vector=vector,
+        self.record_round(
+            int(record["node"]),
+            int(record["round"]) + 1,
+            at=float(record["time"]),
+            loss=float(record["loss"]),
+            vector=torch.frombuffer(bytearray(record["vector"]), dtype=torch.float32),
             traffic=Traffic(*(int(value) for value in record["traffic"])),
-            component=component,
-            component_size=component_size,
         )
-        if self.disruptions is not None:
-            self.disruptions.on_progress(self, node, round_ + 1)
-        if self.on_round is not None:
-            self.on_round(self)
-
-    # -- what the timeline reads ----------------------------------------------------------
-
-    def log(self, entry: dict[str, Any]) -> None:
-        self.events_log.append({"time": self.now, **entry})
 
     def is_finished(self, node: int) -> bool:
+        """The node's shard reported it finished (ran all its rounds)."""
         return self.finished[node]
-
-    @property
-    def status(self) -> list[str]:
-        return self.network.status
 
     # -- the primitives ---------------------------------------------------------------------
 
@@ -567,7 +540,7 @@ def run_live(
     shards: int | None = None,
     ray_address: str | None = None,
     handles: Sequence[ShardHandle] | None = None,
-    on_round: Callable[[LiveWorld], None] | None = None,
+    on_round: ProgressHook | None = None,
     plots: bool = True,
     wall_limit: float | None = None,
     ray_init: dict[str, Any] | None = None,
@@ -654,7 +627,7 @@ def run_live(
     wall_seconds = time.perf_counter() - started_wall
     (directory / "scenario.toml").write_text(to_toml(scenario))
     (directory / "metrics.csv").write_text(world.recorder.csv_text())
-    summary = summarise(  # type: ignore[arg-type]
+    summary = summarise(
         scenario, world, world.now, wall_seconds, interrupted=interrupted is not None
     )
     summary["clock"] = "wall"
@@ -686,7 +659,7 @@ def _drive(
     scenario: Scenario,
     population: Population,
     handles: list[ShardHandle],
-    on_round: Callable[[LiveWorld], None] | None,
+    on_round: ProgressHook | None,
     wall_limit: float,
     stop: StopRequest | None = None,
     on_phase: PhaseHook | None = None,
@@ -711,19 +684,16 @@ def _drive(
         relay=list(population.relay),
         reporting=population.reporting,
     )
-    world = LiveWorld(population, recorder, owners, on_round=on_round)
-    if scenario.disruptions:
-        from sim.disruptions import Disruptions
-
-        disruptions = Disruptions(scenario.disruptions, population, seed=scenario.seed)
-        world.disruptions = disruptions
-        recorder.on_complete = lambda round_: disruptions.on_round_complete(world, round_)  # type: ignore[arg-type]
-        for index, spec in enumerate(scenario.disruptions):
-            if isinstance(spec, BatterySpec):
-                world.log({"event": "unsupported", "index": index, "kind": spec.kind})
-                print(
-                    f"p2pfl-sim: live mode ignores disruptions[{index}] (battery)", file=sys.stderr
-                )
+    disruptions = (
+        Disruptions(scenario.disruptions, population, seed=scenario.seed)
+        if scenario.disruptions
+        else None
+    )
+    world = LiveWorld(population, recorder, owners, disruptions=disruptions, on_round=on_round)
+    for index, spec in enumerate(scenario.disruptions):
+        if isinstance(spec, BatterySpec):
+            world.log({"event": "unsupported", "index": index, "kind": spec.kind})
+            print(f"p2pfl-sim: live mode ignores disruptions[{index}] (battery)", file=sys.stderr)
 
     phase = on_phase or (lambda _name: None)
     book: dict[int, str] = {}
@@ -736,7 +706,7 @@ def _drive(
         handle.start(book, started_at)
     phase("running")
     if world.disruptions is not None:
-        world.disruptions.schedule(world)
+        world.disruptions.start(world)
     deadline = time.monotonic() + wall_limit
     timed_out = False
     interrupted: str | None = None

@@ -174,7 +174,8 @@ class _Slot:
     dead: bool = False
     rejoin: bool = False
     incarnation: int = 0
-    base_traffic: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
+    base_traffic: tuple[int, ...] = (0, 0, 0, 0, 0)
+    """Traffic of the node's earlier incarnations (the counters of :func:`traffic_of`)."""
 
 
 class Shard:
@@ -430,7 +431,7 @@ class Shard:
                 peer_message_burst=PEER_MESSAGE_BURST,
                 ip_failures_to_ban=0,
             ),
-            peer_exchange=PeerExchangeConfig(enabled=False),
+            peer_exchange=PeerExchangeConfig(peer_exchange=False),  # by its [node] key name
             peers=peers,
             bootstrap=bootstrap,
             data=DataConfig(
@@ -522,7 +523,7 @@ class Shard:
 
     def _restart(self, slot: _Slot) -> None:
         assert slot.node is not None and self._nursery is not None
-        slot.base_traffic = tuple(  # type: ignore[assignment]
+        slot.base_traffic = tuple(
             a + b for a, b in zip(slot.base_traffic, traffic_of(slot.node), strict=True)
         )
         self._nursery.start_soon(self._rejoin, slot)

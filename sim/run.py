@@ -35,7 +35,7 @@ import math
 import sys
 import time
 import tomllib
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,6 +59,7 @@ from sim.metrics import MetricsRecorder, RoundSummary
 from sim.network import LinkModel
 from sim.population import PhaseHook, Population, build_population, initial_vectors
 from sim.scenario import Scenario, apply_overrides, parse_scenario, read_document, to_toml
+from sim.world import ONLINE, ProgressHook, World
 from topologies import CompleteAdjacency
 
 STREAM_CORE = 10
@@ -188,7 +189,7 @@ def build_engine(
     scenario: Scenario,
     population: Population | None = None,
     *,
-    on_round: Callable[[Engine], None] | None = None,
+    on_round: ProgressHook | None = None,
     on_phase: PhaseHook | None = None,
 ) -> Engine:
     """Wire a scenario's population, cores, network and metrics into an engine.
@@ -236,6 +237,23 @@ def build_engine(
         eval_every=scenario.metrics.eval_every,
         last_round=scenario.rounds - 1,
     )
+    disruptions = (
+        Disruptions(scenario.disruptions, population, seed=scenario.seed)
+        if scenario.disruptions
+        else None
+    )
+    adversary = (
+        Adversary(
+            plan,
+            cores=cores,
+            identities=population.identities,
+            neighbours=population.neighbours,
+            initial=initial,
+            seed=scenario.seed,
+        )
+        if plan is not None and any(plan.byzantine)
+        else None
+    )
     engine = Engine(
         population,
         cores,
@@ -248,22 +266,12 @@ def build_engine(
         step_time=scenario.learner.step_time,
         horizon=scenario.horizon,
         recorder=recorder,
+        disruptions=disruptions,
+        adversary=adversary,
         on_round=on_round,
     )
     if trainer.notice is not None:
         engine.log({"event": "learner", "notice": trainer.notice})
-    if scenario.disruptions:
-        disruptions = Disruptions(scenario.disruptions, population, seed=scenario.seed)
-        engine.disruptions = disruptions
-        recorder.on_complete = lambda round_: disruptions.on_round_complete(engine, round_)
-    if plan is not None and any(plan.byzantine):
-        engine.adversary = Adversary(
-            plan,
-            identities=population.identities,
-            neighbours=population.neighbours,
-            initial=initial,
-            seed=scenario.seed,
-        )
     return engine
 
 
@@ -310,7 +318,7 @@ def run_scenario(
     overrides: Sequence[str] = (),
     seed: int | None = None,
     changed: Mapping[str, Any] | None = None,
-    on_round: Callable[[Engine], None] | None = None,
+    on_round: ProgressHook | None = None,
     plots: bool = True,
     stop: StopRequest | None = None,
     force: bool = False,
@@ -350,16 +358,16 @@ def run_scenario(
     created = make_directory("--out", directory) if directory is not None else False
     stopping: list[int] = []
 
-    def round_done(engine: Engine) -> None:
+    def round_done(world: World) -> None:
         if on_round is not None:
-            on_round(engine)
+            on_round(world)
         if stop is None or not stop.requested:
             return
-        completed = len(engine.recorder.rounds)
+        completed = len(world.recorder.rounds)
         if not stopping:
             stopping.append(completed + 1)  # the round in progress when the stop was seen
         if completed >= stopping[0]:
-            engine.horizon = engine.now  # the engine ends before the next later event
+            engine.horizon = world.now  # the engine ends before the next later event
 
     with removed_if_empty(directory, created):
         if on_phase is not None:
@@ -488,26 +496,26 @@ def write_topology(population: Population, directory: Path) -> str | None:
 
 def summarise(
     scenario: Scenario,
-    engine: Engine,
+    world: World,
     virtual_seconds: float,
     wall_seconds: float,
     *,
     interrupted: bool = False,
 ) -> dict[str, Any]:
-    rounds = engine.recorder.rounds
+    rounds = world.recorder.rounds
     final = rounds[-1] if rounds else None
-    node_rounds = len(engine.recorder.rows)
+    node_rounds = len(world.recorder.rows)
 
     def finite(value: float) -> float | None:
         return value if math.isfinite(value) else None
 
     return {
         "scenario": scenario.name,
-        "nodes": engine.population.size,
+        "nodes": world.population.size,
         "rounds": len(rounds),
         "seed": scenario.seed,
         "mode": scenario.protocol.mode,
-        "server": engine.population.server,
+        "server": world.population.server,
         "merge_rule": scenario.merge.rule,
         "mean_test_accuracy": finite(final.mean_test_accuracy) if final else None,
         "min_test_accuracy": finite(final.min_test_accuracy) if final else None,
@@ -519,12 +527,12 @@ def summarise(
         "node_rounds_per_second": round(node_rounds / wall_seconds, 1)
         if wall_seconds > 0
         else None,
-        **final_accuracies(engine),
-        "bytes_sent": sum(traffic.bytes_sent for traffic in engine.traffic),
-        "messages_sent": sum(traffic.messages_sent for traffic in engine.traffic),
-        "rejected": sum(traffic.rejected for traffic in engine.traffic),
-        **adversary_summary(scenario, engine),
-        "unfired_disruptions": unfired_disruptions(scenario, engine.events_log),
+        **final_accuracies(world),
+        "bytes_sent": sum(traffic.bytes_sent for traffic in world.traffic),
+        "messages_sent": sum(traffic.messages_sent for traffic in world.traffic),
+        "rejected": sum(traffic.rejected for traffic in world.traffic),
+        **adversary_summary(scenario, world),
+        "unfired_disruptions": unfired_disruptions(scenario, world.events_log),
         "interrupted": interrupted,
     }
 
@@ -535,11 +543,11 @@ def unfired_disruptions(scenario: Scenario, events: list[dict[str, Any]]) -> lis
     return [index for index in range(len(scenario.disruptions)) if index not in fired]
 
 
-def adversary_summary(scenario: Scenario, engine: Engine) -> dict[str, Any]:
+def adversary_summary(scenario: Scenario, world: World) -> dict[str, Any]:
     """Honest/Byzantine counts, the attacks, and the honest nodes' final attack success rate."""
-    honest = engine.recorder.honest
+    honest = world.recorder.honest
     last: dict[int, float] = {}
-    for row in engine.recorder.rows:
+    for row in world.recorder.rows:
         node, rate = row[1], row[-1]
         assert isinstance(node, int) and isinstance(rate, float)
         last[node] = rate
@@ -552,7 +560,7 @@ def adversary_summary(scenario: Scenario, engine: Engine) -> dict[str, Any]:
     }
 
 
-def final_accuracies(engine: Engine) -> dict[str, Any]:
+def final_accuracies(world: World) -> dict[str, Any]:
     """Accuracy of each alive node's last recorded model, overall and by final component.
 
     ``largest_component_accuracy`` averages the nodes of the largest component of the final
@@ -562,19 +570,17 @@ def final_accuracies(engine: Engine) -> dict[str, Any]:
     nodes a robust rule can be expected to protect. Relays are included: they hold models
     too. Byzantine nodes are not: every accuracy here is over honest nodes.
     """
-    from sim.engine import ONLINE
-
     last: dict[int, float] = {}
-    for row in engine.recorder.rows:
+    for row in world.recorder.rows:
         node, accuracy = row[1], row[6]
         assert isinstance(node, int) and isinstance(accuracy, float)
         last[node] = accuracy
-    online = [node for node, state in enumerate(engine.status) if state == ONLINE]
-    components = engine.network.components()
+    online = [node for node, state in enumerate(world.status) if state == ONLINE]
+    components = world.network.components()
     largest = components[0] if components else []
     isolated = [group[0] for group in components if len(group) == 1]
 
-    honest = engine.recorder.honest
+    honest = world.recorder.honest
 
     def mean(nodes: list[int]) -> float | None:
         values = [
@@ -584,11 +590,11 @@ def final_accuracies(engine: Engine) -> dict[str, Any]:
         ]
         return sum(values) / len(values) if values else None
 
-    alive = [node for node, state in enumerate(engine.status) if state != "dead"]
+    alive = [node for node, state in enumerate(world.status) if state != "dead"]
     protected = [
         node
         for node in alive
-        if honest[node] and 3 * _byzantine_neighbours(engine, node) < max(1, _degree(engine, node))
+        if honest[node] and 3 * _byzantine_neighbours(world, node) < max(1, _degree(world, node))
     ]
     return {
         "alive_nodes": len(alive),
@@ -604,10 +610,10 @@ def final_accuracies(engine: Engine) -> dict[str, Any]:
     }
 
 
-def _degree(engine: Engine, node: int) -> int:
-    return len(engine.population.neighbours[node])
+def _degree(world: World, node: int) -> int:
+    return len(world.population.neighbours[node])
 
 
-def _byzantine_neighbours(engine: Engine, node: int) -> int:
-    honest = engine.recorder.honest
-    return sum(not honest[peer] for peer in engine.population.neighbours[node])
+def _byzantine_neighbours(world: World, node: int) -> int:
+    honest = world.recorder.honest
+    return sum(not honest[peer] for peer in world.population.neighbours[node])

@@ -1,4 +1,5 @@
-"""Testing tools for merge rules and wire data, shipped for users of p2pfl.
+"""Testing tools for merge rules, wire data, protocol modes and runtime nodes, shipped for
+users of p2pfl.
 
 Needs Hypothesis, which the core install does not pull in: ``pip install 'p2pfl-gossip[dev]'``
 (or ``pip install hypothesis``). ``import p2pfl`` never imports this package.
@@ -23,6 +24,12 @@ driver :class:`FakeNetwork` (see :mod:`p2pfl.testing.network`)::
     net.start()
     net.run()
     assert all(node.core.finished for node in net.nodes.values())
+
+Run whole runtime nodes (:class:`p2pfl.runtime.node.Node`) without sockets, on trio's
+virtual clock, with :class:`MemoryNetwork` (see :mod:`p2pfl.testing.memory`)::
+
+    network = MemoryNetwork()
+    node = Node(config, listeners=[network.listen(7001)], policy=MemoryLinks(network))
 """
 
 try:
@@ -42,6 +49,7 @@ from p2pfl.testing.battery import (
     describe_promises,
     promises_for,
 )
+from p2pfl.testing.memory import MemoryLinks, MemoryListener, MemoryNetwork
 from p2pfl.testing.network import FakeNetwork, FakeNode, identity_of, plus_one, repr_actions
 from p2pfl.testing.strategies import (
     IDENTITY_POOL_SIZE,
@@ -65,6 +73,9 @@ __all__ = [
     "UNIVERSAL",
     "FakeNetwork",
     "FakeNode",
+    "MemoryLinks",
+    "MemoryListener",
+    "MemoryNetwork",
     "MergeRuleViolation",
     "Promise",
     "TopologySample",

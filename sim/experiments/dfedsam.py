@@ -89,7 +89,7 @@ def run_all(seeds: int) -> dict[str, dict[str, list[Run]]]:
                 engine.run()
                 rounds = engine.recorder.rounds
                 sent = sum(t.bytes_sent for t in engine.traffic) / len(engine.traffic)
-                run = {
+                run: dict[str, Any] = {
                     "seed": seed,
                     "accuracy": [r.mean_test_accuracy for r in rounds],
                     "consensus": [r.consensus_distance for r in rounds],

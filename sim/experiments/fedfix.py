@@ -40,6 +40,7 @@ from sim.engine import Engine
 from sim.experiments.dfedsam import DATA, LEARNER, band
 from sim.run import build_engine
 from sim.scenario import parse_scenario
+from sim.world import World
 
 FIGURES = Path("docs/figures")
 SEEDS = 3
@@ -82,9 +83,9 @@ def one_run(protocol: dict[str, Any], seed: int) -> dict[str, Any]:
     """Accuracy and consensus of the snapshots, and the time-triggered weight ledger."""
     snapshots: list[tuple[float, torch.Tensor]] = []
 
-    def snapshot(engine: Engine) -> None:
+    def snapshot(world: World) -> None:
         due = SNAPSHOT_EVERY * (len(snapshots) + 1)
-        if engine.now >= due:
+        if world.now >= due:  # the engine's cores: the models every node holds now
             snapshots.append((due, torch.stack([core.vector for core in engine.cores])))
 
     engine = build_engine(parse_scenario(document(protocol, seed)), on_round=snapshot)

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sim.engine import Engine
 from sim.run import build_engine
 from sim.scenario import Scenario, parse_scenario
+from sim.world import World
 
 FIGURES = Path("docs/figures")
 TARGETS = (0.80, 0.85, 0.90)
@@ -116,8 +116,8 @@ class Outcome:
 def run(scenario: Scenario) -> Outcome:
     traffic: list[tuple[float, int]] = []
 
-    def sample(engine: Engine) -> None:
-        traffic.append((engine.now, sum(t.bytes_sent for t in engine.traffic)))
+    def sample(world: World) -> None:
+        traffic.append((world.now, sum(t.bytes_sent for t in world.traffic)))
 
     started = time.perf_counter()
     engine = build_engine(scenario, on_round=sample)

@@ -22,6 +22,7 @@ import pytest
 
 from sim.live import ProcessShard, run_live
 from sim.scenario import parse_scenario
+from tests.documents import live_document
 
 RUN_TIMEOUT = 90
 SUBNET = "10.231.7"
@@ -88,23 +89,7 @@ def _veth_tx_bytes(namespace: str, device: str) -> int:
 def test_shards_in_two_namespaces_train_across_the_veth(
     namespaces: list[tuple[str, str, str]], tmp_path: Path
 ) -> None:
-    scenario = parse_scenario(
-        {
-            "name": "netns",
-            "seed": 5,
-            "rounds": ROUNDS,
-            "topology": {"kind": "ring", "n": 8},
-            "data": {
-                "dataset": "gaussian_mixture",
-                "params": {"n_samples": 400, "dim": 8, "num_classes": 4},
-                "partition": "iid",
-                "partition_params": {},
-            },
-            "learner": {"hidden": [8], "lr": 0.1, "batch_size": 16, "local_steps": 3},
-            "protocol": {"mode": "dsgd", "round_timeout": 10.0},
-            "horizon": 60.0,
-        }
-    )
+    scenario = parse_scenario(live_document(name="netns", rounds=ROUNDS))
     blocks = [[0, 2, 4, 6], [1, 3, 5, 7]]
     handles = []
     try:

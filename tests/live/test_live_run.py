@@ -19,6 +19,7 @@ from sim.cli import main
 from sim.live import LiveRunError, LocalShard, ProcessShard, assign, run_live
 from sim.run import run_scenario
 from sim.scenario import Scenario, parse_scenario
+from tests.documents import TIMELINE, live_document
 
 RUN_FILES = {
     "scenario.toml",
@@ -28,26 +29,6 @@ RUN_FILES = {
     "nodes.csv",
     "edges.csv",
 }
-
-
-def _document(**overrides: Any) -> dict[str, Any]:
-    document: dict[str, Any] = {
-        "name": "live-small",
-        "seed": 5,
-        "rounds": 4,
-        "topology": {"kind": "ring", "n": 8},
-        "data": {
-            "dataset": "gaussian_mixture",
-            "params": {"n_samples": 400, "dim": 8, "num_classes": 4},
-            "partition": "iid",
-            "partition_params": {},
-        },
-        "learner": {"hidden": [8], "lr": 0.1, "batch_size": 16, "local_steps": 3},
-        "protocol": {"mode": "dsgd", "round_timeout": 10.0},
-        "horizon": 60.0,
-    }
-    document.update(overrides)
-    return document
 
 
 def _header(directory: Path) -> list[str]:
@@ -74,7 +55,7 @@ def _check_same_format(live: Path, virtual: Path) -> dict[str, Any]:
 
 @pytest.mark.timeout(90)
 def test_local_shards_write_the_run_directory_of_a_virtual_run(tmp_path: Path) -> None:
-    scenario = parse_scenario(_document())
+    scenario = parse_scenario(live_document())
     handles = [LocalShard(scenario, block) for block in assign(8, 3)]
     live = run_live(scenario, tmp_path / "live", handles=handles, plots=False)
     virtual = run_scenario(scenario, tmp_path / "virtual", plots=False)
@@ -98,27 +79,31 @@ def test_local_shards_write_the_run_directory_of_a_virtual_run(tmp_path: Path) -
 
 @pytest.mark.timeout(90)
 def test_shard_processes_speak_json_lines(tmp_path: Path) -> None:
-    scenario = parse_scenario(_document(rounds=2))
+    scenario = parse_scenario(live_document(rounds=2))
     handles = [ProcessShard(scenario, block, "127.0.0.1") for block in ([0, 1, 2, 3], [4, 5, 6, 7])]
     result = run_live(scenario, tmp_path / "run", handles=handles, plots=False)
     assert result.summary["rounds"] == 2 and result.summary["node_rounds"] == 16
     assert all(handle.process.poll() is not None for handle in handles)
+    # what crossed the pipes arrived whole: every node's records, their models (base64: the
+    # nodes' models differ) and traffic counters (dsgd on a ring merges a round only with
+    # both neighbours' models, so a round-r record has heard at least 2(r + 1) frames)
+    rows = _rows(result.directory)
+    assert sorted((int(row["round"]), int(row["node"])) for row in rows) == [
+        (round_, node) for round_ in range(2) for node in range(8)
+    ]
+    assert all(0.0 <= float(row["test_accuracy"]) <= 1.0 for row in rows)
+    assert all(float(row["distance_to_mean"]) > 0.0 for row in rows)
+    assert all(int(row["messages_received"]) >= 2 * (int(row["round"]) + 1) for row in rows)
 
 
 def _disrupted() -> Scenario:
     """Gossip paced by its period (about 0.2 s a round), so wall-clock disruptions land
     mid-run."""
     return parse_scenario(
-        _document(
+        live_document(
             rounds=16,
             protocol={"mode": "gossip", "period": 0.4, "fanout": 2},
-            disruptions=[
-                {"kind": "cut", "links": [[0, 1]], "at": 0.2},
-                {"kind": "leave", "nodes": [5], "at": 0.4},
-                {"kind": "crash", "nodes": [7], "at": 0.6},
-                {"kind": "join", "nodes": [5], "at": 1.2},
-                {"kind": "restore", "at": 1.4},
-            ],
+            disruptions=TIMELINE,
         )
     )
 
@@ -160,7 +145,7 @@ def test_live_without_ray_says_how_to_install(
 def test_a_shard_that_cannot_bind_fails_the_run_and_every_shard_is_closed(
     tmp_path: Path,
 ) -> None:
-    scenario = parse_scenario(_document(rounds=2))
+    scenario = parse_scenario(live_document(rounds=2))
     good = ProcessShard(scenario, [0, 1, 2, 3], "127.0.0.1")
     bad = ProcessShard(scenario, [4, 5, 6, 7], "203.0.113.254")  # TEST-NET-3: not ours
     with pytest.raises(LiveRunError, match="could not bind"):
@@ -172,7 +157,7 @@ def test_a_shard_that_cannot_bind_fails_the_run_and_every_shard_is_closed(
 @pytest.mark.timeout(90)
 def test_the_wall_limit_stops_a_run_and_still_writes_its_directory(tmp_path: Path) -> None:
     scenario = parse_scenario(
-        _document(rounds=1000, horizon=1.5, protocol={"mode": "gossip", "period": 0.3})
+        live_document(rounds=1000, horizon=1.5, protocol={"mode": "gossip", "period": 0.3})
     )
     handles = [LocalShard(scenario, block) for block in assign(8, 2)]
     result = run_live(scenario, tmp_path / "run", handles=handles, plots=False)
@@ -185,7 +170,7 @@ def test_the_wall_limit_stops_a_run_and_still_writes_its_directory(tmp_path: Pat
 def _modest() -> Scenario:
     """Sampled committees on a ring: the cores send to nodes that are not their neighbours."""
     return parse_scenario(
-        _document(
+        live_document(
             data={"dataset": "digits", "partition": "iid", "partition_params": {}},
             learner={"hidden": [32], "lr": 0.1, "batch_size": 32, "local_steps": 20},
             protocol={
@@ -230,7 +215,7 @@ def test_modest_committees_reach_beyond_the_neighbours(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(90)
 def test_fedavg_server_and_clients_run_live(tmp_path: Path) -> None:
-    scenario = parse_scenario(_document(protocol={"mode": "fedavg", "round_timeout": 10.0}))
+    scenario = parse_scenario(live_document(protocol={"mode": "fedavg", "round_timeout": 10.0}))
     handles = [LocalShard(scenario, block) for block in assign(9, 3)]  # 8 clients + server
     result = run_live(scenario, tmp_path / "run", handles=handles, plots=False)
     summary = result.summary

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import errno
-import math
-import os
 import threading
+from collections.abc import Sequence
 
 import torch
 import trio
-import trio.testing
 
-from p2pfl.identity import NodeId
 from p2pfl.learn.base import EvalResult, Learner, TrainResult
 from p2pfl.params import ParamLayout
+from p2pfl.runtime.policy import LinkPolicy
+from p2pfl.testing import MemoryLinks, MemoryNetwork
 
 GATE_TIMEOUT = 90.0
 
@@ -51,67 +49,21 @@ class GatedLearner:
         return self.inner.evaluate(vector)
 
 
-class MemoryListener(trio.abc.Listener[trio.abc.Stream]):
-    """A listener whose connections come from :meth:`MemoryNetwork.connect`."""
-
-    def __init__(self) -> None:
-        self._send, self._receive = trio.open_memory_channel[trio.abc.Stream](math.inf)
-        self.closed = False
-
-    def deliver(self, stream: trio.abc.Stream) -> None:
-        self._send.send_nowait(stream)
-
-    async def accept(self) -> trio.abc.Stream:
-        try:
-            return await self._receive.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise trio.ClosedResourceError("listener closed") from None
-
-    async def aclose(self) -> None:
-        self.closed = True
-        self._receive.close()
-        await trio.lowlevel.checkpoint()
+Listeners = Sequence[trio.abc.Listener[trio.abc.Stream]]
 
 
-class MemoryNetwork:
-    """Nodes of one trio run linked by in-memory streams instead of sockets, so that they
-    run on trio's ``MockClock``: one :class:`MemoryListener` per port, and per node a
-    :class:`MemoryLinks` policy whose dials reach those listeners."""
-
-    def __init__(self) -> None:
-        self.listeners: dict[int, MemoryListener] = {}
-
-    def listen(self, port: int) -> MemoryListener:
-        listener = self.listeners[port] = MemoryListener()
-        return listener
-
-    def connect(self, port: int) -> trio.abc.Stream:
-        """A stream to the listener on ``port``, like a TCP connect on one host.
-
-        Raises:
-            ConnectionRefusedError: nothing listens on ``port``.
-        """
-        listener = self.listeners.get(port)
-        if listener is None or listener.closed:
-            raise ConnectionRefusedError(errno.ECONNREFUSED, os.strerror(errno.ECONNREFUSED))
-        ours, theirs = trio.testing.memory_stream_pair()
-        listener.deliver(theirs)
-        return ours
+async def bind_nodes(
+    n: int, network: MemoryNetwork | None, *, base_port: int
+) -> tuple[list[int], list[Listeners]]:
+    """Ports and listeners for ``n`` nodes, bound before any node runs: on ``network``
+    (ports ``base_port + i``) or, without one, TCP on 127.0.0.1 (ports the OS picks)."""
+    if network is not None:
+        ports = [base_port + i for i in range(n)]
+        return ports, [[network.listen(port)] for port in ports]
+    sockets = [await trio.open_tcp_listeners(0, host="127.0.0.1") for _ in range(n)]
+    return [int(listeners[0].socket.getsockname()[1]) for listeners in sockets], list(sockets)
 
 
-class MemoryLinks:
-    """One node's :class:`~p2pfl.runtime.policy.LinkPolicy` on a :class:`MemoryNetwork`;
-    links to the keys in ``cut_peers`` are down."""
-
-    def __init__(self, network: MemoryNetwork) -> None:
-        self.network = network
-        self.cut_peers: set[NodeId] = set()
-        self.dials: list[int] = []
-
-    def link_up(self, peer: NodeId) -> bool:
-        return peer not in self.cut_peers
-
-    async def open_stream(self, host: str, port: int) -> trio.abc.Stream:
-        await trio.lowlevel.checkpoint()
-        self.dials.append(port)
-        return self.network.connect(port)
+def links_on(network: MemoryNetwork | None) -> LinkPolicy | None:
+    """A node's link policy: dials through ``network``, or TCP (the node's default)."""
+    return MemoryLinks(network) if network is not None else None

@@ -6,13 +6,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
-import socket
 import threading
 from pathlib import Path
 
 import pytest
 import torch
 import trio
+import trio.testing
 
 from p2pfl.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from p2pfl.config import DataConfig, LearnerConfig, MergeConfig, NodeConfig, PeerConfig
@@ -21,6 +21,7 @@ from p2pfl.identity import Identity
 from p2pfl.protocol import CoreConfig
 from p2pfl.protocol.events import TrainingFinished
 from p2pfl.runtime.node import Node
+from p2pfl.testing import MemoryLinks, MemoryNetwork
 from tests.runtime.support import GatedLearner
 
 RUN_TIMEOUT = 60.0
@@ -97,23 +98,28 @@ async def test_the_round_logged_at_stop_is_the_round_saved_and_resumed(
 
 
 async def test_a_node_whose_neighbour_is_gone_says_so_and_trains_alone(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    autojump_clock: trio.testing.MockClock,
+    threads_inline: None,
 ) -> None:
-    with socket.socket() as probe:  # a port with nothing listening on it
-        probe.bind(("127.0.0.1", 0))
-        absent_port = probe.getsockname()[1]
+    network = MemoryNetwork()
+    own_port, absent_port = 7300, 7301  # nothing listens on the neighbour's port
     me, other = sorted((ME, OTHER), key=lambda i: i.node_id)  # this node dials
     cfg = config(
         tmp_path,
+        listen_port=own_port,
         startup_timeout=0.5,
         peers=(PeerConfig("127.0.0.1", absent_port, other.node_id),),
         protocol=CoreConfig(mode="dsgd", rounds=3, local_steps=1, round_timeout=5.0),
     )
-    node = Node(cfg, identity=me)
+    links = MemoryLinks(network)
+    node = Node(cfg, identity=me, listeners=[network.listen(own_port)], policy=links)
     caplog.set_level(logging.INFO, logger="p2pfl.node")
-    with trio.fail_after(RUN_TIMEOUT):
+    with trio.fail_after(RUN_TIMEOUT):  # virtual seconds
         await node.run()
     assert node.core.finished
+    assert links.dials and set(links.dials) == {absent_port}  # it kept trying the neighbour
     events = [getattr(r, "event", None) for r in caplog.records]
     incomplete = [r for r in caplog.records if getattr(r, "event", None) == "startup_incomplete"]
     assert len(incomplete) == 1

@@ -1,4 +1,5 @@
-"""fedavg between real nodes: one server and three clients over sockets on 127.0.0.1."""
+"""fedavg between runtime nodes: one server and three clients, linked in memory on trio's
+virtual clock."""
 
 from __future__ import annotations
 
@@ -6,15 +7,19 @@ from pathlib import Path
 
 import torch
 import trio
+import trio.testing
 
 from p2pfl.identity import Identity
 from p2pfl.protocol import CoreConfig
 from p2pfl.protocol.fedavg import FedAvgClient, FedAvgServer
+from p2pfl.testing import MemoryNetwork
 
 from .test_nodes import RUN_TIMEOUT, make_nodes
 
 
-async def test_a_server_and_three_clients_run_fedavg(tmp_path: Path) -> None:
+async def test_a_server_and_three_clients_run_fedavg(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, threads_inline: None
+) -> None:
     rounds = 10
     server_key = Identity.from_seed(bytes([10]) * 32).node_id.hex()  # make_nodes' node 0
     mode = CoreConfig(mode="fedavg", server=server_key, sample_size=3)
@@ -26,9 +31,10 @@ async def test_a_server_and_three_clients_run_fedavg(tmp_path: Path) -> None:
         round_timeout=20.0,
         edges=[(0, 1), (0, 2), (0, 3)],
         mode=mode,
+        network=MemoryNetwork(),
     )
     server, clients = nodes[0], nodes[1:]
-    with trio.fail_after(RUN_TIMEOUT):
+    with trio.fail_after(RUN_TIMEOUT):  # virtual seconds
         async with trio.open_nursery() as nursery:
             for node in nodes:
                 nursery.start_soon(node.run)

@@ -1,4 +1,6 @@
-"""Several nodes in one trio run, over real sockets on 127.0.0.1."""
+"""Several nodes in one trio run: linked in memory on trio's virtual clock
+(:class:`p2pfl.testing.MemoryNetwork`), or over real sockets on 127.0.0.1 where a test needs
+what only sockets have (the remote IP of a connection)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import trio
+import trio.testing
 
 from p2pfl.checkpoint import checkpoint_path, load_checkpoint
 from p2pfl.config import (
@@ -25,7 +28,9 @@ from p2pfl.identity import Identity
 from p2pfl.protocol import CoreConfig
 from p2pfl.runtime.node import STRIKES_TO_DISCONNECT, Node
 from p2pfl.runtime.transport import FrameStream, handshake
+from p2pfl.testing import MemoryNetwork
 from p2pfl.wire import MessageKind, encode_frame, seal
+from tests.runtime.support import bind_nodes, links_on
 
 RUN_TIMEOUT = 90
 
@@ -39,12 +44,13 @@ async def make_nodes(
     round_timeout: float,
     edges: list[tuple[int, int]] | None = None,
     mode: CoreConfig | None = None,
+    network: MemoryNetwork | None = None,
 ) -> list[Node]:
     """``n`` nodes on ports bound now, so every address is known before any node runs; their
-    protocol is dsgd, or ``mode``'s with the given rounds, steps and timeout."""
+    protocol is dsgd, or ``mode``'s with the given rounds, steps and timeout. On ``network``
+    if given (ports 7400 + i), else on TCP sockets."""
     identities = [Identity.from_seed(bytes([10 + i]) * 32) for i in range(n)]
-    listeners = [await trio.open_tcp_listeners(0, host="127.0.0.1") for _ in range(n)]
-    ports = [int(ls[0].socket.getsockname()[1]) for ls in listeners]
+    ports, listeners = await bind_nodes(n, network, base_port=7400)
     pairs = edges if edges is not None else list(itertools.combinations(range(n), 2))
     neighbours: dict[int, list[int]] = {i: [] for i in range(n)}
     for a, b in pairs:
@@ -77,14 +83,20 @@ async def make_nodes(
             ),
             merge=MergeConfig(rule="weighted"),
         )
-        nodes.append(Node(config, identity=identities[i], listeners=listeners[i]))
+        nodes.append(
+            Node(config, identity=identities[i], listeners=listeners[i], policy=links_on(network))
+        )
     return nodes
 
 
-async def test_four_nodes_learn_digits_together(tmp_path: Path) -> None:
+async def test_four_nodes_learn_digits_together(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, threads_inline: None
+) -> None:
     rounds = 10
-    nodes = await make_nodes(tmp_path, 4, rounds=rounds, local_steps=30, round_timeout=20.0)
-    with trio.fail_after(RUN_TIMEOUT):
+    nodes = await make_nodes(
+        tmp_path, 4, rounds=rounds, local_steps=30, round_timeout=20.0, network=MemoryNetwork()
+    )
+    with trio.fail_after(RUN_TIMEOUT):  # virtual seconds: training takes none
         async with trio.open_nursery() as nursery:
             for node in nodes:
                 nursery.start_soon(node.run)
@@ -103,11 +115,15 @@ async def test_four_nodes_learn_digits_together(tmp_path: Path) -> None:
     assert max(accuracies) - min(accuracies) <= 0.05, accuracies
 
 
-async def test_others_finish_when_one_node_is_killed(tmp_path: Path) -> None:
+async def test_others_finish_when_one_node_is_killed(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, threads_inline: None
+) -> None:
     rounds = 8
-    nodes = await make_nodes(tmp_path, 4, rounds=rounds, local_steps=5, round_timeout=3.0)
+    nodes = await make_nodes(
+        tmp_path, 4, rounds=rounds, local_steps=5, round_timeout=3.0, network=MemoryNetwork()
+    )
     victim, survivors = nodes[1], [nodes[0], *nodes[2:]]
-    with trio.fail_after(RUN_TIMEOUT):
+    with trio.fail_after(RUN_TIMEOUT):  # virtual seconds
         async with trio.open_nursery() as nursery:
             victim_scope = trio.CancelScope()
 
@@ -128,28 +144,40 @@ async def test_others_finish_when_one_node_is_killed(tmp_path: Path) -> None:
 
 
 async def node_with_one_dialling_peer(
-    tmp_path: Path, seed: int, limits: LimitsConfig | None = None
+    tmp_path: Path,
+    seed: int,
+    limits: LimitsConfig | None = None,
+    network: MemoryNetwork | None = None,
 ) -> tuple[Identity, Identity, Node]:
     """(peer, own identity, node): a node configured with one peer, which has the smaller
-    key (so the peer dials) and an address nothing listens on."""
+    key (so the peer dials) and an address nothing listens on; on ``network`` if given."""
     a, b = Identity.from_seed(bytes([seed]) * 32), Identity.from_seed(bytes([seed + 1]) * 32)
     peer, own = (a, b) if a.node_id < b.node_id else (b, a)
-    [node] = await make_nodes(tmp_path, 1, rounds=3, local_steps=1, round_timeout=60.0)
+    [node] = await make_nodes(
+        tmp_path, 1, rounds=3, local_steps=1, round_timeout=60.0, network=network
+    )
     config = dataclasses.replace(
         node.config,
         peers=(PeerConfig("127.0.0.1", 9, peer.node_id),),
         startup_timeout=60.0,
         limits=limits or node.config.limits,
     )
-    return peer, own, Node(config, identity=own, listeners=node._listeners)
+    return (
+        peer,
+        own,
+        Node(config, identity=own, listeners=node._listeners, policy=links_on(network)),
+    )
 
 
-async def test_peer_sending_bad_frames_is_disconnected_after_three_strikes(tmp_path: Path) -> None:
-    attacker, victim, node = await node_with_one_dialling_peer(tmp_path, 30)
-    with trio.fail_after(RUN_TIMEOUT):
+async def test_peer_sending_bad_frames_is_disconnected_after_three_strikes(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, threads_inline: None
+) -> None:
+    network = MemoryNetwork()
+    attacker, victim, node = await node_with_one_dialling_peer(tmp_path, 30, network=network)
+    with trio.fail_after(RUN_TIMEOUT):  # virtual seconds
         async with trio.open_nursery() as nursery:
             port = await nursery.start(node.run)
-            frames = FrameStream(await trio.open_tcp_stream("127.0.0.1", port))
+            frames = FrameStream(network.connect(port))
             await handshake(frames, attacker, expected=victim.node_id)
             bad = bytearray(
                 encode_frame(seal(attacker, MessageKind.MODEL_UPDATE, seq=1, round=0, payload=b"x"))

@@ -1,12 +1,14 @@
-"""Cores that talk beyond their neighbours in the trio runtime, over 127.0.0.1: ``modest``
-with a ``[[bootstrap]]`` list, and membership-sampled ``gossip`` whose addresses come from
-peer exchange; non-neighbours are reached through connections dialled on demand."""
+"""Cores that talk beyond their neighbours in the trio runtime: ``modest`` with a
+``[[bootstrap]]`` list, and membership-sampled ``gossip`` whose addresses come from peer
+exchange; non-neighbours are reached through connections dialled on demand. Linked in memory
+on trio's virtual clock, except where the pace in real time is the point (over 127.0.0.1)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import trio
+import trio.testing
 
 from p2pfl.config import (
     DataConfig,
@@ -21,6 +23,8 @@ from p2pfl.protocol import CoreConfig
 from p2pfl.protocol.membership import Status
 from p2pfl.protocol.modest import ModestCore
 from p2pfl.runtime.node import Node
+from p2pfl.testing import MemoryNetwork
+from tests.runtime.support import bind_nodes, links_on
 
 RUN_TIMEOUT = 55
 N = 6
@@ -28,11 +32,16 @@ ROUNDS = 10
 
 
 async def modest_nodes(
-    tmp_path: Path, *, rounds: int = ROUNDS, local_steps: int = 20
+    tmp_path: Path,
+    *,
+    rounds: int = ROUNDS,
+    local_steps: int = 20,
+    network: MemoryNetwork | None = None,
 ) -> list[Node]:
+    """N modest nodes on a ring, each knowing everyone's address; on ``network`` if given,
+    else over TCP."""
     identities = [Identity.from_seed(bytes([60 + i]) * 32) for i in range(N)]
-    listeners = [await trio.open_tcp_listeners(0, host="127.0.0.1") for _ in range(N)]
-    ports = [int(ls[0].socket.getsockname()[1]) for ls in listeners]
+    ports, listeners = await bind_nodes(N, network, base_port=7500)
     everyone = tuple(PeerConfig("127.0.0.1", ports[i], identities[i].node_id) for i in range(N))
     protocol = CoreConfig(
         mode="modest",
@@ -68,7 +77,9 @@ async def modest_nodes(
             protocol=protocol,
             merge=MergeConfig(rule="mean"),
         )
-        nodes.append(Node(config, identity=identities[i], listeners=listeners[i]))
+        nodes.append(
+            Node(config, identity=identities[i], listeners=listeners[i], policy=links_on(network))
+        )
     return nodes
 
 
@@ -90,8 +101,10 @@ async def run_until_one_finishes(nodes: list[Node]) -> None:
                 node.request_stop("run over")
 
 
-async def test_six_modest_nodes_learn_through_on_demand_connections(tmp_path: Path) -> None:
-    nodes = await modest_nodes(tmp_path)
+async def test_six_modest_nodes_learn_through_on_demand_connections(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, threads_inline: None
+) -> None:
+    nodes = await modest_nodes(tmp_path, network=MemoryNetwork())
     await run_until_one_finishes(nodes)
     history = sorted(
         (entry["round"], entry["test_accuracy"]) for node in nodes for entry in node.history
@@ -116,13 +129,15 @@ async def test_modest_at_dozens_of_rounds_a_second_draws_no_strikes(tmp_path: Pa
     assert [node.stats["misbehaviour"] for node in nodes] == [0] * N
 
 
-async def test_membership_gossip_reaches_peers_learnt_by_peer_exchange(tmp_path: Path) -> None:
+async def test_membership_gossip_reaches_peers_learnt_by_peer_exchange(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, threads_inline: None
+) -> None:
     # a line 0 - 1 - 2 - 3 without bootstrap lists: keys spread with the membership views,
     # addresses with peer exchange, and pushes go beyond the neighbours
     n, rounds = 4, 12
     identities = [Identity.from_seed(bytes([80 + i]) * 32) for i in range(n)]
-    listeners = [await trio.open_tcp_listeners(0, host="127.0.0.1") for _ in range(n)]
-    ports = [int(ls[0].socket.getsockname()[1]) for ls in listeners]
+    network = MemoryNetwork()
+    ports, listeners = await bind_nodes(n, network, base_port=7600)
     address = [PeerConfig("127.0.0.1", ports[i], identities[i].node_id) for i in range(n)]
     nodes = []
     for i in range(n):
@@ -146,8 +161,10 @@ async def test_membership_gossip_reaches_peers_learnt_by_peer_exchange(tmp_path:
             ),
             merge=MergeConfig(rule="mean"),
         )
-        nodes.append(Node(config, identity=identities[i], listeners=listeners[i]))
-    with trio.fail_after(RUN_TIMEOUT):
+        nodes.append(
+            Node(config, identity=identities[i], listeners=listeners[i], policy=links_on(network))
+        )
+    with trio.fail_after(RUN_TIMEOUT):  # virtual seconds
         async with trio.open_nursery() as nursery:
             for node in nodes:
                 nursery.start_soon(node.run)

@@ -27,8 +27,9 @@ from p2pfl.runtime.peerx import (
     parse_address,
     seal_ads,
 )
+from p2pfl.testing import MemoryLinks, MemoryNetwork
 from p2pfl.wire import MessageKind, decode_frame, encode_frame
-from tests.runtime.support import GatedLearner, MemoryLinks, MemoryNetwork
+from tests.runtime.support import GatedLearner
 
 OWN = Identity.from_seed(bytes([1]) * 32)
 NEIGHBOUR = Identity.from_seed(bytes([2]) * 32)

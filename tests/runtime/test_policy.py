@@ -17,7 +17,8 @@ from p2pfl.config import DataConfig, LearnerConfig, NodeConfig, PeerConfig
 from p2pfl.identity import Identity
 from p2pfl.protocol import CoreConfig
 from p2pfl.runtime.node import Node
-from tests.runtime.support import GatedLearner, MemoryLinks, MemoryNetwork
+from p2pfl.testing import MemoryLinks, MemoryNetwork
+from tests.runtime.support import GatedLearner
 
 DIALLER_PORT, ACCEPTOR_PORT = 7100, 7200
 WAIT = 60.0

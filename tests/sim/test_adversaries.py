@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 import networkx as nx
 import pytest
@@ -34,7 +34,6 @@ from sim.adversaries import (
     success_rate,
     trigger_indices,
 )
-from sim.engine import Engine
 from sim.population import build_population, initial_vectors, simulated_identity
 from sim.run import run_scenario
 from sim.scenario import AdversarySpec, BackdoorAttack, LabelFlipAttack, parse_scenario
@@ -217,14 +216,18 @@ def test_sybil_population_holds_data_keys_and_counts(small_document: SmallDocume
 # --- the engine hook: re-sealed envelopes ---------------------------------------------------
 
 
-def _world(models: list[torch.Tensor]) -> Engine:
-    return cast(Engine, SimpleNamespace(cores=[SimpleNamespace(vector=m) for m in models]))
+@dataclass(frozen=True)
+class _Holder:
+    vector: torch.Tensor
 
 
-def _hook(plan: AdversaryPlan, neighbours: list[list[int]]) -> Adversary:
+def _hook(
+    plan: AdversaryPlan, neighbours: list[list[int]], models: list[torch.Tensor]
+) -> Adversary:
     size = plan.size
     return Adversary(
         plan,
+        cores=[_Holder(model) for model in models],
         identities=[simulated_identity(9, node) for node in range(size)],
         neighbours=neighbours,
         initial=[torch.full((3,), -7.0) for _ in range(size)],
@@ -271,12 +274,12 @@ def test_forged_envelope_carries_the_attack_and_a_valid_signature(
 ) -> None:
     graph = nx.star_graph(3)
     plan = plan_adversaries(_specs({**entry, "nodes": [3]}), graph, [False] * 4, seed=1)
-    hook = _hook(plan, STAR)
     models = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 0.0, 1.0]),
               torch.tensor([4.0, 1.0, 2.0]), torch.tensor([9.0, 9.0, 9.0])]  # fmt: skip
+    hook = _hook(plan, STAR, models)
     own = torch.tensor([0.5, -1.0, 2.0])
     original = _sealed(3, own)
-    forged = hook.forge(_world(models), 3, 0, original)
+    forged = hook.forge(3, 0, original)
     assert forged is not original
     verified = decode_frame(encode_frame(forged))  # signature checks out
     assert verified.sender == simulated_identity(9, 3).node_id
@@ -289,17 +292,17 @@ def test_forged_envelope_carries_the_attack_and_a_valid_signature(
     assert verified.spec.samples == 12
     rows = torch.stack(models[:3])  # the target and its honest neighbours
     assert torch.allclose(_model(verified), expected(own, rows), atol=1e-6)
-    assert hook.forge(_world(models), 3, 0, original) is forged  # a re-send: same envelope
+    assert hook.forge(3, 0, original) is forged  # a re-send: same envelope
 
 
 def test_dissensus_is_computed_per_target_through_the_hook() -> None:
     graph = nx.star_graph(3)
     plan = plan_adversaries(_specs({"attack": "dissensus", "nodes": [3]}), graph, [False] * 4,
                             seed=1)  # fmt: skip
-    hook = _hook(plan, STAR)
     models = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 0.0, 1.0]),
               torch.tensor([4.0, 1.0, 2.0]), torch.tensor([9.0, 9.0, 9.0])]  # fmt: skip
-    forged = hook.forge(_world(models), 3, 0, _sealed(3, models[3]))
+    hook = _hook(plan, STAR, models)
+    forged = hook.forge(3, 0, _sealed(3, models[3]))
     w = metropolis_weight(3, 1)  # every edge of the star: 1/(1+3)
     pull = w * (models[1] - models[0]) + w * (models[2] - models[0])
     assert torch.allclose(_model(forged), models[0] - 1.5 * pull / w)
@@ -310,15 +313,14 @@ def test_data_attackers_send_honestly_and_sybil_clones_send_the_leaders_model() 
     specs = _specs({"attack": "label_flip", "nodes": [1]}, {"attack": "backdoor", "sybils": 2})
     plan = plan_adversaries(specs, graph, [False] * 4, seed=1)
     neighbours = [sorted(graph.neighbors(node)) for node in range(plan.size)]
-    hook = _hook(plan, neighbours)
-    world = _world([torch.zeros(3)] * plan.size)
+    hook = _hook(plan, neighbours, [torch.zeros(3)] * plan.size)
     honest_data_attacker = _sealed(1, torch.ones(3))
-    assert hook.forge(world, 1, 0, honest_data_attacker) is honest_data_attacker
+    assert hook.forge(1, 0, honest_data_attacker) is honest_data_attacker
     leader, clone = plan.groups[0]
     leader_envelope = _sealed(leader, torch.tensor([5.0, 6.0, 7.0]))
-    assert hook.forge(world, leader, neighbours[leader][0], leader_envelope) is leader_envelope
+    assert hook.forge(leader, neighbours[leader][0], leader_envelope) is leader_envelope
     clone_envelope = _sealed(clone, torch.tensor([0.0, 0.0, 1.0]), seq=8)
-    forged = hook.forge(world, clone, neighbours[clone][0], clone_envelope)
+    forged = hook.forge(clone, neighbours[clone][0], clone_envelope)
     verified = decode_frame(encode_frame(forged))
     assert verified.sender == simulated_identity(9, clone).node_id and verified.seq == 8
     assert torch.equal(_model(verified), torch.tensor([5.0, 6.0, 7.0]))
@@ -411,11 +413,10 @@ def test_gaussian_sybil_clones_send_one_identical_draw() -> None:
     plan = plan_adversaries(_specs({"attack": "gaussian", "sigma": 1.0, "sybils": 3}), graph,
                             [False] * 4, seed=1)  # fmt: skip
     neighbours = [sorted(graph.neighbors(node)) for node in range(plan.size)]
-    hook = _hook(plan, neighbours)
-    world = _world([torch.zeros(3)] * plan.size)
+    hook = _hook(plan, neighbours, [torch.zeros(3)] * plan.size)
     leader, *clones = plan.groups[0]
-    sent = [hook.forge(world, leader, neighbours[leader][0], _sealed(leader, torch.ones(3)))]
-    sent += [hook.forge(world, c, neighbours[c][0], _sealed(c, torch.zeros(3))) for c in clones]
+    sent = [hook.forge(leader, neighbours[leader][0], _sealed(leader, torch.ones(3)))]
+    sent += [hook.forge(c, neighbours[c][0], _sealed(c, torch.zeros(3))) for c in clones]
     models = [_model(envelope) for envelope in sent]
     assert all(torch.equal(models[0], other) for other in models[1:])
     assert not torch.equal(models[0], torch.ones(3))

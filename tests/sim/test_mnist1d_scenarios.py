@@ -43,21 +43,36 @@ def test_mnist1d_cnn_is_the_promised_workload() -> None:
 
 
 @pytest.mark.parametrize(
-    ("scenario", "extra"),
+    ("scenario", "extra", "model"),
     [
-        ("mnist1d-cnn", []),
-        ("mnist1d-cnn", ["--set", "learner.model=mlp", "--set", "learner.model_params={}"]),
-        ("disaster-mnist1d", ["--set", "disruptions[0].round=1"]),
+        ("mnist1d-cnn", [], "cnn1d"),
+        ("mnist1d-cnn", ["--set", "learner.model=mlp", "--set", "learner.model_params={}"], "mlp"),
+        ("disaster-mnist1d", ["--set", "disruptions[0].round=1"], "cnn1d"),
     ],
 )
-def test_tiny_override_runs_and_prints_its_summary(
-    scenario: str, extra: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_tiny_override_runs_what_it_says_and_prints_its_summary(
+    scenario: str,
+    extra: list[str],
+    model: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     out = tmp_path / "run"
     assert main(["run", scenario, *TINY, *extra, "--quiet", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "mean_test_accuracy" in printed
     summary = json.loads((out / "summary.json").read_text())
+    assert "mean_test_accuracy" in printed
     assert summary["scenario"] == scenario
-    assert summary["rounds"] == 2
-    assert 0.0 <= summary["mean_test_accuracy"] <= 1.0
+    # the overrides are what ran: 8 nodes, 2 rounds of 2 steps, the model asked for
+    ran, _ = read_document(str(out / "scenario.toml"))
+    resolved = parse_scenario(ran)
+    assert (summary["nodes"], summary["rounds"]) == (8, 2)
+    assert (resolved.learner.local_steps, resolved.learner.model) == (2, model)
+    rows = (out / "metrics.csv").read_text().splitlines()[1:]
+    assert sorted({row.split(",")[0] for row in rows}) == ["0", "1"]
+    if resolved.disruptions:  # moved to round 1: it fired once the first node got there
+        events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+        fired = [event for event in events if event.get("event") == "disruption"]
+        assert [event["index"] for event in fired] == [0] and fired[0]["nodes"]
+        assert summary["unfired_disruptions"] == []
+        assert summary["alive_nodes"] == 8 - len(fired[0]["nodes"])

@@ -125,7 +125,7 @@ def summarise(curves: dict[str, list[Curve]]) -> dict[str, Any]:
     dense_bytes = statistics.mean(run[-1][1] for run in curves["dense"])
     dense_later = statistics.mean(run[-1][1] - run[0][1] for run in curves["dense"])
     target = TARGET_SHARE * dense_final
-    rows = []
+    rows: list[dict[str, Any]] = []
     for label, runs in curves.items():
         reached = [_bytes_to(run, target) for run in runs]
         finals = [run[-1][2] for run in runs]

@@ -10,21 +10,35 @@ the batched training of every node-round alone. The ratio wall / floor is the en
 overhead factor; absolute times drift with machine load, the ratio much less.
 
     .venv/bin/python bench/sim_throughput.py [--nodes 1000] [--rounds 20]
-        [--eval-every K] [--eval-samples N] [--no-floor]
+        [--eval-every K] [--eval-samples N] [--no-floor] [--baseline TREE [--repeat N]]
 
 ``--eval-every`` / ``--eval-samples`` set ``metrics.eval_every`` / ``metrics.eval_samples``
 (defaults: every round, all 1,000 test examples). ``--no-floor`` skips the floor (for runs at
 scale, where it would take as long as the run). Peak RSS is the process's (``ru_maxrss``);
-CPU seconds are the process's (``time.process_time``), which on a shared machine say more
-than wall time.
+CPU seconds are the process's (``time.process_time``, every thread), which on a shared
+machine say more than wall time; main-thread CPU seconds (``time.thread_time``) are the event
+loop's alone, without the evaluation the engine runs in a worker thread.
+
+``--serial`` runs everything in the main thread (the engine's ``workers = False``: no worker
+thread evaluates rounds or verifies frames). ``--baseline TREE`` compares against another source tree (e.g. a ``git archive`` of main):
+this script runs the same workload ``--repeat`` times (default 3) alternately in fresh
+processes, first with ``TREE`` on ``PYTHONPATH``, then with this tree, and prints each run
+and the ratios of the medians (baseline / this tree: above 1 means this tree is faster).
+Runs taking turns see the same machine load on average, so the ratio survives a shared
+machine better than either figure.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import resource
+import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -100,7 +114,13 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=1)
     parser.add_argument("--eval-samples", type=int, default=None)
     parser.add_argument("--no-floor", action="store_true")
+    parser.add_argument("--serial", action="store_true", help="no worker threads")
+    parser.add_argument("--baseline", type=Path, default=None)
+    parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
+    if args.baseline is not None:
+        compare(args.baseline, args.repeat)
+        return
     torch.set_num_threads(1)
     document = workload(args.nodes, args.rounds, args.eval_every, args.eval_samples)
     print(
@@ -109,12 +129,15 @@ def main() -> None:
     )
     build_started, build_cpu = time.perf_counter(), time.process_time()
     engine = build_engine(parse_scenario(document))
+    if args.serial:
+        engine.workers = False
     build_seconds = time.perf_counter() - build_started
     print(
         f"setup (data, keys, cores): {build_seconds:.2f} s wall, "
         f"{time.process_time() - build_cpu:.2f} s CPU, peak RSS {peak_rss_gb():.2f} GB"
     )
     started, started_cpu = time.perf_counter(), time.process_time()
+    started_thread = time.thread_time()
     if args.nodes >= 10_000:  # long runs show their progress, one line per completed round
         engine.recorder.on_complete = lambda round_: print(
             f"  round {round_} complete at {time.perf_counter() - started:.1f} s", flush=True
@@ -122,6 +145,7 @@ def main() -> None:
     engine.run()
     wall = time.perf_counter() - started
     cpu = time.process_time() - started_cpu
+    thread_cpu = time.thread_time() - started_thread
     node_rounds = len(engine.recorder.rows)
     final = engine.recorder.rounds[-1]
     print(
@@ -130,12 +154,73 @@ def main() -> None:
     # On a shared machine the process may get a fraction of a core: CPU seconds show what
     # the run would take alone (one torch thread, so at most one core's worth).
     print(f"run CPU: {cpu:.2f} s, {node_rounds / cpu:.0f} node-rounds per CPU second")
+    print(f"main-thread CPU: {thread_cpu:.2f} s")
     print(f"peak RSS after the run: {peak_rss_gb():.2f} GB")
     if not args.no_floor:
         floor = measure_floor(engine, models=node_rounds, rounds=args.rounds, steps=2)
         print(f"floor (sign+verify per model, batched training): {floor:.2f} s")
         print(f"ratio wall/floor: {wall / floor:.2f}")
     print(f"final mean test accuracy: {final.mean_test_accuracy:.3f}")
+
+
+_FIGURES = {
+    "wall": re.compile(r"^run: ([0-9.]+) s wall"),
+    "CPU": re.compile(r"^run CPU: ([0-9.]+) s"),
+    "main-thread CPU": re.compile(r"^main-thread CPU: ([0-9.]+) s"),
+}
+
+
+def _unit(figure: str) -> str:
+    return "GB" if "RSS" in figure else "s"
+
+
+def compare(
+    baseline: Path,
+    repeat: int,
+    *,
+    script: str = __file__,
+    figures_of: dict[str, re.Pattern[str]] = _FIGURES,
+    extra: tuple[str, ...] = ("--no-floor",),
+) -> None:
+    """Run ``script``'s workload (this command's arguments) against ``baseline`` and this tree
+    in turns, in fresh processes; print each run's figures and the ratios of the medians."""
+    here = Path(script).resolve().parent.parent
+    argv = [arg for arg in sys.argv[1:] if arg not in {"--baseline", str(baseline)}]
+    if "--repeat" in argv:
+        index = argv.index("--repeat")
+        del argv[index : index + 2]
+    trees = {"baseline": baseline.resolve(), "this tree": here}
+    figures: dict[str, dict[str, list[float]]] = {name: {} for name in trees}
+    for attempt in range(repeat):
+        for name, tree in trees.items():
+            env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
+            output = subprocess.run(
+                [sys.executable, str(Path(script).resolve()), *extra, *argv],
+                cwd=tree,
+                env=env,
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+            found = {}
+            for line in output.splitlines():
+                for figure, pattern in figures_of.items():
+                    match = pattern.match(line)
+                    if match:
+                        found[figure] = float(match.group(1))
+            shown = ", ".join(f"{k} {v:.2f} {_unit(k)}" for k, v in found.items())
+            print(f"{name:9} #{attempt + 1}: {shown}")
+            for figure, value in found.items():
+                figures[name].setdefault(figure, []).append(value)
+    for figure in figures_of:
+        base, ours = figures["baseline"].get(figure), figures["this tree"].get(figure)
+        if base and ours:
+            ratio = statistics.median(base) / statistics.median(ours)
+            unit = _unit(figure)
+            print(
+                f"median {figure}: baseline {statistics.median(base):.2f} {unit}, "
+                f"this tree {statistics.median(ours):.2f} {unit}, ratio {ratio:.2f}x"
+            )
 
 
 if __name__ == "__main__":

@@ -299,7 +299,7 @@ def _inspect_checkpoint(path: Path) -> int:
 
 
 def _inspect_frame(path: Path, data: bytes) -> int:
-    from p2pfl.codec import decode_vector
+    from p2pfl.codec import CODECS, decode_vector
     from p2pfl.wire import MessageKind, PayloadSpec, decode_frame
 
     header, payload = _peek_frame(path, data)
@@ -350,15 +350,17 @@ def _inspect_frame(path: Path, data: bytes) -> int:
     print(f"  signature: valid (signed by {envelope.sender.short()})")
     if envelope.kind in (MessageKind.HELLO, MessageKind.HELLO_PROOF):
         print(f"  nonce:   {bytes(envelope.payload).hex()}")
-    elif isinstance(envelope.spec, PayloadSpec) and envelope.spec.codec == "dense":
+    elif isinstance(envelope.spec, PayloadSpec) and envelope.spec.codec in CODECS:
+        # A delta (topk, fedzip) decodes to the change it carries, not to a model.
+        label = "delta:  " if "b" in envelope.meta else "values: "
         try:
             vector = decode_vector(envelope.spec, envelope.payload)
         except WireError as exc:
-            print(f"  values:  undecodable ({exc})")
+            print(f"  {label} undecodable ({exc})")
         else:
             if vector.numel():
                 print(
-                    f"  values:  {vector.numel()} elements, min {float(vector.min()):.6g} "
+                    f"  {label} {vector.numel()} elements, min {float(vector.min()):.6g} "
                     f"max {float(vector.max()):.6g} mean {float(vector.mean()):.6g}"
                 )
     return EXIT_OK

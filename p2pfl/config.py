@@ -90,6 +90,9 @@ Schema (every relative path is relative to the directory of the config file)::
     # spsa_salt (all: p2pfl.protocol.ProtocolSettings)
     # gossip_steps = 1               # dsgd: exchanges and merges per round (DFedSAM-MGS's Q)
     # merge_trigger = "count"        # gossip: "time" merges every merge_interval s (FedFix-style)
+    # codec = "dense"                # dense | int8 | topk | fedzip (p2pfl.codec.CODECS), with
+                                     #   codec_fraction, codec_count, codec_clusters,
+                                     #   codec_chunk, error_feedback, keyframe_every
 
     [merge]
     rule = "weighted"                # a name in p2pfl.merge.MERGE_RULES

@@ -68,7 +68,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from p2pfl.codec import decode_vector, encode_vector
+from p2pfl.codec import WIRE_DTYPES, decode_vector, encode_vector
 from p2pfl.errors import ConfigError
 from p2pfl.identity import Identity
 from p2pfl.learn import derive_seed
@@ -560,9 +560,10 @@ class Adversary:
         return decode_vector(envelope.spec, envelope.payload).clone()
 
     def _seal(self, node: int, envelope: Envelope, model: Tensor) -> Envelope:
-        spec, payload = encode_vector(
-            model, dtype=envelope.spec.dtype or "float32", samples=envelope.spec.samples
-        )
+        # A forged model goes out dense, in the wire dtype if the sender used one (an int8
+        # sender's forgeries are float32).
+        dtype = envelope.spec.dtype if envelope.spec.dtype in WIRE_DTYPES else "float32"
+        spec, payload = encode_vector(model, dtype=dtype, samples=envelope.spec.samples)
         self.forged += 1
         return seal(
             self._identities[node],

@@ -238,7 +238,7 @@ def _run(args: argparse.Namespace, console: Console, stop: StopRequest) -> int:
     seen = [0]
 
     def on_round(world: World) -> None:
-        rounds = world.recorder.rounds
+        rounds = world.recorder.settled_rounds()  # never waits for an evaluation
         if len(rounds) == seen[0]:  # called after every node's round: work once per round
             return
         sent = sum(traffic.bytes_sent for traffic in world.traffic)
@@ -283,6 +283,9 @@ def _run(args: argparse.Namespace, console: Console, stop: StopRequest) -> int:
                     on_phase=on_phase,
                 )
             progress.update(task, completed=result.summary["rounds"], description=shown_title)
+            if writer is not None and len(result.rounds) > seen[0]:
+                # Rounds whose evaluation settled after the last progress callback.
+                writer.write(result.rounds[seen[0] :], bytes_sent=result.summary["bytes_sent"])
     finally:
         if writer is not None:
             writer.close()

@@ -14,9 +14,9 @@ nodes of a random 6-regular graph, torch 2.13 CPU):
   output: :data:`MODEL_COPIES`; plus the received models its buffer holds, as the mode
   declares (``ModeTraits.buffered``; dsgd: received models are decoded once and shared by
   their receivers, so two per node whatever the degree; gossip: about two per push it
-  receives, ``2 * fanout``; modest: ``sample_size``; one per neighbour for a mode that
+  receives, ``2 * fanout``, plus ``GOSSIP_IN_FLIGHT`` for pushes on their way; modest: ``sample_size``; one per neighbour for a mode that
   declares nothing) and :func:`optimizer_copies` per node for optimizer state (plain SGD:
-  none).
+  none), plus :func:`codec_copies` for a compressed codec's state.
 * data: examples x (features x 4 + 8 label bytes) x :data:`DATA_COPIES` (the dataset, its
   training split and the nodes' shares are separate tensors).
 * per node: :data:`NODE_BYTES` (key, core, peer set, sampler, rng, counters);
@@ -31,9 +31,12 @@ of the interpreter and torch, already allocated when the check runs): the standa
 at 8,000 nodes was estimated at 1.7 GB and peaked at 1.7 GB while every receiver kept its
 own copy of each received model; with shared received models, 10,000 nodes peaked at 1.47 GB
 (estimated 1.7 GB, 2.0 GB with one buffered copy per neighbour); the dense-graph bench (1,437
-nodes, complete graph, gossip) is estimated at 0.22 GB and peaked at 0.79 GB, so gossip's
-messages in flight and the batched evaluation are under-counted. When the engine keeps fewer
-copies of a model, change :data:`MODEL_COPIES` and the buffered counts here.
+nodes, complete graph, gossip) was estimated at 0.25 GB and peaked at 0.67 GB, the 400-node
+variant at 0.07 GB and 0.41 GB: with the 0.25 GB that the interpreter and the imported
+packages hold before the run, gossip held about 76 KB (four models of 4,810 parameters) per
+node more than counted, its pushes in flight: :data:`GOSSIP_IN_FLIGHT` (the estimates are
+now 0.35 GB and 0.10 GB). When the engine keeps fewer copies of a model, change
+:data:`MODEL_COPIES` and the buffered counts here.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from p2pfl.codec import CODECS
 from p2pfl.errors import ConfigError
 from p2pfl.protocol import CoreConfig, mode_traits
 from p2pfl.sizes import dataset_shape, parameter_count
@@ -67,6 +71,24 @@ def optimizer_copies(optimizer: str, momentum: float) -> int:
     if optimizer in ("adam", "adamw"):
         return 2
     return 1 if momentum else 0
+
+
+def codec_copies(codec: str, error_feedback: bool) -> int:
+    """Model-sized tensors per node that a payload codec adds (p2pfl.protocol.compression).
+
+    One envelope is sealed per model for all recipients, so a sender's state is per node,
+    not per edge: ``int8`` with error feedback keeps one residual; a delta codec (``topk``,
+    ``fedzip``) keeps one reference (the receivers' copy, or the previous model without error
+    feedback), and receivers hold each sender's public copy, shared by all of them in the
+    simulator (one reconstruction per envelope) but one round older than the buffered model:
+    one more per node.
+    """
+    cls = CODECS.get(codec)
+    if cls is None or not cls.lossy:
+        return 0
+    if cls.delta:
+        return 2
+    return 1 if error_feedback else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +199,7 @@ def estimate(scenario: Scenario) -> Footprint | None:
         )
         buffered = declared(config, degree)
     copies = MODEL_COPIES + optimizer_copies(learner.optimizer, learner.momentum) + buffered
+    copies += codec_copies(protocol.codec, protocol.error_feedback)
     implicit = scenario.topology.kind in IMPLICIT_KINDS and not scenario.adversaries
     edges = 0 if implicit else nodes * degree / 2
     batch = min(scenario.learner.batch_size, max(1, examples // max(nodes, 1)))

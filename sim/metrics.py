@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import csv
 import io
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 
 import torch
@@ -106,6 +108,30 @@ class RoundSummary:
     virtual_time: float
 
 
+_RELEASED = torch.empty(0)
+"""What a completed round's pending entries hold instead of their models."""
+
+_Scores = tuple[list[float], list[float], list[float]] | None
+"""A round's test losses, accuracies and attack success rates (None: nothing to evaluate)."""
+
+
+@dataclass(slots=True)
+class _Unsettled:
+    """A completed round (or late row) waiting for its evaluation to become rows."""
+
+    evaluation: Future[_Scores]
+    finish: Callable[[_Scores], None]
+
+    def finish_now(self) -> None:
+        self.finish(self.evaluation.result())
+
+
+def _done(scores: _Scores) -> Future[_Scores]:
+    future: Future[_Scores] = Future()
+    future.set_result(scores)
+    return future
+
+
 @dataclass
 class MetricsRecorder:
     """Collects round records and turns complete rounds into CSV rows."""
@@ -121,8 +147,13 @@ class MetricsRecorder:
     """Evaluate (test loss, accuracy, attack success) every k-th round only, and always
     ``last_round``; other rounds' rows leave those columns NaN."""
     last_round: int | None = None
-    rows: list[tuple[object, ...]] = field(default_factory=list)
-    rounds: list[RoundSummary] = field(default_factory=list)
+    executor: Executor | None = None
+    """Where a completed round's evaluation runs (the engine sets a worker thread while it
+    runs): the caller goes on at once and the round's rows and summary appear when the
+    evaluation is done, in completion order. None: evaluated at once, in the caller."""
+    _rows: list[tuple[object, ...]] = field(default_factory=list)
+    _rounds: list[RoundSummary] = field(default_factory=list)
+    _unsettled: deque[_Unsettled] = field(default_factory=deque)
     _pending: dict[int, list[_Pending]] = field(default_factory=dict)
     _pending_nodes: dict[int, set[int]] = field(default_factory=dict)
     """The nodes in ``_pending[round]``, so a status change costs O(rounds), not O(nodes)."""
@@ -140,6 +171,29 @@ class MetricsRecorder:
             self.reporting = [True] * self.num_nodes
         self._active = list(self.reporting)
         self._active_count = sum(self.reporting)
+
+    @property
+    def rows(self) -> list[tuple[object, ...]]:
+        """Every row so far (waits for evaluations still running)."""
+        self.settle()
+        return self._rows
+
+    @property
+    def rounds(self) -> list[RoundSummary]:
+        """Every completed round's summary so far (waits for evaluations still running)."""
+        self.settle()
+        return self._rounds
+
+    def settled_rounds(self) -> list[RoundSummary]:
+        """The summaries of the rounds whose evaluation is done, without waiting (progress)."""
+        self.settle(wait=False)
+        return self._rounds
+
+    def settle(self, *, wait: bool = True) -> None:
+        """Turn finished evaluations into rows and summaries, oldest first; with ``wait``,
+        wait for those still running."""
+        while self._unsettled and (wait or self._unsettled[0].evaluation.done()):
+            self._unsettled.popleft().finish_now()
 
     def set_active(self, node: int, active: bool) -> None:
         """``node`` went offline or died (False) or came back (True)."""
@@ -182,9 +236,11 @@ class MetricsRecorder:
         self._complete_if_due(round_)
 
     def flush(self) -> None:
-        """Complete every round still waiting for nodes (end of run)."""
+        """Complete every round still waiting for nodes (end of run) and wait for every
+        evaluation."""
         for round_ in sorted(self._pending):
             self._complete(round_)
+        self.settle()
 
     def _complete_if_due(self, round_: int) -> None:
         if round_ in self._pending and self._reported_active[round_] >= self._active_count:
@@ -235,44 +291,81 @@ class MetricsRecorder:
     def _late(self, round_: int, entry: _Pending) -> None:
         vectors = entry.vector.unsqueeze(0)
         test_loss, test_accuracy = self._evaluate(round_, vectors)
-        self.rows.append(
-            self._row(
-                round_,
-                entry,
-                float(test_loss[0]),
-                float(test_accuracy[0]),
-                float("nan"),
-                self._completed[round_],
-                self._success(round_, vectors)[0],
-            )
+        row = self._row(
+            round_,
+            entry,
+            float(test_loss[0]),
+            float(test_accuracy[0]),
+            float("nan"),
+            self._completed[round_],
+            self._success(round_, vectors)[0],
         )
+        # Behind the rounds still being evaluated, so rows keep the order of a serial run.
+        self._defer(_done(None), lambda _: self._rows.append(row))
+
+    def _scores(self, round_: int, vectors: Tensor) -> _Scores:
+        test_loss, test_accuracy = self._evaluate(round_, vectors)
+        return test_loss, test_accuracy, self._success(round_, vectors)
 
     def _complete(self, round_: int) -> None:
         entries = sorted(self._pending.pop(round_), key=lambda entry: entry.node)
         del self._pending_nodes[round_]
         del self._reported_active[round_]
+        asynchronous = self.executor is not None and self._evaluated(round_)
+        if asynchronous:
+            # One evaluation in flight at most, finished before this round's models are
+            # stacked: a round's [n, P] stack is the largest thing the recorder holds.
+            self.settle()
         vectors = torch.stack([entry.vector for entry in entries])
-        test_loss, test_accuracy = self._evaluate(round_, vectors)
+        for entry in entries:
+            entry.vector = _RELEASED  # the stack holds them now; rows need the rest only
         mean = vectors.mean(dim=0)
         distances = (vectors - mean).pow(2).sum(dim=1).to(torch.float64)
         consensus = float(distances.mean())
         self._completed[round_] = consensus
-        successes = self._success(round_, vectors)
+        if asynchronous:
+            assert self.executor is not None
+            evaluation = self.executor.submit(self._scores, round_, vectors)
+        else:
+            evaluation = _done(self._scores(round_, vectors))
+        self._defer(
+            evaluation,
+            lambda scores: self._finish(round_, entries, distances.tolist(), consensus, scores),
+        )
+        if self.on_complete is not None:
+            self.on_complete(round_)
+
+    def _defer(self, evaluation: Future[_Scores], finish: Callable[[_Scores], None]) -> None:
+        self._unsettled.append(_Unsettled(evaluation, finish))
+        self.settle(wait=False)
+
+    def _finish(
+        self,
+        round_: int,
+        entries: list[_Pending],
+        distances: list[float],
+        consensus: float,
+        scores: _Scores,
+    ) -> None:
+        assert scores is not None
+        test_loss, test_accuracy, successes = scores
         for entry, loss, accuracy, distance, success in zip(
             entries,
             test_loss,
             test_accuracy,
-            distances.tolist(),
+            distances,
             successes,
             strict=True,
         ):
-            self.rows.append(self._row(round_, entry, loss, accuracy, distance, consensus, success))
+            self._rows.append(
+                self._row(round_, entry, loss, accuracy, distance, consensus, success)
+            )
         honest_accuracy = [
             accuracy
             for entry, accuracy in zip(entries, test_accuracy, strict=True)
             if self.honest[entry.node]
         ] or [float("nan")]
-        self.rounds.append(
+        self._rounds.append(
             RoundSummary(
                 round=round_,
                 nodes=len(entries),
@@ -283,8 +376,6 @@ class MetricsRecorder:
                 virtual_time=max(entry.virtual_time for entry in entries),
             )
         )
-        if self.on_complete is not None:
-            self.on_complete(round_)
 
     def csv_text(self) -> str:
         """All rows as CSV, sorted by (round, node)."""

@@ -327,10 +327,14 @@ def with_server(size: int) -> nx.Graph:
 
 def initial_vectors(scenario: Scenario, population: Population) -> list[Tensor]:
     """Each node's starting model: the federation's (``learner.init = "shared"``) or one
-    initialised from a per-node seed derived from the run seed (``"independent"``)."""
+    initialised from a per-node seed derived from the run seed (``"independent"``).
+
+    Shared: the one tensor, in every slot, not a copy each: cores copy what they are given,
+    and a copy per node here would double the models' memory while the cores are built.
+    Treat the result as read-only."""
     federation = population.federation
     if scenario.learner.init == "shared":
-        return [federation.init_vector.clone() for _ in range(population.size)]
+        return [federation.init_vector] * population.size
     return [
         flatten(federation.build_model(derive_seed(scenario.seed, STREAM_INIT_NODE, node)))
         for node in range(population.size)

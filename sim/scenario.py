@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from p2pfl.codec import CODECS
 from p2pfl.errors import ConfigError
 from p2pfl.learn.settings import LearnerSettings
 from p2pfl.protocol.config import MAX_ROUNDS, ProtocolSettings
@@ -585,6 +586,16 @@ class Scenario(_Strict):
     roles: RolesSpec = Field(default_factory=RolesSpec)
     disruptions: list[DisruptionSpec] = Field(default_factory=list)
     adversaries: list[AdversarySpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _codec_without_chains_for_adversaries(self) -> Scenario:
+        # sim.adversaries re-seals a Byzantine node's models whole; it cannot follow the
+        # delta chain a sparse codec builds (p2pfl.protocol.compression).
+        codec = self.protocol.codec
+        if self.adversaries and CODECS[codec].delta:
+            allowed = ", ".join(name for name, c in sorted(CODECS.items()) if not c.delta)
+            raise ValueError(f"protocol.codec {codec!r} with adversaries: use one of {allowed}")
+        return self
 
     def topology_params(self) -> dict[str, Any]:
         """The generator's own parameters (everything in [topology] but kind/require_connected)."""

@@ -383,3 +383,20 @@ def test_node_rounds_beyond_the_bound(
     config.write_text(config.read_text().replace("rounds = 1\n", f"rounds = {2**70}\n"))
     code, err = node_command(config)
     one_line(code, err, f"protocol.rounds = {2**70}", f"[1, {MAX_ROUNDS}]")
+
+
+def test_inspect_shows_a_compressed_models_values(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from p2pfl.codec import CodecSettings, make_codec
+
+    encoded = make_codec(CodecSettings(name="int8")).encode(torch.tensor([-2.0, 0.5, 1.0, 4.5]))
+    envelope = seal(
+        SIGNER, MessageKind.MODEL_UPDATE, seq=9, round=3, payload=encoded.payload, spec=encoded.spec
+    )
+    path = tmp_path / "int8.frame"
+    path.write_bytes(encode_frame(envelope))
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "codec 'int8' dtype 'uint8' shape [4]" in out
+    assert "values:  4 elements, min -2 max 4.5" in out

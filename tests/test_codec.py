@@ -182,7 +182,7 @@ def test_unknown_dtype_is_a_decode_error(dtype: str) -> None:
         decode_vector(PayloadSpec(DENSE, dtype, (1,)), b"\x00" * 4)
 
 
-@pytest.mark.parametrize("codec", ["raw", "topk", "int8", "", "DENSE"])
+@pytest.mark.parametrize("codec", ["raw", "top-k", "INT8", "", "DENSE"])
 def test_unknown_codec_is_a_decode_error(codec: str) -> None:
     with pytest.raises(DecodeError, match="codec"):
         decode_vector(PayloadSpec(codec, "float32", (1,)), b"\x00" * 4)

@@ -82,11 +82,19 @@ def test_every_shared_key_written_in_a_scenario_reaches_the_core_and_a_node(
         "spsa_clip": 2.0,
         "spsa_salt": 9,
         "merge_interval": 2.0,
+        "codec": "int8",
+        "codec_fraction": 0.5,
+        "codec_count": 5,
+        "codec_clusters": 4,
+        "codec_chunk": 100,
+        "error_feedback": False,
+        "keyframe_every": 3,
     }
     # Keys whose non-default value another key's value excludes get a table of their own.
     exclusive: list[dict[str, Any]] = [
         {"mode": "dsgd", "gossip_steps": 3},
         {"mode": "gossip", "merge_trigger": "time"},
+        {"mode": "dsgd", "codec": "fedzip"},  # a delta codec needs dsgd
     ]
     written = set(table).union(*exclusive)
     assert written == set(ProtocolSettings.model_fields), "a new key: add it here"

@@ -91,6 +91,9 @@ class BatchedLearner:
         self.layout: ParamLayout = layout_of(model)
         self.optimizer = optimizer
         self._buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+        # Evaluation runs on its own copy, always in eval mode, so it never flips the
+        # training module's mode: a simulator evaluates in a worker thread while it trains.
+        self._eval_model = copy.deepcopy(model).eval()
         self._states: dict[int, OptimizerState] = {}
         self._node_buffers: dict[int, dict[str, Tensor]] = {}
         # A Linear/ReLU stack without buffers is known to batch; anything else is probed.
@@ -246,8 +249,11 @@ class BatchedLearner:
 
     @torch.no_grad()
     def logits(self, vectors: Tensor, x: Tensor) -> Tensor:
-        """``vectors [B, P]`` on ``x [N, ...]`` shared by all → logits ``[B, N, C]`` (eval mode)."""
-        self.model.eval()
+        """``vectors [B, P]`` on ``x [N, ...]`` shared by all → logits ``[B, N, C]`` (eval mode).
+
+        Safe to call from another thread while :meth:`train` runs: it reads no state that
+        training writes.
+        """
         count = vectors.shape[0]
         if not self.batched:
             return torch.stack(
@@ -255,7 +261,10 @@ class BatchedLearner:
                     torch.cat(
                         [
                             _logits(
-                                self.model, _single(self.layout, vectors, b), self._buffers, part
+                                self._eval_model,
+                                _single(self.layout, vectors, b),
+                                self._buffers,
+                                part,
                             )
                             for part in torch.split(x, EVAL_EXAMPLES)
                         ]
@@ -277,7 +286,7 @@ class BatchedLearner:
             parts.append(
                 torch.cat(
                     [
-                        forward(self.model, params, self._buffers, x[i : i + EVAL_EXAMPLES])
+                        forward(self._eval_model, params, self._buffers, x[i : i + EVAL_EXAMPLES])
                         for i in range(0, len(x), EVAL_EXAMPLES)
                     ],
                     dim=1,

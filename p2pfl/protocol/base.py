@@ -68,6 +68,7 @@ from p2pfl.protocol.actions import (
     Send,
     Stop,
 )
+from p2pfl.protocol.compression import Chains, MissingBase, make_compressor
 from p2pfl.protocol.config import CoreConfig
 from p2pfl.protocol.events import (
     DeadlineReached,
@@ -147,7 +148,9 @@ class BaseCore(abc.ABC):
             samples=samples,
             seq_start=seq_start,
             degree=degree,
+            compressor=make_compressor(config, layout),
         )
+        self._chains = Chains()
         self._merger = Merger(
             merge,
             own_weight=float(samples),
@@ -304,7 +307,9 @@ class BaseCore(abc.ABC):
         if event.envelope.kind is MessageKind.HISTORY and self._histories is not None:
             return self._on_history(event)
         try:
-            update = parse_model_update(event, self._peers, self.vector.shape)
+            update = parse_model_update(event, self._peers, self.vector.shape, self._chains)
+        except MissingBase:
+            return []  # a lost link of a delta chain: resumes at the sender's next keyframe
         except RemoteProtocolError as exc:
             return [PeerMisbehaved(event.peer, str(exc))]
         return self._on_update(update)

@@ -23,9 +23,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
-from p2pfl.codec import WIRE_DTYPES
+from p2pfl.codec import CODECS, DENSE, MAX_CLUSTERS, WIRE_DTYPES, CodecSettings
 from p2pfl.errors import ConfigError
 from p2pfl.identity import NodeId
+from p2pfl.protocol.compression import DELTA_MODES
 from p2pfl.protocol.core import MODE_TRAITS, PROTOCOL_MODES
 from p2pfl.protocol.membership import MAX_RECORDS_PER_MESSAGE
 from p2pfl.protocol.timed import MERGE_TRIGGERS
@@ -81,6 +82,31 @@ class ProtocolSettings(Strict):
     # gossip: merge when models arrive ("count") or every merge_interval s ("time", FedFix-style)
     merge_trigger: Annotated[str, registered(lambda: MERGE_TRIGGERS)] = "count"
     merge_interval: Seconds = 1.0
+    # compressed updates (p2pfl.codec, p2pfl.protocol.compression): the codec, its parameters
+    codec: Annotated[str, registered(lambda: CODECS)] = DENSE
+    codec_fraction: float = Field(default=0.01, gt=0.0, le=1.0)
+    codec_count: int = Field(default=0, ge=0)
+    codec_clusters: int = Field(default=3, ge=1, le=MAX_CLUSTERS)
+    codec_chunk: int = Field(default=4096, ge=1)
+    error_feedback: bool = True
+    keyframe_every: int = Field(default=20, ge=0)
+
+    @field_validator("codec")
+    @classmethod
+    def _codec_fits_mode(cls, codec: str, info: ValidationInfo) -> str:
+        mode = info.data.get("mode")
+        found = CODECS.get(codec)
+        if found is None:
+            return codec  # refused by registered()
+        if codec != DENSE and mode == "modest":
+            raise ValueError("'dense' with mode 'modest' (it seals its own messages)")
+        if found.delta and mode not in DELTA_MODES:
+            allowed = ", ".join(name for name, c in sorted(CODECS.items()) if not c.delta)
+            raise ValueError(
+                f"one of {allowed} with mode {mode!r} (a delta codec needs a mode that sends "
+                f"every model to every neighbour: {', '.join(DELTA_MODES)})"
+            )
+        return codec
 
     @field_validator("gossip_steps")
     @classmethod
@@ -174,6 +200,18 @@ class CoreConfig(ProtocolSettings):
         merge_interval: gossip with ``merge_trigger = "time"``: seconds between merges.
         gossip_steps: dsgd: exchanges and merges per round after the one training (Q of
             DFedSAM-MGS); 1 is plain dsgd. Every node of a run must use the same value.
+        codec: how models go on the wire (a key of ``codec.CODECS``): ``"dense"`` (the
+            default: ``wire_dtype`` elements), ``"int8"`` (8-bit per tensor), ``"topk"`` or
+            ``"fedzip"`` (sparse deltas; mode ``dsgd`` only). See
+            :mod:`p2pfl.protocol.compression`.
+        codec_fraction: topk, fedzip: share of each tensor's entries a delta keeps.
+        codec_count: topk, fedzip: entries kept per tensor; 0 (the default) uses the fraction.
+        codec_clusters: fedzip: k-means centroids per tensor (3, as in FEDZIP).
+        codec_chunk: int8: elements per scale when the model's tensor sizes are unknown.
+        error_feedback: lossy codecs: carry what a payload left out into the next one
+            (``true``, the default).
+        keyframe_every: topk, fedzip: a full (dense) model every this many deltas, so a
+            receiver that missed one resumes; 0: only the first message is one.
         spsa_samples: spsa: perturbations (one byte each) a node measures per step, on one
             minibatch each (at most ``MAX_SPSA_SAMPLES``).
         spsa_eps: spsa: the perturbation size ``ε`` of the two-point estimate.
@@ -229,6 +267,17 @@ class CoreConfig(ProtocolSettings):
             except ConfigError as exc:
                 raise ValueError(exc.allowed) from None
         return server
+
+    def codec_settings(self) -> CodecSettings:
+        """The payload codec these settings describe."""
+        return CodecSettings(
+            name=self.codec,
+            wire_dtype=self.wire_dtype,
+            fraction=self.codec_fraction,
+            count=self.codec_count,
+            clusters=self.codec_clusters,
+            chunk=self.codec_chunk,
+        )
 
     @property
     def admits_strangers(self) -> bool:

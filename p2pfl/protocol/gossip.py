@@ -98,9 +98,15 @@ def _traffic(config: CoreConfig, model_frames: int) -> tuple[float, float]:
     return 0.0, model_frames / (config.period * (1.0 - config.period_jitter))
 
 
+GOSSIP_IN_FLIGHT = 4.0
+"""Model copies a gossip node keeps alive beyond its ``2 * fanout`` buffered pushes: frames on
+their way (the frame's bytes, and the decoded model once one receiver has it) and the pushed
+vectors they reference; calibrated on the dense-graph bench (sim.footprint's docstring)."""
+
+
 def _buffered(config: CoreConfig, degree: float) -> float:
-    # About two models per push received while training: 2 * fanout.
-    return min(degree, 2.0 * config.fanout)
+    # About two models per push received while training (2 * fanout), plus pushes in flight.
+    return min(degree, 2.0 * config.fanout) + GOSSIP_IN_FLIGHT
 
 
 @register_protocol_mode(

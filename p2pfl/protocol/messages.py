@@ -28,10 +28,11 @@ from dataclasses import dataclass
 
 import torch
 
-from p2pfl.codec import decode_vector, encode_vector
+from p2pfl.codec import CODECS, decode_vector, encode_vector
 from p2pfl.errors import RemoteProtocolError, WireError
 from p2pfl.identity import Identity, NodeId
 from p2pfl.numerics import all_finite
+from p2pfl.protocol.compression import BASE, Chains, Compressor
 from p2pfl.protocol.events import MessageReceived
 from p2pfl.protocol.peers import PeerSet
 from p2pfl.wire import Envelope, MessageKind, PayloadSpec, seal
@@ -66,16 +67,27 @@ class Sealer:
     numbers never repeat and only grow (a peer's replay window refuses anything else).
     """
 
-    __slots__ = ("_identity", "_next_seq", "degree", "samples", "wire_dtype")
+    __slots__ = ("_identity", "_next_seq", "compressor", "degree", "samples", "wire_dtype")
 
     def __init__(
-        self, identity: Identity, *, wire_dtype: str, samples: int, seq_start: int, degree: int = 0
+        self,
+        identity: Identity,
+        *,
+        wire_dtype: str,
+        samples: int,
+        seq_start: int,
+        degree: int = 0,
+        compressor: Compressor | None = None,
     ) -> None:
         self._identity = identity
         self.wire_dtype = wire_dtype
         self.degree = degree
         self.samples = samples
         self._next_seq = seq_start
+        self.compressor = compressor
+        """With one, ``MODEL_UPDATE`` payloads are what it encodes (a lossy codec, error
+        feedback, delta chains: :mod:`p2pfl.protocol.compression`); without, the model in
+        ``wire_dtype``."""
 
     @property
     def next_seq(self) -> int:
@@ -89,9 +101,16 @@ class Sealer:
 
         ``meta`` adds header fields (e.g. a membership view) next to ``deg``.
         """
-        return self.seal_vector(
-            MessageKind.MODEL_UPDATE, vector, round, meta={"deg": self.degree, **(meta or {})}
+        compressor = self.compressor
+        fields = {"deg": self.degree, **(meta or {})}
+        if compressor is None:
+            return self.seal_vector(MessageKind.MODEL_UPDATE, vector, round, meta=fields)
+        (spec, payload, _), links = compressor.encode(vector, self.samples)
+        envelope = self.seal_payload(
+            MessageKind.MODEL_UPDATE, round, payload=payload, spec=spec, meta={**fields, **links}
         )
+        compressor.sealed(envelope.seq)
+        return envelope
 
     def seal_vector(
         self,
@@ -132,10 +151,19 @@ class Sealer:
 
 _DECODED = "model"
 """The key of :attr:`Envelope.memo` under which :func:`decode_model` keeps its result."""
+_DELTA = "model+base"
+"""The memo key of a delta's (base, result)."""
 
 
-def decode_model(envelope: Envelope, shape: torch.Size) -> torch.Tensor:
+def decode_model(
+    envelope: Envelope, shape: torch.Size, base: torch.Tensor | None = None
+) -> torch.Tensor:
     """The envelope's model, checked for shape and finiteness.
+
+    ``base`` is given for a delta (a link of a chain, see
+    :mod:`p2pfl.protocol.compression`): the model is ``base`` plus the decoded payload. The
+    memo then holds the base too, and is reused only by a receiver holding that very tensor
+    (in a simulator, every receiver that followed the chain).
 
     The payload is decoded and checked once per envelope object (the result is kept in
     ``envelope.memo``): a simulator hands one verified envelope to all its receivers, and
@@ -151,9 +179,15 @@ def decode_model(envelope: Envelope, shape: torch.Size) -> torch.Tensor:
         raise RemoteProtocolError(
             f"model of shape {list(envelope.spec.shape)}, this node's is {list(shape)}"
         )
-    decoded = envelope.memo.get(_DECODED)
-    if decoded is None:
-        decoded = envelope.memo[_DECODED] = _decode_checked(envelope)
+    if base is not None:
+        memo = envelope.memo.get(_DELTA)
+        if memo is None or memo[0] is not base:
+            memo = envelope.memo[_DELTA] = (base, _decode_checked(envelope, base))
+        decoded = memo[1]
+    else:
+        decoded = envelope.memo.get(_DECODED)
+        if decoded is None:
+            decoded = envelope.memo[_DECODED] = _decode_checked(envelope)
     if isinstance(decoded, RemoteProtocolError):
         # A fresh exception per receiver: raising the cached one would chain tracebacks.
         raise RemoteProtocolError(str(decoded))
@@ -161,12 +195,25 @@ def decode_model(envelope: Envelope, shape: torch.Size) -> torch.Tensor:
     return tensor
 
 
-def _decode_checked(envelope: Envelope) -> torch.Tensor | RemoteProtocolError:
-    """The payload as an owned float32 tensor, or the defect that refuses it."""
+def _decode_checked(
+    envelope: Envelope, base: torch.Tensor | None = None
+) -> torch.Tensor | RemoteProtocolError:
+    """The payload (plus ``base``) as an owned float32 tensor, or the defect that refuses it."""
     try:
         decoded = decode_vector(envelope.spec, envelope.payload)
     except WireError as exc:
         return RemoteProtocolError(f"undecodable model: {exc}")
+    codec = CODECS.get(envelope.spec.codec)
+    if base is None and codec is not None and codec.delta:
+        return RemoteProtocolError(f"a {codec.name} payload that names no base model")
+    if base is not None:
+        # A new tensor: the decoded delta never aliases the payload afterwards.
+        decoded = base + decoded.reshape(base.shape)
+        return (
+            decoded
+            if all_finite(decoded)
+            else RemoteProtocolError("model holds NaN or infinite values")
+        )
     if not all_finite(decoded):
         return RemoteProtocolError("model holds NaN or infinite values")
     # decode_vector may view the payload (a driver's receive buffer): own the memory.
@@ -192,20 +239,33 @@ def check_sender(event: MessageReceived, peers: PeerSet) -> None:
         raise RemoteProtocolError(f"replayed message: {exc}") from exc
 
 
-def parse_model_update(event: MessageReceived, peers: PeerSet, shape: torch.Size) -> ModelUpdate:
+def parse_model_update(
+    event: MessageReceived, peers: PeerSet, shape: torch.Size, chains: Chains | None = None
+) -> ModelUpdate:
     """Check a received message and take its model.
 
+    ``chains`` holds the senders' public copies for delta payloads (``meta["b"]``); without
+    it a delta is refused.
+
     Raises:
-        RemoteProtocolError: any defect; the message names it.
+        MissingBase: a delta whose base this node does not hold (drop it, nobody's fault).
+        RemoteProtocolError: any other defect; the message names it.
     """
     peer, envelope = event.peer, event.envelope
     check_sender(event, peers)
     if envelope.kind is not MessageKind.MODEL_UPDATE:
         raise RemoteProtocolError(f"unexpected message kind {envelope.kind.name}")
-    decoded = decode_model(envelope, shape)
+    if BASE in envelope.meta:
+        if chains is None:
+            raise RemoteProtocolError("a delta payload, which this mode does not take")
+        decoded = decode_model(envelope, shape, chains.base(envelope))
+    else:
+        decoded = decode_model(envelope, shape)
     degree = envelope.meta.get("deg", 0)
     if not isinstance(degree, int) or isinstance(degree, bool) or not 0 <= degree <= MAX_DEGREE:
         raise RemoteProtocolError(f"declared degree {degree!r} is not an int in 0..{MAX_DEGREE}")
+    if chains is not None:
+        chains.record(envelope, decoded)
     return ModelUpdate(
         sender=peer,
         seq=envelope.seq,

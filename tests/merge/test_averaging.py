@@ -177,3 +177,44 @@ def test_properties(
     order = torch.tensor(data.draw(st.permutations(range(received.shape[0]))), dtype=torch.long)
     shuffled = rule(own, received[order], weights[order], MergeContext(own_weight=own_weight))
     torch.testing.assert_close(shuffled, result, equal_nan=True, rtol=1e-5, atol=1e-3)
+
+
+def _weighted_reference(
+    own: torch.Tensor, received: torch.Tensor, weights: torch.Tensor, own_weight: float
+) -> torch.Tensor:
+    """The weighted mean as plain tensor ops (its form before the weights went through Python
+    floats): the rule must give these very bits, or simulations change their metrics."""
+    keep = torch.isfinite(received).all(dim=1) & torch.isfinite(weights) & (weights >= 0)
+    rows, row_weights = received[keep], weights.to(torch.float64)[keep]
+    total = own_weight + float(row_weights.sum())
+    if total <= 0.0:
+        return torch.full_like(own, float("nan"))  # the plain-mean fallback: not compared
+    merged = (row_weights / total).to(own.dtype) @ rows
+    return merged + own * (own_weight / total) if own_weight > 0.0 else merged
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    k=st.integers(1, 8),
+    integral=st.booleans(),
+    seed=st.integers(0, 2**16),
+    own_weight=st.sampled_from([0.0, 1.0, 64.0, 0.37]),
+)
+def test_weighted_is_bit_identical_to_tensor_arithmetic(
+    k: int, integral: bool, seed: int, own_weight: float
+) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    own = torch.randn(50, generator=generator)
+    received = torch.randn(k, 50, generator=generator) * 10.0
+    received[0, 3] = float("nan")
+    weights = torch.rand(k, generator=generator) * 100.0
+    if integral:
+        weights = weights.round()
+    weights[-1] = -1.0 if k > 2 else weights[-1]
+    merged = make_merge_rule("weighted")(
+        own, received, weights, MergeContext(own_weight=own_weight)
+    )
+    reference = _weighted_reference(own, received, weights, own_weight)
+    if not bool(torch.isfinite(reference).all()):
+        return  # every weight left out: the fallback, covered above
+    assert torch.equal(merged, reference)

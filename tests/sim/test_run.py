@@ -183,3 +183,25 @@ def test_eval_every_and_eval_samples_thin_the_evaluation_only(
 def test_bad_metrics_keys_are_named(small_document: SmallDocument, key: str, value: int) -> None:
     with pytest.raises(ConfigError, match=f"metrics.{key}"):
         parse_scenario(small_document(metrics={key: value}))
+
+
+def test_worker_threads_change_no_metric_byte(small_document: SmallDocument) -> None:
+    # Rounds evaluated in a worker thread or in the loop's thread:
+    # the same bytes, late rows of a node that was offline included.
+    document = small_document(
+        rounds=5,
+        disruptions=[
+            {"kind": "leave", "at": 0.05, "nodes": [2]},
+            {"kind": "join", "at": 3.0, "nodes": [2]},
+        ],
+    )
+    texts = []
+    for workers in (True, False):
+        engine = build_engine(parse_scenario(document))
+        engine.workers = workers
+        engine.run()
+        texts.append(engine.recorder.csv_text())
+    assert texts[0] == texts[1]
+    rows = list(csv.DictReader(io.StringIO(texts[0])))
+    late = [row for row in rows if row["node"] == "2" and row["distance_to_mean"] == "nan"]
+    assert late, "node 2 caught up after its rounds completed: late rows"

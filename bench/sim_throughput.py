@@ -128,7 +128,20 @@ def main() -> None:
         f", eval every {args.eval_every} on {args.eval_samples or TEST_SAMPLES} examples"
     )
     build_started, build_cpu = time.perf_counter(), time.process_time()
-    engine = build_engine(parse_scenario(document))
+    shown, started = [0], [0.0]
+
+    def show_rounds(world: Engine) -> None:
+        # Long runs show their progress, one line per completed round, through the engine's
+        # progress hook (the recorder's own completion hook belongs to the timeline).
+        settled = len(world.recorder.rounds)  # (baseline trees lack settled_rounds)
+        while shown[0] < settled:
+            elapsed = time.perf_counter() - started[0]
+            print(f"  round {shown[0]} complete at {elapsed:.1f} s", flush=True)
+            shown[0] += 1
+
+    engine = build_engine(
+        parse_scenario(document), on_round=show_rounds if args.nodes >= 10_000 else None
+    )
     if args.serial:
         engine.workers = False
     build_seconds = time.perf_counter() - build_started
@@ -136,14 +149,12 @@ def main() -> None:
         f"setup (data, keys, cores): {build_seconds:.2f} s wall, "
         f"{time.process_time() - build_cpu:.2f} s CPU, peak RSS {peak_rss_gb():.2f} GB"
     )
-    started, started_cpu = time.perf_counter(), time.process_time()
+    started[0], started_cpu = time.perf_counter(), time.process_time()
     started_thread = time.thread_time()
-    if args.nodes >= 10_000:  # long runs show their progress, one line per completed round
-        engine.recorder.on_complete = lambda round_: print(
-            f"  round {round_} complete at {time.perf_counter() - started:.1f} s", flush=True
-        )
     engine.run()
-    wall = time.perf_counter() - started
+    wall = time.perf_counter() - started[0]
+    if args.nodes >= 10_000:
+        show_rounds(engine)  # a round completed by the run's last report
     cpu = time.process_time() - started_cpu
     thread_cpu = time.thread_time() - started_thread
     node_rounds = len(engine.recorder.rows)

@@ -63,6 +63,7 @@ from p2pfl.params import ParamLayout
 from p2pfl.protocol.actions import (
     Action,
     Disconnect,
+    Emit,
     PeerMisbehaved,
     SaveCheckpoint,
     Send,
@@ -289,6 +290,21 @@ class BaseCore(abc.ABC):
         """``SaveCheckpoint`` of ``vector`` as the start of ``round``, with the latest
         training's loss."""
         return SaveCheckpoint(round, vector, self._last_loss)
+
+    def _trained_record(
+        self, trained_round: int | None, loss: float, steps: int, *, stale: bool
+    ) -> Emit:
+        """The ``trained`` record of modes whose trainings are not rounds themselves
+        (``round`` -1: a training that began with no round)."""
+        return Emit(
+            "trained",
+            {
+                "round": -1 if trained_round is None else trained_round,
+                "loss": loss,
+                "steps": steps,
+                "stale": int(stale),
+            },
+        )
 
     # -- mode hooks ---------------------------------------------------------------------
 

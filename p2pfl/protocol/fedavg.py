@@ -298,17 +298,7 @@ class FedAvgClient(FedAvgCore):
         trained_round = self._training_round
         self._training_round = None
         stale = trained_round != self.round or self._final
-        actions: list[Action] = [
-            Emit(
-                "trained",
-                {
-                    "round": -1 if trained_round is None else trained_round,
-                    "loss": loss,
-                    "steps": steps,
-                    "stale": int(stale),
-                },
-            )
-        ]
+        actions: list[Action] = [self._trained_record(trained_round, loss, steps, stale=stale)]
         if self._final:
             self._machine.goto(Phase.DONE)
             return [*actions, Stop(f"received the final model of round {self.round}")]

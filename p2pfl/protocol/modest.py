@@ -244,17 +244,8 @@ class ModestCore(BaseCore):
         trained_round = self._training_round
         self._training_round = None
         self._machine.goto(Phase.WAITING)
-        actions: list[Action] = [
-            Emit(
-                "trained",
-                {
-                    "round": -1 if trained_round is None else trained_round,
-                    "loss": loss,
-                    "steps": steps,
-                    "stale": int(trained_round != self.round),
-                },
-            )
-        ]
+        stale = trained_round != self.round
+        actions: list[Action] = [self._trained_record(trained_round, loss, steps, stale=stale)]
         if trained_round == self.round and self.round < self.config.rounds:
             actions += self._hand_over(self.round, trained)
         return actions + self._maybe_train() + self._maybe_finish()

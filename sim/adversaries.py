@@ -180,41 +180,58 @@ def flip_labels(
     return flipped
 
 
-def trigger_indices(spec: BackdoorAttack, dim: int) -> Tensor:
-    """Flat feature indices of the trigger patch (rows × cols of a height × width image).
+def trigger_mask(spec: BackdoorAttack, sample_shape: Sequence[int]) -> Tensor:
+    """Where the trigger patch lies in one example of shape ``sample_shape``: a bool tensor of
+    that shape, True on rows × cols of the image.
+
+    Flat examples (``[D]``) are a height × width image (``image_shape``, else a square);
+    examples with more dimensions are images already: the last two dimensions are height and
+    width, and the patch covers every channel.
 
     Raises:
-        ConfigError: no ``image_shape`` and ``dim`` is not a square, the shape does not
-            match ``dim``, or the patch leaves the image.
+        ConfigError: a flat example and no ``image_shape`` while ``D`` is no square, the
+            shape does not match the examples, or the patch leaves the image.
     """
-    if spec.image_shape is None:
-        side = math.isqrt(dim)
-        if side * side != dim:
+    shape = tuple(sample_shape)
+    if len(shape) == 1:
+        (dim,) = shape
+        if spec.image_shape is None:
+            side = math.isqrt(dim)
+            if side * side != dim:
+                raise ConfigError(
+                    "adversaries.image_shape", None, f"[height, width]: {dim} features is no square"
+                )
+            height, width = side, side
+        else:
+            height, width = spec.image_shape
+            if height * width != dim:
+                raise ConfigError(
+                    "adversaries.image_shape", spec.image_shape, f"height * width = {dim} features"
+                )
+    elif len(shape) >= 2:
+        height, width = shape[-2], shape[-1]
+        if spec.image_shape is not None and list(spec.image_shape) != [height, width]:
             raise ConfigError(
-                "adversaries.image_shape", None, f"[height, width]: {dim} features is no square"
+                "adversaries.image_shape",
+                spec.image_shape,
+                f"[{height}, {width}], the last two dimensions of the examples {list(shape)}",
             )
-        height, width = side, side
     else:
-        height, width = spec.image_shape
-        if height * width != dim:
-            raise ConfigError(
-                "adversaries.image_shape", spec.image_shape, f"height * width = {dim} features"
-            )
+        raise ConfigError("adversaries.attack", "backdoor", "examples with at least one feature")
     (row0, row1), (col0, col1) = spec.rows, spec.cols
     if row1 > height or col1 > width:
         raise ConfigError(
             "adversaries.rows/cols", [spec.rows, spec.cols], f"a patch inside {height}x{width}"
         )
-    return torch.tensor(
-        [row * width + col for row in range(row0, row1) for col in range(col0, col1)],
-        dtype=torch.long,
-    )
+    image = torch.zeros(height, width, dtype=torch.bool)
+    image[row0:row1, col0:col1] = True
+    return image.reshape(-1) if len(shape) == 1 else image.expand(shape).clone()
 
 
-def apply_trigger(x: Tensor, indices: Tensor, value: float) -> Tensor:
-    """A copy of ``x`` [N, D] with the trigger features set to ``value``."""
+def apply_trigger(x: Tensor, mask: Tensor, value: float) -> Tensor:
+    """A copy of the examples ``x`` [N, ...] with the features under ``mask`` set to ``value``."""
     triggered = x.clone()
-    triggered[:, indices] = value
+    triggered[:, mask] = value
     return triggered
 
 
@@ -242,8 +259,7 @@ def poison(
                 flipped = torch.cat([flipped, torch.full_like(full[1][extra], target)])
             return x, flipped
         case BackdoorAttack(target=target, value=value):
-            indices = trigger_indices(spec, x.shape[1])
-            triggered = apply_trigger(x, indices, value)
+            triggered = apply_trigger(x, trigger_mask(spec, x.shape[1:]), value)
             return torch.cat([x, triggered]), torch.cat([y, torch.full_like(y, target)])
     return data
 
@@ -289,7 +305,7 @@ class AttackSuccess:
             self.inputs = x[y == spec.source]
         else:
             self.inputs = apply_trigger(
-                x[y != spec.target], trigger_indices(spec, x.shape[1]), spec.value
+                x[y != spec.target], trigger_mask(spec, x.shape[1:]), spec.value
             )
         self.target = spec.target
         self._logits = logits

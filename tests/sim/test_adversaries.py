@@ -32,7 +32,7 @@ from sim.adversaries import (
     poison,
     sign_flip,
     success_rate,
-    trigger_indices,
+    trigger_mask,
 )
 from sim.population import build_population, initial_vectors, simulated_identity
 from sim.run import run_scenario
@@ -118,13 +118,32 @@ def test_label_flip_targeted_all_and_augmented() -> None:
 def test_backdoor_patch_is_rows_0_1_cols_0_2_of_an_8x8_image() -> None:
     (spec,) = _specs({"attack": "backdoor", "count": 1})
     assert isinstance(spec, BackdoorAttack)
-    assert trigger_indices(spec, 64).tolist() == [0, 1, 2, 8, 9, 10]
+    assert trigger_mask(spec, (64,)).nonzero().flatten().tolist() == [0, 1, 2, 8, 9, 10]
     x, y = torch.zeros(2, 64), torch.tensor([3, 4])
     px, py = poison(spec, (x, y), (x, y), 10)
     assert py.tolist() == [3, 4, 1, 1]
     assert px[2:, [0, 1, 2, 8, 9, 10]].eq(1).all() and px[2:].sum() == 12 and px[:2].sum() == 0
     with pytest.raises(ConfigError, match="image_shape"):
-        trigger_indices(spec, 10)
+        trigger_mask(spec, (10,))
+
+
+def test_backdoor_patches_every_channel_of_image_shaped_examples() -> None:
+    # Examples that are images already ([N, channels, height, width], as a CNN's data is):
+    # the patch is rows 0-1, cols 0-2 of the last two dimensions, in every channel.
+    (spec,) = _specs({"attack": "backdoor", "count": 1})
+    x, y = torch.zeros(2, 3, 5, 7), torch.tensor([3, 4])
+    px, py = poison(spec, (x, y), (x, y), 10)
+    assert py.tolist() == [3, 4, 1, 1]
+    assert px[2:, :, :2, :3].eq(1).all() and px[2:].sum() == 2 * 3 * 6 and px[:2].sum() == 0
+    # A 1-D signal with one channel ([N, 1, length]) is a 1 x length image.
+    (row,) = _specs({"attack": "backdoor", "count": 1, "rows": [0, 1], "cols": [2, 5]})
+    signal = poison(row, (torch.zeros(1, 1, 40), torch.tensor([0])), (x, y), 10)[0]
+    assert signal[1, 0].nonzero().flatten().tolist() == [2, 3, 4]
+    with pytest.raises(ConfigError, match=r"patch inside 1x40"):
+        trigger_mask(spec, (1, 40))
+    with pytest.raises(ConfigError, match=r"\[5, 7\], the last two dimensions"):
+        trigger_mask(BackdoorAttack.model_validate({**spec.model_dump(), "image_shape": [7, 5]}),
+                     (3, 5, 7))  # fmt: skip
 
 
 def test_attack_success_rate_on_a_constructed_example() -> None:

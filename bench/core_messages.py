@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sim_throughput import compare
 
 from p2pfl.identity import Identity
 from p2pfl.merge import make_merge_rule
@@ -105,8 +106,6 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     if args.baseline is not None:
-        from bench.sim_throughput import compare
-
         compare(args.baseline, args.repeat, script=__file__, figures_of=_FIGURES, extra=())
         return
     torch.set_num_threads(1)

@@ -111,9 +111,15 @@ def main() -> None:
     torch.set_num_threads(1)
     loop_cpu, handle_cpu, frame_cpu, node_rounds = run(args.rounds)
     print(f"{node_rounds} node-rounds, {NODES} cores of degree {NODES - 1}, {SIZE} floats")
-    print(f"loop main-thread CPU: {loop_cpu:.3f} s ({1e6 * loop_cpu / node_rounds:.0f} µs/node-round)")
-    print(f"core handle CPU: {handle_cpu:.3f} s ({1e6 * handle_cpu / node_rounds:.0f} µs/node-round)")
-    print(f"frame encode+decode CPU: {frame_cpu:.3f} s ({1e6 * frame_cpu / node_rounds:.0f} µs/node-round)")
+    print(
+        f"loop main-thread CPU: {loop_cpu:.3f} s ({1e6 * loop_cpu / node_rounds:.0f} µs/node-round)"
+    )
+    print(
+        f"core handle CPU: {handle_cpu:.3f} s ({1e6 * handle_cpu / node_rounds:.0f} µs/node-round)"
+    )
+    print(
+        f"frame encode+decode CPU: {frame_cpu:.3f} s ({1e6 * frame_cpu / node_rounds:.0f} µs/node-round)"
+    )
 
 
 if __name__ == "__main__":

@@ -211,9 +211,7 @@ class DsgdCore(BaseCore):
         exchange = self._exchange
         # Expected: the connected neighbours and whoever else delivered; _ready is the
         # overlap of the two.
-        expected = (
-            self._peers.connected_count + self._buffer.count(exchange) - len(self._ready)
-        )
+        expected = self._peers.connected_count + self._buffer.count(exchange) - len(self._ready)
         updates = self._buffer.take(exchange, self._peers.neighbours)
         merged = self._merger.merge(trained.vector, updates, own_round=exchange)
         if trained.step + 1 < self._steps:

@@ -89,9 +89,6 @@ from p2pfl.protocol.peers import PeerSet
 from p2pfl.protocol.phases import Phase, PhaseMachine, Transitions
 from p2pfl.wire import Envelope, MessageKind
 
-_NOT_IDLE = frozenset({Phase.IDLE, Phase.TRAINING, Phase.DONE})
-"""Phases in which a core is not idle: not started, training, or finished."""
-
 
 class BaseCore(abc.ABC):
     """Shared state and dispatch; a mode subclasses it and fills in the hooks."""
@@ -191,7 +188,11 @@ class BaseCore(abc.ABC):
     @property
     def idle(self) -> bool:
         phase = self._machine.phase
-        return phase not in _NOT_IDLE and self._deadline() is None
+        # Not started, training or finished is not idle (compared by identity: an enum's
+        # hash is a Python call).
+        if phase is Phase.IDLE or phase is Phase.TRAINING or phase is Phase.DONE:
+            return False
+        return self._deadline() is None
 
     @property
     def phase(self) -> Phase:
@@ -224,6 +225,8 @@ class BaseCore(abc.ABC):
         if not math.isfinite(now) or now < self._now:
             raise LocalProtocolError(f"now = {now!r} is not finite or before {self._now!r}")
         self._now = now
+        if event.__class__ is MessageReceived:  # most events: skip the match's type tests
+            return [] if self._machine.phase is Phase.DONE else self._on_message(event)
         match event:
             case Started():
                 self._machine.expect(Phase.IDLE, "Started")

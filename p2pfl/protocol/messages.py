@@ -264,9 +264,10 @@ def parse_model_update(
         decoded = decode_model(envelope, shape)
         # Everything but the per-receiver checks above depends on the envelope alone: one
         # ModelUpdate (immutable, like its shared vector) serves every receiver of it.
-        update = envelope.memo.get(_UPDATE)
-        if update is None or update.vector is not decoded:
-            update = envelope.memo[_UPDATE] = _model_update(envelope, decoded)
+        shared: ModelUpdate | None = envelope.memo.get(_UPDATE)
+        if shared is None or shared.vector is not decoded:
+            shared = envelope.memo[_UPDATE] = _model_update(envelope, decoded)
+        update = shared
     if chains is not None:
         chains.record(envelope, decoded)
     return update

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 import time
 from pathlib import Path
+from types import FrameType
 
 import numpy as np
+import sim_throughput
 import torch
-from sim_throughput import compare
 
 from p2pfl.identity import Identity
 from p2pfl.merge import make_merge_rule
@@ -92,7 +94,26 @@ def run(rounds: int) -> tuple[float, float, float, int]:
     return loop_cpu, handle_cpu, frame_cpu, rounds * NODES
 
 
+def calls_per_node_round(rounds: int) -> float:
+    """Python and builtin calls per node-round of a run of ``rounds`` (setup included, so a
+    short run overstates it a little): a cost that machine load does not blur."""
+    count = 0
+
+    def profile(_frame: FrameType, event: str, _arg: object) -> None:
+        nonlocal count
+        if event in ("call", "c_call"):
+            count += 1
+
+    sys.setprofile(profile)
+    try:
+        *_, node_rounds = run(rounds)
+    finally:
+        sys.setprofile(None)
+    return count / node_rounds
+
+
 _FIGURES = {
+    "calls": re.compile(r"^calls per node-round: ([0-9.]+)"),
     "loop": re.compile(r"^loop main-thread CPU: ([0-9.]+) s"),
     "handle": re.compile(r"^core handle CPU: ([0-9.]+) s"),
     "frames": re.compile(r"^frame encode\+decode CPU: ([0-9.]+) s"),
@@ -106,7 +127,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     if args.baseline is not None:
-        compare(args.baseline, args.repeat, script=__file__, figures_of=_FIGURES, extra=())
+        seconds = sim_throughput._unit
+        # compare() prints every figure in seconds; the call count has no unit.
+        sim_throughput._unit = lambda figure: "" if figure == "calls" else seconds(figure)
+        sim_throughput.compare(
+            args.baseline, args.repeat, script=__file__, figures_of=_FIGURES, extra=()
+        )
         return
     torch.set_num_threads(1)
     loop_cpu, handle_cpu, frame_cpu, node_rounds = run(args.rounds)
@@ -117,6 +143,7 @@ def main() -> None:
     print(
         f"core handle CPU: {handle_cpu:.3f} s ({1e6 * handle_cpu / node_rounds:.0f} µs/node-round)"
     )
+    print(f"calls per node-round: {calls_per_node_round(20):.0f}")
     print(
         f"frame encode+decode CPU: {frame_cpu:.3f} s ({1e6 * frame_cpu / node_rounds:.0f} µs/node-round)"
     )

@@ -8,10 +8,12 @@ receivers as ``MessageReceived``, the way the simulator delivers it. So one node
 what a node of the standard workload does per round, minus training and evaluation: one
 ``TrainingFinished``, one seal, one frame decode, 6 deliveries, one merge.
 
-    .venv/bin/python bench/core_messages.py [--rounds 400] [--baseline TREE [--repeat N]]
+    PYTHONPATH=. .venv/bin/python bench/core_messages.py [--rounds 400]
+        [--baseline TREE [--repeat N]]
 
 It prints the main-thread CPU seconds of the whole loop and those of its two parts: the cores'
-``handle`` calls and the frame encoding and decoding (signing and verifying included). With
+``handle`` calls and the frame encoding and decoding (signing and verifying included), and the
+Python and builtin calls per node-round of a short run (deterministic, so load-proof). With
 ``--baseline TREE`` it runs itself in turns in fresh processes against ``TREE`` and this tree
 (see ``bench/sim_throughput.py``) and prints the ratios of the medians (above 1: this tree is
 faster).
@@ -21,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 import time
 from pathlib import Path
-from types import FrameType
 
 import numpy as np
 import sim_throughput
@@ -97,19 +97,12 @@ def run(rounds: int) -> tuple[float, float, float, int]:
 def calls_per_node_round(rounds: int) -> float:
     """Python and builtin calls per node-round of a run of ``rounds`` (setup included, so a
     short run overstates it a little): a cost that machine load does not blur."""
-    count = 0
+    # The tree under test is on PYTHONPATH (see the module docstring), its tests too.
+    from tests.protocol.test_peers import calls_during
 
-    def profile(_frame: FrameType, event: str, _arg: object) -> None:
-        nonlocal count
-        if event in ("call", "c_call"):
-            count += 1
-
-    sys.setprofile(profile)
-    try:
-        *_, node_rounds = run(rounds)
-    finally:
-        sys.setprofile(None)
-    return count / node_rounds
+    done: list[int] = []
+    count = calls_during(lambda: done.append(run(rounds)[3]))
+    return count / done[0]
 
 
 _FIGURES = {

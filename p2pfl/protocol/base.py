@@ -89,6 +89,11 @@ from p2pfl.protocol.peers import PeerSet
 from p2pfl.protocol.phases import Phase, PhaseMachine, Transitions
 from p2pfl.wire import Envelope, MessageKind
 
+# Members read on every message, bound once: reading an enum member off its class costs
+# three times a global's lookup (an IntEnum's, eight).
+_DONE = Phase.DONE
+_HISTORY = MessageKind.HISTORY
+
 
 class BaseCore(abc.ABC):
     """Shared state and dispatch; a mode subclasses it and fills in the hooks."""
@@ -226,7 +231,7 @@ class BaseCore(abc.ABC):
             raise LocalProtocolError(f"now = {now!r} is not finite or before {self._now!r}")
         self._now = now
         if event.__class__ is MessageReceived:  # most events: skip the match's type tests
-            return [] if self._machine.phase is Phase.DONE else self._on_message(event)
+            return [] if self._machine.phase is _DONE else self._on_message(event)
         match event:
             case Started():
                 self._machine.expect(Phase.IDLE, "Started")
@@ -323,7 +328,7 @@ class BaseCore(abc.ABC):
         """A message arrived (the core is not DONE). By default it must be a neighbour's
         ``MODEL_UPDATE``, handed to :meth:`_on_update`; a mode speaking other messages
         overrides this, and must turn every peer's fault into ``PeerMisbehaved``."""
-        if event.envelope.kind is MessageKind.HISTORY and self._histories is not None:
+        if event.envelope.kind is _HISTORY and self._histories is not None:
             return self._on_history(event)
         try:
             update = parse_model_update(event, self._peers, self.vector.shape, self._chains)

@@ -65,6 +65,9 @@ from p2pfl.protocol.messages import ModelUpdate
 from p2pfl.protocol.phases import DSGD_TRANSITIONS, Phase
 from p2pfl.wire import Envelope
 
+_COLLECTING = Phase.COLLECTING
+"""Bound once: read on every message (an enum member off its class is a slower lookup)."""
+
 
 @dataclass(frozen=True, slots=True)
 class _Trained:
@@ -198,7 +201,7 @@ class DsgdCore(BaseCore):
 
     def _close_if_complete(self) -> list[Action]:
         # O(1): _ready holds exactly the connected neighbours that delivered this exchange.
-        if self._machine.phase is not Phase.COLLECTING:
+        if self._machine.phase is not _COLLECTING:
             return []
         if len(self._ready) < self._peers.connected_count:
             return []

@@ -253,7 +253,7 @@ def parse_model_update(
     """
     envelope = event.envelope
     check_sender(event, peers)
-    if envelope.kind is not MessageKind.MODEL_UPDATE:
+    if envelope.kind is not _MODEL_UPDATE:
         raise RemoteProtocolError(f"unexpected message kind {envelope.kind.name}")
     if BASE in envelope.meta:
         if chains is None:
@@ -273,6 +273,8 @@ def parse_model_update(
     return update
 
 
+_MODEL_UPDATE = MessageKind.MODEL_UPDATE
+"""Bound once: an IntEnum member read off its class costs eight global lookups."""
 _UPDATE = "update"
 """The memo key of the :class:`ModelUpdate` built from a (non-delta) envelope."""
 

@@ -154,20 +154,43 @@ class Envelope:
         :meth:`PayloadSpec.to_wire`), and the meta map put in that order, so
         :func:`_pack_ordered` can encode it without a recursive sort.
         """
-        return {
-            "h": self.digest,
-            "k": int(self.kind),
-            "m": _ordered(dict(self.meta)),
-            "p": self.spec.to_wire(),
-            "q": self.seq,
-            "r": self.round,
-            "s": self.sender.raw,
-            "v": self.version,
-        }
+        return _header_fields(
+            self.digest,
+            self.kind,
+            _ordered(dict(self.meta)),
+            self.spec,
+            self.seq,
+            self.round,
+            self.sender.raw,
+            self.version,
+        )
 
     @property
     def payload_bytes(self) -> int:
         return memoryview(self.payload).nbytes
+
+
+def _header_fields(
+    digest: bytes,
+    kind: MessageKind,
+    meta: dict[str, Any],
+    spec: PayloadSpec,
+    seq: int,
+    round: int,
+    sender: bytes,
+    version: int,
+) -> dict[str, Any]:
+    """The signed header map, built in canonical key order (``meta`` must be in order)."""
+    return {
+        "h": digest,
+        "k": int(kind),
+        "m": meta,
+        "p": spec.to_wire(),
+        "q": seq,
+        "r": round,
+        "s": sender,
+        "v": version,
+    }
 
 
 def _canonical(obj: Any) -> bytes:
@@ -197,14 +220,25 @@ def _ordered(obj: Any) -> Any:
 
 def _in_order(obj: Any) -> bool:
     # A check, not a copy: sorting the keys of a map already in order is one linear pass in C.
+    # Loops rather than all() over generators: no generator frame per map (one per frame
+    # received and per envelope sealed).
     if isinstance(obj, dict):
-        keys = list(obj)
-        if keys != sorted(keys):
-            return False
-        return all(_in_order(value) for value in obj.values() if isinstance(value, _CONTAINERS))
-    if isinstance(obj, list | tuple):
-        return all(_in_order(item) for item in obj if isinstance(item, _CONTAINERS))
+        if len(obj) > 1:
+            keys = list(obj)
+            if keys != sorted(keys):
+                return False
+        for value in obj.values():
+            if isinstance(value, _CONTAINERS) and not _in_order(value):
+                return False
+        return True
+    if isinstance(obj, _SEQUENCES):
+        for item in obj:
+            if isinstance(item, _CONTAINERS) and not _in_order(item):
+                return False
     return True
+
+
+_SEQUENCES = (list, tuple)
 
 
 def _sorted(obj: Any) -> Any:
@@ -254,26 +288,24 @@ def seal(
     meta_dict = dict(meta or {})
     if any(not isinstance(key, str) for key in meta_dict):
         raise ValueError("meta keys must be strings")
-    unsigned = Envelope(
-        kind=MessageKind(kind),
-        sender=identity.node_id,
-        seq=seq,
-        round=round,
-        spec=spec or PayloadSpec(),
-        payload=payload,
-        digest=hashlib.sha256(payload).digest(),
-        signature=b"",
-        meta=meta_dict,
+    kind = MessageKind(kind)
+    spec = spec or PayloadSpec()
+    digest = hashlib.sha256(payload).digest()
+    sender = identity.node_id
+    # The header is built and signed once, straight from the arguments (what
+    # Envelope.header_fields gives for the envelope below; meta_dict is a fresh copy).
+    fields = _header_fields(
+        digest, kind, _ordered(meta_dict), spec, seq, round, sender.raw, PROTOCOL_VERSION
     )
-    signature = identity.sign(_signed_bytes_of(unsigned))
+    signature = identity.sign(SIGNING_CONTEXT + _pack_ordered(fields))
     return Envelope(
-        kind=unsigned.kind,
-        sender=unsigned.sender,
+        kind=kind,
+        sender=sender,
         seq=seq,
         round=round,
-        spec=unsigned.spec,
+        spec=spec,
         payload=payload,
-        digest=unsigned.digest,
+        digest=digest,
         signature=signature,
         meta=meta_dict,
     )
@@ -403,11 +435,18 @@ def _check_depth(obj: Any, budget: int) -> None:
     if budget < 0:
         raise DecodeError("header nests too deeply")
     values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else ()
-    for value in values:
-        if isinstance(value, dict | list):
-            _check_depth(value, budget - 1)
-        elif budget == 0:
+    if not budget:
+        if values:  # any value at all sits one level too deep
             raise DecodeError("header nests too deeply")
+        return
+    budget -= 1
+    for value in values:
+        if isinstance(value, _NESTED):
+            _check_depth(value, budget)
+
+
+_NESTED = (dict, list)
+"""The containers msgpack decodes to (``use_list=True``)."""
 
 
 _FIELDS = frozenset({"h", "k", "m", "p", "q", "r", "s", "sig", "v"})
@@ -423,7 +462,54 @@ def _field(header: Mapping[str, Any], key: str, kind: type) -> Any:
     return value
 
 
+_KINDS = {int(kind): kind for kind in MessageKind}
+
+
 def _envelope_from_header(header: dict[str, Any], payload: memoryview, limits: Limits) -> Envelope:
+    # The one shape an acceptable header has, checked in one expression: exact types
+    # (msgpack decodes to exactly these), every bound. Anything else takes the field-by-field
+    # path below, which refuses it with the message that names its first defect.
+    if header.keys() == _FIELDS:
+        sender_raw, signature, digest = header["s"], header["sig"], header["h"]
+        seq, round_, meta, spec_raw = header["q"], header["r"], header["m"], header["p"]
+        kind_number = header["k"]
+        kind = _KINDS.get(kind_number) if type(kind_number) is int else None
+        if (
+            kind is not None
+            and type(header["v"]) is int
+            and header["v"] == PROTOCOL_VERSION
+            and type(sender_raw) is bytes
+            and len(sender_raw) == NODE_ID_BYTES
+            and type(signature) is bytes
+            and len(signature) == SIGNATURE_BYTES
+            and type(digest) is bytes
+            and len(digest) == DIGEST_BYTES
+            and type(seq) is int
+            and 0 <= seq <= MAX_SEQ
+            and type(round_) is int
+            and 0 <= round_ <= MAX_ROUND
+            and type(meta) is dict
+            and type(spec_raw) is dict
+        ):
+            return Envelope(
+                kind=kind,
+                sender=NodeId(sender_raw),
+                seq=seq,
+                round=round_,
+                spec=_spec_from_wire(spec_raw, limits),
+                payload=payload,
+                digest=digest,
+                signature=signature,
+                meta=meta,
+                version=PROTOCOL_VERSION,
+            )
+    return _envelope_field_by_field(header, payload, limits)
+
+
+def _envelope_field_by_field(
+    header: dict[str, Any], payload: memoryview, limits: Limits
+) -> Envelope:
+    """:func:`_envelope_from_header` one field at a time, raising on the first defect."""
     version = _field(header, "v", int)
     if version != PROTOCOL_VERSION:
         raise UnsupportedVersion(f"protocol version {version}; this node speaks {PROTOCOL_VERSION}")
@@ -464,6 +550,25 @@ def _envelope_from_header(header: dict[str, Any], payload: memoryview, limits: L
 
 
 def _spec_from_wire(raw: dict[str, Any], limits: Limits) -> PayloadSpec:
+    # As for the header: the acceptable shape in one expression, anything else field by field.
+    if raw.keys() == _SPEC_FIELDS:
+        codec, dtype, samples, shape_raw = raw["c"], raw["d"], raw["n"], raw["s"]
+        if (
+            type(codec) is str
+            and type(dtype) is str
+            and type(samples) is int
+            and samples >= 0
+            and type(shape_raw) is list
+            and len(shape_raw) <= limits.max_shape_dims
+        ):
+            shape = tuple(shape_raw)
+            shape_elements(shape, limits.max_elements)
+            return PayloadSpec(codec=codec, dtype=dtype, shape=shape, samples=samples)
+    return _spec_field_by_field(raw, limits)
+
+
+def _spec_field_by_field(raw: dict[str, Any], limits: Limits) -> PayloadSpec:
+    """:func:`_spec_from_wire` one field at a time, raising on the first defect."""
     if set(raw) != _SPEC_FIELDS:
         raise DecodeError(f"payload spec fields {sorted(raw, key=repr)} != {sorted(_SPEC_FIELDS)}")
     codec = _field(raw, "c", str)

@@ -810,3 +810,57 @@ def test_depth_check_counts_scalars_like_containers(value: Any, depth: int) -> N
         assert "deep" in str(exc) and _too_deep_reference(header, depth)
     else:
         assert not _too_deep_reference(header, depth)
+
+
+# ------------------------------------------- fast header checks agree with the field-by-field
+
+
+def _outcome(build: Callable[[], object]) -> object:
+    try:
+        return ("accepted", build())
+    except WireError as exc:
+        return (type(exc), str(exc))
+
+
+TRICKY = [True, False, 1, 0, -1, MAX_SEQ, MAX_SEQ + 1, 2**64, 1.0, None, "", b"", [], {}]
+HEADER_KEYS = ["h", "k", "m", "p", "q", "r", "s", "sig", "v", "x", "pc", "pd", "pn", "ps", "px"]
+
+
+def _assert_paths_agree(keys: list[str], value_of: Callable[[], Any], drop: bool) -> None:
+    # The decoder checks the one acceptable header shape in one go and leaves anything else
+    # to the field-by-field path: both must accept the same headers, build equal envelopes,
+    # and refuse the rest with the same error.
+    payload = b"\x00" * 8
+    header = signed_header(base_fields(payload))
+    spec = header["p"] = dict(header["p"])
+    for key in keys:
+        target, name = (spec, key[1]) if len(key) == 2 else (header, key)
+        if drop and name in target:
+            del target[name]
+        else:
+            target[name] = value_of()
+    view = memoryview(payload)
+    fast = _outcome(lambda: wire_internals._envelope_from_header(header, view, DEFAULT_LIMITS))
+    slow = _outcome(lambda: wire_internals._envelope_field_by_field(header, view, DEFAULT_LIMITS))
+    assert fast == slow
+    if not keys:
+        assert fast[0] == "accepted"  # type: ignore[index]
+    if isinstance(header.get("p"), dict):
+        fast = _outcome(lambda: wire_internals._spec_from_wire(header["p"], DEFAULT_LIMITS))
+        slow = _outcome(lambda: wire_internals._spec_field_by_field(header["p"], DEFAULT_LIMITS))
+        assert fast == slow
+
+
+@pytest.mark.parametrize("key", HEADER_KEYS)
+def test_each_field_checked_alike_by_both_header_paths(key: str) -> None:
+    _assert_paths_agree([], lambda: None, drop=False)
+    _assert_paths_agree([key], lambda: None, drop=True)
+    for value in TRICKY:
+        _assert_paths_agree([key], lambda value=value: value, drop=False)  # type: ignore[misc]
+
+
+@given(st.data(), st.lists(st.sampled_from(HEADER_KEYS), max_size=3), st.booleans())
+def test_header_checks_agree_with_the_field_by_field_path(
+    data: st.DataObject, keys: list[str], drop: bool
+) -> None:
+    _assert_paths_agree(keys, lambda: data.draw(st.sampled_from(TRICKY) | any_values), drop)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import torch
 
 from p2pfl.errors import ConfigError
 from p2pfl.merge.base import MergeContext, as_rows, register_merge_rule
-from p2pfl.numerics import all_finite, finite_rows
+from p2pfl.numerics import _numpy_view, all_finite, finite_rows
 
 
 def _finite_inputs(
@@ -101,15 +102,17 @@ class WeightedMean:
         # The weights are a handful of numbers: checking and summing them as Python floats
         # (exact: float32 and float64 values are Python floats) saves a dozen tiny tensor ops
         # per merge, which is most of a merge's time for small models.
-        row_finite = finite_rows(rows).tolist()
+        row_finite = _finite_flags(rows)
         listed = weights.tolist()
         keep = [
             ok and math.isfinite(weight) and weight >= 0.0
             for ok, weight in zip(row_finite, listed, strict=True)
         ]
-        if not all(keep):
+        if all(keep):
+            kept = listed
+        else:
             rows = rows[torch.tensor(keep, dtype=torch.bool)]
-        kept = [weight for weight, ok in zip(listed, keep, strict=True) if ok]
+            kept = [weight for weight, ok in zip(listed, keep, strict=True) if ok]
         own_ok = all_finite(own_flat)
         own_weight = float(ctx.own_weight)
         if not own_ok or not (own_weight >= 0.0 and own_weight != float("inf")):
@@ -121,13 +124,36 @@ class WeightedMean:
                 return own.clone()
             return merged.reshape(own.shape).to(dtype=own.dtype)
         # Each share divided in float64 and rounded to the own dtype, as a tensor op would.
-        shares = torch.tensor([weight / total for weight in kept], dtype=torch.float64).to(
-            dtype=own.dtype
-        )
+        shares = _shares([weight / total for weight in kept], own.dtype)
         merged = shares @ rows if rows.shape[0] else torch.zeros_like(own_flat)
         if own_weight > 0.0:
             merged = merged + own_flat * (own_weight / total)
-        return merged.reshape(own.shape).to(dtype=own.dtype)
+        # Skipping the no-op reshape and cast of a flat vector saves two tensor calls a merge.
+        if merged.shape != own.shape:
+            merged = merged.reshape(own.shape)
+        return merged if merged.dtype == own.dtype else merged.to(dtype=own.dtype)
+
+
+def _finite_flags(rows: torch.Tensor) -> list[bool]:
+    """Whether each row of ``[k, P]`` ``rows`` is entirely finite, as Python booleans."""
+    view = _numpy_view(rows) if rows.shape[0] else None
+    if view is not None:
+        # One numpy pass (torch.isfinite is not vectorised on CPU), no tensor round trip.
+        flags: list[bool] = np.isfinite(view).all(axis=1).tolist()
+        return flags
+    listed: list[bool] = finite_rows(rows).tolist()
+    return listed
+
+
+def _shares(values: list[float], dtype: torch.dtype) -> torch.Tensor:
+    """``values`` (float64) rounded once to ``dtype``, as ``torch.tensor(values,
+    dtype=float64).to(dtype)`` does: through numpy for float32 and float64, whose one IEEE
+    rounding is the same as torch's and costs a fraction of building a tensor from a list."""
+    if dtype is torch.float32:
+        return torch.from_numpy(np.array(values, dtype=np.float32))
+    if dtype is torch.float64:
+        return torch.from_numpy(np.array(values, dtype=np.float64))
+    return torch.tensor(values, dtype=torch.float64).to(dtype=dtype)
 
 
 class AgeWeightedMean:

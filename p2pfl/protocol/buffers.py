@@ -30,31 +30,39 @@ class Offer(enum.Enum):
 
 
 class RoundBuffer:
-    """dsgd: at most one model per (round, sender), for rounds ``current .. current + ahead``."""
+    """dsgd: at most one model per (round, sender), for rounds ``current .. current + ahead``.
+
+    Held models are keyed by the sender's raw key: bytes hash in C, a NodeId in Python, and
+    the buffer is touched on every message.
+    """
 
     __slots__ = ("_rounds", "ahead")
 
     def __init__(self, ahead: int) -> None:
         self.ahead = ahead
-        self._rounds: dict[int, dict[NodeId, ModelUpdate]] = {}
+        self._rounds: dict[int, dict[bytes, ModelUpdate]] = {}
 
     def offer(self, update: ModelUpdate, current_round: int) -> Offer:
-        if update.round < current_round:
+        round_ = update.round
+        if round_ < current_round:
             return Offer.STALE
-        if update.round > current_round + self.ahead:
+        if round_ > current_round + self.ahead:
             return Offer.TOO_FAR
-        held = self._rounds.setdefault(update.round, {})
-        previous = held.get(update.sender)
-        if previous is None:
-            held[update.sender] = update
+        held = self._rounds.get(round_)
+        if held is None:
+            held = self._rounds[round_] = {}
+        size = len(held)
+        # One lookup: setdefault inserts unless the sender's model is held already.
+        previous = held.setdefault(update.sender.raw, update)
+        if len(held) != size:
             return Offer.ACCEPTED
         return Offer.DUPLICATE if previous.same_model(update) else Offer.CONFLICT
 
     def senders(self, round: int) -> frozenset[NodeId]:
-        return frozenset(self._rounds.get(round, ()))
+        return frozenset(update.sender for update in self._rounds.get(round, {}).values())
 
     def holds(self, round: int, sender: NodeId) -> bool:
-        return sender in self._rounds.get(round, ())
+        return sender.raw in self._rounds.get(round, ())
 
     def count(self, round: int) -> int:
         """How many senders' models of ``round`` are held."""
@@ -65,7 +73,9 @@ class RoundBuffer:
         held = self._rounds.pop(round, {})
         for old in [r for r in self._rounds if r < round]:
             del self._rounds[old]
-        return [held[peer] for peer in order if peer in held]
+        if not held:
+            return []
+        return [held[raw] for raw in (peer.raw for peer in order) if raw in held]
 
     def __len__(self) -> int:
         return sum(len(held) for held in self._rounds.values())

@@ -65,6 +65,9 @@ from p2pfl.protocol.messages import ModelUpdate
 from p2pfl.protocol.phases import DSGD_TRANSITIONS, Phase
 from p2pfl.wire import Envelope
 
+_COLLECTING = Phase.COLLECTING
+"""Bound once: read on every message (an enum member off its class is a slower lookup)."""
+
 
 @dataclass(frozen=True, slots=True)
 class _Trained:
@@ -114,12 +117,27 @@ class DsgdCore(BaseCore):
         # Exchanges up to the last step of round + max_rounds_ahead.
         self._buffer = RoundBuffer((self.config.max_rounds_ahead + 1) * self._steps - 1)
         self._trained: _Trained | None = None
+        self._exchange = self.round * self._steps
+        self._ready: set[bytes] = set()
+        """The raw keys of the connected neighbours whose model of the exchange is held: the
+        exchange is complete when they are all the connected neighbours. Kept up to date on
+        every accepted model, connection and disconnection, so completeness is a comparison
+        of two counts, never a walk over the neighbours."""
 
     @property
     def exchange(self) -> int:
         """The wire number of the exchange being run or next: ``round * gossip_steps + step``."""
-        step = self._trained.step if self._trained is not None else 0
-        return self.round * self._steps + step
+        return self._exchange
+
+    def _set_exchange(self, exchange: int) -> None:
+        """Move to ``exchange`` (once per gossip step) and count who delivered it already."""
+        self._exchange = exchange
+        peers = self._peers
+        self._ready = {
+            sender.raw
+            for sender in self._buffer.senders(exchange)
+            if peers.is_connected_neighbour(sender)
+        }
 
     # -- hooks --------------------------------------------------------------------------
 
@@ -127,23 +145,29 @@ class DsgdCore(BaseCore):
         return self._start_training()
 
     def _on_connected(self, peer: NodeId) -> list[Action]:
+        if self._buffer.holds(self._exchange, peer) and self._peers.is_connected_neighbour(peer):
+            self._ready.add(peer.raw)
         if self._machine.phase is Phase.COLLECTING and self._trained is not None:
             return [Send(peer, self._trained.envelope)]
         return []
 
     def _on_disconnected(self, peer: NodeId) -> list[Action]:
+        self._ready.discard(peer.raw)
         return self._close_if_complete()
 
     def _on_update(self, update: ModelUpdate) -> list[Action]:
-        offer = self._buffer.offer(update, self.exchange)
+        exchange = self._exchange
+        offer = self._buffer.offer(update, exchange)
         if offer is Offer.CONFLICT:
             return [PeerMisbehaved(update.sender, f"two different models for round {update.round}")]
-        if offer is Offer.ACCEPTED and update.round == self.exchange:
+        if offer is Offer.ACCEPTED and update.round == exchange:
+            if self._peers.is_connected_neighbour(update.sender):
+                self._ready.add(update.sender.raw)
             return self._close_if_complete()
         return []
 
     def _on_trained(self, trained: torch.Tensor, loss: float, steps: int) -> list[Action]:
-        envelope = self._sealer.seal(trained, self.exchange)
+        envelope = self._sealer.seal(trained, self._exchange)
         self._trained = _Trained(
             vector=trained,
             envelope=envelope,
@@ -176,15 +200,10 @@ class DsgdCore(BaseCore):
         return [StartTraining(self.vector, self.config.local_steps, self.round)]
 
     def _close_if_complete(self) -> list[Action]:
-        if self._machine.phase is not Phase.COLLECTING:
+        # O(1): _ready holds exactly the connected neighbours that delivered this exchange.
+        if self._machine.phase is not _COLLECTING:
             return []
-        connected = self._peers.connected()
-        # Fewer models than connected neighbours cannot cover them all: an O(1) answer for
-        # every message but the last ones of a round, instead of a walk over the neighbours.
-        exchange = self.exchange
-        if self._buffer.count(exchange) < len(connected):
-            return []
-        if any(not self._buffer.holds(exchange, peer) for peer in connected):
+        if len(self._ready) < self._peers.connected_count:
             return []
         return self._close_round(timed_out=False)
 
@@ -192,17 +211,20 @@ class DsgdCore(BaseCore):
         trained = self._trained
         assert trained is not None, "COLLECTING always has a trained model"
         finished_round = self.round
-        exchange = self.exchange
-        expected = set(self._peers.connected()) | self._buffer.senders(exchange)
+        exchange = self._exchange
+        # Expected: the connected neighbours and whoever else delivered; _ready is the
+        # overlap of the two.
+        expected = self._peers.connected_count + self._buffer.count(exchange) - len(self._ready)
         updates = self._buffer.take(exchange, self._peers.neighbours)
         merged = self._merger.merge(trained.vector, updates, own_round=exchange)
         if trained.step + 1 < self._steps:
             return self._next_gossip_step(
-                trained, merged, len(updates), len(expected), timed_out=timed_out
+                trained, merged, len(updates), expected, timed_out=timed_out
             )
         self.vector = merged
         self.round = finished_round + 1
         self._trained = None
+        self._set_exchange(self.round * self._steps)
         record = Emit(
             "round",
             {
@@ -210,7 +232,7 @@ class DsgdCore(BaseCore):
                 "loss": trained.loss,
                 "steps": trained.steps,
                 "received": trained.received + len(updates),
-                "expected": trained.expected + len(expected),
+                "expected": trained.expected + expected,
                 "neighbours": len(self._peers.neighbours),
                 "timed_out": int(timed_out or trained.timed_out),
                 "merge_fallbacks": self._merger.fallbacks,
@@ -248,5 +270,6 @@ class DsgdCore(BaseCore):
             expected=previous.expected + expected,
             timed_out=previous.timed_out or timed_out,
         )
+        self._set_exchange(self.round * self._steps + step)
         sends: list[Action] = [Send(peer, envelope) for peer in self._peers.connected()]
         return sends + self._close_if_complete()

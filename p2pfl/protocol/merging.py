@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from p2pfl.errors import InsufficientInputs, LocalProtocolError
 from p2pfl.merge.base import MergeContext, MergeRule, Probe
 from p2pfl.params import ParamLayout
 from p2pfl.protocol.messages import ModelUpdate
+
+# Field readers in C: a merge reads five fields of every update, and map() over these needs
+# no Python frame per update (a generator expression does).
+_VECTOR = operator.attrgetter("vector")
+_SENDER = operator.attrgetter("sender")
+_ROUND = operator.attrgetter("round")
+_DEGREE = operator.attrgetter("degree")
+_SAMPLES = operator.attrgetter("samples")
 
 
 class Merger:
@@ -63,21 +73,26 @@ class Merger:
             LocalProtocolError: the rule returned a tensor of another shape than ``own``.
         """
         if updates:
-            received = torch.stack([update.vector for update in updates])
+            received = torch.stack(list(map(_VECTOR, updates)))
         else:
             received = own.new_empty((0, *own.shape))
         if weights is None:
-            weights = [float(update.samples) for update in updates]
-        row_weights = torch.tensor(weights, dtype=torch.float32)
+            # Python floats rounded once to float32, as torch.tensor(..., dtype=float32) does,
+            # without building a tensor from a list (a third of a small model's merge).
+            row_weights = torch.from_numpy(
+                np.array(list(map(float, map(_SAMPLES, updates))), dtype=np.float32)
+            )
+        else:
+            row_weights = torch.tensor(weights, dtype=torch.float32)
         context = MergeContext(
-            senders=tuple(update.sender for update in updates),
-            rounds=tuple(update.round for update in updates),
+            senders=tuple(map(_SENDER, updates)),
+            rounds=tuple(map(_ROUND, updates)),
             own_round=own_round,
             own_weight=self.own_weight if own_weight is None else own_weight,
             layout=self.layout,
             state=self.state,
             degree=self.degree,
-            peer_degrees=tuple(update.degree for update in updates),
+            peer_degrees=tuple(map(_DEGREE, updates)),
             total_rounds=self.total_rounds,
             probe=self.probe,
         )
@@ -93,4 +108,4 @@ class Merger:
                 f"merge rule {self.rule.name!r} returned shape {list(merged.shape)}, "
                 f"expected {list(own.shape)}"
             )
-        return merged.to(torch.float32)
+        return merged if merged.dtype is torch.float32 else merged.to(torch.float32)

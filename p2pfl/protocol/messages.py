@@ -231,7 +231,7 @@ def check_sender(event: MessageReceived, peers: PeerSet) -> None:
     peer, envelope = event.peer, event.envelope
     if not peers.admits(peer):
         raise RemoteProtocolError("message from a peer that is not a configured neighbour")
-    if envelope.sender != peer:
+    if envelope.sender.raw != peer.raw:  # NodeId equality, without a Python-level __eq__
         raise RemoteProtocolError(f"envelope signed by {envelope.sender}, not by the peer {peer}")
     try:
         peers.check_seq(peer, envelope.seq)
@@ -251,23 +251,45 @@ def parse_model_update(
         MissingBase: a delta whose base this node does not hold (drop it, nobody's fault).
         RemoteProtocolError: any other defect; the message names it.
     """
-    peer, envelope = event.peer, event.envelope
+    envelope = event.envelope
     check_sender(event, peers)
-    if envelope.kind is not MessageKind.MODEL_UPDATE:
+    if envelope.kind is not _MODEL_UPDATE:
         raise RemoteProtocolError(f"unexpected message kind {envelope.kind.name}")
     if BASE in envelope.meta:
         if chains is None:
             raise RemoteProtocolError("a delta payload, which this mode does not take")
         decoded = decode_model(envelope, shape, chains.base(envelope))
+        update = _model_update(envelope, decoded)
     else:
         decoded = decode_model(envelope, shape)
+        # Everything but the per-receiver checks above depends on the envelope alone: one
+        # ModelUpdate (immutable, like its shared vector) serves every receiver of it.
+        shared: ModelUpdate | None = envelope.memo.get(_UPDATE)
+        if shared is None or shared.vector is not decoded:
+            shared = envelope.memo[_UPDATE] = _model_update(envelope, decoded)
+        update = shared
+    if chains is not None:
+        chains.record(envelope, decoded)
+    return update
+
+
+_MODEL_UPDATE = MessageKind.MODEL_UPDATE
+"""Bound once: an IntEnum member read off its class costs eight global lookups."""
+_UPDATE = "update"
+"""The memo key of the :class:`ModelUpdate` built from a (non-delta) envelope."""
+
+
+def _model_update(envelope: Envelope, decoded: torch.Tensor) -> ModelUpdate:
+    """The update ``envelope`` (checked) carries, with its decoded model.
+
+    Raises:
+        RemoteProtocolError: the declared degree is not an int in 0..MAX_DEGREE.
+    """
     degree = envelope.meta.get("deg", 0)
     if not isinstance(degree, int) or isinstance(degree, bool) or not 0 <= degree <= MAX_DEGREE:
         raise RemoteProtocolError(f"declared degree {degree!r} is not an int in 0..{MAX_DEGREE}")
-    if chains is not None:
-        chains.record(envelope, decoded)
     return ModelUpdate(
-        sender=peer,
+        sender=envelope.sender,  # the transport peer's key: check_sender compared them
         seq=envelope.seq,
         round=envelope.round,
         samples=envelope.spec.samples,

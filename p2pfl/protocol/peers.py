@@ -61,10 +61,12 @@ class SortedPeers(Neighbourhood):
             raise ConfigError("neighbours", sorted(map(str, unique)), "a collection of NodeId")
         # Sorting by the raw bytes is NodeId's own order, without its per-comparison tuples.
         self._peers = tuple(sorted(unique, key=lambda peer: peer.raw))
-        self._index = {peer: index for index, peer in enumerate(self._peers)}
+        # Keyed by the raw key: bytes hash in C (and cache it), NodeId.__hash__ is a Python
+        # call, and a lookup happens for every message.
+        self._index = {peer.raw: index for index, peer in enumerate(self._peers)}
 
     def position(self, peer: NodeId) -> int | None:
-        return self._index.get(peer)
+        return self._index.get(peer.raw)
 
     def __len__(self) -> int:
         return len(self._peers)
@@ -178,8 +180,8 @@ class PeerSet:
         self._own = own
         self.neighbours: Neighbourhood = table
         self._window_size = window_size
-        self._windows: dict[NodeId, ReplayWindow] = {}
-        """Neighbours' windows, made when a neighbour first sends after connecting."""
+        self._windows: dict[bytes, ReplayWindow] = {}
+        """Neighbours' windows by raw key, made when a neighbour first sends after connecting."""
         self.stranger_capacity = strangers
         self._strangers: OrderedDict[NodeId, ReplayWindow] = OrderedDict()
         self._strangers_connected: set[NodeId] = set()
@@ -205,6 +207,16 @@ class PeerSet:
             return peer in self._strangers_connected
         return bool(self._up[at])
 
+    def is_connected_neighbour(self, peer: NodeId) -> bool:
+        """Whether ``peer`` is one of :meth:`connected` (a stranger never is); O(1)."""
+        at = self.neighbours.position(peer)
+        return at is not None and bool(self._up[at])
+
+    @property
+    def connected_count(self) -> int:
+        """``len(self.connected())`` without building the view."""
+        return self._count
+
     def connect(self, peer: NodeId) -> None:
         """Mark an admitted peer connected and give it a fresh replay window."""
         at = self.neighbours.position(peer)
@@ -213,7 +225,7 @@ class PeerSet:
             self._strangers.pop(peer, None)
             self._stranger_window(peer)
             return
-        self._windows.pop(peer, None)
+        self._windows.pop(peer.raw, None)
         self._set(at, 1)
 
     def connect_all(self) -> None:
@@ -286,10 +298,10 @@ class PeerSet:
             Replayed: seen already, or below the window.
             KeyError: ``peer`` is not admitted (check :meth:`admits` first).
         """
-        window = self._windows.get(peer)
+        window = self._windows.get(peer.raw)
         if window is None:
             if self.neighbours.position(peer) is not None:
-                window = self._windows[peer] = ReplayWindow(self._window_size)
+                window = self._windows[peer.raw] = ReplayWindow(self._window_size)
             elif self.admits(peer):
                 window = self._stranger_window(peer)
             else:

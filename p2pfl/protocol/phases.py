@@ -138,11 +138,16 @@ SPSA_TRANSITIONS: Transitions = {
 class PhaseMachine:
     """The current phase, moved only along the edges of one transitions table."""
 
-    __slots__ = ("phase", "table")
+    __slots__ = ("_edges", "phase", "table")
 
     def __init__(self, table: Transitions) -> None:
         self.table = table
         self.phase = Phase.IDLE
+        # The edges by the phases' string values: an enum member's hash is a Python call,
+        # a str's is cached in C, and a core takes an edge several times a round.
+        self._edges = frozenset(
+            (source.value, target.value) for source, row in table.items() for target in row
+        )
 
     def goto(self, new: Phase) -> None:
         """Take the edge to ``new``.
@@ -150,7 +155,7 @@ class PhaseMachine:
         Raises:
             RuntimeError: the edge is not in the table (a bug in the core, not in its caller).
         """
-        if new not in self.table[self.phase]:
+        if (self.phase._value_, new._value_) not in self._edges:
             raise RuntimeError(f"no transition {self.phase.name} -> {new.name} in this mode")
         self.phase = new
 

@@ -277,6 +277,14 @@ def run_sweep(
         interrupted = _run_in_workers(
             todo, source, jobs, plots, summaries, len(runs), on_done, stop
         )
+    if interrupted:
+        # A worker may have written its whole run just before it was stopped, with its result
+        # still on the way: the directory says it finished, so the table keeps it.
+        for run in todo:
+            if run.index not in summaries:
+                summary = finished_summary(run, source)
+                if summary is not None:
+                    summaries[run.index] = summary
     table = out / "sweep.csv"
     done = [run for run in runs if run.index in summaries]
     write_table(runs, summaries, table)

@@ -302,3 +302,28 @@ def test_reinstall_takes_back_the_signals_a_library_replaced() -> None:
         assert signal.getsignal(signal.SIGTERM) is stop.handler
         assert signal.getsignal(signal.SIGINT) is stop.handler
     assert signal.getsignal(signal.SIGTERM) is not stop.handler
+
+
+def test_an_interrupted_sweep_keeps_a_run_its_worker_wrote_just_before_the_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race a Ctrl-C can hit: a worker has written its whole run, but its result has not
+    reached the parent when the workers are stopped. The table still lists that run."""
+    import sim.sweep as sweep
+    from sim.interrupts import Interrupted
+
+    document = parse_scenario({**ENDLESS, "rounds": 2}).model_dump(mode="json")
+    out = tmp_path / "sweep"
+    runs = sweep.plan(document, "<test>", [("learner.lr", ["0.1", "0.2"])], seeds=1, out=out)
+
+    def stopped_after_one_run(todo: Any, source: str, *args: Any) -> bool:
+        sweep.run_one(todo[0].document, source, str(todo[0].directory), False, todo[0].changed)
+        return True  # stopped, and the finished run's result never came back
+
+    monkeypatch.setattr(sweep, "_run_in_workers", stopped_after_one_run)
+    with pytest.raises(Interrupted, match="1 of 2 runs finished"):
+        sweep.run_sweep(runs, "<test>", out, jobs=2)
+    with (out / "sweep.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["directory"] for row in rows] == [runs[0].directory.name]
+    assert rows[0]["final_accuracy_alive"]

@@ -101,12 +101,16 @@ from p2pfl.protocol.events import (
     Started,
     TrainingFinished,
 )
-from p2pfl.wire import Envelope, decode_frame, encode_frame
+from p2pfl.wire import Envelope, encode_frame, parse_frame
 from sim.metrics import MetricsRecorder
 from sim.network import LinkModel
 from sim.population import Population
+from sim.verifier import VerifierProcess
 from sim.world import OFFLINE, ONLINE, ProgressHook, Timeline, WorldState, link_key
 
+VERIFY_ASIDE_AFTER_FRAMES = 1_000
+"""Frames a run verifies in the loop's thread before it starts a verifier process
+(:mod:`sim.verifier`) for the rest: TODO measured."""
 WORLD = -1
 """The ``node`` of heap entries that belong to the world (disruptions), not to a core."""
 ASIDE_EVALUATION_NODES = 5_000
@@ -132,6 +136,8 @@ class _Delivery:
     envelope: Envelope
     frame_bytes: int
     connection: tuple[int, int, int]
+    ticket: int
+    """The frame's ticket at the verifier process (-1: verified in the loop already)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +178,12 @@ class _Trained:
     loss: float
     steps: int
     projections: tuple[float, ...] = ()
+
+
+def _invalid(exc: WireError) -> AssertionError:
+    # Cores seal honestly and an adversary re-seals with the sender's key: a frame that does
+    # not check is a bug in the simulator or a core, never an outcome of a scenario.
+    return AssertionError(f"an honest core produced an invalid frame: {exc}")
 
 
 class Engine(WorldState):
@@ -220,8 +232,16 @@ class Engine(WorldState):
         self._incarnation = [0] * size
         self._link_epoch: dict[tuple[int, int], int] = {}
         self.workers = True
-        """Evaluate rounds in a worker thread (False: in the loop's thread; the metrics are
-        the same either way)."""
+        """Evaluate rounds in a worker thread and verify frame signatures in a verifier
+        process (False: both in the loop's thread; the metrics are the same either way)."""
+        self.verify_aside_after = VERIFY_ASIDE_AFTER_FRAMES
+        """Frames verified in the loop before the verifier process starts (see
+        :data:`VERIFY_ASIDE_AFTER_FRAMES`)."""
+        self._framed = 0
+        self._verifier: VerifierProcess | None = None
+        self._verify_aside = False
+        self._verified = 0
+        """Every frame whose ticket is below this is verified."""
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -262,6 +282,22 @@ class Engine(WorldState):
                 self.recorder.executor = None
 
     def _run(self) -> float:
+        # Frames may be verified aside only within the loop (the finally below ends the
+        # verifier process on every way out), by one process per engine (its tickets count
+        # from 0; later frames are verified in the loop).
+        self._verify_aside = self.workers and self._verifier is None
+        try:
+            reached = self._loop()
+            if self._verifier is not None:
+                self._verdict(self._verifier.submitted - 1)
+            self.recorder.flush()
+            return reached
+        finally:
+            self._verify_aside = False
+            if self._verifier is not None:
+                self._verifier.close()
+
+    def _loop(self) -> float:
         if self.disruptions is not None:
             self.disruptions.start(self)
         for node in range(len(self.cores)):
@@ -289,7 +325,6 @@ class Engine(WorldState):
             self._carry_out(node, self.cores[node].handle(event, now=at))
             if self.status[node] is ONLINE:
                 self._rearm(node)
-        self.recorder.flush()
         return self.now
 
     def _connect_reachable(self, node: int) -> None:
@@ -321,9 +356,11 @@ class Engine(WorldState):
                     steps=trained.steps,
                     projections=trained.projections,
                 )
-            case _Delivery(sender, envelope, frame_bytes, connection):
+            case _Delivery(sender, envelope, frame_bytes, connection, ticket):
                 if connection != self._connection(sender, node):
                     return None
+                if ticket >= self._verified:
+                    self._verdict(ticket)  # no core sees a frame before its signature checks
                 traffic = self.traffic[node]
                 traffic.bytes_received += frame_bytes
                 traffic.messages_received += 1
@@ -344,7 +381,7 @@ class Engine(WorldState):
         if none is delivered)."""
         # Keyed by id(): the entry holds the envelope itself so that no id is reused while the
         # dict lives (an adversary forges a fresh envelope per receiver).
-        framed: dict[int, tuple[Envelope, Envelope, int]] = {}
+        framed: dict[int, tuple[Envelope, Envelope, int, int]] = {}
         last_arrival: float | None = None
         adversary = self.adversary
         for action in actions:
@@ -358,7 +395,7 @@ class Engine(WorldState):
                     cached = framed.get(id(envelope))
                     if cached is None:
                         cached = framed[id(envelope)] = (envelope, *self._frame(envelope))
-                    _, verified, size = cached
+                    _, verified, size, ticket = cached
                     traffic = self.traffic[node]
                     traffic.bytes_sent += size
                     traffic.messages_sent += 1
@@ -367,7 +404,8 @@ class Engine(WorldState):
                     arrival = self.links.transmit(node, receiver, size, self.now)
                     if arrival is not None:
                         connection = self._connection(node, receiver)
-                        self.push(arrival, receiver, _Delivery(node, verified, size, connection))
+                        delivery = _Delivery(node, verified, size, connection, ticket)
+                        self.push(arrival, receiver, delivery)
                         last_arrival = (
                             arrival if last_arrival is None else max(last_arrival, arrival)
                         )
@@ -426,13 +464,34 @@ class Engine(WorldState):
         duration = training.steps * self.step_time / self.population.speed[node]
         self.push(self.now + duration, node, _TrainingDue(self._incarnation[node]))
 
-    def _frame(self, envelope: Envelope) -> tuple[Envelope, int]:
+    def _frame(self, envelope: Envelope) -> tuple[Envelope, int, int]:
+        """The envelope as a receiver decodes it from its frame, the frame's size, and the
+        ticket of its signature check (-1: checked already)."""
         frame = encode_frame(envelope)
         try:
-            verified = decode_frame(frame)
+            parsed, signed = parse_frame(frame)
+            verifier = self._verifier if self._verify_aside else None
+            if verifier is None and self._verify_aside:
+                self._framed += 1
+                if self._framed > self.verify_aside_after:
+                    verifier = self._verifier = VerifierProcess()
+            if verifier is None:
+                parsed.sender.verify(parsed.signature, signed)
+                return parsed, len(frame), -1
+            ticket = verifier.submit(parsed.sender.raw, parsed.signature, signed)
         except WireError as exc:
-            raise AssertionError(f"an honest core produced an invalid frame: {exc}") from exc
-        return verified, len(frame)
+            raise _invalid(exc) from exc
+        return parsed, len(frame), ticket
+
+    def _verdict(self, ticket: int) -> None:
+        """Wait for the verifier process's verdict on ``ticket`` and every earlier one."""
+        verifier = self._verifier
+        assert verifier is not None
+        try:
+            verifier.wait(ticket)
+        except WireError as exc:
+            raise _invalid(exc) from exc
+        self._verified = verifier.known
 
     def _rearm(self, node: int) -> None:
         deadline = self.cores[node].next_deadline()

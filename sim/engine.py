@@ -120,24 +120,35 @@ worker raised the peak RSS of the standard workload by 0.25 GB at 3,000 nodes an
 are about two thirds of it at 3,000 nodes), and at scale memory is what limits a run."""
 
 
-@dataclass(frozen=True, slots=True)
+# The engine's own heap items are built once per event and never changed after; they are not
+# frozen because a frozen dataclass's __init__ costs four times as much (object.__setattr__
+# per field), on one item per delivery.
+
+
+@dataclass(slots=True)
 class _Timer:
     at: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _TrainingDue:
     incarnation: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Delivery:
     sender: int
-    envelope: Envelope
+    event: MessageReceived
+    """What the receiver is handed: one event shared by every receiver of the frame."""
     frame_bytes: int
     connection: tuple[int, int, int]
+    """The connection the frame was sent on (:meth:`Engine._connection`)."""
     ticket: int
     """The frame's ticket at the verifier process (-1: verified in the loop already)."""
+
+
+_PRISTINE = (0, 0, 0)
+"""Every connection while nothing has broken in a run (no incarnation or link epoch moved)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +242,8 @@ class Engine(WorldState):
         self._started = [False] * size
         self._incarnation = [0] * size
         self._link_epoch: dict[tuple[int, int], int] = {}
+        self._broken = False
+        """A connection has broken in this run (until then every one is :data:`_PRISTINE`)."""
         self.workers = True
         """Evaluate rounds in a worker thread and verify frame signatures in a verifier
         process (False: both in the loop's thread; the metrics are the same either way)."""
@@ -304,8 +317,12 @@ class Engine(WorldState):
             self.push(0.0, node, NeighboursConnected())
             self.push(0.0, node, Started())
         size = len(self.cores)
-        while self._heap and self._finished < size:
-            at, _, node, item = heapq.heappop(self._heap)
+        # Per event, in order of frequency (a delivery, then a training's end; most events
+        # return no action); the names below are looked up once, not per event.
+        heap, cores, pop = self._heap, self.cores, heapq.heappop
+        status = self.network.status  # changed in place, never replaced
+        while heap and self._finished < size:
+            at, _, node, item = pop(heap)
             if self.horizon is not None and at > self.horizon:
                 self.now = self.horizon
                 break
@@ -314,16 +331,22 @@ class Engine(WorldState):
                 assert self.disruptions is not None and isinstance(item, WorldItem)
                 self.disruptions.fire(self, item.payload)
                 continue
-            if self.status[node] is not ONLINE:
+            if status[node] is not ONLINE:
                 continue
-            if isinstance(item, NeighboursConnected) and not self.network.all_up():
+            event: Event | None
+            if type(item) is _Delivery:
+                event = self._delivered(node, item)
+            elif isinstance(item, NeighboursConnected) and not self.network.all_up():
                 self._connect_reachable(node)
                 continue
-            event = self._to_event(node, item)
+            else:
+                event = self._to_event(node, item)
             if event is None:
                 continue
-            self._carry_out(node, self.cores[node].handle(event, now=at))
-            if self.status[node] is ONLINE:
+            actions = cores[node].handle(event, now=at)
+            if actions:
+                self._carry_out(node, actions)
+            if status[node] is ONLINE:
                 self._rearm(node)
         return self.now
 
@@ -356,17 +379,8 @@ class Engine(WorldState):
                     steps=trained.steps,
                     projections=trained.projections,
                 )
-            case _Delivery(sender, envelope, frame_bytes, connection, ticket):
-                if connection != self._connection(sender, node):
-                    return None
-                if ticket >= self._verified:
-                    self._verdict(ticket)  # no core sees a frame before its signature checks
-                traffic = self.traffic[node]
-                traffic.bytes_received += frame_bytes
-                traffic.messages_received += 1
-                if self.link_log is not None:
-                    self.link_log.append((self.now, sender, node, frame_bytes))
-                return MessageReceived(peer=self.cores[sender].node_id, envelope=envelope)
+            case _Delivery():
+                return self._delivered(node, item)
             case PeerConnected(peer):
                 return item if self.network.reachable(node, self._index[peer]) else None
             case Started():
@@ -376,12 +390,26 @@ class Engine(WorldState):
                 assert not isinstance(item, WorldItem)  # the loop hands those to the timeline
                 return item
 
+    def _delivered(self, node: int, delivery: _Delivery) -> MessageReceived | None:
+        """What ``node`` is handed for ``delivery``: None if its connection broke since."""
+        if self._broken and delivery.connection != self._connection(delivery.sender, node):
+            return None
+        ticket = delivery.ticket
+        if ticket >= self._verified:
+            self._verdict(ticket)  # no core sees a frame before its signature checks
+        traffic = self.traffic[node]
+        traffic.bytes_received += delivery.frame_bytes
+        traffic.messages_received += 1
+        if self.link_log is not None:
+            self.link_log.append((self.now, delivery.sender, node, delivery.frame_bytes))
+        return delivery.event
+
     def _carry_out(self, node: int, actions: list[Any]) -> float | None:
         """Carry out ``node``'s actions; returns when the last frame they sent arrives (None
         if none is delivered)."""
         # Keyed by id(): the entry holds the envelope itself so that no id is reused while the
         # dict lives (an adversary forges a fresh envelope per receiver).
-        framed: dict[int, tuple[Envelope, Envelope, int, int]] = {}
+        framed: dict[int, tuple[Envelope, MessageReceived, int, int]] = {}
         last_arrival: float | None = None
         adversary = self.adversary
         for action in actions:
@@ -394,8 +422,10 @@ class Engine(WorldState):
                         envelope = adversary.forge(node, receiver, envelope)
                     cached = framed.get(id(envelope))
                     if cached is None:
-                        cached = framed[id(envelope)] = (envelope, *self._frame(envelope))
-                    _, verified, size, ticket = cached
+                        verified, size, ticket = self._frame(envelope)
+                        received = MessageReceived(peer=self.cores[node].node_id, envelope=verified)
+                        cached = framed[id(envelope)] = (envelope, received, size, ticket)
+                    _, received, size, ticket = cached
                     traffic = self.traffic[node]
                     traffic.bytes_sent += size
                     traffic.messages_sent += 1
@@ -403,8 +433,8 @@ class Engine(WorldState):
                         continue  # written into a connection whose other end is gone
                     arrival = self.links.transmit(node, receiver, size, self.now)
                     if arrival is not None:
-                        connection = self._connection(node, receiver)
-                        delivery = _Delivery(node, verified, size, connection, ticket)
+                        connection = self._connection(node, receiver) if self._broken else _PRISTINE
+                        delivery = _Delivery(node, received, size, connection, ticket)
                         self.push(arrival, receiver, delivery)
                         last_arrival = (
                             arrival if last_arrival is None else max(last_arrival, arrival)
@@ -585,6 +615,7 @@ class Engine(WorldState):
         if before is OFFLINE:
             return True
         self._incarnation[node] += 1
+        self._broken = True
         self._armed[node] = None
         self._parked.pop(node, None)
         self._trained.pop(node, None)
@@ -626,6 +657,7 @@ class Engine(WorldState):
             return
         key = link_key(u, v)
         self._link_epoch[key] = self._link_epoch.get(key, 0) + 1
+        self._broken = True
         self.links.reset(u, v)
         self.links.reset(v, u)
         if self.status[u] is ONLINE and self.status[v] is ONLINE:

@@ -9,6 +9,8 @@ end, exception, Ctrl-C, the engine's process dying), and that it changes no metr
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -240,6 +242,21 @@ def test_a_verifier_names_the_first_bad_signature_in_order() -> None:
         assert verifier.known >= 3
         with pytest.raises(BadSignature, match="does not verify"):
             verifier.wait(bad)
+    finally:
+        verifier.close()
+    assert _gone(verifier.pid)
+
+
+def test_the_child_ignores_a_terminals_ctrl_c() -> None:
+    # Ctrl-C reaches the whole process group; the engine's process decides what stops, and
+    # the child must not die with a traceback of its own (even while still starting).
+    envelope = seal(SIGNER, MessageKind.MODEL_UPDATE, seq=1, round=0, payload=b"a")
+    _, signed = parse_frame(encode_frame(envelope))
+    verifier = VerifierProcess()
+    try:
+        os.kill(verifier.pid, signal.SIGINT)
+        verifier.wait(verifier.submit(SIGNER.node_id.raw, envelope.signature, signed))
+        assert verifier.known == 1
     finally:
         verifier.close()
     assert _gone(verifier.pid)

@@ -122,7 +122,9 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=1)
     parser.add_argument("--eval-samples", type=int, default=None)
     parser.add_argument("--no-floor", action="store_true")
-    parser.add_argument("--serial", action="store_true", help="no worker threads")
+    parser.add_argument(
+        "--serial", action="store_true", help="no worker thread, no verifier process"
+    )
     parser.add_argument("--baseline", type=Path, default=None)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()

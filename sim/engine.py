@@ -317,7 +317,7 @@ class Engine(WorldState):
                 # trainings run, rather than after a round of verifying in the loop.
                 self._verifier = VerifierProcess()
             reached = self._loop()
-            if self._verifier is not None:
+            if self._verifier is not None:  # every frame's verdict, delivered or not
                 self._verdict(self._verifier.submitted - 1)
             self.recorder.flush()
             return reached

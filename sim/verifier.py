@@ -9,8 +9,8 @@ Python process (no shared GIL) that verifies ``(public key, signature, signed by
 records in the order they were submitted and answers one verdict byte per record. Each
 record gets a *ticket* (its position in that order); the engine asks :meth:`wait` for a
 frame's ticket before it hands the frame to a receiving core, so nothing is used before its
-verdict is known, and :meth:`drain` at the end of a run, so a frame nobody received is
-checked as well. A rejected signature raises :class:`p2pfl.errors.BadSignature` (the
+verdict is known, and for the last ticket at the end of a run, so a frame nobody received
+is checked as well. A rejected signature raises :class:`p2pfl.errors.BadSignature` (the
 engine turns it into the same ``AssertionError`` as an inline check): the verdict bytes
 carry no reason, so the record is verified once more in this process to name it.
 
@@ -118,11 +118,6 @@ class VerifierProcess:
         if ticket >= self._written:
             self._write()
         self._read_until(ticket + 1)
-
-    def drain(self) -> None:
-        """Wait for every verdict so far (see :meth:`wait`, which says what is raised)."""
-        if self.submitted:
-            self.wait(self.submitted - 1)
 
     def close(self) -> None:
         """End the child: at once if it still has records to verify, else once it has read

@@ -37,6 +37,7 @@ import os
 import struct
 import subprocess
 import sys
+from collections import deque
 from pathlib import Path
 
 from p2pfl.errors import BadSignature
@@ -83,7 +84,8 @@ class VerifierProcess:
         self._from = self._process.stdout.fileno()
         self._batch = batch
         self._buffer = bytearray()
-        self._records: list[tuple[bytes, bytes, bytes]] = []
+        # A deque: a round's burst can leave thousands unanswered, read back a few at a time.
+        self._records: deque[tuple[bytes, bytes, bytes]] = deque()
         """The records from ticket :attr:`known` on, to name the reason of a rejection."""
         self.submitted = 0
         """Tickets handed out."""
@@ -159,7 +161,8 @@ class VerifierProcess:
                 first = next(i for i, verdict in enumerate(verdicts) if verdict != VERIFIED)
                 raise self._rejected(*self._records[first])
             self.known += len(verdicts)
-            del self._records[: len(verdicts)]
+            for _ in verdicts:
+                self._records.popleft()
 
     def _rejected(self, key: bytes, signature: bytes, signed: bytes) -> Exception:
         try:

@@ -315,7 +315,7 @@ class Engine(WorldState):
                 # So many nodes frame about as many frames in their first round (every
                 # dsgd or gossip node sends each round): start now, while the first
                 # trainings run, rather than after a round of verifying in the loop.
-                self._verifier = VerifierProcess()
+                self._start_verifier()
             reached = self._loop()
             if self._verifier is not None:  # every frame's verdict, delivered or not
                 self._verdict(self._verifier.submitted - 1)
@@ -523,7 +523,7 @@ class Engine(WorldState):
             if verifier is None and self._verify_aside:
                 self._framed += 1
                 if self._framed > self.verify_aside_after:
-                    verifier = self._verifier = VerifierProcess()
+                    verifier = self._start_verifier()
             if verifier is None:
                 parsed.sender.verify(parsed.signature, signed)
                 return parsed, len(frame), -1
@@ -531,6 +531,16 @@ class Engine(WorldState):
         except WireError as exc:
             raise _invalid(exc) from exc
         return parsed, len(frame), ticket
+
+    def _start_verifier(self) -> VerifierProcess | None:
+        """Start the verifier process; None (and verify in the loop from now on) if the
+        system will not start one (out of processes, memory or file descriptors)."""
+        try:
+            self._verifier = VerifierProcess()
+        except OSError as exc:
+            self._verify_aside = False
+            self.log({"event": "verifier_unavailable", "reason": str(exc)})
+        return self._verifier
 
     def _verdict(self, ticket: int) -> None:
         """Wait for the verifier process's verdict on ``ticket`` and every earlier one."""

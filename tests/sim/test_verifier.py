@@ -304,3 +304,24 @@ def test_ctrl_c_to_the_process_group_stops_the_run_and_the_verifier(tmp_path: Pa
         code, err = process.finish(timeout=60)
     _check_interrupted_run(out, code, err)  # one line on stderr: no traceback from the child
     assert _gone(pid)
+
+
+def test_a_verifier_that_will_not_start_leaves_verification_in_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reference = _engine()
+    reference.workers = False
+    reference.run()
+
+    def refuse() -> VerifierProcess:
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(sim.engine, "VerifierProcess", refuse)
+    engine = _engine()
+    engine.adversary = _Tamper(len(engine.cores))
+    with pytest.raises(AssertionError, match="does not verify"):  # still checked, in the loop
+        engine.run()
+    engine = _engine()
+    engine.run()
+    assert engine.recorder.csv_text() == reference.recorder.csv_text()
+    assert [entry["event"] for entry in engine.events_log] == ["verifier_unavailable"]

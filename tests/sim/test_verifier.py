@@ -30,7 +30,12 @@ from sim.run import build_engine
 from sim.scenario import parse_scenario
 from sim.verifier import VerifierProcess
 from tests.documents import small_document
-from tests.sim.test_interrupts import _check_interrupted_run, scenario_file, started
+from tests.sim.test_interrupts import (
+    ANNOUNCING_CLI,
+    _check_interrupted_run,
+    scenario_file,
+    started,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 SIGNER = Identity.from_seed(bytes(range(32)))
@@ -263,31 +268,11 @@ def test_the_child_ignores_a_terminals_ctrl_c() -> None:
     assert _gone(verifier.pid)
 
 
-VERIFYING_CLI = """\
-import sys
-import sim.cli as cli
-import sim.engine
-
-sim.engine.VERIFY_ASIDE_AFTER_FRAMES = 0  # the verifier process from the run's start
-real = cli.run_scenario
-
-
-def announcing(scenario, out, *, on_round=None, **options):
-    # Test scaffolding: say the verifier's pid once a round is complete.
-    said = []
-
-    def hook(engine):
-        on_round(engine)
-        if engine.recorder.rounds and not said:
-            said.append(True)
-            print("VERIFIER", engine._verifier.pid, flush=True)
-
-    return real(scenario, out, on_round=hook, **options)
-
-
-cli.run_scenario = announcing
-sys.exit(cli.main(sys.argv[1:]))
-"""
+VERIFYING_CLI = (
+    "import sim.engine\n"
+    "sim.engine.VERIFY_ASIDE_AFTER_FRAMES = 0  # the verifier process from the run's start\n"
+    + ANNOUNCING_CLI
+)
 
 
 @pytest.mark.timeout(120)
@@ -296,10 +281,14 @@ def test_ctrl_c_to_the_process_group_stops_the_run_and_the_verifier(tmp_path: Pa
     out = tmp_path / "run"
     argv = ["-c", VERIFYING_CLI, "run", str(scenario), "--out", str(out), "--quiet"]
     with started(argv) as process:
-        line = process.lines.get(timeout=60)
-        assert line.startswith("VERIFIER"), line
-        pid = int(line.split()[1])
-        assert not _gone(pid)
+        process.wait_for_line("ROUND", timeout=60)
+        found = subprocess.run(
+            ["pgrep", "-P", str(process.popen.pid), "-f", "sim.verifier"],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        assert len(found) == 1, found
+        pid = int(found[0])
         os.killpg(process.popen.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole group
         code, err = process.finish(timeout=60)
     _check_interrupted_run(out, code, err)  # one line on stderr: no traceback from the child

@@ -58,8 +58,9 @@ MAX_UNREAD = 16_384
 """Verdicts the child may have written that the engine has not read (a quarter of a pipe)."""
 PIPE_BYTES = 1 << 20
 """The pipe to the child (Linux, up to ``/proc/sys/fs/pipe-max-size``): a round of the
-standard workload sends 1,000 records of about 250 bytes in a burst, faster than one
-core verifies them; with the default 64 KiB pipe the engine blocked writing."""
+standard workload writes 1,000 records of 221 bytes in a burst, which the loop should be
+able to write while the child is still starting (50-105 ms) or behind, without blocking;
+the default 64 KiB pipe holds about 300."""
 CLOSE_TIMEOUT = 10.0
 """Seconds :meth:`VerifierProcess.close` waits for a child that has nothing left to do."""
 

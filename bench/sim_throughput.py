@@ -15,12 +15,14 @@ overhead factor; absolute times drift with machine load, the ratio much less.
 ``--eval-every`` / ``--eval-samples`` set ``metrics.eval_every`` / ``metrics.eval_samples``
 (defaults: every round, all 1,000 test examples). ``--no-floor`` skips the floor (for runs at
 scale, where it would take as long as the run). Peak RSS is the process's (``ru_maxrss``);
-CPU seconds are the process's (``time.process_time``, every thread), which on a shared
-machine say more than wall time; main-thread CPU seconds (``time.thread_time``) are the event
-loop's alone, without the evaluation the engine runs in a worker thread.
+CPU seconds are the process's (``time.process_time``, every thread) plus its child
+processes' (the engine's frame verifier, :mod:`sim.verifier`), which on a shared machine say
+more than wall time; main-thread CPU seconds (``time.thread_time``) are the event loop's
+alone, without the evaluation the engine runs in a worker thread or the verification in
+its verifier process.
 
 ``--serial`` runs everything in the main thread (the engine's ``workers = False``: no worker
-thread evaluates rounds or verifies frames). ``--baseline TREE`` compares against another source tree (e.g. a ``git archive`` of main):
+thread evaluates rounds, no verifier process checks signatures). ``--baseline TREE`` compares against another source tree (e.g. a ``git archive`` of main):
 this script runs the same workload ``--repeat`` times (default 3) alternately in fresh
 processes, first with ``TREE`` on ``PYTHONPATH``, then with this tree, and prints each run
 and the ratios of the medians (baseline / this tree: above 1 means this tree is faster).
@@ -103,6 +105,12 @@ def measure_floor(engine: Engine, *, models: int, rounds: int, steps: int) -> fl
     return time.perf_counter() - started
 
 
+def children_cpu() -> float:
+    """CPU seconds of this process's child processes that have ended."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
@@ -114,7 +122,9 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=1)
     parser.add_argument("--eval-samples", type=int, default=None)
     parser.add_argument("--no-floor", action="store_true")
-    parser.add_argument("--serial", action="store_true", help="no worker threads")
+    parser.add_argument(
+        "--serial", action="store_true", help="no worker thread, no verifier process"
+    )
     parser.add_argument("--baseline", type=Path, default=None)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
@@ -150,12 +160,14 @@ def main() -> None:
         f"{time.process_time() - build_cpu:.2f} s CPU, peak RSS {peak_rss_gb():.2f} GB"
     )
     started[0], started_cpu = time.perf_counter(), time.process_time()
+    started_children = children_cpu()
     started_thread = time.thread_time()
     engine.run()
     wall = time.perf_counter() - started[0]
     if args.nodes >= 10_000:
         show_rounds(engine)  # a round completed by the run's last report
-    cpu = time.process_time() - started_cpu
+    aside = children_cpu() - started_children  # the verifier, reaped at the run's end
+    cpu = time.process_time() - started_cpu + aside
     thread_cpu = time.thread_time() - started_thread
     node_rounds = len(engine.recorder.rows)
     final = engine.recorder.rounds[-1]
@@ -164,7 +176,10 @@ def main() -> None:
     )
     # On a shared machine the process may get a fraction of a core: CPU seconds show what
     # the run would take alone (one torch thread, so at most one core's worth).
-    print(f"run CPU: {cpu:.2f} s, {node_rounds / cpu:.0f} node-rounds per CPU second")
+    print(
+        f"run CPU: {cpu:.2f} s, {node_rounds / cpu:.0f} node-rounds per CPU second"
+        f" ({aside:.2f} s of it in child processes)"
+    )
     print(f"main-thread CPU: {thread_cpu:.2f} s")
     print(f"peak RSS after the run: {peak_rss_gb():.2f} GB")
     if not args.no_floor:

@@ -359,11 +359,7 @@ def decode_frame(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_
     Raises:
         WireError: any subclass, for any defect; nothing else escapes.
     """
-    view = memoryview(data).cast("B")
-    total = read_length(view[:4], limits)
-    if view.nbytes != total + 4:
-        raise DecodeError(f"frame declares {total + 4} bytes but holds {view.nbytes}")
-    return decode_body(view[4:], limits)
+    return decode_body(_body_of(data, limits), limits)
 
 
 def decode_body(body: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> Envelope:
@@ -374,6 +370,45 @@ def decode_body(body: bytes | bytearray | memoryview, limits: Limits = DEFAULT_L
     Raises:
         WireError: any subclass, for any defect; nothing else escapes.
     """
+    envelope, signed = _parse_body(body, limits)
+    envelope.sender.verify(envelope.signature, signed)
+    _check_digest(envelope)
+    return envelope
+
+
+def parse_frame(
+    data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS
+) -> tuple[Envelope, bytes]:
+    """Check a whole frame as :func:`decode_frame` does, all but its signature.
+
+    For a driver that verifies signatures elsewhere (the simulator hands them to a verifier
+    process): the envelope is **not authenticated** until ``envelope.sender.verify(
+    envelope.signature, signed)`` has passed, and must not be used before. A node verifies
+    inline with :func:`decode_frame`.
+
+    Returns:
+        The envelope (its payload a view into ``data``) and the bytes its signature covers.
+
+    Raises:
+        WireError: any subclass, for any defect but the signature; nothing else escapes.
+    """
+    envelope, signed = _parse_body(_body_of(data, limits), limits)
+    _check_digest(envelope)
+    return envelope, signed
+
+
+def _body_of(data: bytes | bytearray | memoryview, limits: Limits) -> memoryview:
+    """The bytes after a whole frame's length prefix, once the prefix is checked."""
+    view = memoryview(data).cast("B")
+    total = read_length(view[:4], limits)
+    if view.nbytes != total + 4:
+        raise DecodeError(f"frame declares {total + 4} bytes but holds {view.nbytes}")
+    return view[4:]
+
+
+def _parse_body(body: bytes | bytearray | memoryview, limits: Limits) -> tuple[Envelope, bytes]:
+    """The envelope in ``body`` and the bytes its signature covers, every check done but the
+    signature and the payload digest."""
     view = memoryview(body).cast("B")
     if view.nbytes < 4:
         raise DecodeError("frame too short for a header length")
@@ -399,10 +434,12 @@ def decode_body(body: bytes | bytearray | memoryview, limits: Limits = DEFAULT_L
         raise DecodeError("header map keys cannot be put in canonical order") from exc
     if not in_order or _pack_ordered(header) != header_bytes:
         raise DecodeError("header is not in canonical encoding")
-    envelope.sender.verify(envelope.signature, _signed_bytes_of(envelope))
-    if hashlib.sha256(payload).digest() != envelope.digest:
+    return envelope, _signed_bytes_of(envelope)
+
+
+def _check_digest(envelope: Envelope) -> None:
+    if hashlib.sha256(envelope.payload).digest() != envelope.digest:
         raise BadSignature("payload does not match the signed digest")
-    return envelope
 
 
 def _unpack_header(header_bytes: memoryview, limits: Limits) -> dict[str, Any]:

@@ -7,8 +7,11 @@ of ``(time, sequence, node, item)`` entries; the sequence number makes ties reso
 insertion order, so a run is a pure function of the scenario and its seed. Popping an entry
 turns it into a core event and carries out the actions the core returns:
 
-* ``Send``: the envelope is framed once and verified once per process (every receiver of the
-  same envelope shares the bytes and the verified result), then handed to the link model
+* ``Send``: the envelope is framed once and checked once per process (every receiver of the
+  same envelope shares the bytes and the checked result); its Ed25519 signature is verified
+  beside the loop by a verifier process (:mod:`sim.verifier`; in the loop for short runs and
+  with ``workers = False``), and a delivery waits for its frame's verdict before the
+  receiver sees it. Then the frame is handed to the link model
   (:mod:`sim.network`: serialisation at the link's bandwidth, latency, jitter, FIFO order,
   loss), which says when it arrives, if at all.
 * ``StartTraining``: the training is parked and its completion scheduled at
@@ -101,12 +104,23 @@ from p2pfl.protocol.events import (
     Started,
     TrainingFinished,
 )
-from p2pfl.wire import Envelope, decode_frame, encode_frame
+from p2pfl.wire import Envelope, encode_frame, parse_frame
 from sim.metrics import MetricsRecorder
 from sim.network import LinkModel
 from sim.population import Population
+from sim.verifier import VerifierProcess
 from sim.world import OFFLINE, ONLINE, ProgressHook, Timeline, WorldState, link_key
 
+VERIFY_ASIDE_AFTER_FRAMES = 1_000
+"""Frames a run verifies in the loop's thread before it starts a verifier process
+(:mod:`sim.verifier`) for the rest; a run of at least this many nodes starts one at once.
+
+Measured (2 cores, loaded): starting and ending the process costs the loop 0.7 ms and each
+frame handed to it 0.5 us, against 107 us to verify one in the loop; but the child answers
+its first verdict 50-105 ms after it starts (a Python interpreter importing ``cryptography``),
+and a delivery may wait for that. 1,000 frames are about that long verified in the loop, so
+a run that has framed that many (likely to frame as many again) or frames that many per
+round gains from then on, and a short run of a few nodes never pays a start-up."""
 WORLD = -1
 """The ``node`` of heap entries that belong to the world (disruptions), not to a core."""
 ASIDE_EVALUATION_NODES = 5_000
@@ -116,22 +130,35 @@ worker raised the peak RSS of the standard workload by 0.25 GB at 3,000 nodes an
 are about two thirds of it at 3,000 nodes), and at scale memory is what limits a run."""
 
 
-@dataclass(frozen=True, slots=True)
+# The engine's own heap items are built once per event and never changed after; they are not
+# frozen because a frozen dataclass's __init__ costs four times as much (object.__setattr__
+# per field), on one item per delivery.
+
+
+@dataclass(slots=True)
 class _Timer:
     at: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _TrainingDue:
     incarnation: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Delivery:
     sender: int
-    envelope: Envelope
+    event: MessageReceived
+    """What the receiver is handed: one event shared by every receiver of the frame."""
     frame_bytes: int
     connection: tuple[int, int, int]
+    """The connection the frame was sent on (:meth:`Engine._connection`)."""
+    ticket: int
+    """The frame's ticket at the verifier process (-1: verified in the loop already)."""
+
+
+_PRISTINE = (0, 0, 0)
+"""Every connection while nothing has broken in a run (no incarnation or link epoch moved)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +201,12 @@ class _Trained:
     projections: tuple[float, ...] = ()
 
 
+def _invalid(exc: WireError) -> AssertionError:
+    # Cores seal honestly and an adversary re-seals with the sender's key: a frame that does
+    # not check is a bug in the simulator or a core, never an outcome of a scenario.
+    return AssertionError(f"an honest core produced an invalid frame: {exc}")
+
+
 class Engine(WorldState):
     """Runs one population of cores until every core stops or dies, or the horizon passes.
 
@@ -207,7 +240,8 @@ class Engine(WorldState):
         """Set to a list to record every delivered frame as (time, sender, receiver, bytes)."""
         size = len(cores)
         self.trainings_started = [0] * size
-        self._index = {core.node_id: index for index, core in enumerate(cores)}
+        # Keyed by the raw key bytes, whose hash is cached in C (a NodeId's is Python code).
+        self._index = {core.node_id.raw: index for index, core in enumerate(cores)}
         self._heap: list[tuple[float, int, int, _Item]] = []
         self._sequence = 0
         self._armed: list[float | None] = [None] * size
@@ -219,9 +253,19 @@ class Engine(WorldState):
         self._started = [False] * size
         self._incarnation = [0] * size
         self._link_epoch: dict[tuple[int, int], int] = {}
+        self._broken = False
+        """A connection has broken in this run (until then every one is :data:`_PRISTINE`)."""
         self.workers = True
-        """Evaluate rounds in a worker thread (False: in the loop's thread; the metrics are
-        the same either way)."""
+        """Evaluate rounds in a worker thread and verify frame signatures in a verifier
+        process (False: both in the loop's thread; the metrics are the same either way)."""
+        self.verify_aside_after = VERIFY_ASIDE_AFTER_FRAMES
+        """Frames verified in the loop before the verifier process starts (see
+        :data:`VERIFY_ASIDE_AFTER_FRAMES`)."""
+        self._framed = 0
+        self._verifier: VerifierProcess | None = None
+        self._verify_aside = False
+        self._verified = 0
+        """Every frame whose ticket is below this is verified."""
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -262,14 +306,39 @@ class Engine(WorldState):
                 self.recorder.executor = None
 
     def _run(self) -> float:
+        # Frames may be verified aside only within the loop (the finally below ends the
+        # verifier process on every way out), by one process per engine (its tickets count
+        # from 0; later frames are verified in the loop).
+        self._verify_aside = self.workers and self._verifier is None
+        try:
+            if self._verify_aside and len(self.cores) >= self.verify_aside_after:
+                # So many nodes frame about as many frames in their first round (every
+                # dsgd or gossip node sends each round): start now, while the first
+                # trainings run, rather than after a round of verifying in the loop.
+                self._start_verifier()
+            reached = self._loop()
+            if self._verifier is not None:  # every frame's verdict, delivered or not
+                self._verdict(self._verifier.submitted - 1)
+            self.recorder.flush()
+            return reached
+        finally:
+            self._verify_aside = False
+            if self._verifier is not None:
+                self._verifier.close()
+
+    def _loop(self) -> float:
         if self.disruptions is not None:
             self.disruptions.start(self)
         for node in range(len(self.cores)):
             self.push(0.0, node, NeighboursConnected())
             self.push(0.0, node, Started())
         size = len(self.cores)
-        while self._heap and self._finished < size:
-            at, _, node, item = heapq.heappop(self._heap)
+        # Per event, in order of frequency (a delivery, then a training's end; most events
+        # return no action); the names below are looked up once, not per event.
+        heap, cores, pop = self._heap, self.cores, heapq.heappop
+        status = self.network.status  # changed in place, never replaced
+        while heap and self._finished < size:
+            at, _, node, item = pop(heap)
             if self.horizon is not None and at > self.horizon:
                 self.now = self.horizon
                 break
@@ -278,18 +347,23 @@ class Engine(WorldState):
                 assert self.disruptions is not None and isinstance(item, WorldItem)
                 self.disruptions.fire(self, item.payload)
                 continue
-            if self.status[node] is not ONLINE:
+            if status[node] is not ONLINE:
                 continue
-            if isinstance(item, NeighboursConnected) and not self.network.all_up():
+            event: Event | None
+            if type(item) is _Delivery:
+                event = self._delivered(node, item)
+            elif isinstance(item, NeighboursConnected) and not self.network.all_up():
                 self._connect_reachable(node)
                 continue
-            event = self._to_event(node, item)
+            else:
+                event = self._to_event(node, item)
             if event is None:
                 continue
-            self._carry_out(node, self.cores[node].handle(event, now=at))
-            if self.status[node] is ONLINE:
+            actions = cores[node].handle(event, now=at)
+            if actions:
+                self._carry_out(node, actions)
+            if status[node] is ONLINE:
                 self._rearm(node)
-        self.recorder.flush()
         return self.now
 
     def _connect_reachable(self, node: int) -> None:
@@ -321,17 +395,10 @@ class Engine(WorldState):
                     steps=trained.steps,
                     projections=trained.projections,
                 )
-            case _Delivery(sender, envelope, frame_bytes, connection):
-                if connection != self._connection(sender, node):
-                    return None
-                traffic = self.traffic[node]
-                traffic.bytes_received += frame_bytes
-                traffic.messages_received += 1
-                if self.link_log is not None:
-                    self.link_log.append((self.now, sender, node, frame_bytes))
-                return MessageReceived(peer=self.cores[sender].node_id, envelope=envelope)
+            case _Delivery():
+                return self._delivered(node, item)
             case PeerConnected(peer):
-                return item if self.network.reachable(node, self._index[peer]) else None
+                return item if self.network.reachable(node, self._index[peer.raw]) else None
             case Started():
                 self._started[node] = True
                 return item
@@ -339,38 +406,58 @@ class Engine(WorldState):
                 assert not isinstance(item, WorldItem)  # the loop hands those to the timeline
                 return item
 
+    def _delivered(self, node: int, delivery: _Delivery) -> MessageReceived | None:
+        """What ``node`` is handed for ``delivery``: None if its connection broke since."""
+        if self._broken and delivery.connection != self._connection(delivery.sender, node):
+            return None
+        ticket = delivery.ticket
+        if ticket >= self._verified:
+            self._verdict(ticket)  # no core sees a frame before its signature checks
+        traffic = self.traffic[node]
+        traffic.bytes_received += delivery.frame_bytes
+        traffic.messages_received += 1
+        if self.link_log is not None:
+            self.link_log.append((self.now, delivery.sender, node, delivery.frame_bytes))
+        return delivery.event
+
     def _carry_out(self, node: int, actions: list[Any]) -> float | None:
         """Carry out ``node``'s actions; returns when the last frame they sent arrives (None
         if none is delivered)."""
         # Keyed by id(): the entry holds the envelope itself so that no id is reused while the
         # dict lives (an adversary forges a fresh envelope per receiver).
-        framed: dict[int, tuple[Envelope, Envelope, int]] = {}
+        framed: dict[int, tuple[Envelope, MessageReceived, int, int]] = {}
         last_arrival: float | None = None
         adversary = self.adversary
+        forging = adversary is not None and adversary.byzantine[node]
+        traffic = self.traffic[node]
         for action in actions:
+            if type(action) is Send:  # most actions: ahead of the match's pattern tests
+                receiver = self._index.get(action.peer.raw)
+                if receiver is None:
+                    continue
+                envelope = action.envelope
+                if forging:
+                    assert adversary is not None
+                    envelope = adversary.forge(node, receiver, envelope)
+                cached = framed.get(id(envelope))
+                if cached is None:
+                    verified, size, ticket = self._frame(envelope)
+                    received = MessageReceived(peer=self.cores[node].node_id, envelope=verified)
+                    cached = framed[id(envelope)] = (envelope, received, size, ticket)
+                _, received, size, ticket = cached
+                traffic.bytes_sent += size
+                traffic.messages_sent += 1
+                if not self.network.reachable(node, receiver):
+                    continue  # written into a connection whose other end is gone
+                arrival = self.links.transmit(node, receiver, size, self.now)
+                if arrival is not None:
+                    connection = self._connection(node, receiver) if self._broken else _PRISTINE
+                    self.push(
+                        arrival, receiver, _Delivery(node, received, size, connection, ticket)
+                    )
+                    last_arrival = arrival if last_arrival is None else max(last_arrival, arrival)
+                continue
             match action:
-                case Send(peer, envelope):
-                    receiver = self._index.get(peer)
-                    if receiver is None:
-                        continue
-                    if adversary is not None and adversary.byzantine[node]:
-                        envelope = adversary.forge(node, receiver, envelope)
-                    cached = framed.get(id(envelope))
-                    if cached is None:
-                        cached = framed[id(envelope)] = (envelope, *self._frame(envelope))
-                    _, verified, size = cached
-                    traffic = self.traffic[node]
-                    traffic.bytes_sent += size
-                    traffic.messages_sent += 1
-                    if not self.network.reachable(node, receiver):
-                        continue  # written into a connection whose other end is gone
-                    arrival = self.links.transmit(node, receiver, size, self.now)
-                    if arrival is not None:
-                        connection = self._connection(node, receiver)
-                        self.push(arrival, receiver, _Delivery(node, verified, size, connection))
-                        last_arrival = (
-                            arrival if last_arrival is None else max(last_arrival, arrival)
-                        )
                 case StartTraining(vector, steps, round_, probe):
                     if self.disruptions is not None and not self.disruptions.may_train(self, node):
                         return last_arrival
@@ -426,13 +513,44 @@ class Engine(WorldState):
         duration = training.steps * self.step_time / self.population.speed[node]
         self.push(self.now + duration, node, _TrainingDue(self._incarnation[node]))
 
-    def _frame(self, envelope: Envelope) -> tuple[Envelope, int]:
+    def _frame(self, envelope: Envelope) -> tuple[Envelope, int, int]:
+        """The envelope as a receiver decodes it from its frame, the frame's size, and the
+        ticket of its signature check (-1: checked already)."""
         frame = encode_frame(envelope)
         try:
-            verified = decode_frame(frame)
+            parsed, signed = parse_frame(frame)
+            verifier = self._verifier if self._verify_aside else None
+            if verifier is None and self._verify_aside:
+                self._framed += 1
+                if self._framed > self.verify_aside_after:
+                    verifier = self._start_verifier()
+            if verifier is None:
+                parsed.sender.verify(parsed.signature, signed)
+                return parsed, len(frame), -1
+            ticket = verifier.submit(parsed.sender.raw, parsed.signature, signed)
         except WireError as exc:
-            raise AssertionError(f"an honest core produced an invalid frame: {exc}") from exc
-        return verified, len(frame)
+            raise _invalid(exc) from exc
+        return parsed, len(frame), ticket
+
+    def _start_verifier(self) -> VerifierProcess | None:
+        """Start the verifier process; None (and verify in the loop from now on) if the
+        system will not start one (out of processes, memory or file descriptors)."""
+        try:
+            self._verifier = VerifierProcess()
+        except OSError as exc:
+            self._verify_aside = False
+            self.log({"event": "verifier_unavailable", "reason": str(exc)})
+        return self._verifier
+
+    def _verdict(self, ticket: int) -> None:
+        """Wait for the verifier process's verdict on ``ticket`` and every earlier one."""
+        verifier = self._verifier
+        assert verifier is not None
+        try:
+            verifier.wait(ticket)
+        except WireError as exc:
+            raise _invalid(exc) from exc
+        self._verified = verifier.known
 
     def _rearm(self, node: int) -> None:
         deadline = self.cores[node].next_deadline()
@@ -526,6 +644,7 @@ class Engine(WorldState):
         if before is OFFLINE:
             return True
         self._incarnation[node] += 1
+        self._broken = True
         self._armed[node] = None
         self._parked.pop(node, None)
         self._trained.pop(node, None)
@@ -567,6 +686,7 @@ class Engine(WorldState):
             return
         key = link_key(u, v)
         self._link_epoch[key] = self._link_epoch.get(key, 0) + 1
+        self._broken = True
         self.links.reset(u, v)
         self.links.reset(v, u)
         if self.status[u] is ONLINE and self.status[v] is ONLINE:

@@ -80,7 +80,9 @@ class NetworkState:
     def reachable(self, u: int, v: int) -> bool:
         """Both ends online and the link between them up."""
         status = self.status
-        return status[u] is ONLINE and status[v] is ONLINE and self.link_up(u, v)
+        if status[u] is not ONLINE or status[v] is not ONLINE:
+            return False
+        return not self._down_links or self.link_up(u, v)
 
     def reachable_if_up(self, node: int, neighbour: int) -> bool:
         """``neighbour`` is online and the link to it up (whatever ``node``'s own state)."""

@@ -26,7 +26,7 @@ BatchNorm in simulations).
 
 Memory: a group is trained in chunks of at most :data:`TRAIN_BUDGET` parameters times rows
 and :data:`SAMPLE_BUDGET` examples times rows; evaluation in chunks of
-:data:`SAMPLE_BUDGET` (model, example) pairs.
+:data:`EVAL_BUDGET` (model, example) pairs.
 """
 
 from __future__ import annotations
@@ -65,6 +65,8 @@ SAMPLE_BUDGET = 2**15
 """Rows times examples in one chunk of a forward pass."""
 EVAL_EXAMPLES = 4096
 """Test examples per evaluation chunk."""
+EVAL_BUDGET = 2**15
+"""Rows times test examples in one evaluation chunk."""
 
 Dataset = tuple[Tensor, Tensor]
 
@@ -286,7 +288,7 @@ class BatchedLearner:
 
         forward = vmap(_logits, in_dims=(None, 0, None, None))
         parts = []
-        rows = max(1, SAMPLE_BUDGET // max(min(len(x), EVAL_EXAMPLES), 1))
+        rows = max(1, EVAL_BUDGET // max(min(len(x), EVAL_EXAMPLES), 1))
         for start in range(0, count, rows):
             params = row_params(self.layout, vectors[start : start + rows])
             parts.append(
@@ -310,7 +312,7 @@ class BatchedLearner:
         """
         losses = []
         accuracies = []
-        rows = max(1, SAMPLE_BUDGET // max(min(len(x), EVAL_EXAMPLES), 1))
+        rows = max(1, EVAL_BUDGET // max(min(len(x), EVAL_EXAMPLES), 1))
         for start in range(0, vectors.shape[0], rows):
             loss, accuracy = score_logits(self.logits(vectors[start : start + rows], x), y)
             losses.append(loss)

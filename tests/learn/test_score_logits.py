@@ -79,7 +79,7 @@ def test_batched_evaluation_equals_each_node_scored_alone(monkeypatch: pytest.Mo
         assert float(loss[node]) == float(alone[0][0]), node
         assert float(accuracy[node]) == float(alone[1][0])
     # The chunking (how many models share one forward pass) changes no bit.
-    monkeypatch.setattr(batched_module, "SAMPLE_BUDGET", 300 * 3)
+    monkeypatch.setattr(batched_module, "EVAL_BUDGET", 300 * 3)
     again = learner.evaluate(vectors, x, y)
     assert torch.equal(again[0], loss)
     assert torch.equal(again[1], accuracy)

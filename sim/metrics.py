@@ -137,7 +137,7 @@ def _done(scores: _Scores) -> Future[_Scores]:
 
 TRIM_BYTES = 32 << 20
 """A round whose models take at least this much hands the C heap's free pages back to the
-system once they are stacked (:func:`trim_heap`)."""
+system once they are stacked and again once they are evaluated (:func:`trim_heap`)."""
 DISTANCE_CHUNK = 1 << 20
 """Parameters (rows times model size) per chunk of the distances to a round's mean."""
 
@@ -169,6 +169,10 @@ def trim_heap() -> None:
     """
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
+
+
+def _large(vectors: Tensor) -> bool:
+    return vectors.numel() * vectors.element_size() >= TRIM_BYTES
 
 
 def _distances_to_mean(vectors: Tensor) -> Tensor:
@@ -358,7 +362,10 @@ class MetricsRecorder:
 
     def _scores(self, round_: int, vectors: Tensor) -> _Scores:
         test_loss, test_accuracy = self._evaluate(round_, vectors)
-        return test_loss, test_accuracy, self._success(round_, vectors)
+        scores = test_loss, test_accuracy, self._success(round_, vectors)
+        if self._evaluated(round_) and _large(vectors):
+            trim_heap()  # the evaluation's chunks, freed between the loop's small objects
+        return scores
 
     def _complete(self, round_: int) -> None:
         entries = sorted(self._pending.pop(round_), key=lambda entry: entry.node)
@@ -372,7 +379,7 @@ class MetricsRecorder:
         vectors = torch.stack([entry.vector for entry in entries])
         for entry in entries:
             entry.vector = _RELEASED  # the stack holds them now; rows need the rest only
-        if vectors.numel() * vectors.element_size() >= TRIM_BYTES:
+        if _large(vectors):
             trim_heap()
         distances = _distances_to_mean(vectors)
         consensus = float(distances.mean())

@@ -113,9 +113,9 @@ ASIDE_EVALUATION_NODES = 10_000
 """Above this many nodes the rounds are evaluated in the loop's thread. In a worker, a round's
 ``[n, P]`` stack stays alive beside the loop until it is evaluated: one model per node more
 (1 GB at 100,000 nodes of the standard workload, where memory is what limits a run). Measured
-at 10,000 nodes: peak RSS 1.21 GB with the worker, 1.17 GB without (docs/benchmarks.md,
-"Evaluation (session 4)"; before the cheaper evaluation and the heap trim of
-:func:`sim.metrics.trim_heap` the worker cost 0.35 GB there)."""
+at 10,000 nodes: peak RSS 1.19-1.21 GB with the worker, 1.17-1.18 GB without
+(docs/benchmarks.md, "Evaluation (session 4)"; before the cheaper evaluation and the heap
+trim of :func:`sim.metrics.trim_heap`, the worker cost 0.34 GB there)."""
 
 
 @dataclass(frozen=True, slots=True)

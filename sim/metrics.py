@@ -163,9 +163,9 @@ def trim_heap() -> None:
     stacked. glibc keeps such freed memory inside its heap, where the large tensors that
     follow (the next round's training, an evaluation's chunks) do not fit, so they are mapped
     afresh: at 10,000 nodes of the standard workload, 0.4 GB stayed freed but resident, and
-    with the evaluation worker the peak RSS was 1.41 GB; trimmed here, 1.21 GB (a trim costs
-    about 60 ms of CPU at that size, once per round; docs/benchmarks.md, "Evaluation
-    (session 4)").
+    with the evaluation worker the peak RSS was 1.39-1.42 GB; trimmed once a round is stacked
+    and once it is evaluated, 1.19-1.21 GB (a trim costs 50-120 ms of CPU at that size;
+    docs/benchmarks.md, "Evaluation (session 4)").
     """
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)

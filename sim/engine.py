@@ -25,7 +25,7 @@ turns it into a core event and carries out the actions the core returns:
 * ``DeadlineReached``: after each ``handle`` the engine re-reads ``next_deadline()``; a timer
   entry whose time no longer matches the core's deadline is stale and skipped.
 * ``SaveCheckpoint`` marks the end of a node's round for the metrics (with the loss it carries);
-  up to 5,000 nodes a completed round is evaluated in a worker thread while the loop goes on
+  up to 10,000 nodes a completed round is evaluated in a worker thread while the loop goes on
   (see :meth:`Engine.run` and :class:`sim.metrics.MetricsRecorder`).
 
 At time 0 every node gets ``NeighboursConnected`` then ``Started``: one event per node, not one
@@ -123,11 +123,13 @@ a run that has framed that many (likely to frame as many again) or frames that m
 round gains from then on, and a short run of a few nodes never pays a start-up."""
 WORLD = -1
 """The ``node`` of heap entries that belong to the world (disruptions), not to a core."""
-ASIDE_EVALUATION_NODES = 5_000
-"""Above this many nodes the rounds are evaluated in the loop's thread: evaluating in a
-worker raised the peak RSS of the standard workload by 0.25 GB at 3,000 nodes and 0.37 GB at
-10,000 (a sleeping worker holding the same tensors raised nothing; glibc's per-thread arenas
-are about two thirds of it at 3,000 nodes), and at scale memory is what limits a run."""
+ASIDE_EVALUATION_NODES = 10_000
+"""Above this many nodes the rounds are evaluated in the loop's thread. In a worker, a round's
+``[n, P]`` stack stays alive beside the loop until it is evaluated: one model per node more
+(1 GB at 100,000 nodes of the standard workload, where memory is what limits a run). Measured
+at 10,000 nodes: peak RSS 1.19-1.21 GB with the worker, 1.17-1.18 GB without
+(docs/benchmarks.md, "Evaluation (session 4)"; before the cheaper evaluation and the heap
+trim of :func:`sim.metrics.trim_heap`, the worker cost 0.34 GB there)."""
 
 
 # The engine's own heap items are built once per event and never changed after; they are not

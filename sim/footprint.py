@@ -25,6 +25,10 @@ nodes of a random 6-regular graph, torch 2.13 CPU):
 * training: one batched step of every node: nodes x batch x (input + output widths) x 4 x 3
   (inputs, activations, gradients; convolutions' feature maps are under-counted), plus one
   gradient per node.
+* evaluation: a completed round's models stacked into one ``[n, P]`` tensor, which a worker
+  thread evaluates while the loop goes on (the next round's models accumulate meanwhile), plus
+  one chunk's activations: :data:`EVAL_CHUNK_EXAMPLES` x (input width +
+  :data:`EVAL_CLASS_COPIES` x classes) x 4 (hidden widths are not counted).
 
 The estimate is deliberately simple. Checked against peak RSS (which also holds the ~0.3 GB
 of the interpreter and torch, already allocated when the check runs): the standard workload
@@ -56,6 +60,12 @@ DATA_COPIES = 3
 NODE_BYTES = 24_000
 EDGE_BYTES = 450
 FLOAT_BYTES = 4
+EVAL_CHUNK_EXAMPLES = 2**15
+"""(Model, example) pairs in one evaluation chunk: :data:`p2pfl.learn.batched.EVAL_BUDGET`,
+repeated here because this module must not import torch (a test keeps the two equal)."""
+EVAL_CLASS_COPIES = 4
+"""Class-wide tensors of an evaluation chunk: the logits, their class-first copy, the log
+probabilities and the comparisons of the accuracy."""
 MEMINFO = Path("/proc/meminfo")
 IMPLICIT_KINDS = frozenset({"complete"})
 """Topologies the simulator keeps implicit when no adversary extends them."""
@@ -102,10 +112,13 @@ class Footprint:
     per_node: int
     graph: int
     training: int
+    evaluation: int = 0
 
     @property
     def total(self) -> int:
-        return self.models + self.data + self.per_node + self.graph + self.training
+        return (
+            self.models + self.data + self.per_node + self.graph + self.training + self.evaluation
+        )
 
     def describe(self) -> str:
         parts = ", ".join(
@@ -116,6 +129,7 @@ class Footprint:
                 ("per-node state", self.per_node),
                 ("graph", self.graph),
                 ("training batch", self.training),
+                ("evaluation", self.evaluation),
             )
             if value
         )
@@ -212,6 +226,8 @@ def estimate(scenario: Scenario) -> Footprint | None:
         graph=int(edges * EDGE_BYTES),
         training=nodes * batch * (features + classes) * FLOAT_BYTES * 3
         + nodes * params * FLOAT_BYTES,
+        evaluation=nodes * params * FLOAT_BYTES
+        + EVAL_CHUNK_EXAMPLES * (features + EVAL_CLASS_COPIES * classes) * FLOAT_BYTES,
     )
 
 

@@ -31,7 +31,10 @@ target; see :class:`sim.adversaries.AttackSuccess`), NaN when the scenario has n
 from __future__ import annotations
 
 import csv
+import ctypes
 import io
+import platform
+import sys
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
@@ -130,6 +133,60 @@ def _done(scores: _Scores) -> Future[_Scores]:
     future: Future[_Scores] = Future()
     future.set_result(scores)
     return future
+
+
+TRIM_BYTES = 32 << 20
+"""A round whose models take at least this much hands the C heap's free pages back to the
+system once they are stacked and again once they are evaluated (:func:`trim_heap`)."""
+DISTANCE_CHUNK = 1 << 20
+"""Parameters (rows times model size) per chunk of the distances to a round's mean."""
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where the C library is another (musl, macOS, Windows)."""
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return trim
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def trim_heap() -> None:
+    """Return the C heap's free pages to the system (glibc; a no-op elsewhere).
+
+    Why: a round's models are n small tensors (one per node), freed together once they are
+    stacked. glibc keeps such freed memory inside its heap, where the large tensors that
+    follow (the next round's training, an evaluation's chunks) do not fit, so they are mapped
+    afresh: at 10,000 nodes of the standard workload, 0.4 GB stayed freed but resident, and
+    with the evaluation worker the peak RSS was 1.39-1.42 GB; trimmed once a round is stacked
+    and once it is evaluated, 1.19-1.21 GB (a trim costs 50-120 ms of CPU at that size;
+    docs/benchmarks.md, "Evaluation (session 4)").
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _large(vectors: Tensor) -> bool:
+    return vectors.numel() * vectors.element_size() >= TRIM_BYTES
+
+
+def _distances_to_mean(vectors: Tensor) -> Tensor:
+    """Each row's squared distance to the rows' mean (float64 ``[n]``), a few rows at a time:
+    the same bits as ``(vectors - mean).pow(2).sum(dim=1)`` (each row's sum is its own), but
+    without that expression's two ``[n, P]`` temporaries, which at 10,000 nodes made the round's
+    completion the run's peak of memory (and cost page faults)."""
+    mean = vectors.mean(dim=0)
+    rows = max(1, DISTANCE_CHUNK // max(vectors.shape[1], 1))
+    parts = [
+        (vectors[start : start + rows] - mean).pow_(2).sum(dim=1)
+        for start in range(0, vectors.shape[0], rows)
+    ]
+    return torch.cat(parts).to(torch.float64)
 
 
 @dataclass
@@ -305,7 +362,10 @@ class MetricsRecorder:
 
     def _scores(self, round_: int, vectors: Tensor) -> _Scores:
         test_loss, test_accuracy = self._evaluate(round_, vectors)
-        return test_loss, test_accuracy, self._success(round_, vectors)
+        scores = test_loss, test_accuracy, self._success(round_, vectors)
+        if self._evaluated(round_) and _large(vectors):
+            trim_heap()  # the evaluation's chunks, freed between the loop's small objects
+        return scores
 
     def _complete(self, round_: int) -> None:
         entries = sorted(self._pending.pop(round_), key=lambda entry: entry.node)
@@ -319,8 +379,9 @@ class MetricsRecorder:
         vectors = torch.stack([entry.vector for entry in entries])
         for entry in entries:
             entry.vector = _RELEASED  # the stack holds them now; rows need the rest only
-        mean = vectors.mean(dim=0)
-        distances = (vectors - mean).pow(2).sum(dim=1).to(torch.float64)
+        if _large(vectors):
+            trim_heap()
+        distances = _distances_to_mean(vectors)
         consensus = float(distances.mean())
         self._completed[round_] = consensus
         if asynchronous:

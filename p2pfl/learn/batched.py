@@ -26,7 +26,7 @@ BatchNorm in simulations).
 
 Memory: a group is trained in chunks of at most :data:`TRAIN_BUDGET` parameters times rows
 and :data:`SAMPLE_BUDGET` examples times rows; evaluation in chunks of
-:data:`SAMPLE_BUDGET` (model, example) pairs.
+:data:`EVAL_BUDGET` (model, example) pairs.
 """
 
 from __future__ import annotations
@@ -40,7 +40,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from p2pfl.errors import ConfigError
-from p2pfl.learn.functional import flat_grads, mean_loss, row_gradient, row_params
+from p2pfl.learn.functional import (
+    flat_grads,
+    mean_loss,
+    row_gradient,
+    row_params,
+    score_logits,
+)
 from p2pfl.learn.optim import (
     OptimizerSettings,
     OptimizerState,
@@ -59,6 +65,8 @@ SAMPLE_BUDGET = 2**15
 """Rows times examples in one chunk of a forward pass."""
 EVAL_EXAMPLES = 4096
 """Test examples per evaluation chunk."""
+EVAL_BUDGET = 2**15
+"""Rows times test examples in one evaluation chunk."""
 
 Dataset = tuple[Tensor, Tensor]
 
@@ -280,7 +288,7 @@ class BatchedLearner:
 
         forward = vmap(_logits, in_dims=(None, 0, None, None))
         parts = []
-        rows = max(1, SAMPLE_BUDGET // max(min(len(x), EVAL_EXAMPLES), 1))
+        rows = max(1, EVAL_BUDGET // max(min(len(x), EVAL_EXAMPLES), 1))
         for start in range(0, count, rows):
             params = row_params(self.layout, vectors[start : start + rows])
             parts.append(
@@ -296,22 +304,19 @@ class BatchedLearner:
 
     @torch.no_grad()
     def evaluate(self, vectors: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean cross-entropy and accuracy of every row on one shared test set.
+        """Mean cross-entropy and accuracy of every row on one shared test set, as a node
+        computes its own (:func:`p2pfl.learn.functional.score_logits`).
 
         Returns:
             ``(loss [B], accuracy [B])`` as float64 tensors.
         """
         losses = []
         accuracies = []
-        rows = max(1, SAMPLE_BUDGET // max(min(len(x), EVAL_EXAMPLES), 1))
+        rows = max(1, EVAL_BUDGET // max(min(len(x), EVAL_EXAMPLES), 1))
         for start in range(0, vectors.shape[0], rows):
-            logits = self.logits(vectors[start : start + rows], x)
-            count = logits.shape[0]
-            flat = logits.reshape(-1, logits.shape[-1])
-            loss = F.cross_entropy(flat, y.repeat(count), reduction="none").view(count, -1)
-            losses.append(loss.mean(dim=1).to(torch.float64))
-            correct = (logits.argmax(dim=-1) == y.unsqueeze(0)).to(torch.float64)
-            accuracies.append(correct.mean(dim=1))
+            loss, accuracy = score_logits(self.logits(vectors[start : start + rows], x), y)
+            losses.append(loss)
+            accuracies.append(accuracy)
         return torch.cat(losses), torch.cat(accuracies)
 
     def _probe(self, sample_shape: tuple[int, ...]) -> str | None:

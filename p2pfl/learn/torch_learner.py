@@ -17,14 +17,13 @@ from collections.abc import Sequence
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from p2pfl.checks import check_int
 from p2pfl.errors import ConfigError
 from p2pfl.learn.base import EvalResult, TrainResult
 from p2pfl.learn.datasets import ArrayDataset
-from p2pfl.learn.functional import row_gradient
+from p2pfl.learn.functional import row_gradient, score_logits
 from p2pfl.learn.optim import (
     OptimizerSettings,
     OptimizerState,
@@ -199,7 +198,9 @@ class TorchLearner:
             return projected_gradients(loss, vector, seeds, eps, batches)
 
     def evaluate(self, vector: Tensor) -> EvalResult:
-        """Mean cross-entropy and accuracy of ``vector`` on the test set, in batches of 4096.
+        """Mean cross-entropy and accuracy of ``vector`` on the test set (forward passes in
+        batches of 4096), computed by :func:`p2pfl.learn.functional.score_logits` as the
+        simulator computes every node's.
 
         Training state (generator, optimiser state) is untouched.
 
@@ -209,17 +210,16 @@ class TorchLearner:
         with self._lock:
             load_vector(self._model, vector)
             self._model.eval()
-            total_loss = 0.0
-            correct = 0
             n = int(self._test_y.shape[0])
             with torch.no_grad():
-                for start in range(0, n, EVAL_BATCH_SIZE):
-                    x = self._test_x[start : start + EVAL_BATCH_SIZE]
-                    y = self._test_y[start : start + EVAL_BATCH_SIZE]
-                    logits = self._model(x)
-                    total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
-                    correct += int((logits.argmax(dim=1) == y).sum())
-            return EvalResult(loss=total_loss / n, accuracy=correct / n, samples=n)
+                logits = torch.cat(
+                    [
+                        self._model(self._test_x[start : start + EVAL_BATCH_SIZE])
+                        for start in range(0, n, EVAL_BATCH_SIZE)
+                    ]
+                )
+                loss, accuracy = score_logits(logits.unsqueeze(0), self._test_y)
+            return EvalResult(loss=float(loss[0]), accuracy=float(accuracy[0]), samples=n)
 
 
 def _check_forward(model: nn.Module, x: Tensor) -> None:

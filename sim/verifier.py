@@ -97,7 +97,10 @@ class VerifierProcess:
         self._written = 0
         """Records written to the child."""
         self.known = 0
-        """Verdicts read, every one of them ``verified`` (tickets below this are checked)."""
+        """Verdicts taken, every one of them ``verified`` (tickets below this are checked)."""
+        self._early = bytearray()
+        """Verdicts read past the ticket waited for: a later rejection is raised only when
+        its own ticket is waited for."""
 
     @property
     def pid(self) -> int:
@@ -158,16 +161,22 @@ class VerifierProcess:
         self._written = self.submitted
 
     def _read_until(self, count: int) -> None:
-        while self.known < count:
+        while self.known + len(self._early) < count:
             verdicts = os.read(self._from, 65536)
             if not verdicts:
                 raise self._gone()
-            if verdicts.count(VERIFIED) != len(verdicts):
-                first = next(i for i, verdict in enumerate(verdicts) if verdict != VERIFIED)
-                raise self._rejected(*self._records[first])
-            self.known += len(verdicts)
-            for _ in verdicts:
-                self._records.popleft()
+            self._early += verdicts
+        taken = count - self.known
+        if taken <= 0:
+            return
+        due = self._early[:taken]
+        if due.count(VERIFIED) != taken:
+            first = next(i for i, verdict in enumerate(due) if verdict != VERIFIED)
+            raise self._rejected(*self._records[first])
+        del self._early[:taken]
+        self.known = count
+        for _ in range(taken):
+            self._records.popleft()
 
     def _rejected(self, key: bytes, signature: bytes, signed: bytes) -> Exception:
         try:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -44,6 +45,8 @@ from p2pfl.learn.functional import flat_grads, mean_loss, row_gradient, row_para
 from p2pfl.learn.optim import (
     OptimizerSettings,
     OptimizerState,
+    begin_states,
+    finish_states,
     optimizer_step,
     stack_states,
     step_gradient,
@@ -61,6 +64,52 @@ EVAL_EXAMPLES = 4096
 """Test examples per evaluation chunk."""
 
 Dataset = tuple[Tensor, Tensor]
+
+
+@dataclass(frozen=True, slots=True)
+class Shares:
+    """Many nodes' training shares as row ranges of one pool of examples.
+
+    Row b's share is ``x[starts[b] : starts[b] + n_b]`` (and the same rows of ``y``), n_b being
+    its sampler's ``num_samples``. A step's minibatches for all B rows are then one gather of
+    the pool at ``starts[b] + pick_b`` instead of B indexing operations and a stack; the
+    examples gathered are the same, so the numbers are too.
+    """
+
+    x: Tensor
+    """``[N, ...]``: every share's examples."""
+    y: Tensor
+    """``[N]``: their labels."""
+    starts: Tensor
+    """``[B]`` int64: where each row's share begins in the pool."""
+
+    def __len__(self) -> int:
+        return int(self.starts.shape[0])
+
+    def select(self, rows: Sequence[int] | slice) -> Shares:
+        """The shares of ``rows`` (indices into :attr:`starts`), over the same pool."""
+        if isinstance(rows, slice):
+            return Shares(self.x, self.y, self.starts[rows])
+        return Shares(self.x, self.y, self.starts[torch.as_tensor(rows, dtype=torch.int64)])
+
+    def gather(self, picks: Tensor) -> Dataset:
+        """Each row's examples at its own indices ``picks [B, k]`` -> ``([B, k, ...], [B, k])``."""
+        # index_select of the flat index, then a view: the same copy as ``x[index]``, several
+        # times faster than advanced indexing with a 2-D index.
+        index = (picks + self.starts.unsqueeze(1)).view(-1)
+        shape = picks.shape
+        x = self.x.index_select(0, index).view(*shape, *self.x.shape[1:])
+        return x, self.y.index_select(0, index).view(shape)
+
+
+def _gather(data: Shares | Sequence[Dataset], picks: Tensor) -> Dataset:
+    """Row b's examples at ``picks[b]`` from its share, stacked: ``([B, k, ...], [B, k])``."""
+    if isinstance(data, Shares):
+        return data.gather(picks)
+    rows = list(zip(data, picks, strict=True))
+    return torch.stack([x[pick] for (x, _), pick in rows]), torch.stack(
+        [y[pick] for (_, y), pick in rows]
+    )
 
 
 class BatchedLearner:
@@ -114,7 +163,7 @@ class BatchedLearner:
         self,
         nodes: Sequence[int],
         vectors: Tensor,
-        datasets: Sequence[Dataset],
+        datasets: Shares | Sequence[Dataset],
         samplers: Sequence[MinibatchSampler],
         steps: int,
         rounds: Sequence[int],
@@ -124,7 +173,8 @@ class BatchedLearner:
         Args:
             nodes: the nodes trained (keys of their optimiser state).
             vectors: ``[B, P]`` starting parameters (not modified).
-            datasets: each node's ``(x [N_b, ...], y [N_b])`` training data.
+            datasets: each node's ``(x [N_b, ...], y [N_b])`` training data, or all of them
+                as :class:`Shares` of one pool (one gather per step instead of B).
             samplers: each node's minibatch sampler; all must have the same batch size.
             steps: local steps, the same for all B nodes.
             rounds: each node's protocol round (the learning-rate schedule's key).
@@ -151,8 +201,9 @@ class BatchedLearner:
         losses = torch.zeros(count, dtype=torch.float64)
         for start in range(0, count, chunk):
             rows = slice(start, min(start + chunk, count))
+            data = datasets.select(rows) if isinstance(datasets, Shares) else datasets[rows]
             losses[rows] = self._train_rows(
-                nodes[rows], params[rows], datasets[rows], samplers[rows], steps, rounds[rows]
+                nodes[rows], params[rows], data, samplers[rows], steps, rounds[rows]
             )
         return params, (losses / max(steps, 1)).to(torch.float32)
 
@@ -160,36 +211,30 @@ class BatchedLearner:
         self,
         nodes: Sequence[int],
         params: Tensor,
-        datasets: Sequence[Dataset],
+        datasets: Shares | Sequence[Dataset],
         samplers: Sequence[MinibatchSampler],
         steps: int,
         rounds: Sequence[int],
     ) -> Tensor:
         settings = self.optimizer
         states = [self.state(node) for node in nodes]
-        for state, row in zip(states, params, strict=True):
-            state.begin(settings, row)
+        begin_states(settings, states, params)
         stacked = stack_states(settings, states, self.layout.size)
         lrs = [settings.lr_at(round_) for round_ in rounds]
         total = torch.zeros(len(nodes), dtype=torch.float64)
+        # Every step's picks of every row at once: [B, steps, batch], the very indices the
+        # samplers would give step by step (each node draws from its own sampler only).
+        picks = torch.stack([sampler.next_batches(steps) for sampler in samplers])
         self.model.train()
         for step in range(steps):
-            picks = [sampler.next_batch() for sampler in samplers]
+            x, y = _gather(datasets, picks[:, step])
             if self.batched:
-                x = torch.stack([data[0][pick] for data, pick in zip(datasets, picks, strict=True)])
-                y = torch.stack([data[1][pick] for data, pick in zip(datasets, picks, strict=True)])
                 gradient = partial(self._vmap_gradient, x=x, y=y)
                 loss, grads = step_gradient(settings, gradient, params)
             else:
-                (data,), (pick,) = datasets, picks
                 buffers = self._buffers_of(nodes[0])
                 gradient = partial(
-                    row_gradient,
-                    self.model,
-                    self.layout,
-                    buffers=buffers,
-                    x=data[0][pick],
-                    y=data[1][pick],
+                    row_gradient, self.model, self.layout, buffers=buffers, x=x[0], y=y[0]
                 )
                 loss, grads = step_gradient(settings, gradient, params)
                 loss = loss.view(1)
@@ -197,8 +242,7 @@ class BatchedLearner:
             optimizer_step(settings, params, grads, stacked, lrs=lrs, step_counts=counts)
             total += loss
         unstack_states(stacked, states, steps)
-        for state, row in zip(states, params, strict=True):
-            state.finish(settings, row)
+        finish_states(settings, states, params)
         return total
 
     def probe(
@@ -414,11 +458,32 @@ class LinearStack:
         return hidden
 
     def gradient(self, params: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Each row's mean loss ``[B]`` (float64) and gradient ``[B, P]`` on its minibatch."""
+        """Each row's mean loss ``[B]`` (float64) and gradient ``[B, P]`` on its minibatch.
+
+        The layers' backward pass is written out: the very operations autograd runs for the
+        forward of :meth:`logits` (``bmm`` of the saved input and the incoming gradient for a
+        weight, its sum over the examples for a bias, ``bmm`` with the weight to go down a
+        layer, ``threshold_backward`` through a ReLU), on tensors of the same layout, so the
+        gradient is the same bit for bit; autograd only differentiates the loss. What it
+        saves: autograd differentiated each of the row's parameter slices into a zero-filled
+        ``[B, P]`` tensor and summed the four or more of them; here each slice's gradient is
+        written into its place once.
+        """
         count = params.shape[0]
-        leaf = params.detach().requires_grad_()
+        inputs: list[Tensor] = []
+        activations: list[Tensor] = []
+        hidden = x
+        for step in self.plan:
+            if step is None:
+                hidden = torch.relu(hidden)
+                activations.append(hidden)
+                continue
+            weight, bias, fan_out, fan_in = step
+            inputs.append(hidden)
+            matrix = params[:, weight].view(count, fan_out, fan_in)
+            hidden = torch.baddbmm(params[:, bias].unsqueeze(1), hidden, matrix.transpose(1, 2))
+        logits = hidden.detach().requires_grad_()
         with torch.enable_grad():
-            logits = self.logits(leaf, x)
             per_row = (
                 F.cross_entropy(
                     logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none"
@@ -426,7 +491,21 @@ class LinearStack:
                 .view(count, -1)
                 .mean(dim=1)
             )
-            (grad,) = torch.autograd.grad(per_row.sum(), leaf)
+            (incoming,) = torch.autograd.grad(per_row.sum(), logits)
+        grad = torch.empty_like(params)
+        for step in reversed(self.plan):
+            if step is None:
+                incoming = torch.ops.aten.threshold_backward(incoming, activations.pop(), 0)
+                continue
+            weight, bias, fan_out, fan_in = step
+            below = inputs.pop()
+            # Written as "+ 0.0" rather than copied: autograd summed each slice's gradient
+            # into zeros, which turns a -0.0 into +0.0; adding 0.0 keeps that, at a copy's cost.
+            torch.add(incoming.sum(1), 0.0, out=grad[:, bias])
+            weight_grad = below.transpose(1, 2).bmm(incoming).transpose(1, 2)
+            torch.add(weight_grad, 0.0, out=grad[:, weight].view(count, fan_out, fan_in))
+            if inputs:  # the model's input needs no gradient
+                incoming = incoming.bmm(params[:, weight].view(count, fan_out, fan_in))
         return per_row.detach().to(torch.float64), grad
 
 

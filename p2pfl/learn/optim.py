@@ -166,6 +166,28 @@ class OptimizerState:
         self.last_vector = vector.clone() if settings.state_policy == "reset" else None
 
 
+def begin_states(
+    settings: OptimizerSettings, states: Sequence[OptimizerState], vectors: Tensor
+) -> None:
+    """:meth:`OptimizerState.begin` for each state and its row of ``vectors [R, P]``; nothing
+    to do under ``"keep"``, so no per-row call is made then."""
+    if settings.state_policy == "keep":
+        return
+    for state, vector in zip(states, vectors.unbind(), strict=True):
+        state.begin(settings, vector)
+
+
+def finish_states(
+    settings: OptimizerSettings, states: Sequence[OptimizerState], vectors: Tensor
+) -> None:
+    """:meth:`OptimizerState.finish` for each state and its row of ``vectors [R, P]``; under
+    ``"keep"`` that only clears ``last_vector``, which is then never set."""
+    if settings.state_policy == "keep":
+        return
+    for state, vector in zip(states, vectors.unbind(), strict=True):
+        state.finish(settings, vector)
+
+
 def stack_states(
     settings: OptimizerSettings, states: Sequence[OptimizerState], size: int
 ) -> dict[str, Tensor]:

@@ -445,8 +445,9 @@ class Engine(WorldState):
         # One vectorised call per (steps, batch size): nodes with few examples have their
         # batch capped at their data size, and a stacked minibatch needs one size.
         groups: dict[tuple[int, int], list[int]] = {}
+        samplers = self.population.samplers
         for node, parked in self._parked.items():
-            sampler = self.population.samplers[node]
+            sampler = samplers[node]
             assert sampler is not None, "relays never park a training"
             if parked.probe is not None:
                 # An spsa probe: the node's projections, computed as a device would.
@@ -463,7 +464,6 @@ class Engine(WorldState):
                 )
                 continue
             groups.setdefault((parked.steps, sampler.batch_size), []).append(node)
-        samplers = self.population.samplers
         for (steps, _batch), nodes in sorted(groups.items()):
             nodes.sort()
             trainings = [self._parked[node] for node in nodes]

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from p2pfl.errors import ConfigError
 from p2pfl.learn import MinibatchSampler, TorchLearner
-from p2pfl.learn.batched import BatchedLearner, LinearStack, Shares
+from p2pfl.learn.batched import BatchedLearner, LinearStack, Shares, loss_and_logit_gradient
 from p2pfl.learn.models import build_model
 from p2pfl.learn.optim import OptimizerSettings
 from p2pfl.params import flatten, layout_of
@@ -285,3 +285,20 @@ def test_linear_stack_gradient_is_autograds_bit_for_bit() -> None:
     assert torch.equal(grad.view(torch.int32), expected.view(torch.int32))
     assert torch.equal(per_row, loss.mean(dim=1).detach().to(torch.float64))
     assert int((grad == 0).sum()) > 0
+
+
+@pytest.mark.parametrize("classes", [2, 10, 16, 40])
+def test_loss_and_logit_gradient_are_cross_entropys_bits(classes: int) -> None:
+    # Whichever layout this CPU gets (class first where it agrees), the bits are autograd's.
+    generator = torch.Generator().manual_seed(classes)
+    scale = torch.rand(37, 5, 1, generator=generator) * 40
+    logits = torch.randn(37, 5, classes, generator=generator) * scale
+    y = torch.randint(0, classes, (37, 5), generator=generator)
+    leaf = logits.clone().requires_grad_()
+    flat = F.cross_entropy(leaf.reshape(-1, classes), y.reshape(-1), reduction="none")
+    expected = flat.view(37, 5).mean(dim=1)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), leaf)
+    loss, grad = loss_and_logit_gradient(logits, y)
+    assert loss.dtype == torch.float64 and grad.shape == logits.shape and grad.is_contiguous()
+    assert torch.equal(loss, expected.detach().to(torch.float64))
+    assert torch.equal(grad.view(torch.int32), expected_grad.view(torch.int32))

@@ -11,6 +11,9 @@ learning rate (the schedule is keyed on the node's round) and state.
 Each node draws its minibatches from its own :class:`~p2pfl.learn.MinibatchSampler` and keeps
 its own :class:`~p2pfl.learn.optim.OptimizerState`, as a :class:`~p2pfl.learn.TorchLearner`
 does, so a node trained here and the same node trained one by one agree to float rounding.
+A training draws all its steps' indices at once (the same stream), and when the nodes' data
+are :class:`Shares` of one pool (as the simulator holds them), a step's minibatches for all
+B nodes are one gather of that pool.
 
 Which modules batch: whatever ``vmap`` can run; tested: Linear, Conv1d, Conv2d, max pooling,
 LayerNorm, GroupNorm and elementwise activations. Not: BatchNorm in training

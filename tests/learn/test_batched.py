@@ -302,3 +302,15 @@ def test_loss_and_logit_gradient_are_cross_entropys_bits(classes: int) -> None:
     assert loss.dtype == torch.float64 and grad.shape == logits.shape and grad.is_contiguous()
     assert torch.equal(loss, expected.detach().to(torch.float64))
     assert torch.equal(grad.view(torch.int32), expected_grad.view(torch.int32))
+    # a diverged model's logits: the same values, NaN where autograd has NaN
+    logits[0, 0, 0], logits[1, 1] = float("inf"), float("-inf")
+    logits[2, 2, 1], logits[3, 3, 0] = float("nan"), 1e38
+    leaf = logits.clone().requires_grad_()
+    flat = F.cross_entropy(leaf.reshape(-1, classes), y.reshape(-1), reduction="none")
+    expected = flat.view(37, 5).mean(dim=1)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), leaf)
+    loss, grad = loss_and_logit_gradient(logits, y)
+    exact = {"rtol": 0, "atol": 0, "equal_nan": True}
+    torch.testing.assert_close(loss, expected.detach().to(torch.float64), **exact)
+    torch.testing.assert_close(grad, expected_grad, **exact)
+    assert bool(loss.isnan().any()) and not bool(loss.isnan().all())

@@ -6,8 +6,8 @@ signals as MNIST-1D; lenet5: 1x28x28 images as MNIST):
 
 * one by one: B :class:`p2pfl.learn.TorchLearner` s, each ``train`` call in turn (what B
   ``p2pfl node`` processes would run, here on one thread);
-* batched: one :meth:`p2pfl.learn.batched.BatchedLearner.train` call over the B rows (what
-  the simulator runs).
+* batched: one :meth:`p2pfl.learn.batched.BatchedLearner.train` call over the B rows, their
+  data as :class:`~p2pfl.learn.batched.Shares` of one pool (what the simulator runs).
 
 A model-step is one node's optimiser step on one minibatch. torch runs on one thread
 (``torch.set_num_threads(1)``) in both so that neither gains from cores the other leaves
@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 
 from p2pfl.learn import MinibatchSampler, TorchLearner, build_model
-from p2pfl.learn.batched import BatchedLearner
+from p2pfl.learn.batched import BatchedLearner, Shares
 from p2pfl.learn.optim import OptimizerSettings
 from p2pfl.params import flatten
 
@@ -84,8 +84,15 @@ def measure(name: str, nodes: int, steps: int, batch: int, repeats: int) -> tupl
     assert batched.batched, batched.notice
     samplers = [MinibatchSampler(EXAMPLES_PER_NODE, batch, seed=n) for n in range(nodes)]
 
+    # As the simulator holds them: every node's examples as rows of one pool.
+    shares = Shares(
+        torch.cat([x for x, _ in data]),
+        torch.cat([y for _, y in data]),
+        torch.arange(nodes) * EXAMPLES_PER_NODE,
+    )
+
     def together() -> None:
-        batched.train(list(range(nodes)), vectors, data, samplers, steps, [0] * nodes)
+        batched.train(list(range(nodes)), vectors, shares, samplers, steps, [0] * nodes)
 
     work = nodes * steps
     return work / best_of(repeats, one_by_one), work / best_of(repeats, together)

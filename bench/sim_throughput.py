@@ -197,7 +197,9 @@ _FIGURES = {
 
 
 def _unit(figure: str) -> str:
-    return "GB" if "RSS" in figure else "s"
+    if "RSS" in figure:
+        return "GB"
+    return "ms" if figure.endswith("(ms)") else "s"
 
 
 def compare(

@@ -577,8 +577,9 @@ class Engine(WorldState):
         # One vectorised call per (steps, batch size): nodes with few examples have their
         # batch capped at their data size, and a stacked minibatch needs one size.
         groups: dict[tuple[int, int], list[int]] = {}
+        samplers = self.population.samplers
         for node, parked in self._parked.items():
-            sampler = self.population.samplers[node]
+            sampler = samplers[node]
             assert sampler is not None, "relays never park a training"
             if parked.probe is not None:
                 # An spsa probe: the node's projections, computed as a device would.
@@ -597,18 +598,18 @@ class Engine(WorldState):
             groups.setdefault((parked.steps, sampler.batch_size), []).append(node)
         for (steps, _batch), nodes in sorted(groups.items()):
             nodes.sort()
-            vectors = torch.stack([self._parked[node].vector for node in nodes])
-            samplers = [self.population.samplers[node] for node in nodes]
+            trainings = [self._parked[node] for node in nodes]
             trained, losses = self.trainer.train(
                 nodes,
-                vectors,
-                [self.population.train_sets[node] for node in nodes],
-                [sampler for sampler in samplers if sampler is not None],
+                torch.stack([training.vector for training in trainings]),
+                self.population.train_shares.select(nodes),
+                [sampler for sampler in map(samplers.__getitem__, nodes) if sampler is not None],
                 steps,
-                [self._parked[node].round for node in nodes],
+                [training.round for training in trainings],
             )
-            for row, node in enumerate(nodes):
-                self._trained[node] = _Trained(trained[row], float(losses[row]), steps)
+            # One unbind and one tolist for the group, not an indexing call per node.
+            for node, vector, loss in zip(nodes, trained.unbind(), losses.tolist(), strict=True):
+                self._trained[node] = _Trained(vector, loss, steps)
         self._parked.clear()
 
     # -- the world ----------------------------------------------------------------------

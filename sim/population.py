@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -48,6 +49,8 @@ import topologies
 from p2pfl.errors import ConfigError
 from p2pfl.identity import Identity, NodeId
 from p2pfl.learn import Federation, MinibatchSampler, build_federation, derive_seed
+from p2pfl.learn.batched import Shares
+from p2pfl.learn.datasets import ArrayDataset
 from p2pfl.params import ParamLayout, flatten
 from p2pfl.protocol import mode_traits
 from sim.adversaries import (
@@ -81,6 +84,9 @@ class Population:
     federation: Federation
     samplers: list[MinibatchSampler | None]
     train_sets: list[tuple[Tensor, Tensor]]
+    train_shares: Shares
+    """Every node's training set as rows of one pool (relays: an empty range), what the
+    batched trainer gathers minibatches from; ``train_sets`` are views of the same rows."""
     relay: list[bool]
     samples: list[int]
     speed: list[float]
@@ -243,14 +249,17 @@ def build_population(scenario: Scenario, *, on_phase: PhaseHook | None = None) -
     relay_samples = max(1, round(sum(holder_samples) / len(holder_samples)))
     classes = federation.num_classes
     empty = (torch.zeros(0, *federation.input_shape), torch.zeros(0, dtype=torch.long))
-    full = (
-        torch.cat([part.x for part in federation.train_parts]),
-        torch.cat([part.y for part in federation.train_parts]),
-    )
+    pool = federation.train_pool
+    full = (pool.x, pool.y)
+    holder_starts = list(itertools.accumulate(holder_samples[:-1], initial=0))
     batch_size = scenario.learner.batch_size
     samplers: list[MinibatchSampler | None] = []
     train_sets: list[tuple[Tensor, Tensor]] = []
     samples: list[int] = []
+    # Where each node's share begins in the pool; a share that is not rows of the
+    # federation's pool (poisoned data) is appended to it below.
+    starts = [0] * size
+    appended: dict[int, tuple[Tensor, Tensor]] = {}
     for node in range(size):
         spec = plan.spec_of(node) if plan is not None else None
         part = part_of.get(node)
@@ -261,6 +270,8 @@ def build_population(scenario: Scenario, *, on_phase: PhaseHook | None = None) -
             samplers.append(MinibatchSampler(len(data[0]), batch_size, seed=seed))
             train_sets.append(data)
             samples.append(relay_samples)
+            if data is not full:
+                appended[node] = data
         elif part is None:
             samplers.append(None)
             train_sets.append(empty)
@@ -268,6 +279,7 @@ def build_population(scenario: Scenario, *, on_phase: PhaseHook | None = None) -
         else:
             own = federation.train_parts[part]
             data = (own.x, own.y)
+            starts[node] = holder_starts[part]
             if spec is not None and spec.attack in DATA_ATTACKS:
                 data = poison(spec, data, full, classes)
                 seed = federation.batch_seed(part)
@@ -276,6 +288,12 @@ def build_population(scenario: Scenario, *, on_phase: PhaseHook | None = None) -
                 samplers.append(federation.sampler(part, batch_size=batch_size))
             train_sets.append(data)
             samples.append(len(data[0]))
+            if data[0] is not own.x or data[1] is not own.y:
+                appended[node] = data
+    pool_x, pool_y = full
+    if appended:
+        federation, pool_x, pool_y = _append_shares(federation, appended, starts, train_sets)
+    shares = Shares(pool_x, pool_y, torch.tensor(starts, dtype=torch.int64))
     phase("generating keys")
     identities = [simulated_identity(scenario.seed, node) for node in range(size)]
     return Population(
@@ -284,6 +302,7 @@ def build_population(scenario: Scenario, *, on_phase: PhaseHook | None = None) -
         federation=federation,
         samplers=samplers,
         train_sets=train_sets,
+        train_shares=shares,
         relay=relay,
         samples=samples,
         speed=draw_speeds(scenario.devices.speed, size, seed=scenario.seed),
@@ -292,6 +311,41 @@ def build_population(scenario: Scenario, *, on_phase: PhaseHook | None = None) -
         built_graph=graph,
         server=server,
     )
+
+
+def _append_shares(
+    federation: Federation,
+    appended: dict[int, tuple[Tensor, Tensor]],
+    starts: list[int],
+    train_sets: list[tuple[Tensor, Tensor]],
+) -> tuple[Federation, Tensor, Tensor]:
+    """Append the training sets that are not rows of the federation's pool (poisoned ones)
+    to a new pool; point ``starts`` and ``train_sets`` at it and return the federation with
+    its shares as views of it too, so that the old pool is freed rather than held twice.
+
+    Returns:
+        The federation and the new pool's examples and labels.
+    """
+    old = federation.train_pool
+    pool_x = torch.cat([old.x, *(x for x, _ in appended.values())])
+    pool_y = torch.cat([old.y, *(y for _, y in appended.values())])
+    at = len(old)
+    for node, (_, y) in appended.items():
+        starts[node] = at
+        at += len(y)
+    for node, (x, _) in enumerate(train_sets):
+        if len(x):
+            rows = slice(starts[node], starts[node] + len(x))
+            train_sets[node] = (pool_x[rows], pool_y[rows])
+    pool = ArrayDataset(pool_x[: len(old)], pool_y[: len(old)], old.num_classes, old.owners)
+    parts = []
+    begin = 0
+    for part in federation.train_parts:
+        rows = slice(begin, begin + len(part))
+        parts.append(ArrayDataset(pool_x[rows], pool_y[rows], part.num_classes, part.owners))
+        begin += len(part)
+    federation = dataclasses.replace(federation, train_pool=pool, train_parts=tuple(parts))
+    return federation, pool_x, pool_y
 
 
 def _add_server(

@@ -143,14 +143,35 @@ class OptimizerSettings:
 
 
 class OptimizerState:
-    """One node's optimiser state over flat ``[P]`` parameter vectors; never sent to peers."""
+    """One node's optimiser state over flat ``[P]`` parameter vectors; never sent to peers.
 
-    __slots__ = ("last_vector", "steps", "tensors")
+    After a training the state tensors are rows of the ``[R, P]`` tensors the R nodes trained
+    together updated (:func:`unstack_states`); :attr:`tensors` makes the per-node views only
+    when asked, and the next :func:`stack_states` of the same nodes in the same order takes the
+    stacked tensors back as they are instead of copying R rows into new ones.
+    """
+
+    __slots__ = ("_row", "_rows", "_tensors", "last_vector", "steps")
 
     def __init__(self) -> None:
-        self.tensors: dict[str, Tensor] = {}
+        self._tensors: dict[str, Tensor] | None = {}
+        self._rows: dict[str, Tensor] | None = None
+        self._row = 0
         self.steps = 0
         self.last_vector: Tensor | None = None
+
+    @property
+    def tensors(self) -> dict[str, Tensor]:
+        """The state tensors by name, ``[P]`` each (replace the dict, not its entries)."""
+        if self._tensors is None:
+            assert self._rows is not None
+            self._tensors = {name: tensor[self._row] for name, tensor in self._rows.items()}
+        return self._tensors
+
+    @tensors.setter
+    def tensors(self, value: dict[str, Tensor]) -> None:
+        self._tensors = value
+        self._rows = None
 
     def begin(self, settings: OptimizerSettings, vector: Tensor) -> None:
         """Apply the ``optimizer_state`` policy before a training that starts from ``vector``."""
@@ -166,10 +187,45 @@ class OptimizerState:
         self.last_vector = vector.clone() if settings.state_policy == "reset" else None
 
 
+def begin_states(
+    settings: OptimizerSettings, states: Sequence[OptimizerState], vectors: Tensor
+) -> None:
+    """:meth:`OptimizerState.begin` for each state and its row of ``vectors [R, P]``."""
+    _each_row(settings, states, vectors, OptimizerState.begin)
+
+
+def finish_states(
+    settings: OptimizerSettings, states: Sequence[OptimizerState], vectors: Tensor
+) -> None:
+    """:meth:`OptimizerState.finish` for each state and its row of ``vectors [R, P]``."""
+    _each_row(settings, states, vectors, OptimizerState.finish)
+
+
+def _each_row(
+    settings: OptimizerSettings,
+    states: Sequence[OptimizerState],
+    vectors: Tensor,
+    call: Callable[[OptimizerState, OptimizerSettings, Tensor], None],
+) -> None:
+    # Under "keep" neither call does anything (begin keeps the state, finish leaves
+    # last_vector None), so no per-row call is made.
+    if settings.state_policy == "keep":
+        return
+    for state, vector in zip(states, vectors.unbind(), strict=True):
+        call(state, settings, vector)
+
+
 def stack_states(
     settings: OptimizerSettings, states: Sequence[OptimizerState], size: int
 ) -> dict[str, Tensor]:
-    """The state tensors of ``states`` as ``[R, size]`` rows (zeros where a node has none)."""
+    """The state tensors of ``states`` as ``[R, size]`` rows (zeros where a node has none).
+
+    When ``states`` are exactly the rows of one earlier :func:`unstack_states`, in order (the
+    same nodes trained together again), those tensors themselves: no copy.
+    """
+    shared = _shared_rows(states)
+    if shared is not None and tuple(shared) == settings.state_names:
+        return shared
     stacked: dict[str, Tensor] = {}
     for name in settings.state_names:
         rows = [state.tensors.get(name) for state in states]
@@ -180,12 +236,25 @@ def stack_states(
     return stacked
 
 
+def _shared_rows(states: Sequence[OptimizerState]) -> dict[str, Tensor] | None:
+    """The stacked tensors whose rows 0..R-1 are ``states``, if there are such."""
+    rows = states[0]._rows if states else None
+    if rows is None or any(tensor.shape[0] != len(states) for tensor in rows.values()):
+        return None
+    for index, state in enumerate(states):
+        if state._rows is not rows or state._row != index:
+            return None
+    return rows
+
+
 def unstack_states(
     stacked: dict[str, Tensor], states: Sequence[OptimizerState], steps: int
 ) -> None:
     """Give each node its row of ``stacked`` back and count ``steps`` more optimiser steps."""
     for row, state in enumerate(states):
-        state.tensors = {name: tensor[row] for name, tensor in stacked.items()}
+        state._rows = stacked
+        state._row = row
+        state._tensors = None
         state.steps += steps
 
 

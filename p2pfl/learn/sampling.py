@@ -18,7 +18,7 @@ SEED_MASK = 2**64 - 1
 class MinibatchSampler:
     """Indices of successive minibatches over ``num_samples`` examples."""
 
-    __slots__ = ("_cursor", "_generator", "_order", "batch_size", "num_samples")
+    __slots__ = ("_cursor", "_generator", "_order", "_size", "batch_size", "num_samples")
 
     def __init__(self, num_samples: int, batch_size: int, *, seed: int) -> None:
         """Start a fresh walk.
@@ -38,18 +38,33 @@ class MinibatchSampler:
         self._generator = torch.Generator(device="cpu")
         self._generator.manual_seed(seed & SEED_MASK)
         self._order = torch.empty(0, dtype=torch.int64)
+        self._size = 0  # len(self._order), kept as an int: len() of a tensor is a slow call
         self._cursor = 0
 
     def next_batch(self) -> Tensor:
         """The next ``batch_size`` example indices (int64)."""
+        return self._take(self.batch_size)
+
+    def next_batches(self, count: int) -> Tensor:
+        """The next ``count`` batches as one ``[count, batch_size]`` int64 tensor: the very
+        indices ``count`` calls of :meth:`next_batch` would return, drawn in one call (a
+        batched trainer takes all of a training's steps at once)."""
+        return self._take(count * self.batch_size).view(count, self.batch_size)
+
+    def _take(self, needed: int) -> Tensor:
+        """The next ``needed`` indices of the walk, reshuffling whenever the order runs out."""
         parts = []
-        needed = self.batch_size
         while needed:
-            if self._cursor == len(self._order):
+            if self._cursor == self._size:
                 self._order = torch.randperm(self.num_samples, generator=self._generator)
+                self._size = self.num_samples
                 self._cursor = 0
-            take = min(needed, len(self._order) - self._cursor)
-            parts.append(self._order[self._cursor : self._cursor + take])
-            self._cursor += take
+            cursor = self._cursor
+            take = min(needed, self._size - cursor)
+            # A whole fresh order is returned as it is (nobody writes to it) instead of sliced.
+            parts.append(self._order if take == self._size else self._order[cursor : cursor + take])
+            self._cursor = cursor + take
             needed -= take
+        if not parts:
+            return self._order[:0]
         return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -59,6 +59,7 @@ class Federation:
     """
 
     train_parts: tuple[ArrayDataset, ...]
+    """Node i's share; every share is a row range of :attr:`train_pool`, in node order."""
     test: ArrayDataset
     model_name: str
     model_params: Mapping[str, Any]
@@ -68,6 +69,9 @@ class Federation:
     seed: int
     layout: ParamLayout
     init_vector: Tensor
+    train_pool: ArrayDataset
+    """All shares' examples as one dataset (share 0's rows, then share 1's, ...): a batched
+    trainer gathers every node's minibatch from it in one indexing operation."""
 
     def build_model(self, seed: int | None = None) -> nn.Module:
         """A new copy of the model, initialised from ``seed`` (default: the shared init seed).
@@ -110,9 +114,13 @@ class Federation:
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         optimizer: OptimizerSettings | None = None,
+        own_copy: bool = False,
     ) -> TorchLearner:
         """The :class:`TorchLearner` of node ``node_index`` (``optimizer``, or plain SGD
         from ``lr``, ``momentum``, ``weight_decay``).
+
+        ``own_copy`` gives the learner a copy of its share rather than a view of
+        :attr:`train_pool`, so that a lone node does not keep every share's examples alive.
 
         Raises:
             ConfigError: ``node_index`` out of range or a hyper-parameter out of range.
@@ -120,9 +128,12 @@ class Federation:
         check_int("node_index", node_index, 0)
         if node_index >= self.num_nodes:
             raise ConfigError("node_index", node_index, f"an int in [0, {self.num_nodes})")
+        share = self.train_parts[node_index]
+        if own_copy:
+            share = ArrayDataset(share.x.clone(), share.y.clone(), share.num_classes)
         return TorchLearner(
             self.build_model(),
-            self.train_parts[node_index],
+            share,
             self.test,
             lr=lr,
             batch_size=batch_size,
@@ -195,8 +206,19 @@ def build_federation(
     input_shape = tuple(int(size) for size in train.x.shape[1:])
     chosen_init = derive_seed(seed, _STREAM_INIT) if init_seed is None else init_seed
     module = build_model(name, factory_params, input_shape, train.num_classes, seed=chosen_init)
+    # One gather of every share's examples, then each share a view of its rows: the same
+    # values as a gather per share, faster at 100,000 nodes, and the pool a batched trainer
+    # indexes once per step for all nodes.
+    pool = train.subset(np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64))
+    train_parts = []
+    start = 0
+    for part in parts:
+        rows = slice(start, start + len(part))
+        owners = None if pool.owners is None else pool.owners[rows]
+        train_parts.append(ArrayDataset(pool.x[rows], pool.y[rows], pool.num_classes, owners))
+        start += len(part)
     return Federation(
-        train_parts=tuple(train.subset(part) for part in parts),
+        train_parts=tuple(train_parts),
         test=test,
         model_name=name,
         model_params=factory_params,
@@ -206,6 +228,7 @@ def build_federation(
         seed=seed,
         layout=layout_of(module),
         init_vector=flatten(module),
+        train_pool=pool,
     )
 
 
@@ -258,6 +281,7 @@ def build_node_learner(
         momentum=momentum,
         weight_decay=weight_decay,
         optimizer=optimizer,
+        own_copy=True,
     )
 
 

@@ -6,14 +6,15 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from p2pfl.errors import ConfigError
 from p2pfl.learn import MinibatchSampler, TorchLearner
-from p2pfl.learn.batched import BatchedLearner, LinearStack
+from p2pfl.learn.batched import BatchedLearner, LinearStack, Shares, loss_and_logit_gradient
 from p2pfl.learn.models import build_model
 from p2pfl.learn.optim import OptimizerSettings
-from p2pfl.params import flatten
+from p2pfl.params import flatten, layout_of
 
 NODES = 3
 STEPS = 5
@@ -220,3 +221,96 @@ def test_a_model_that_cannot_take_the_data_is_a_config_error() -> None:
     wrong = nn.Sequential(nn.Flatten(), nn.Linear(7, 3))  # the data has 12 features
     with pytest.raises(ConfigError, match=r"^model = 'Sequential': a module mapping \[N, 12\]"):
         BatchedLearner(wrong, OPTIMIZERS["sgd"], (12,))
+
+
+def test_next_batches_is_the_stream_of_next_batch_calls() -> None:
+    # 13 examples in batches of 5: batches straddle reshuffles at different places
+    drawn, stepped = MinibatchSampler(13, 5, seed=7), MinibatchSampler(13, 5, seed=7)
+    for count in (1, 3, 2, 4):
+        batches = drawn.next_batches(count)
+        assert batches.shape == (count, 5)
+        for row in batches:
+            assert torch.equal(row, stepped.next_batch())
+    assert drawn.next_batches(0).shape == (0, 5)
+    assert torch.equal(drawn.next_batch(), stepped.next_batch())
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn1d"])
+def test_pooled_shares_train_exactly_as_separate_datasets(model: str) -> None:
+    build, shape = MODELS[model]
+    data = [_data(shape, node) for node in range(NODES)]
+    # the shares in another order inside the pool, behind an unrelated first example
+    order = [2, 0, 1]
+    pool_x = torch.cat([torch.zeros(1, *shape)] + [data[n][0] for n in order])
+    pool_y = torch.cat([torch.zeros(1, dtype=torch.int64)] + [data[n][1] for n in order])
+    begins = {n: 1 + sum(len(data[m][1]) for m in order[: order.index(n)]) for n in order}
+    shares = Shares(pool_x, pool_y, torch.tensor([begins[n] for n in range(NODES)]))
+    starts = torch.stack([flatten(build(node)) for node in range(NODES)])
+    settings = OPTIMIZERS["sgd-nesterov"]
+    results = []
+    for source in (data, shares):
+        learner = BatchedLearner(build(0), settings, shape)
+        samplers = [MinibatchSampler(len(data[n][1]), BATCH, seed=n) for n in range(NODES)]
+        vectors = starts
+        for call in range(2):  # the momentum carried between the calls must agree too
+            vectors, losses = learner.train(
+                list(range(NODES)), vectors, source, samplers, STEPS, [call] * NODES
+            )
+        results.append((vectors, losses))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+    assert not torch.equal(results[0][0], starts)
+    two = shares.select([2, 0])
+    assert torch.equal(
+        two.gather(torch.tensor([[0], [1]]))[1], torch.stack([data[2][1][:1], data[0][1][1:2]])
+    )
+
+
+def test_linear_stack_gradient_is_autograds_bit_for_bit() -> None:
+    # Zero features and a dead hidden unit give zero gradients (where a sign could differ).
+    model = build_model("mlp", {"hidden": [16, 8]}, (12,), 3, seed=0)
+    layout = layout_of(model)
+    stack = LinearStack.of(model, layout)
+    assert stack is not None
+    generator = torch.Generator().manual_seed(3)
+    params = flatten(model).repeat(4, 1) + 0.3 * torch.randn(4, layout.size, generator=generator)
+    x = torch.randn(4, 6, 12, generator=generator)
+    x[..., :4] = 0
+    y = torch.randint(0, 3, (4, 6), generator=generator)
+    leaf = params.clone().requires_grad_()
+    logits = stack.logits(leaf, x)
+    loss = F.cross_entropy(logits.reshape(-1, 3), y.reshape(-1), reduction="none").view(4, -1)
+    (expected,) = torch.autograd.grad(loss.mean(dim=1).sum(), leaf)
+    per_row, grad = stack.gradient(params, x, y)
+    assert torch.equal(grad.view(torch.int32), expected.view(torch.int32))
+    assert torch.equal(per_row, loss.mean(dim=1).detach().to(torch.float64))
+    assert int((grad == 0).sum()) > 0
+
+
+@pytest.mark.parametrize("classes", [2, 10, 16, 40])
+def test_loss_and_logit_gradient_are_cross_entropys_bits(classes: int) -> None:
+    # Whichever layout this CPU gets (class first where it agrees), the bits are autograd's.
+    generator = torch.Generator().manual_seed(classes)
+    scale = torch.rand(37, 5, 1, generator=generator) * 40
+    logits = torch.randn(37, 5, classes, generator=generator) * scale
+    y = torch.randint(0, classes, (37, 5), generator=generator)
+    leaf = logits.clone().requires_grad_()
+    flat = F.cross_entropy(leaf.reshape(-1, classes), y.reshape(-1), reduction="none")
+    expected = flat.view(37, 5).mean(dim=1)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), leaf)
+    loss, grad = loss_and_logit_gradient(logits, y)
+    assert loss.dtype == torch.float64 and grad.shape == logits.shape and grad.is_contiguous()
+    assert torch.equal(loss, expected.detach().to(torch.float64))
+    assert torch.equal(grad.view(torch.int32), expected_grad.view(torch.int32))
+    # a diverged model's logits: the same values, NaN where autograd has NaN
+    logits[0, 0, 0], logits[1, 1] = float("inf"), float("-inf")
+    logits[2, 2, 1], logits[3, 3, 0] = float("nan"), 1e38
+    leaf = logits.clone().requires_grad_()
+    flat = F.cross_entropy(leaf.reshape(-1, classes), y.reshape(-1), reduction="none")
+    expected = flat.view(37, 5).mean(dim=1)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), leaf)
+    loss, grad = loss_and_logit_gradient(logits, y)
+    exact = {"rtol": 0, "atol": 0, "equal_nan": True}
+    torch.testing.assert_close(loss, expected.detach().to(torch.float64), **exact)
+    torch.testing.assert_close(grad, expected_grad, **exact)
+    assert bool(loss.isnan().any()) and not bool(loss.isnan().all())

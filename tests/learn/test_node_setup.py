@@ -34,6 +34,15 @@ def test_nodes_share_test_set_and_init_and_split_the_train_set() -> None:
         assert learner.evaluate(initial) == learners[0].evaluate(initial)
 
 
+def test_a_lone_node_keeps_its_own_share_not_the_whole_pool() -> None:
+    # The federation's shares are views of one pool (the simulator gathers from it); a live
+    # node's learner holds a copy of its rows only, so the other nodes' examples are freed.
+    learner = node(1)
+    share = learner._train_x
+    assert share.untyped_storage().nbytes() == share.numel() * share.element_size()
+    assert learner.num_samples < 480
+
+
 def test_same_config_same_learner() -> None:
     a, b = node(1), node(1)
     va = a.train(a.initial_vector(), 5).vector

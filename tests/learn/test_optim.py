@@ -16,6 +16,7 @@ from p2pfl.learn.optim import (
     optimizer_step,
     stack_states,
     step_gradient,
+    unstack_states,
 )
 
 CASES = [
@@ -177,3 +178,26 @@ def test_sam_with_a_zero_gradient_stays_put() -> None:
     params = torch.zeros(1, 3)
     _, grads = step_gradient(settings, _quadratic(torch.ones(3)), params)
     assert torch.equal(grads, torch.zeros(1, 3))
+
+
+def test_states_of_the_same_nodes_are_taken_back_without_a_copy() -> None:
+    settings = OptimizerSettings(name="adam", lr=1e-2)
+    states = [OptimizerState() for _ in range(3)]
+    first = stack_states(settings, states, 5)
+    first["exp_avg"].copy_(torch.arange(15.0).view(3, 5))
+    unstack_states(first, states, 2)
+    assert [state.steps for state in states] == [2, 2, 2]
+    assert torch.equal(states[1].tensors["exp_avg"], torch.arange(5.0, 10.0))
+    again = stack_states(settings, states, 5)
+    assert again["exp_avg"] is first["exp_avg"]  # the same nodes in the same order
+    # another order or a subset is a new stack of the same rows
+    swapped = stack_states(settings, [states[2], states[0]], 5)
+    assert swapped["exp_avg"] is not first["exp_avg"]
+    assert torch.equal(swapped["exp_avg"], first["exp_avg"][[2, 0]])
+    unstack_states(swapped, [states[2], states[0]], 1)
+    assert stack_states(settings, states, 5)["exp_avg"] is not first["exp_avg"]
+    # a reset state (new tensors) is no longer a row of the old stack
+    states[0].tensors = {}
+    mixed = stack_states(settings, [states[1]], 5)
+    assert torch.equal(mixed["exp_avg"][0], torch.arange(5.0, 10.0))
+    assert torch.equal(stack_states(settings, states[:1], 5)["exp_avg"], torch.zeros(1, 5))

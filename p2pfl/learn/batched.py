@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from p2pfl.errors import ConfigError
 from p2pfl.learn.functional import (
+    class_first_log_softmax,
     flat_grads,
     mean_loss,
     row_gradient,
@@ -510,9 +511,6 @@ class LinearStack:
         return per_row.detach().to(torch.float64), grad
 
 
-_CLASS_PAD = 64
-"""Class-first columns are padded to a multiple of this (a multiple of every CPU's float
-vector width), so that the softmax kernels handle every real column in their vector loop."""
 _class_first_exact: dict[tuple[int, torch.dtype], bool] = {}
 
 
@@ -528,11 +526,11 @@ def loss_and_logit_gradient(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     faster. For fewer classes than the CPU's vector width both layouts take each row's sums
     class by class in order with the same vectorised ``exp`` and ``log``; whether they agree
     for a class count is checked once per process against the plain expression
-    (:func:`_class_first_agrees`), which is used wherever they do not. Non-finite logits (a
+    (:func:`_class_first_trains_alike`), which is used wherever they do not. Non-finite logits (a
     diverged model) give the same values, NaN where the plain expression has NaN, though a
     NaN's sign bit may differ.
     """
-    if _class_first_agrees(logits.shape[-1], logits.dtype):
+    if _class_first_trains_alike(logits.shape[-1], logits.dtype):
         return _class_first(logits, y)
     return _plain(logits, y)
 
@@ -550,10 +548,7 @@ def _plain(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 def _class_first(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     count, examples, classes = logits.shape
     columns = count * examples
-    padded = logits.new_empty(classes, -(-columns // _CLASS_PAD) * _CLASS_PAD)
-    padded[:, columns:].zero_()
-    padded[:, :columns].view(classes, count, examples).copy_(logits.permute(2, 0, 1))
-    log_p = F.log_softmax(padded, dim=0)
+    _, log_p = class_first_log_softmax(logits)
     target = y.reshape(1, columns)
     # nll_loss with reduction "none" is -log_p at the label
     per_row = log_p[:, :columns].gather(0, target).neg_().view(count, examples).mean(dim=1)
@@ -569,7 +564,7 @@ def _class_first(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return per_row.to(torch.float64), incoming.contiguous()
 
 
-def _class_first_agrees(classes: int, dtype: torch.dtype) -> bool:
+def _class_first_trains_alike(classes: int, dtype: torch.dtype) -> bool:
     """Whether :func:`_class_first` gives :func:`_plain`'s bits, loss and gradient, for
     ``classes`` classes on this CPU: checked once on 4,112 fixed rows of logits spread over
     scales from 0 to 60 (where a different summation order disagrees on some rows). A private

@@ -72,7 +72,7 @@ def row_gradient(
     return loss.detach(), flat_grads(layout, dict(zip(leaves, grads, strict=True)), 1)
 
 
-_COLUMN_PAD = 64
+CLASS_FIRST_PAD = 64
 """The class-first layout's columns are padded to a multiple of this (a multiple of every
 CPU's float vector width: 8 on AVX2, 16 on AVX-512, up to 64 on SVE), so that PyTorch's
 softmax kernel computes every real column in its vector loop, never in its scalar tail."""
@@ -113,16 +113,31 @@ def score_logits(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return loss.mean(dim=1).to(torch.float64), _accuracy(logits, by_class, target, y)
 
 
+def class_first_log_softmax(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Logits ``[B, N, C]`` laid out class first, and their log-softmax over the classes.
+
+    Returns ``(by_class, log_p)``, both ``[C, M]`` with ``M`` the ``B * N`` columns padded to a
+    multiple of :data:`CLASS_FIRST_PAD` (zeros in the padding); column ``b * N + n`` is model
+    b's example n. PyTorch's log-softmax over a short last dimension pays a per-row overhead;
+    over the first dimension the same kernel runs vectorised across the columns (see
+    :func:`score_logits` for when the two give the same bits).
+    """
+    count, examples, classes = logits.shape
+    columns = count * examples
+    by_class = logits.new_empty(classes, -(-columns // CLASS_FIRST_PAD) * CLASS_FIRST_PAD)
+    by_class[:, columns:].zero_()
+    by_class[:, :columns].view(classes, count, examples).copy_(logits.permute(2, 0, 1))
+    return by_class, F.log_softmax(by_class, dim=0)
+
+
 def _class_first_losses(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Per-example losses ``[B, N]`` through the class-first layout; also that layout's view
     of the logits ``[C, B, N]`` and the label index ``[1, B, N]`` into it."""
     count, examples, classes = logits.shape
     columns = count * examples
-    padded = logits.new_empty(classes, -(-columns // _COLUMN_PAD) * _COLUMN_PAD)
-    padded[:, columns:].zero_()
+    padded, log_p = class_first_log_softmax(logits)
     by_class = padded[:, :columns].view(classes, count, examples)
-    by_class.copy_(logits.permute(2, 0, 1))
-    log_p = F.log_softmax(padded, dim=0)[:, :columns].view(classes, count, examples)
+    log_p = log_p[:, :columns].view(classes, count, examples)
     target = y.view(1, 1, examples).expand(1, count, examples)
     return log_p.gather(0, target).squeeze(0).neg(), by_class, target
 

@@ -151,7 +151,13 @@ class Compressor:
 
 
 class Chains:
-    """The public copies of the neighbours that send deltas: sender -> (seq, model)."""
+    """The public copies of the neighbours that send deltas: sender -> (seq, model).
+
+    A copy outlives a disconnection: after a short one the sender's next delta still builds
+    on it, and after a long one its base sequence number no longer matches (``MissingBase``)
+    until the next keyframe. Senders are neighbours (delta codecs run in dsgd only), so the
+    table holds at most one model per neighbour.
+    """
 
     __slots__ = ("_links",)
 
@@ -180,9 +186,6 @@ class Chains:
         """Remember ``vector`` (accepted from ``envelope``) if it is a link of a chain."""
         if BASE in envelope.meta or envelope.meta.get(KEYFRAME) == 1:
             self._links[envelope.sender] = (envelope.seq, vector)
-
-    def forget(self, peer: NodeId) -> None:
-        self._links.pop(peer, None)
 
 
 def make_compressor(config: CoreConfig, layout: ParamLayout | None) -> Compressor | None:

@@ -587,15 +587,21 @@ class Scenario(_Strict):
     disruptions: list[DisruptionSpec] = Field(default_factory=list)
     adversaries: list[AdversarySpec] = Field(default_factory=list)
 
-    @model_validator(mode="after")
-    def _codec_without_chains_for_adversaries(self) -> Scenario:
+    @field_validator("adversaries")
+    @classmethod
+    def _codec_without_chains_for_adversaries(
+        cls, adversaries: list[AdversarySpec], info: ValidationInfo
+    ) -> list[AdversarySpec]:
         # sim.adversaries re-seals a Byzantine node's models whole; it cannot follow the
         # delta chain a sparse codec builds (p2pfl.protocol.compression).
-        codec = self.protocol.codec
-        if self.adversaries and CODECS[codec].delta:
+        protocol = info.data.get("protocol")  # absent when [protocol] itself is invalid
+        if adversaries and protocol is not None and CODECS[protocol.codec].delta:
             allowed = ", ".join(name for name, c in sorted(CODECS.items()) if not c.delta)
-            raise ValueError(f"protocol.codec {codec!r} with adversaries: use one of {allowed}")
-        return self
+            raise ValueError(
+                f"no adversaries with protocol.codec = {protocol.codec!r}, or protocol.codec "
+                f"one of {allowed}"
+            )
+        return adversaries
 
     def topology_params(self) -> dict[str, Any]:
         """The generator's own parameters (everything in [topology] but kind/require_connected)."""

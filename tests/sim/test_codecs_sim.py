@@ -61,8 +61,9 @@ def test_sparse_delta_codecs_run_without_rejections(
 def test_delta_codecs_are_refused_with_adversaries(small_document: SmallDocument) -> None:
     document = _document(small_document, codec="topk")
     document["adversaries"] = [{"attack": "sign_flip", "count": 1}]
-    with pytest.raises(ConfigError, match="protocol.codec"):
+    with pytest.raises(ConfigError, match="protocol.codec") as refused:
         parse_scenario(document)
+    assert ": adversaries = [" in str(refused.value)  # the key, not "(table)"
 
 
 def test_the_footprint_counts_the_codec_state(small_document: SmallDocument) -> None:

@@ -208,6 +208,10 @@ def serve() -> None:
         try:
             NodeId(key).verify(signature, signed)
         except BadSignature:
-            os.write(sink, rejected)
+            verdict = rejected
         else:
-            os.write(sink, verified)
+            verdict = verified
+        try:
+            os.write(sink, verdict)
+        except BrokenPipeError:
+            return  # the engine is gone (killed, or its run stopped): nobody reads verdicts

@@ -218,6 +218,29 @@ def test_the_process_ends_when_its_engine_process_dies() -> None:
     assert _gone(pid)
 
 
+def test_the_process_ends_quietly_when_its_engine_dies_with_records_written() -> None:
+    # Records already in the pipe are verified after the engine is gone; the verdicts have
+    # nowhere to go, and the child must end without a traceback on the shared terminal.
+    script = (
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from sim.verifier import VerifierProcess\n"
+        "v = VerifierProcess(batch=1)\n"
+        "for _ in range(200):\n"
+        "    v.submit(bytes(32), bytes(64), b'x' * 100)\n"
+        "print(v.pid, flush=True)\n"
+        "os._exit(0)  # no close(): as if killed\n"
+    )
+    output = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    pid, deadline = int(output.stdout), time.monotonic() + 30
+    while not _gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _gone(pid)
+    assert "Traceback" not in output.stderr, output.stderr
+
+
 def test_results_are_identical_with_the_process_on_and_off(recording: list[_Recording]) -> None:
     document = small_document(
         rounds=4,

@@ -250,7 +250,10 @@ class MetricsRecorder:
         """Turn finished evaluations into rows and summaries, oldest first; with ``wait``,
         wait for those still running."""
         while self._unsettled and (wait or self._unsettled[0].evaluation.done()):
-            self._unsettled.popleft().finish_now()
+            # Taken off the queue once its rows are in: an interrupt while waiting for the
+            # evaluation leaves the round queued for the flush that saves the run.
+            self._unsettled[0].finish_now()
+            self._unsettled.popleft()
 
     def set_active(self, node: int, active: bool) -> None:
         """``node`` went offline or died (False) or came back (True)."""
@@ -368,14 +371,15 @@ class MetricsRecorder:
         return scores
 
     def _complete(self, round_: int) -> None:
-        entries = sorted(self._pending.pop(round_), key=lambda entry: entry.node)
-        del self._pending_nodes[round_]
-        del self._reported_active[round_]
         asynchronous = self.executor is not None and self._evaluated(round_)
         if asynchronous:
             # One evaluation in flight at most, finished before this round's models are
             # stacked: a round's [n, P] stack is the largest thing the recorder holds.
+            # (Before the round leaves _pending: an interrupt in this wait loses nothing.)
             self.settle()
+        entries = sorted(self._pending.pop(round_), key=lambda entry: entry.node)
+        del self._pending_nodes[round_]
+        del self._reported_active[round_]
         vectors = torch.stack([entry.vector for entry in entries])
         for entry in entries:
             entry.vector = _RELEASED  # the stack holds them now; rows need the rest only
@@ -410,6 +414,7 @@ class MetricsRecorder:
     ) -> None:
         assert scores is not None
         test_loss, test_accuracy, successes = scores
+        rows: list[tuple[object, ...]] = []
         for entry, loss, accuracy, distance, success in zip(
             entries,
             test_loss,
@@ -418,9 +423,7 @@ class MetricsRecorder:
             successes,
             strict=True,
         ):
-            self._rows.append(
-                self._row(round_, entry, loss, accuracy, distance, consensus, success)
-            )
+            rows.append(self._row(round_, entry, loss, accuracy, distance, consensus, success))
         honest_accuracy = [
             accuracy
             for entry, accuracy in zip(entries, test_accuracy, strict=True)
@@ -437,6 +440,7 @@ class MetricsRecorder:
                 virtual_time=max(entry.virtual_time for entry in entries),
             )
         )
+        self._rows.extend(rows)  # added last, after everything that can fail or be interrupted
 
     def csv_text(self) -> str:
         """All rows as CSV, sorted by (round, node)."""

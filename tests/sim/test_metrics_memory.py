@@ -75,3 +75,34 @@ def test_the_estimate_counts_a_stacked_round_and_an_evaluation_chunk() -> None:
     stack = 500 * estimate.params * 4
     assert stack < estimate.evaluation < stack + (64 << 20)
     assert "evaluation" in estimate.describe()
+
+
+def test_an_interrupt_while_a_round_settles_loses_none_of_its_rows() -> None:
+    """A second Ctrl-C can land while the loop takes an evaluation's result: the round stays
+    queued, and the flush that saves the run still writes its rows, once."""
+    from concurrent.futures import Future
+    from typing import Any
+
+    class InterruptedOnce(Future[Any]):
+        interrupted = False
+
+        def result(self, timeout: float | None = None) -> Any:
+            if not InterruptedOnce.interrupted:
+                InterruptedOnce.interrupted = True
+                raise KeyboardInterrupt
+            return super().result(timeout)
+
+    class Executor:
+        def submit(self, function: Any, *args: Any) -> Future[Any]:
+            future = InterruptedOnce()
+            future.set_result(function(*args))
+            return future
+
+    evaluate = lambda v: (torch.zeros(len(v)), torch.ones(len(v)))  # noqa: E731
+    record = MetricsRecorder(num_nodes=2, evaluate=evaluate)
+    record.executor = Executor()  # type: ignore[assignment]
+    record.record(0, 0, now=1.0, train_loss=0.0, vector=torch.ones(4), traffic=Traffic())
+    with pytest.raises(KeyboardInterrupt):
+        record.record(0, 1, now=1.0, train_loss=0.0, vector=torch.ones(4), traffic=Traffic())
+    assert [row[1] for row in record.rows] == [0, 1]
+    assert len(record.rounds) == 1

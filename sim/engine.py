@@ -409,15 +409,14 @@ class Engine(WorldState):
                     steps=trained.steps,
                     projections=trained.projections,
                 )
-            case _Delivery():
-                return self._delivered(node, item)
             case PeerConnected(peer):
                 return item if self.network.reachable(node, self._index[peer.raw]) else None
             case Started():
                 self._started[node] = True
                 return item
             case _:
-                assert not isinstance(item, WorldItem)  # the loop hands those to the timeline
+                # The loop hands world items to the timeline and deliveries to _delivered.
+                assert not isinstance(item, (WorldItem, _Delivery))
                 return item
 
     def _delivered(self, node: int, delivery: _Delivery) -> MessageReceived | None:
@@ -469,7 +468,8 @@ class Engine(WorldState):
                     self.push(
                         arrival, receiver, _Delivery(node, received, size, connection, ticket)
                     )
-                    last_arrival = arrival if last_arrival is None else max(last_arrival, arrival)
+                    if last_arrival is None or arrival > last_arrival:
+                        last_arrival = arrival
                 continue
             match action:
                 case StartTraining(vector, steps, round_, probe):

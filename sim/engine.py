@@ -5,7 +5,10 @@ Theory of operation
 The engine is a driver, like the trio runtime: it owns no protocol logic. It keeps one heap
 of ``(time, sequence, node, item)`` entries; the sequence number makes ties resolve in
 insertion order, so a run is a pure function of the scenario and its seed. Popping an entry
-turns it into a core event and carries out the actions the core returns:
+turns it into a core event and carries out the actions the core returns. The copies of one
+frame that arrive at one instant (every neighbour of a sender, under a constant latency)
+are one entry, handed out in the order they were sent: as one entry per copy would be,
+since those would have had consecutive sequence numbers and one time.
 
 * ``Send``: the envelope is framed once and checked once per process (every receiver of the
   same envelope shares the bytes and the checked result); its Ed25519 signature is verified
@@ -133,9 +136,9 @@ at 10,000 nodes: peak RSS 1.19-1.21 GB with the worker, 1.17-1.18 GB without
 trim of :func:`sim.metrics.trim_heap`, the worker cost 0.34 GB there)."""
 
 
-# The engine's own heap items are built once per event and never changed after; they are not
-# frozen because a frozen dataclass's __init__ costs four times as much (object.__setattr__
-# per field), on one item per delivery.
+# The engine's own heap items are built once per event (a delivery: once per frame and
+# instant); they are not frozen because a frozen dataclass's __init__ costs four times as much
+# (object.__setattr__ per field), on one item per delivery.
 
 
 @dataclass(slots=True)
@@ -150,14 +153,19 @@ class _TrainingDue:
 
 @dataclass(slots=True)
 class _Delivery:
+    """The copies of one sent frame that arrive at one instant, in the order they were sent:
+    one heap entry for all of them (see :meth:`Engine._deliver`)."""
+
     sender: int
     event: MessageReceived
-    """What the receiver is handed: one event shared by every receiver of the frame."""
+    """What each receiver is handed: one event shared by every receiver of the frame."""
     frame_bytes: int
-    connection: tuple[int, int, int]
-    """The connection the frame was sent on (:meth:`Engine._connection`)."""
     ticket: int
     """The frame's ticket at the verifier process (-1: verified in the loop already)."""
+    receivers: list[int]
+    connections: list[tuple[int, int, int]] | None
+    """The connection each copy was sent on (:meth:`Engine._connection`); None: every one
+    :data:`_PRISTINE`."""
 
 
 _PRISTINE = (0, 0, 0)
@@ -269,6 +277,10 @@ class Engine(WorldState):
         self._verify_aside = False
         self._verified = 0
         """Every frame whose ticket is below this is verified."""
+        self.batch_copies = True
+        """Copies of a frame that arrive at one instant share one heap entry (False: one
+        entry per copy; the order of events is the same either way, which the tests
+        check against this)."""
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -352,25 +364,24 @@ class Engine(WorldState):
         heap, cores, pop = self._heap, self.cores, heapq.heappop
         status = self.network.status  # changed in place, never replaced
         while heap and self._finished < size:
-            at, _, node, item = pop(heap)
+            at, sequence, node, item = pop(heap)
             if self.horizon is not None and at > self.horizon:
                 self.now = self.horizon
                 break
             self.now = at
+            if type(item) is _Delivery:
+                self._deliver(at, sequence, item)
+                continue
             if node == WORLD:
                 assert self.disruptions is not None and isinstance(item, WorldItem)
                 self.disruptions.fire(self, item.payload)
                 continue
             if status[node] is not ONLINE:
                 continue
-            event: Event | None
-            if type(item) is _Delivery:
-                event = self._delivered(node, item)
-            elif isinstance(item, NeighboursConnected) and not self.network.all_up():
+            if isinstance(item, NeighboursConnected) and not self.network.all_up():
                 self._connect_reachable(node)
                 continue
-            else:
-                event = self._to_event(node, item)
+            event = self._to_event(node, item)
             if event is None:
                 continue
             actions = cores[node].handle(event, now=at)
@@ -379,6 +390,42 @@ class Engine(WorldState):
             if status[node] is ONLINE:
                 self._rearm(node)
         return self.now
+
+    def _deliver(self, at: float, sequence: int, delivery: _Delivery) -> None:
+        """Hand the copies of one frame to their receivers, as the loop would hand one heap
+        entry per copy: the copies were scheduled back to back for the same instant, so no
+        entry falls between two of them, except one scheduled since for an earlier instant
+        (never, as nothing is scheduled in the past) or the run's end; then the copies left
+        go back on the heap under the same sequence number."""
+        heap, cores, status = self._heap, self.cores, self.network.status
+        size = len(cores)
+        sender, event, ticket = delivery.sender, delivery.event, delivery.ticket
+        connections = delivery.connections
+        for position, node in enumerate(delivery.receivers):
+            if position and (self._finished >= size or (heap and heap[0][0] < at)):
+                delivery.receivers = delivery.receivers[position:]
+                if connections is not None:
+                    delivery.connections = connections[position:]
+                heapq.heappush(heap, (at, sequence, delivery.receivers[0], delivery))
+                return
+            if status[node] is not ONLINE:
+                continue
+            if self._broken:
+                connection = _PRISTINE if connections is None else connections[position]
+                if connection != self._connection(sender, node):
+                    continue  # the connection broke since: the copy is lost
+            if ticket >= self._verified:
+                self._verdict(ticket)  # no core sees a frame before its signature checks
+            traffic = self.traffic[node]
+            traffic.bytes_received += delivery.frame_bytes
+            traffic.messages_received += 1
+            if self.link_log is not None:
+                self.link_log.append((at, sender, node, delivery.frame_bytes))
+            actions = cores[node].handle(event, now=at)
+            if actions:
+                self._carry_out(node, actions)
+            if status[node] is ONLINE:
+                self._rearm(node)
 
     def _connect_reachable(self, node: int) -> None:
         """The start's connections when something is down already: one ``PeerConnected``
@@ -415,23 +462,9 @@ class Engine(WorldState):
                 self._started[node] = True
                 return item
             case _:
-                # The loop hands world items to the timeline and deliveries to _delivered.
+                # The loop hands world items to the timeline and deliveries to _deliver.
                 assert not isinstance(item, (WorldItem, _Delivery))
                 return item
-
-    def _delivered(self, node: int, delivery: _Delivery) -> MessageReceived | None:
-        """What ``node`` is handed for ``delivery``: None if its connection broke since."""
-        if self._broken and delivery.connection != self._connection(delivery.sender, node):
-            return None
-        ticket = delivery.ticket
-        if ticket >= self._verified:
-            self._verdict(ticket)  # no core sees a frame before its signature checks
-        traffic = self.traffic[node]
-        traffic.bytes_received += delivery.frame_bytes
-        traffic.messages_received += 1
-        if self.link_log is not None:
-            self.link_log.append((self.now, delivery.sender, node, delivery.frame_bytes))
-        return delivery.event
 
     def _carry_out(self, node: int, actions: list[Any]) -> float | None:
         """Carry out ``node``'s actions; returns when the last frame they sent arrives (None
@@ -443,6 +476,14 @@ class Engine(WorldState):
         adversary = self.adversary
         forging = adversary is not None and adversary.byzantine[node]
         traffic = self.traffic[node]
+        now = self.now
+        # Copies of one frame that arrive at one instant, sent back to back, share one heap
+        # entry (popped, they are handed out in order: Engine._deliver); the batch goes on
+        # the heap when a copy does not join it and before any other action, which may
+        # schedule something itself.
+        batch: _Delivery | None = None
+        batch_at = 0.0
+        all_up = self.network.all_up()  # changes only by actions other than Send
         for action in actions:
             if type(action) is Send:  # most actions: ahead of the match's pattern tests
                 receiver = self._index.get(action.peer.raw)
@@ -460,17 +501,27 @@ class Engine(WorldState):
                 _, received, size, ticket = cached
                 traffic.bytes_sent += size
                 traffic.messages_sent += 1
-                if not self.network.reachable(node, receiver):
+                if not all_up and not self.network.reachable(node, receiver):
                     continue  # written into a connection whose other end is gone
-                arrival = self.links.transmit(node, receiver, size, self.now)
-                if arrival is not None:
-                    connection = self._connection(node, receiver) if self._broken else _PRISTINE
-                    self.push(
-                        arrival, receiver, _Delivery(node, received, size, connection, ticket)
-                    )
-                    if last_arrival is None or arrival > last_arrival:
-                        last_arrival = arrival
+                arrival = self.links.transmit(node, receiver, size, now)
+                if arrival is None:
+                    continue
+                if last_arrival is None or arrival > last_arrival:
+                    last_arrival = arrival
+                if batch is not None:
+                    if batch.event is received and arrival == batch_at and self.batch_copies:
+                        batch.receivers.append(receiver)
+                        if batch.connections is not None:
+                            batch.connections.append(self._connection(node, receiver))
+                        continue
+                    self.push(batch_at, batch.receivers[0], batch)
+                connections = [self._connection(node, receiver)] if self._broken else None
+                batch = _Delivery(node, received, size, ticket, [receiver], connections)
+                batch_at = arrival
                 continue
+            if batch is not None:
+                self.push(batch_at, batch.receivers[0], batch)
+                batch = None
             match action:
                 case StartTraining(vector, steps, round_, probe):
                     if self.disruptions is not None and not self.disruptions.may_train(self, node):
@@ -516,6 +567,9 @@ class Engine(WorldState):
                     pass
                 case _:
                     raise TypeError(f"engine cannot carry out {action!r}")
+            all_up = self.network.all_up()
+        if batch is not None:
+            self.push(batch_at, batch.receivers[0], batch)
         return last_arrival
 
     def _begin_training(self, node: int, training: _ParkedTraining) -> None:

@@ -204,14 +204,6 @@ class _ParkedTraining:
     probe: SpsaProbe | None = None
 
 
-@dataclass(slots=True)
-class _Trained:
-    vector: Tensor
-    loss: float
-    steps: int
-    projections: tuple[float, ...] = ()
-
-
 def _invalid(exc: WireError) -> AssertionError:
     # Cores seal honestly and an adversary re-seals with the sender's key: a frame that does
     # not check is a bug in the simulator or a core, never an outcome of a scenario.
@@ -257,7 +249,8 @@ class Engine(WorldState):
         self._sequence = 0
         self._armed: list[float | None] = [None] * size
         self._parked: dict[int, _ParkedTraining] = {}
-        self._trained: dict[int, _Trained] = {}
+        self._trained: dict[int, TrainingFinished] = {}
+        """Trainings computed ahead of their completion: the event each node will get."""
         self._outstanding: dict[int, _ParkedTraining] = {}
         self._stopped = [False] * size
         self._finished = 0
@@ -453,12 +446,7 @@ class Engine(WorldState):
                     self._train_parked()
                 trained = self._trained.pop(node)
                 self._outstanding.pop(node, None)
-                return TrainingFinished(
-                    vector=trained.vector,
-                    loss=trained.loss,
-                    steps=trained.steps,
-                    projections=trained.projections,
-                )
+                return trained
             case PeerConnected(peer):
                 return item if self.network.reachable(node, self._index[peer.raw]) else None
             case Started():
@@ -590,7 +578,7 @@ class Engine(WorldState):
     def _begin_training(self, node: int, training: _ParkedTraining) -> None:
         self._outstanding[node] = training
         if self.population.relay[node]:
-            self._trained[node] = _Trained(training.vector, float("nan"), 0)
+            self._trained[node] = TrainingFinished(training.vector, float("nan"), 0)
         else:
             self._parked[node] = training
         duration = training.steps * self.step_time / self.population.speed[node]
@@ -665,7 +653,7 @@ class Engine(WorldState):
                     parked.probe.seeds,
                     parked.probe.eps,
                 )
-                self._trained[node] = _Trained(
+                self._trained[node] = TrainingFinished(
                     parked.vector, result.loss, parked.steps, result.projections
                 )
                 continue
@@ -683,7 +671,7 @@ class Engine(WorldState):
             )
             # One unbind and one tolist for the group, not an indexing call per node.
             for node, vector, loss in zip(nodes, trained.unbind(), losses.tolist(), strict=True):
-                self._trained[node] = _Trained(vector, loss, steps)
+                self._trained[node] = TrainingFinished(vector, loss, steps)
         self._parked.clear()
 
     # -- the world ----------------------------------------------------------------------

@@ -1,6 +1,9 @@
-"""The copies of a frame that arrive at one instant share one heap entry (``Engine._deliver``);
+"""The engine's loop.
+
+The copies of a frame that arrive at one instant share one heap entry (``Engine._deliver``):
 every core must see exactly the events, in exactly the order and at exactly the times, it
-sees with one heap entry per copy (``engine.batch_copies = False``)."""
+sees with one heap entry per copy (``engine.batch_copies = False``).
+"""
 
 from __future__ import annotations
 

@@ -164,6 +164,13 @@ class BatchedLearner:
         if self.notice is not None and log is not None:
             log(self.notice)
 
+    def use_buffers(self, node: int, buffers: dict[str, Tensor]) -> None:
+        """Train and probe node ``node`` with ``buffers`` instead of copies of the model's
+        initial ones. A node's :class:`~p2pfl.learn.TorchLearner` passes its module's own, so
+        the running statistics one-by-one training keeps (BatchNorm) are the module's, which
+        the node evaluates with."""
+        self._node_buffers[node] = buffers
+
     def state(self, node: int) -> OptimizerState:
         """Node ``node``'s optimiser state (created empty on first use)."""
         state = self._states.get(node)
@@ -214,12 +221,12 @@ class BatchedLearner:
         for start in range(0, count, chunk):
             rows = slice(start, min(start + chunk, count))
             data = datasets.select(rows) if isinstance(datasets, Shares) else datasets[rows]
-            losses[rows] = self._train_rows(
+            losses[rows] = self.train_rows(
                 nodes[rows], params[rows], data, samplers[rows], steps, rounds[rows]
             )
         return params, (losses / max(steps, 1)).to(torch.float32)
 
-    def _train_rows(
+    def train_rows(
         self,
         nodes: Sequence[int],
         params: Tensor,
@@ -228,6 +235,18 @@ class BatchedLearner:
         steps: int,
         rounds: Sequence[int],
     ) -> Tensor:
+        """The step loop of every learner: ``steps`` optimiser steps of the rows ``params
+        [R, P]``, in place, as one computation.
+
+        :meth:`train` runs it on chunks of its rows; a node's
+        :class:`~p2pfl.learn.TorchLearner` runs it on its one row (R = 1), so a device trains
+        with the simulator's sampling, gradient, loss and optimiser step. The arguments are
+        :meth:`train`'s for these rows (the caller checks their lengths); without
+        :attr:`batched`, R must be 1.
+
+        Returns:
+            Each row's loss summed over the steps ``[R]`` (float64).
+        """
         settings = self.optimizer
         states = [self.state(node) for node in nodes]
         begin_states(settings, states, params)

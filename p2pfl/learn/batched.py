@@ -9,11 +9,16 @@ optimiser (:mod:`p2pfl.learn.optim`) then updates the B rows at once with each n
 learning rate (the schedule is keyed on the node's round) and state.
 
 Each node draws its minibatches from its own :class:`~p2pfl.learn.MinibatchSampler` and keeps
-its own :class:`~p2pfl.learn.optim.OptimizerState`, as a :class:`~p2pfl.learn.TorchLearner`
-does, so a node trained here and the same node trained one by one agree to float rounding.
-A training draws all its steps' indices at once (the same stream), and when the nodes' data
-are :class:`Shares` of one pool (as the simulator holds them), a step's minibatches for all
-B nodes are one gather of that pool.
+its own :class:`~p2pfl.learn.optim.OptimizerState`. A training draws all its steps' indices at
+once (the same stream), and when the nodes' data are :class:`Shares` of one pool (as the
+simulator holds them), a step's minibatches for all B nodes are one gather of that pool.
+
+A device is one row of this: a node's :class:`~p2pfl.learn.TorchLearner` trains through
+:meth:`BatchedLearner.train_rows` with B = 1, so there is one step loop, one gradient choice
+and one loss for both. A node and the same node simulated in a group of one agree bit for bit;
+in a larger group they agree bit for bit for a Linear/ReLU stack (:class:`LinearStack`) and in
+the one-by-one fallback, and to float rounding for other vmapped modules (a vmapped
+convolution sums in another order over B rows than over one).
 
 Which modules batch: whatever ``vmap`` can run; tested: Linear, Conv1d, Conv2d, max pooling,
 LayerNorm, GroupNorm and elementwise activations. Not: BatchNorm in training
@@ -21,8 +26,8 @@ LayerNorm, GroupNorm and elementwise activations. Not: BatchNorm in training
 need its own random stream), and data-dependent Python control flow (``if x.sum() > 0``).
 This is detected, not guessed from the layer types: at construction one training step is
 run under ``vmap`` on two copies of the model and two examples; if it raises, or changes one
-of the module's buffers, training falls back to one node at a time (plain autograd, as
-``TorchLearner`` trains; each node keeps its own buffers) and :attr:`BatchedLearner.notice`
+of the module's buffers, training falls back to one node at a time (plain autograd of the
+module; each node keeps its own buffers) and :attr:`BatchedLearner.notice`
 says why in one line. In that fallback, evaluation uses the model's initial buffers: the
 metrics cannot tell which node a vector came from (use GroupNorm or LayerNorm instead of
 BatchNorm in simulations).
@@ -40,13 +45,12 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from p2pfl.errors import ConfigError
 from p2pfl.learn.functional import (
-    class_first_log_softmax,
     flat_grads,
+    loss_and_logit_gradient,
     mean_loss,
     row_gradient,
     row_params,
@@ -499,7 +503,7 @@ class LinearStack:
         written into its place once. (That sum added zeros, which would turn a -0.0 into
         +0.0; no entry is -0.0 here: a matrix product and a sum start from +0.0, the loss's
         gradient is a difference, ``threshold_backward`` writes +0.0.) The loss and its
-        gradient come from :func:`loss_and_logit_gradient`.
+        gradient come from :func:`p2pfl.learn.functional.loss_and_logit_gradient`.
         """
         count = params.shape[0]
         inputs: list[Tensor] = []
@@ -528,81 +532,6 @@ class LinearStack:
             if inputs:  # the model's input needs no gradient
                 incoming = incoming.bmm(params[:, weight].view(count, fan_out, fan_in))
         return per_row.detach().to(torch.float64), grad
-
-
-_class_first_exact: dict[tuple[int, torch.dtype], bool] = {}
-
-
-def loss_and_logit_gradient(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """Each row's mean cross-entropy ``[B]`` (float64) over its examples and the gradient of
-    their sum with respect to ``logits [B, N, C]`` (labels ``y [B, N]``).
-
-    The same bits as ``F.cross_entropy(logits.reshape(-1, C), y.reshape(-1),
-    reduction="none").view(B, -1).mean(dim=1)`` and autograd's gradient of its sum. PyTorch's
-    log-softmax and its backward over a short last dimension (10 classes) pay a per-row
-    overhead that costs more than the rest of a training step's arithmetic; laid out class
-    first (``[C, B * N]``), the same kernels run vectorised across the rows, about ten times
-    faster. For fewer classes than the CPU's vector width both layouts take each row's sums
-    class by class in order with the same vectorised ``exp`` and ``log``; whether they agree
-    for a class count is checked once per process against the plain expression
-    (:func:`_class_first_trains_alike`), which is used wherever they do not. Non-finite logits (a
-    diverged model) give the same values, NaN where the plain expression has NaN, though a
-    NaN's sign bit may differ.
-    """
-    if _class_first_trains_alike(logits.shape[-1], logits.dtype):
-        return _class_first(logits, y)
-    return _plain(logits, y)
-
-
-def _plain(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    count, _, classes = logits.shape
-    leaf = logits.detach().requires_grad_()
-    with torch.enable_grad():
-        flat = F.cross_entropy(leaf.reshape(-1, classes), y.reshape(-1), reduction="none")
-        per_row = flat.view(count, -1).mean(dim=1)
-        (grad,) = torch.autograd.grad(per_row.sum(), leaf)
-    return per_row.detach().to(torch.float64), grad
-
-
-def _class_first(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    count, examples, classes = logits.shape
-    columns = count * examples
-    _, log_p = class_first_log_softmax(logits)
-    target = y.reshape(1, columns)
-    # nll_loss with reduction "none" is -log_p at the label
-    per_row = log_p[:, :columns].gather(0, target).neg_().view(count, examples).mean(dim=1)
-    # Backward as autograd takes it: d(sum of row means)/d(loss) is 1 / N (mean's backward
-    # divides the expanded ones by N), nll's backward puts its negation at the label.
-    share = logits.new_ones(count, 1).expand(count, examples).div(examples)
-    grad = torch.zeros_like(log_p)
-    grad[:, :columns].scatter_(0, target, share.reshape(1, columns).neg())
-    by_class = torch._log_softmax_backward_data(grad, log_p, 0, logits.dtype)
-    # back to [B, N, C] in the layout autograd's gradient had (the matrix products after it
-    # must see the same layout to round the same)
-    incoming = by_class[:, :columns].view(classes, count, examples).permute(1, 2, 0)
-    return per_row.to(torch.float64), incoming.contiguous()
-
-
-def _class_first_trains_alike(classes: int, dtype: torch.dtype) -> bool:
-    """Whether :func:`_class_first` gives :func:`_plain`'s bits, loss and gradient, for
-    ``classes`` classes on this CPU: checked once on 4,112 fixed rows of logits spread over
-    scales from 0 to 60 (where a different summation order disagrees on some rows). A private
-    generator keeps the global random stream untouched."""
-    key = (classes, dtype)
-    known = _class_first_exact.get(key)
-    if known is None:
-        generator = torch.Generator().manual_seed(0)
-        shape = (257, 16, classes)
-        scale = torch.rand(*shape[:2], 1, generator=generator, dtype=dtype) * 60
-        logits = torch.randn(*shape, generator=generator, dtype=dtype) * scale
-        y = torch.randint(0, classes, shape[:2], generator=generator)
-        fast, plain = _class_first(logits, y), _plain(logits, y)
-        known = all(
-            torch.equal(a.view(torch.int8), b.view(torch.int8))
-            for a, b in zip(fast, plain, strict=True)
-        )
-        _class_first_exact[key] = known
-    return known
 
 
 def _single(layout: ParamLayout, vectors: Tensor, row: int) -> dict[str, Tensor]:

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from p2pfl.errors import ConfigError
 from p2pfl.learn import MinibatchSampler, TorchLearner
-from p2pfl.learn.batched import BatchedLearner, LinearStack, Shares, loss_and_logit_gradient
+from p2pfl.learn.batched import BatchedLearner, LinearStack, Shares
+from p2pfl.learn.functional import loss_and_logit_gradient
 from p2pfl.learn.models import build_model
 from p2pfl.learn.optim import OptimizerSettings
 from p2pfl.params import flatten, layout_of

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.func  # see main()
 from sim_throughput import compare
 
 from p2pfl.learn import TorchLearner, build_model
@@ -89,6 +90,9 @@ def main() -> None:
         )
         return
     torch.set_num_threads(1)
+    # torch.func (a third of a second) is imported above: any node training a module other
+    # than a Linear/ReLU stack imports it, at its first training or at its learner's build
+    # depending on the version, so "build" times the learner, not that import.
     for name in models:
         train, build = measure(name, args)
         print(f"{name}: train {train:.3f} ms CPU per call, build {build:.1f} ms CPU")

@@ -3,10 +3,13 @@
 The simulator defers trainings and runs all pending ones of the same length together (a
 training depends only on its inputs at its start). B nodes' parameters are one ``[B, P]``
 tensor; ``torch.func.vmap`` runs ``functional_call`` of the node's module over the B rows,
-each row on its own minibatch, and one backward pass of the *sum* of the B mean losses gives
-every row exactly its own gradient (row b's loss does not depend on any other row). The
-optimiser (:mod:`p2pfl.learn.optim`) then updates the B rows at once with each node's own
-learning rate (the schedule is keyed on the node's round) and state.
+each row on its own minibatch, to ``[B, N, C]`` logits. Every path (this one,
+:class:`LinearStack`'s, the one-by-one fallback) trains on one loss,
+:func:`p2pfl.learn.functional.loss_and_logit_gradient`: each row's mean cross-entropy and its
+gradient with respect to the logits, from which one backward pass gives every row exactly its
+own gradient (row b's logits do not depend on any other row). The optimiser
+(:mod:`p2pfl.learn.optim`) then updates the B rows at once with each node's own learning rate
+(the schedule is keyed on the node's round) and state.
 
 Each node draws its minibatches from its own :class:`~p2pfl.learn.MinibatchSampler` and keeps
 its own :class:`~p2pfl.learn.optim.OptimizerState`. A training draws all its steps' indices at
@@ -51,7 +54,6 @@ from p2pfl.errors import ConfigError
 from p2pfl.learn.functional import (
     flat_grads,
     loss_and_logit_gradient,
-    mean_loss,
     row_gradient,
     row_params,
     score_logits,
@@ -273,7 +275,6 @@ class BatchedLearner:
                     row_gradient, self.model, self.layout, buffers=buffers, x=x[0], y=y[0]
                 )
                 loss, grads = step_gradient(settings, gradient, params)
-                loss = loss.view(1)
             counts = [state.steps + step + 1 for state in states]
             optimizer_step(settings, params, grads, stacked, lrs=lrs, step_counts=counts)
             total += loss
@@ -305,20 +306,7 @@ class BatchedLearner:
     def _vmap_gradient(self, params: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         if self._stack is not None:
             return self._stack.gradient(params, x, y)
-        from torch.func import vmap
-
-        leaves = row_params(self.layout, params, leaves=True)
-        with torch.enable_grad():
-            per_row = vmap(mean_loss, in_dims=(None, 0, None, 0, 0))(
-                self.model, leaves, self._buffers, x, y
-            )
-            # Row b's loss depends on row b's parameters only, so the gradient of the sum
-            # with respect to row b is node b's own gradient.
-            grads = torch.autograd.grad(
-                per_row.sum(), list(leaves.values()), allow_unused=True, materialize_grads=True
-            )
-        flat = flat_grads(self.layout, dict(zip(leaves, grads, strict=True)), params.shape[0])
-        return per_row.detach().to(torch.float64), flat
+        return _vmapped_gradient(self.model, self.layout, self._buffers, params, x, y)
 
     def _buffers_of(self, node: int) -> dict[str, Tensor]:
         buffers = self._node_buffers.get(node)
@@ -393,8 +381,6 @@ class BatchedLearner:
 
     def _probe(self, sample_shape: tuple[int, ...]) -> str | None:
         """None if one vmapped training step works; else the one-line reason it does not."""
-        from torch.func import vmap
-
         name = type(self.model).__name__
         probe = copy.deepcopy(self.model)
         before = {key: b.clone() for key, b in probe.named_buffers()}
@@ -403,11 +389,8 @@ class BatchedLearner:
         x = torch.zeros(2, 2, *sample_shape)
         y = torch.zeros(2, 2, dtype=torch.int64)
         probe.train()
-        leaves = row_params(self.layout, rows, leaves=True)
         try:
-            with torch.enable_grad():
-                loss = vmap(mean_loss, in_dims=(None, 0, None, 0, 0))(probe, leaves, buffers, x, y)
-                torch.autograd.grad(loss.sum(), list(leaves.values()), allow_unused=True)
+            _vmapped_gradient(probe, self.layout, buffers, rows, x, y)
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:
             self._check_runs(sample_shape)
             return (
@@ -532,6 +515,41 @@ class LinearStack:
             if inputs:  # the model's input needs no gradient
                 incoming = incoming.bmm(params[:, weight].view(count, fan_out, fan_in))
         return per_row.detach().to(torch.float64), grad
+
+
+def _vmapped_gradient(
+    model: nn.Module,
+    layout: ParamLayout,
+    buffers: dict[str, Tensor],
+    params: Tensor,
+    x: Tensor,
+    y: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Each row's mean loss ``[B]`` (float64) and gradient ``[B, P]`` on its minibatch, for a
+    module that batches under ``vmap`` (training mode, ``buffers`` left unchanged).
+
+    As in :meth:`LinearStack.gradient`, the loss and its gradient with respect to the logits
+    are :func:`~p2pfl.learn.functional.loss_and_logit_gradient`'s, and the layers' backward
+    starts from there, here by autograd through the vmapped forward. That gives the bits of
+    autograd through ``vmap`` of the whole loss (``F.cross_entropy`` included, whose batching
+    rule runs as several Python decompositions a step).
+    """
+    from torch.func import vmap
+
+    leaves = row_params(layout, params, leaves=True)
+    with torch.enable_grad():
+        logits = vmap(_logits, in_dims=(None, 0, None, 0))(model, leaves, buffers, x)
+        per_row, incoming = loss_and_logit_gradient(logits.detach(), y)
+        # Row b's logits depend on row b's parameters only, so each row's gradient is node
+        # b's own.
+        grads = torch.autograd.grad(
+            logits,
+            list(leaves.values()),
+            grad_outputs=incoming,
+            allow_unused=True,
+            materialize_grads=True,
+        )
+    return per_row, flat_grads(layout, dict(zip(leaves, grads, strict=True)), params.shape[0])
 
 
 def _single(layout: ParamLayout, vectors: Tensor, row: int) -> dict[str, Tensor]:

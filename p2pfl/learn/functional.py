@@ -40,7 +40,8 @@ def mean_loss(
     x: Tensor,
     y: Tensor,
 ) -> Tensor:
-    """Mean cross-entropy of ``model`` with ``params`` and ``buffers`` on ``(x, y)``."""
+    """Mean cross-entropy of ``model`` with ``params`` and ``buffers`` on ``(x, y)``: the loss
+    an SPSA probe measures (:func:`p2pfl.learn.spsa.module_loss`), without a gradient."""
     # Imported here: torch.func costs a third of a second to import, which a node start or
     # a Linear/ReLU simulation (which never calls this in batched form) need not pay twice.
     from torch.func import functional_call
@@ -57,19 +58,28 @@ def row_gradient(
     x: Tensor,
     y: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """Loss and ``[1, P]`` gradient of one row ``[1, P]`` on a minibatch, by plain autograd.
+    """Mean loss ``[1]`` (float64) and ``[1, P]`` gradient of one row ``[1, P]`` on a
+    minibatch, by plain autograd through the module from :func:`loss_and_logit_gradient`'s
+    logit gradient (the loss every learner trains on).
 
     ``buffers`` are updated in place as the module updates them (BatchNorm running stats):
     this is the one-by-one path every module supports.
     """
+    from torch.func import functional_call
+
     leaves = row_params(layout, row, leaves=True)
     single = {name: leaf[0] for name, leaf in leaves.items()}
     with torch.enable_grad():
-        loss = mean_loss(model, single, buffers, x, y)
+        logits = functional_call(model, (single, dict(buffers)), (x,))
+        loss, incoming = loss_and_logit_gradient(logits.detach().unsqueeze(0), y.unsqueeze(0))
         grads = torch.autograd.grad(
-            loss, list(leaves.values()), allow_unused=True, materialize_grads=True
+            logits,
+            list(leaves.values()),
+            grad_outputs=incoming[0],
+            allow_unused=True,
+            materialize_grads=True,
         )
-    return loss.detach(), flat_grads(layout, dict(zip(leaves, grads, strict=True)), 1)
+    return loss, flat_grads(layout, dict(zip(leaves, grads, strict=True)), 1)
 
 
 CLASS_FIRST_PAD = 64
@@ -84,7 +94,9 @@ its gradient (:func:`_class_first_agrees`)."""
 def loss_and_logit_gradient(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """Each row's mean cross-entropy ``[B]`` (float64) over its examples and the gradient of
     their sum with respect to ``logits [B, N, C]`` (labels ``y [B, N]``): the training loss of
-    :class:`~p2pfl.learn.batched.LinearStack`, whose backward takes it from there.
+    every learner and every gradient path (:class:`~p2pfl.learn.batched.LinearStack`'s
+    written-out backward, autograd through a vmapped forward, :func:`row_gradient`), whose
+    backward takes it from there.
 
     The same bits as ``F.cross_entropy(logits.reshape(-1, C), y.reshape(-1),
     reduction="none").view(B, -1).mean(dim=1)`` and autograd's gradient of its sum. PyTorch's

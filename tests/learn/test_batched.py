@@ -341,3 +341,31 @@ def test_loss_and_logit_gradient_are_cross_entropys_bits(classes: int) -> None:
     torch.testing.assert_close(loss, expected.detach().to(torch.float64), **exact)
     torch.testing.assert_close(grad, expected_grad, **exact)
     assert bool(loss.isnan().any()) and not bool(loss.isnan().all())
+
+
+@pytest.mark.parametrize("model", ["cnn1d", "lenet5", "group-layer-norm"])
+def test_vmapped_gradient_is_autograd_of_the_vmapped_loss_bit_for_bit(model: str) -> None:
+    # The loss and its logit gradient come from loss_and_logit_gradient, outside vmap; the
+    # bits are those of autograd through vmap of F.cross_entropy itself.
+    from torch.func import functional_call, vmap
+
+    build, shape = MODELS[model]
+    learner = BatchedLearner(build(0), OPTIMIZERS["sgd"], shape)
+    generator = torch.Generator().manual_seed(5)
+    params = torch.stack([flatten(build(n)) for n in range(NODES)])
+    x = torch.randn(NODES, 16, *shape, generator=generator)
+    y = torch.randint(0, 3, (NODES, 16), generator=generator)
+
+    def loss(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(functional_call(learner.model, params, (x,)), y)
+
+    leaves = {
+        slot.name: params[:, slot.span].view(NODES, *slot.shape).clone().requires_grad_()
+        for slot in learner.layout.slots
+    }
+    per_row = vmap(loss)(leaves, x, y)
+    grads = torch.autograd.grad(per_row.sum(), list(leaves.values()))
+    expected = torch.cat([g.reshape(NODES, -1) for g in grads], dim=1)
+    got_loss, got = learner._vmap_gradient(params, x, y)
+    assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+    assert torch.equal(got_loss, per_row.detach().to(torch.float64))

@@ -30,7 +30,7 @@ from p2pfl.learn import batched as this_tree
 from p2pfl.learn.optim import OptimizerSettings
 from p2pfl.params import flatten
 
-MODELS = {"mlp": ({"hidden": [32]}, (64,)), "cnn1d": ({}, (40,))}
+MODELS = {"mlp": ({"hidden": [32]}, (64,)), "cnn1d": ({}, (40,)), "lenet5": ({}, (1, 28, 28))}
 CLASSES = 10
 EXAMPLES = 64
 

@@ -7,12 +7,14 @@ signatures of a round's frames checked by a verifier child process (:mod:`sim.ve
 
 Each step is timed in-process, best of ``--reps`` runs of ``--calls`` calls (microseconds
 per call): the best run is the one least disturbed by the other processes of a shared
-machine. ``loop path`` is the sum of the steps the simulator's loop thread runs per
-node-round (seal, frame, parse, submit to the verifier, decode); ``child per frame`` is the
-verifier process's CPU time per record (from /proc, over ``--frames`` records of 50
-signers) and ``submit`` the loop's CPU time per record handed to it.
+machine, and short runs (100 calls, a few milliseconds) let some fit between two
+preemptions even at a load average of 8. ``loop path`` is the sum of the steps the
+simulator's loop thread runs per node-round (seal, frame, parse, submit to the verifier,
+decode); ``child per frame`` is the verifier process's CPU time per record (from /proc, over
+``--frames`` records of 50 signers) and ``submit`` the loop's CPU time per record handed
+to it.
 
-    .venv/bin/python bench/sealing.py [--calls 2000] [--reps 7] [--frames 4000]
+    .venv/bin/python bench/sealing.py [--calls 100] [--reps 50] [--frames 4000]
         [--baseline TREE [--repeat 3]]
 
 ``--baseline TREE`` runs the same measurement ``--repeat`` times in fresh processes, taking
@@ -142,8 +144,8 @@ def compare(baseline: Path, repeat: int, argv: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=2000)
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--calls", type=int, default=100)
+    parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--frames", type=int, default=4000)
     parser.add_argument("--baseline", type=Path, default=None)
     parser.add_argument("--repeat", type=int, default=3)

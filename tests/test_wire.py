@@ -880,3 +880,23 @@ def test_header_checks_agree_with_the_field_by_field_path(
     data: st.DataObject, keys: list[str], drop: bool
 ) -> None:
     _assert_paths_agree(keys, lambda: data.draw(st.sampled_from(TRICKY) | any_values), drop)
+
+
+@given(
+    st.one_of(
+        st.integers(-(2**70), 2**70),
+        st.booleans(),
+        st.floats(allow_nan=False),
+        st.just(DEFAULT_LIMITS.max_elements),
+        st.just(DEFAULT_LIMITS.max_elements + 1),
+    )
+)
+def test_one_dimension_counts_as_the_general_rule(dim: Any) -> None:
+    # (dim,) takes a shortcut; (dim, 1) the general path, which must agree with it.
+    def outcome(shape: tuple[Any, ...]) -> int | type[Exception]:
+        try:
+            return wire_internals.shape_elements(shape, DEFAULT_LIMITS.max_elements)
+        except (DecodeError, FrameTooLarge) as exc:
+            return type(exc)
+
+    assert outcome((dim,)) == outcome((dim, 1))

@@ -100,9 +100,8 @@ class NodeId:
 def verifies(key: bytes, signature: bytes, message: bytes | bytearray | memoryview) -> bool:
     """Whether ``signature`` is ``key``'s Ed25519 signature over ``message``.
 
-    ``key`` must be 32 bytes (a :class:`NodeId`'s ``raw``); any ``signature`` is accepted
-    as input (only a 64-byte one can verify). For the verifier process, which checks records
-    in bulk without building a :class:`NodeId` per record.
+    Any ``key`` and ``signature`` are accepted as input: only a 32-byte key (a
+    :class:`NodeId`'s ``raw``) and a 64-byte signature can verify.
     """
     if len(signature) != SIGNATURE_BYTES:
         return False
@@ -111,7 +110,10 @@ def verifies(key: bytes, signature: bytes, message: bytes | bytearray | memoryvi
 
 def verifies_attached(key: bytes, signed_message: bytes | bytearray | memoryview) -> bool:
     """Whether ``signed_message`` is a 64-byte Ed25519 signature by ``key`` followed by the
-    message it covers (libsodium's combined form; shorter input never verifies)."""
+    message it covers (libsodium's combined form: the verifier process, :mod:`sim.verifier`,
+    receives records in it). Shorter input, or a key that is not 32 bytes, never verifies."""
+    if len(key) != NODE_ID_BYTES:  # libsodium reads 32 bytes of key whatever it is handed
+        return False
     try:
         crypto_sign_open(bytes(signed_message), key)
     except BadSignatureError:

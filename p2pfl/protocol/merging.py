@@ -11,6 +11,7 @@ import torch
 
 from p2pfl.errors import InsufficientInputs, LocalProtocolError
 from p2pfl.merge.base import MergeContext, MergeRule, Probe
+from p2pfl.numerics import all_finite
 from p2pfl.params import ParamLayout
 from p2pfl.protocol.messages import ModelUpdate
 
@@ -130,8 +131,7 @@ class Merger:
         rows = torch.stack(list(map(_VECTOR, updates)))
         if rows.dtype is not torch.float32 or rows.requires_grad or rows.shape[1:] != own.shape:
             return None  # the general path converts, or names the defect
-        # One numpy pass over each (torch.isfinite is not vectorised on CPU).
-        if not (np.isfinite(rows.numpy()).all() and np.isfinite(own.numpy()).all()):
+        if not (all_finite(rows) and all_finite(own)):
             return None
         weights: list[float] = _sample_weights(updates).tolist()
         return finite(own, rows, weights, self.own_weight)

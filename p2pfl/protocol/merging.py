@@ -63,7 +63,7 @@ class Merger:
         self.state: dict[str, Any] = {}
         self.fallbacks = 0
         """Merges skipped because the rule had too few inputs (own model kept)."""
-        self._finite: FiniteMerge | None = getattr(rule, "merge_finite", None)
+        self._finite = _finite_entry(rule)
         """The rule's entry for finite inputs, which reads nothing of the MergeContext but
         the own weight, or None: every merge goes through the rule's general call."""
 
@@ -135,6 +135,21 @@ class Merger:
             return None
         weights: list[float] = _sample_weights(updates).tolist()
         return finite(own, rows, weights, self.own_weight)
+
+
+def _finite_entry(rule: MergeRule) -> FiniteMerge | None:
+    """``rule.merge_finite`` if the class that defines it also defines the rule's general call:
+    a subclass that changes one of the two gets no entry, so it never goes unheard."""
+    cls = type(rule)
+    entry_owner = _defined_by(cls, "merge_finite")
+    if entry_owner is None or entry_owner is not _defined_by(cls, "__call__"):
+        return None
+    entry: FiniteMerge = getattr(rule, "merge_finite")  # noqa: B009 (not in MergeRule)
+    return entry
+
+
+def _defined_by(cls: type, name: str) -> type | None:
+    return next((base for base in cls.__mro__ if name in vars(base)), None)
 
 
 def _sample_weights(updates: Sequence[ModelUpdate]) -> np.ndarray:

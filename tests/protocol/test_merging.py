@@ -47,7 +47,8 @@ def test_enough_inputs_for_krum_merges() -> None:
 
 
 class _Counting(WeightedMean):
-    """The weighted mean, counting the merges that went through its general call."""
+    """The weighted mean, counting the merges that went through its general call (it defines
+    both entries, so the Merger still takes its finite-input one)."""
 
     def __init__(self) -> None:
         self.general_calls = 0
@@ -57,6 +58,29 @@ class _Counting(WeightedMean):
     ) -> torch.Tensor:
         self.general_calls += 1
         return super().__call__(own, received, weights, ctx)
+
+    def merge_finite(
+        self, own: torch.Tensor, rows: torch.Tensor, weights: list[float], own_weight: float
+    ) -> torch.Tensor | None:
+        return super().merge_finite(own, rows, weights, own_weight)
+
+
+class _ChangedCall(WeightedMean):
+    """A subclass that changes the general call only: its merges must all go through it."""
+
+    def __call__(
+        self, own: torch.Tensor, received: torch.Tensor, weights: torch.Tensor, ctx: MergeContext
+    ) -> torch.Tensor:
+        return own.clone()
+
+
+class _ChangedEntry(WeightedMean):
+    """A subclass that changes the finite entry only: the Merger must not trust it."""
+
+    def merge_finite(
+        self, own: torch.Tensor, rows: torch.Tensor, weights: list[float], own_weight: float
+    ) -> torch.Tensor | None:
+        return torch.full_like(own, 7.0)
 
 
 class _GeneralOnly:
@@ -184,3 +208,15 @@ def test_explicit_weights_take_the_general_call() -> None:
         torch.zeros(3), [_update(torch.ones(3))], own_round=0, weights=[2.0], own_weight=1.0
     )
     assert rule.general_calls == 1
+
+
+def test_a_subclass_that_changes_one_entry_only_gets_the_general_call() -> None:
+    own = torch.zeros(3)
+    merged = Merger(_ChangedCall(), own_weight=1.0, layout=None).merge(
+        own, [_update(torch.ones(3))], own_round=0
+    )
+    assert torch.equal(merged, own)
+    merged = Merger(_ChangedEntry(), own_weight=10.0, layout=None).merge(
+        own, [_update(torch.ones(3))], own_round=0
+    )
+    assert torch.equal(merged, torch.full((3,), 0.5))

@@ -362,6 +362,13 @@ class BatchedLearner:
             )
         return torch.cat(parts)
 
+    @staticmethod
+    def evaluation_rows(examples: int) -> int:
+        """Rows :meth:`evaluate` scores together on a test set of ``examples``: evaluating a
+        slice of rows that starts at a multiple of it scores every row in the same company,
+        so with the same bits as the whole."""
+        return max(1, EVAL_BUDGET // max(min(examples, EVAL_EXAMPLES), 1))
+
     @torch.no_grad()
     def evaluate(self, vectors: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Mean cross-entropy and accuracy of every row on one shared test set, as a node
@@ -372,7 +379,7 @@ class BatchedLearner:
         """
         losses = []
         accuracies = []
-        rows = max(1, EVAL_BUDGET // max(min(len(x), EVAL_EXAMPLES), 1))
+        rows = self.evaluation_rows(len(x))
         for start in range(0, vectors.shape[0], rows):
             loss, accuracy = score_logits(self.logits(vectors[start : start + rows], x), y)
             losses.append(loss)

@@ -142,8 +142,12 @@ def main() -> None:
 
     def show_rounds(world: Engine) -> None:
         # Long runs show their progress, one line per completed round, through the engine's
-        # progress hook (the recorder's own completion hook belongs to the timeline).
-        settled = len(world.recorder.rounds)  # (baseline trees lack settled_rounds)
+        # progress hook (the recorder's own completion hook belongs to the timeline). Never
+        # ``recorder.rounds`` here: it waits for the evaluation in flight, so the loop would
+        # stall a whole round's evaluation after every round (older trees lack the
+        # non-waiting ``settled_rounds``).
+        settled_rounds = getattr(world.recorder, "settled_rounds", None)
+        settled = len(settled_rounds() if settled_rounds is not None else world.recorder.rounds)
         while shown[0] < settled:
             elapsed = time.perf_counter() - started[0]
             print(f"  round {shown[0]} complete at {elapsed:.1f} s", flush=True)

@@ -186,6 +186,21 @@ def encode_vector(
     Raises:
         ValueError: ``dtype`` is not one of ``WIRE_DTYPES``, or ``vector`` is not floating point.
     """
+    if (
+        dtype == "float32"
+        and vector.dtype is torch.float32
+        and vector.dim() == 1
+        and _LITTLE_ENDIAN
+        and not vector.requires_grad
+        and vector.device.type == "cpu"
+        and vector.is_contiguous()
+        and not vector.is_neg()
+    ):
+        # A model vector as every core holds one: its memory is already the payload (the
+        # general path below gives the same view, through five tensor calls).
+        spec = PayloadSpec(codec=DENSE, dtype=dtype, shape=(vector.shape[0],), samples=samples)
+        own: Any = vector.numpy()  # (numpy's stubs do not declare the buffer protocol)
+        return spec, memoryview(own).cast("B")
     if dtype not in WIRE_DTYPES:
         raise ValueError(f"dtype {dtype!r} not in {sorted(WIRE_DTYPES)}")
     _check_float(vector)
@@ -200,12 +215,14 @@ def encode_vector(
 
 
 def decode_vector(
-    spec: PayloadSpec, payload: Payload, limits: Limits = DEFAULT_LIMITS
+    spec: PayloadSpec, payload: Payload, limits: Limits = DEFAULT_LIMITS, *, owned: bool = False
 ) -> torch.Tensor:
     """Turn a verified payload into a float32 tensor of ``spec.shape``, by its codec.
 
-    The result may share memory with ``payload`` (dense float32 from a writable buffer);
-    callers that keep it beyond the buffer's life must own the buffer.
+    The result may share memory with ``payload`` (dense float32 from a writable buffer)
+    unless ``owned`` is set: then it is a contiguous tensor of its own, as a receiver needs to
+    keep it beyond the receive buffer's life. Callers that keep a result decoded without
+    ``owned`` beyond the buffer's life must own the buffer.
 
     Raises:
         DecodeError: unknown codec or dtype, a malformed shape, or bytes the codec refuses.
@@ -216,7 +233,12 @@ def decode_vector(
     codec = CODECS.get(spec.codec)
     if codec is None:
         raise DecodeError(f"payload codec {spec.codec!r} is not one of {sorted(CODECS)}")
-    return codec.decode(spec, payload, limits)
+    if not owned:
+        return codec.decode(spec, payload, limits)
+    if codec is Dense:
+        return Dense.decode_copy(spec, payload, limits)
+    # Another codec (a plug-in's too) may view the payload: copy what it gives.
+    return codec.decode(spec, payload, limits).clone()
 
 
 @register_codec
@@ -238,17 +260,7 @@ class Dense(Codec):
 
     @staticmethod
     def decode(spec: PayloadSpec, payload: Payload, limits: Limits) -> torch.Tensor:
-        torch_dtype = WIRE_DTYPES.get(spec.dtype)
-        if torch_dtype is None:
-            raise DecodeError(f"payload dtype {spec.dtype!r} not in {sorted(WIRE_DTYPES)}")
-        elements = _elements(spec, limits)
-        view = memoryview(payload).cast("B")
-        itemsize = torch.empty((), dtype=torch_dtype).element_size()
-        if view.nbytes != elements * itemsize:
-            raise DecodeError(
-                f"payload holds {view.nbytes} bytes, shape {list(spec.shape)} of {spec.dtype} "
-                f"needs {elements * itemsize}"
-            )
+        torch_dtype, elements, view = Dense._opened(spec, payload, limits)
         if elements == 0:
             return torch.zeros(spec.shape, dtype=torch.float32)
         buffer: Payload = view if not view.readonly else bytearray(view)
@@ -256,6 +268,52 @@ class Dense(Codec):
         if not _LITTLE_ENDIAN:
             flat = _swap_bytes(flat)
         return flat.to(torch.float32).reshape(spec.shape)
+
+    @staticmethod
+    def decode_copy(spec: PayloadSpec, payload: Payload, limits: Limits) -> torch.Tensor:
+        """:meth:`decode` into memory of its own (``decode_vector``'s ``owned``).
+
+        Raises:
+            DecodeError: as :meth:`decode`.
+            FrameTooLarge: as :meth:`decode`.
+        """
+        torch_dtype, elements, view = Dense._opened(spec, payload, limits)
+        if torch_dtype is not torch.float32 or not _LITTLE_ENDIAN or elements == 0:
+            # A conversion (or zeros) is a new tensor already.
+            return Dense.decode(spec, payload, limits)
+        # The payload bytes copied once, into a bytearray that only the tensor holds (a
+        # memoryview assignment into a fresh tensor's memory is ten times slower here, and a
+        # clone after torch.frombuffer would copy twice).
+        flat = torch.frombuffer(bytearray(view), dtype=torch.float32, count=elements)
+        # (a model vector is 1-D already: reshape costs more than the copy)
+        return flat if len(spec.shape) == 1 else flat.reshape(spec.shape)
+
+    @staticmethod
+    def _opened(
+        spec: PayloadSpec, payload: Payload, limits: Limits
+    ) -> tuple[torch.dtype, int, memoryview]:
+        """The wire dtype, the checked element count and the payload's bytes.
+
+        Raises:
+            DecodeError: an unknown dtype, a malformed shape, or a byte count the shape
+                and dtype do not need.
+            FrameTooLarge: the shape spans more than ``limits.max_elements``.
+        """
+        torch_dtype = WIRE_DTYPES.get(spec.dtype)
+        if torch_dtype is None:
+            raise DecodeError(f"payload dtype {spec.dtype!r} not in {sorted(WIRE_DTYPES)}")
+        elements = _elements(spec, limits)
+        view = memoryview(payload).cast("B")
+        itemsize = _ITEMSIZES[torch_dtype]
+        if view.nbytes != elements * itemsize:
+            raise DecodeError(
+                f"payload holds {view.nbytes} bytes, shape {list(spec.shape)} of {spec.dtype} "
+                f"needs {elements * itemsize}"
+            )
+        return torch_dtype, elements, view
+
+
+_ITEMSIZES: Final = {dtype: dtype.itemsize for dtype in WIRE_DTYPES.values()}
 
 
 # ------------------------------------------------------------------------------ int8

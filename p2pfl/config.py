@@ -108,7 +108,6 @@ whose one-line message names the dotted key, e.g.
 
 from __future__ import annotations
 
-import inspect
 import ipaddress
 import os
 import tomllib
@@ -531,19 +530,21 @@ def _read_peers(tables: list[PeerTable], base_dir: Path, section: str) -> tuple[
 
 
 def _read_data(table: DataTable, base_dir: Path) -> DataConfig:
+    from p2pfl.learn._config import check_params
     from p2pfl.learn.datasets import DATASETS, PATH_PARAMS
     from p2pfl.learn.partition import FIXED_ARGUMENTS, PARTITIONS
 
     params = dict(table.params)
-    _check_params("data.params", params, DATASETS[table.dataset], fixed=())
+    check_params("data.params", f"dataset {table.dataset!r}", DATASETS[table.dataset], params)
     for key in PATH_PARAMS & set(params):
         if not isinstance(params[key], str):
             _fail(f"data.params.{key}", params[key], "a path (string)")
         params[key] = str(base_dir / Path(params[key]).expanduser())
-    _check_params(
+    check_params(
         "data.partition_params",
-        table.partition_params,
+        f"partition {table.partition!r}",
         PARTITIONS[table.partition],
+        table.partition_params,
         fixed=FIXED_ARGUMENTS,
     )
     if table.node_index >= table.num_nodes:
@@ -553,19 +554,6 @@ def _read_data(table: DataTable, base_dir: Path) -> DataConfig:
             f"an integer in [0, {table.num_nodes}) (data.num_nodes)",
         )
     return DataConfig.model_validate({**table.model_dump(), "params": params})
-
-
-def _check_params(prefix: str, params: Mapping[str, Any], fn: Any, fixed: tuple[str, ...]) -> None:
-    signature = inspect.signature(fn)
-    accepted = [
-        p.name
-        for p in signature.parameters.values()
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in fixed
-    ]
-    for key, value in params.items():
-        if key not in accepted:
-            allowed = ", ".join(accepted) if accepted else "none"
-            _fail(f"{prefix}.{key}", value, f"not a parameter; parameters are {allowed}")
 
 
 _LEARNER_KEYS = {

@@ -288,7 +288,7 @@ def seal(
     meta_dict = dict(meta or {})
     if any(not isinstance(key, str) for key in meta_dict):
         raise ValueError("meta keys must be strings")
-    kind = MessageKind(kind)
+    kind = kind if type(kind) is MessageKind else MessageKind(kind)
     spec = spec or PayloadSpec()
     digest = hashlib.sha256(payload).digest()
     sender = identity.node_id
@@ -297,8 +297,9 @@ def seal(
     fields = _header_fields(
         digest, kind, _ordered(meta_dict), spec, seq, round, sender.raw, PROTOCOL_VERSION
     )
-    signature = identity.sign(SIGNING_CONTEXT + _pack_ordered(fields))
-    return Envelope(
+    signed = _pack_ordered(fields)
+    signature = identity.sign(SIGNING_CONTEXT + signed)
+    envelope = Envelope(
         kind=kind,
         sender=sender,
         seq=seq,
@@ -309,9 +310,29 @@ def seal(
         signature=signature,
         meta=meta_dict,
     )
+    # The header is the signed map with the signature added (see _signed_of_header): kept
+    # for encode_header, which would otherwise build and pack the same map again.
+    envelope.memo[_HEADER] = (
+        _MAP9 + signed[1 : -len(_VERSION_ENTRY)] + _SIG_ENTRY + signature + _VERSION_ENTRY
+    )
+    return envelope
+
+
+_HEADER = "header"
+"""The :attr:`Envelope.memo` key of the header bytes :func:`seal` made."""
+_MAP9, _MAP8 = b"\x89", b"\x88"
+"""msgpack's one-byte heads of a map of 9 entries (a header) and of 8 (what is signed)."""
+_SIG_ENTRY = msgpack.packb("sig") + b"\xc4\x40"
+"""The signature's key and the head of its value (bin8 of 64 bytes), which the signature's
+bytes follow."""
+_VERSION_ENTRY = msgpack.packb("v") + msgpack.packb(PROTOCOL_VERSION)
+"""The last entry of every header and of every map that is signed."""
 
 
 def encode_header(envelope: Envelope) -> bytes:
+    header: bytes | None = envelope.memo.get(_HEADER)
+    if header is not None:
+        return header
     fields = envelope.header_fields()
     # "sig" sorts between "s" and "v": rebuild the map in that order rather than sort it.
     version = fields.pop("v")
@@ -331,7 +352,7 @@ def frame_parts(envelope: Envelope) -> tuple[bytes, memoryview]:
 def encode_frame(envelope: Envelope) -> bytes:
     """The whole frame as one bytes object (copies the payload once)."""
     head, payload = frame_parts(envelope)
-    return head + payload.tobytes()
+    return b"".join((head, payload))  # (one copy of the payload; head + tobytes() made two)
 
 
 def read_length(prefix: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> int:
@@ -434,7 +455,25 @@ def _parse_body(body: bytes | bytearray | memoryview, limits: Limits) -> tuple[E
         raise DecodeError("header map keys cannot be put in canonical order") from exc
     if not in_order or _pack_ordered(header) != header_bytes:
         raise DecodeError("header is not in canonical encoding")
-    return envelope, _signed_bytes_of(envelope)
+    return envelope, _signed_of_header(envelope, header_bytes)
+
+
+def _signed_of_header(envelope: Envelope, header_bytes: memoryview) -> bytes:
+    """:func:`_signed_bytes_of` ``envelope``, cut from its canonical header's bytes.
+
+    A msgpack map is its head (the entry count) followed by its entries' encodings, so the
+    signed map (every entry but ``sig``, in the same order and forms) is the header with the
+    ``sig`` entry cut out and the count one less. In canonical order ``sig`` is the one but
+    last entry, before ``v``.
+    """
+    tail = len(_SIG_ENTRY) + SIGNATURE_BYTES + len(_VERSION_ENTRY)
+    if (
+        envelope.version == PROTOCOL_VERSION
+        and header_bytes[:1] == _MAP9
+        and header_bytes[-tail:] == _SIG_ENTRY + envelope.signature + _VERSION_ENTRY
+    ):
+        return b"".join((SIGNING_CONTEXT, _MAP8, header_bytes[1:-tail], _VERSION_ENTRY))
+    return _signed_bytes_of(envelope)  # (no canonical header of this version differs)
 
 
 def _check_digest(envelope: Envelope) -> None:
@@ -631,6 +670,10 @@ def shape_elements(shape: tuple[int, ...], max_elements: int) -> int:
         DecodeError: a dimension is not a non-negative integer.
         FrameTooLarge: the product of the non-zero dimensions exceeds ``max_elements``.
     """
+    if len(shape) == 1:  # a model vector: one comparison (the general loop below costs 1 µs)
+        (dim,) = shape
+        if type(dim) is int and 0 <= dim <= max_elements:
+            return dim
     if not all(isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in shape):
         raise DecodeError("shape entries must be non-negative integers")
     spanned = 1

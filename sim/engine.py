@@ -74,7 +74,6 @@ their virtual time, so plots can redraw the network at any moment.
 
 from __future__ import annotations
 
-import gc
 import heapq
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -109,6 +108,7 @@ from p2pfl.protocol.events import (
     TrainingFinished,
 )
 from p2pfl.wire import Envelope, encode_frame, parse_frame
+from sim.collector import RunCollector
 from sim.metrics import MetricsRecorder
 from sim.network import LinkModel
 from sim.population import Population
@@ -274,6 +274,8 @@ class Engine(WorldState):
         """Copies of a frame that arrive at one instant share one heap entry (False: one
         entry per copy; the order of events is the same either way, which the tests
         check against this)."""
+        self.collector = RunCollector()
+        """Garbage collection while :meth:`run` runs (:mod:`sim.collector`)."""
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -297,13 +299,12 @@ class Engine(WorldState):
 
         The objects the setup built (cores, data, keys) live as long as the run, so they are
         frozen out of the garbage collector's scans for its length (``gc.freeze``: about 5% of
-        the loop's thread on the standard workload, docs/benchmarks.md).
+        the loop's thread on the standard workload, docs/benchmarks.md), and the rest is
+        collected in full once per doubling (:class:`sim.collector.RunCollector`, ticked once
+        per node-round), not on CPython's generational schedule.
         """
-        gc.freeze()
-        try:
+        with self.collector:
             return self._run_with_workers()
-        finally:
-            gc.unfreeze()
 
     def _run_with_workers(self) -> float:
         if not self.workers or self.recorder.executor is not None:
@@ -530,6 +531,7 @@ class Engine(WorldState):
                     self.trainings_started[node] += 1
                     self._begin_training(node, _ParkedTraining(vector, steps, round_, probe))
                 case SaveCheckpoint(round_, vector, loss):
+                    self.collector.tick()
                     if vector.requires_grad:  # rare: detach() costs a tensor per round
                         vector = vector.detach()
                     self.record_round(

@@ -138,6 +138,10 @@ def _done(scores: _Scores) -> Future[_Scores]:
 TRIM_BYTES = 32 << 20
 """A round whose models take at least this much hands the C heap's free pages back to the
 system once they are stacked and again once they are evaluated (:func:`trim_heap`)."""
+EVALUATION_SLICE_BYTES = 128 << 20
+"""Models (bytes) per slice of a large round's evaluation, with a heap trim between slices
+(:meth:`MetricsRecorder._evaluation_slices`): 10,000 nodes of the standard workload are one
+slice (no extra trim, each costs 50-120 ms there), 100,000 nodes eight."""
 DISTANCE_CHUNK = 1 << 20
 """Parameters (rows times model size) per chunk of the distances to a round's mean."""
 
@@ -204,6 +208,10 @@ class MetricsRecorder:
     """Evaluate (test loss, accuracy, attack success) every k-th round only, and always
     ``last_round``; other rounds' rows leave those columns NaN."""
     last_round: int | None = None
+    evaluation_rows: int = 0
+    """Rows ``evaluate`` scores together (0: unknown). When known, a large round is evaluated
+    in slices of a multiple of it, with the heap trimmed between slices (:meth:`_evaluate`);
+    every row is scored in the same company as in one call, so with the same bits."""
     executor: Executor | None = None
     """Where a completed round's evaluation runs (the engine sets a worker thread while it
     runs): the caller goes on at once and the round's rows and summary appear when the
@@ -340,8 +348,40 @@ class MetricsRecorder:
         if not self._evaluated(round_):
             skipped = [float("nan")] * vectors.shape[0]
             return skipped, skipped
-        test_loss, test_accuracy = self.evaluate(vectors)
-        return test_loss.tolist(), test_accuracy.tolist()
+        slices = self._evaluation_slices(vectors)
+        if len(slices) == 1:
+            test_loss, test_accuracy = self.evaluate(vectors)
+            return test_loss.tolist(), test_accuracy.tolist()
+        losses: list[float] = []
+        accuracies: list[float] = []
+        for index, rows in enumerate(slices):
+            if index:
+                trim_heap()  # the previous slice's chunks (see _evaluation_slices)
+            loss, accuracy = self.evaluate(vectors[rows])
+            losses += loss.tolist()
+            accuracies += accuracy.tolist()
+        return losses, accuracies
+
+    def _evaluation_slices(self, vectors: Tensor) -> list[slice]:
+        """The row slices a round is evaluated in: one, unless ``evaluation_rows`` is known
+        and its models take more than :data:`EVALUATION_SLICE_BYTES`; then slices of about
+        that much each, a multiple of ``evaluation_rows`` long.
+
+        Why: an evaluation's chunks are large temporaries allocated and freed thousands of
+        times; once glibc's mmap threshold has risen (it follows the largest block freed, up
+        to 32 MB) they come from the heap, between the loop's small objects, and the freed
+        space is not always reused: at 100,000 nodes of the standard workload the last
+        round's evaluation alone raised RSS by 3.4 GiB (and, by the luck of placement, by
+        more in other runs), all of it free and handed back by one trim
+        (docs/benchmarks.md, "Scale (session 5)").
+        """
+        count = vectors.shape[0]
+        total = vectors.numel() * vectors.element_size()
+        if not self.evaluation_rows or not count or total <= EVALUATION_SLICE_BYTES:
+            return [slice(0, count)]
+        chunk_bytes = total // count * self.evaluation_rows
+        step = self.evaluation_rows * max(1, EVALUATION_SLICE_BYTES // max(chunk_bytes, 1))
+        return [slice(start, min(start + step, count)) for start in range(0, count, step)]
 
     def _success(self, round_: int, vectors: Tensor) -> list[float]:
         if self.attack_success is None or not self._evaluated(round_):

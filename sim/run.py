@@ -236,6 +236,7 @@ def build_engine(
         else None,
         eval_every=scenario.metrics.eval_every,
         last_round=scenario.rounds - 1,
+        evaluation_rows=trainer.evaluation_rows(len(eval_x)),
     )
     disruptions = (
         Disruptions(scenario.disruptions, population, seed=scenario.seed)

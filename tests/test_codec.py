@@ -297,3 +297,72 @@ def test_zero_dimensions_do_not_excuse_huge_ones(shape: list[int]) -> None:
 def test_a_zero_dimension_beside_allowed_ones_decodes_to_an_empty_tensor() -> None:
     spec = PayloadSpec(DENSE, "float32", (0, DEFAULT_LIMITS.max_elements), 1)
     assert decode_vector(spec, b"").shape == (0, DEFAULT_LIMITS.max_elements)
+
+
+# ------------------------------------------------------- fast paths against general ones
+
+
+def _general_encoding(vector: torch.Tensor) -> tuple[PayloadSpec, bytes]:
+    # A non-contiguous view of the same values: encode_vector's general path.
+    spaced = torch.empty(vector.numel() * 2, dtype=vector.dtype)[::2]
+    spaced.copy_(vector.reshape(-1))
+    spec, payload = encode_vector(spaced.reshape(vector.shape), dtype="float32", samples=5)
+    return spec, bytes(payload)
+
+
+@given(vectors)
+def test_the_model_vector_fast_path_encodes_as_the_general_path(vector: torch.Tensor) -> None:
+    spec, payload = encode_vector(vector, dtype="float32", samples=5)
+    assert (spec, bytes(payload)) == _general_encoding(vector)
+    assert payload.format == "B" and payload.nbytes == 4 * vector.numel()
+
+
+@pytest.mark.parametrize(
+    "vector",
+    [
+        torch.tensor(2.5),  # 0-dim
+        torch.arange(6, dtype=torch.float32).reshape(2, 3),
+        torch.ones(4, requires_grad=True),
+        torch.ones(4, dtype=torch.float64),
+        -torch.ones(3),
+    ],
+)
+def test_other_tensors_take_the_general_path_to_the_same_bytes(vector: torch.Tensor) -> None:
+    spec, payload = encode_vector(vector, dtype="float32", samples=5)
+    expected = vector.detach().to(torch.float32).reshape(-1)
+    assert spec == PayloadSpec(DENSE, "float32", tuple(vector.shape), 5)
+    assert bytes(payload) == expected.numpy().astype("<f4").tobytes()
+
+
+@pytest.mark.parametrize("dtype", sorted(WIRE_DTYPES))
+@pytest.mark.parametrize("writable", [False, True])
+def test_owned_decode_equals_decode_and_never_shares_the_buffer(dtype: str, writable: bool) -> None:
+    vector = torch.randn(37)
+    spec, payload = encode_vector(vector, dtype=dtype)
+    data: bytes | bytearray = bytearray(payload) if writable else bytes(payload)
+    owned = decode_vector(spec, data, owned=True)
+    assert torch.equal(_bits(owned), _bits(decode_vector(spec, data)))
+    assert owned.is_contiguous() and owned.dtype == torch.float32
+    if isinstance(data, bytearray):
+        data[:] = b"\xff" * len(data)  # a receive buffer reused for the next frame
+        assert torch.equal(_bits(owned), _bits(decode_vector(spec, bytes(payload))))
+
+
+@pytest.mark.parametrize(
+    ("spec", "data", "error"),
+    [
+        (PayloadSpec(DENSE, "float32", (8,)), b"\x00" * 31, DecodeError),
+        (PayloadSpec(DENSE, "float64", (1,)), b"\x00" * 4, DecodeError),
+        (PayloadSpec("raw", "float32", (1,)), b"\x00" * 4, DecodeError),
+        (PayloadSpec(DENSE, "float32", (2**20, 2**20)), b"", FrameTooLarge),
+        (PayloadSpec(DENSE, "float32", (0,)), b"\x00" * 4, DecodeError),
+    ],
+)
+def test_owned_decode_refuses_what_decode_refuses_with_the_same_message(
+    spec: PayloadSpec, data: bytes, error: type[WireError]
+) -> None:
+    with pytest.raises(error) as general:
+        decode_vector(spec, data)
+    with pytest.raises(error) as owned:
+        decode_vector(spec, bytearray(data), owned=True)
+    assert str(owned.value) == str(general.value)

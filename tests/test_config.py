@@ -157,7 +157,13 @@ BAD_CASES = [
         'partition = "pathological"',
         "data.partition = 'pathological':",
     ),
-    ("unknown partition param", r"alpha = 0.5", "beta = 0.5", "data.partition_params.beta = 0.5:"),
+    (
+        "unknown partition param",
+        r"alpha = 0.5",
+        "beta = 0.5",
+        "data.partition_params.beta = 0.5: partition 'dirichlet' takes alpha, min_size, "
+        "max_attempts",
+    ),
     ("node index out of range", r"node_index = 0", "node_index = 3", "data.node_index = 3:"),
     ("zero hidden units", r"hidden = \[32\]", "hidden = [0]", "learner.hidden = [0]:"),
     ("lr as text", r"lr = 0.1", 'lr = "fast"', "learner.lr = 'fast':"),

@@ -9,9 +9,17 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from p2pfl.errors import BadSignature, ConfigError, IdentityError
-from p2pfl.identity import NODE_ID_BYTES, SHORT_ID_HEX_CHARS, Identity, NodeId
+from p2pfl.identity import (
+    NODE_ID_BYTES,
+    SHORT_ID_HEX_CHARS,
+    Identity,
+    NodeId,
+    verifies,
+    verifies_attached,
+)
 
 MESSAGE = b"round 7 model update"
 
@@ -216,3 +224,34 @@ def test_verify_with_arbitrary_key_bytes_raises_bad_signature(raw: bytes) -> Non
     # Whatever the backend makes of bytes that are no real key, only BadSignature escapes.
     with pytest.raises(BadSignature):
         NodeId(raw).verify(b"\x00" * 64, MESSAGE)
+
+
+@pytest.mark.parametrize("length", [0, 31, 38, 137, 138, 139, 4096])
+def test_libsodium_and_openssl_agree_on_signatures(length: int) -> None:
+    # Signing and verifying run in libsodium; key files in cryptography (OpenSSL). Ed25519 is
+    # deterministic: both give the same bytes, and each accepts the other's.
+    seed = bytes(range(1, 33))
+    message = bytes(index % 251 for index in range(length))
+    openssl = Ed25519PrivateKey.from_private_bytes(seed)
+    ours = Identity.from_seed(seed)
+    assert ours.sign(message) == openssl.sign(message)
+    openssl.public_key().verify(ours.sign(message), message)  # does not raise
+    ours.node_id.verify(openssl.sign(message), message)
+    assert ours.node_id.raw == openssl.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+
+
+def test_verifies_refuses_malformed_input_without_raising() -> None:
+    identity = Identity.from_seed(bytes(range(32)))
+    signature = identity.sign(MESSAGE)
+    key = identity.node_id.raw
+    assert verifies(key, signature, MESSAGE)
+    assert verifies_attached(key, signature + MESSAGE)
+    assert verifies_attached(key, memoryview(bytearray(signature + MESSAGE)))
+    assert not verifies(key[:31], signature, MESSAGE)  # libsodium would read past a short key
+    assert not verifies_attached(key + b"\x00", signature + MESSAGE)
+    assert not verifies(key, signature[:63], MESSAGE)
+    assert not verifies(key, signature + b"\x00", MESSAGE)
+    assert not verifies_attached(key, signature[:63])
+    assert not verifies_attached(key, b"")

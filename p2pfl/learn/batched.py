@@ -3,17 +3,25 @@
 The simulator defers trainings and runs all pending ones of the same length together (a
 training depends only on its inputs at its start). B nodes' parameters are one ``[B, P]``
 tensor; ``torch.func.vmap`` runs ``functional_call`` of the node's module over the B rows,
-each row on its own minibatch, and one backward pass of the *sum* of the B mean losses gives
-every row exactly its own gradient (row b's loss does not depend on any other row). The
-optimiser (:mod:`p2pfl.learn.optim`) then updates the B rows at once with each node's own
-learning rate (the schedule is keyed on the node's round) and state.
+each row on its own minibatch, to ``[B, N, C]`` logits. Every path (this one,
+:class:`LinearStack`'s, the one-by-one fallback) trains on one loss,
+:func:`p2pfl.learn.functional.loss_and_logit_gradient`: each row's mean cross-entropy and its
+gradient with respect to the logits, from which one backward pass gives every row exactly its
+own gradient (row b's logits do not depend on any other row). The optimiser
+(:mod:`p2pfl.learn.optim`) then updates the B rows at once with each node's own learning rate
+(the schedule is keyed on the node's round) and state.
 
 Each node draws its minibatches from its own :class:`~p2pfl.learn.MinibatchSampler` and keeps
-its own :class:`~p2pfl.learn.optim.OptimizerState`, as a :class:`~p2pfl.learn.TorchLearner`
-does, so a node trained here and the same node trained one by one agree to float rounding.
-A training draws all its steps' indices at once (the same stream), and when the nodes' data
-are :class:`Shares` of one pool (as the simulator holds them), a step's minibatches for all
-B nodes are one gather of that pool.
+its own :class:`~p2pfl.learn.optim.OptimizerState`. A training draws all its steps' indices at
+once (the same stream), and when the nodes' data are :class:`Shares` of one pool (as the
+simulator holds them), a step's minibatches for all B nodes are one gather of that pool.
+
+A device is one row of this: a node's :class:`~p2pfl.learn.TorchLearner` trains through
+:meth:`BatchedLearner.train_rows` with B = 1, so there is one step loop, one gradient choice
+and one loss for both. A node and the same node simulated in a group of one agree bit for bit;
+in a larger group they agree bit for bit for a Linear/ReLU stack (:class:`LinearStack`) and in
+the one-by-one fallback, and to float rounding for other vmapped modules (a vmapped
+convolution sums in another order over B rows than over one).
 
 Which modules batch: whatever ``vmap`` can run; tested: Linear, Conv1d, Conv2d, max pooling,
 LayerNorm, GroupNorm and elementwise activations. Not: BatchNorm in training
@@ -21,8 +29,8 @@ LayerNorm, GroupNorm and elementwise activations. Not: BatchNorm in training
 need its own random stream), and data-dependent Python control flow (``if x.sum() > 0``).
 This is detected, not guessed from the layer types: at construction one training step is
 run under ``vmap`` on two copies of the model and two examples; if it raises, or changes one
-of the module's buffers, training falls back to one node at a time (plain autograd, as
-``TorchLearner`` trains; each node keeps its own buffers) and :attr:`BatchedLearner.notice`
+of the module's buffers, training falls back to one node at a time (plain autograd of the
+module; each node keeps its own buffers) and :attr:`BatchedLearner.notice`
 says why in one line. In that fallback, evaluation uses the model's initial buffers: the
 metrics cannot tell which node a vector came from (use GroupNorm or LayerNorm instead of
 BatchNorm in simulations).
@@ -40,14 +48,12 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from p2pfl.errors import ConfigError
 from p2pfl.learn.functional import (
-    class_first_log_softmax,
     flat_grads,
-    mean_loss,
+    loss_and_logit_gradient,
     row_gradient,
     row_params,
     score_logits,
@@ -164,6 +170,13 @@ class BatchedLearner:
         if self.notice is not None and log is not None:
             log(self.notice)
 
+    def use_buffers(self, node: int, buffers: dict[str, Tensor]) -> None:
+        """Train and probe node ``node`` with ``buffers`` instead of copies of the model's
+        initial ones. A node's :class:`~p2pfl.learn.TorchLearner` passes its module's own, so
+        the running statistics one-by-one training keeps (BatchNorm) are the module's, which
+        the node evaluates with."""
+        self._node_buffers[node] = buffers
+
     def state(self, node: int) -> OptimizerState:
         """Node ``node``'s optimiser state (created empty on first use)."""
         state = self._states.get(node)
@@ -214,12 +227,12 @@ class BatchedLearner:
         for start in range(0, count, chunk):
             rows = slice(start, min(start + chunk, count))
             data = datasets.select(rows) if isinstance(datasets, Shares) else datasets[rows]
-            losses[rows] = self._train_rows(
+            losses[rows] = self.train_rows(
                 nodes[rows], params[rows], data, samplers[rows], steps, rounds[rows]
             )
         return params, (losses / max(steps, 1)).to(torch.float32)
 
-    def _train_rows(
+    def train_rows(
         self,
         nodes: Sequence[int],
         params: Tensor,
@@ -228,6 +241,18 @@ class BatchedLearner:
         steps: int,
         rounds: Sequence[int],
     ) -> Tensor:
+        """The step loop of every learner: ``steps`` optimiser steps of the rows ``params
+        [R, P]``, in place, as one computation.
+
+        :meth:`train` runs it on chunks of its rows; a node's
+        :class:`~p2pfl.learn.TorchLearner` runs it on its one row (R = 1), so a device trains
+        with the simulator's sampling, gradient, loss and optimiser step. The arguments are
+        :meth:`train`'s for these rows (the caller checks their lengths); without
+        :attr:`batched`, R must be 1.
+
+        Returns:
+            Each row's loss summed over the steps ``[R]`` (float64).
+        """
         settings = self.optimizer
         states = [self.state(node) for node in nodes]
         begin_states(settings, states, params)
@@ -250,7 +275,6 @@ class BatchedLearner:
                     row_gradient, self.model, self.layout, buffers=buffers, x=x[0], y=y[0]
                 )
                 loss, grads = step_gradient(settings, gradient, params)
-                loss = loss.view(1)
             counts = [state.steps + step + 1 for state in states]
             optimizer_step(settings, params, grads, stacked, lrs=lrs, step_counts=counts)
             total += loss
@@ -282,20 +306,7 @@ class BatchedLearner:
     def _vmap_gradient(self, params: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         if self._stack is not None:
             return self._stack.gradient(params, x, y)
-        from torch.func import vmap
-
-        leaves = row_params(self.layout, params, leaves=True)
-        with torch.enable_grad():
-            per_row = vmap(mean_loss, in_dims=(None, 0, None, 0, 0))(
-                self.model, leaves, self._buffers, x, y
-            )
-            # Row b's loss depends on row b's parameters only, so the gradient of the sum
-            # with respect to row b is node b's own gradient.
-            grads = torch.autograd.grad(
-                per_row.sum(), list(leaves.values()), allow_unused=True, materialize_grads=True
-            )
-        flat = flat_grads(self.layout, dict(zip(leaves, grads, strict=True)), params.shape[0])
-        return per_row.detach().to(torch.float64), flat
+        return _vmapped_gradient(self.model, self.layout, self._buffers, params, x, y)
 
     def _buffers_of(self, node: int) -> dict[str, Tensor]:
         buffers = self._node_buffers.get(node)
@@ -351,6 +362,13 @@ class BatchedLearner:
             )
         return torch.cat(parts)
 
+    @staticmethod
+    def evaluation_rows(examples: int) -> int:
+        """Rows :meth:`evaluate` scores together on a test set of ``examples``: evaluating a
+        slice of rows that starts at a multiple of it scores every row in the same company,
+        so with the same bits as the whole."""
+        return max(1, EVAL_BUDGET // max(min(examples, EVAL_EXAMPLES), 1))
+
     @torch.no_grad()
     def evaluate(self, vectors: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Mean cross-entropy and accuracy of every row on one shared test set, as a node
@@ -361,7 +379,7 @@ class BatchedLearner:
         """
         losses = []
         accuracies = []
-        rows = max(1, EVAL_BUDGET // max(min(len(x), EVAL_EXAMPLES), 1))
+        rows = self.evaluation_rows(len(x))
         for start in range(0, vectors.shape[0], rows):
             loss, accuracy = score_logits(self.logits(vectors[start : start + rows], x), y)
             losses.append(loss)
@@ -370,8 +388,6 @@ class BatchedLearner:
 
     def _probe(self, sample_shape: tuple[int, ...]) -> str | None:
         """None if one vmapped training step works; else the one-line reason it does not."""
-        from torch.func import vmap
-
         name = type(self.model).__name__
         probe = copy.deepcopy(self.model)
         before = {key: b.clone() for key, b in probe.named_buffers()}
@@ -380,11 +396,8 @@ class BatchedLearner:
         x = torch.zeros(2, 2, *sample_shape)
         y = torch.zeros(2, 2, dtype=torch.int64)
         probe.train()
-        leaves = row_params(self.layout, rows, leaves=True)
         try:
-            with torch.enable_grad():
-                loss = vmap(mean_loss, in_dims=(None, 0, None, 0, 0))(probe, leaves, buffers, x, y)
-                torch.autograd.grad(loss.sum(), list(leaves.values()), allow_unused=True)
+            _vmapped_gradient(probe, self.layout, buffers, rows, x, y)
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:
             self._check_runs(sample_shape)
             return (
@@ -480,7 +493,7 @@ class LinearStack:
         written into its place once. (That sum added zeros, which would turn a -0.0 into
         +0.0; no entry is -0.0 here: a matrix product and a sum start from +0.0, the loss's
         gradient is a difference, ``threshold_backward`` writes +0.0.) The loss and its
-        gradient come from :func:`loss_and_logit_gradient`.
+        gradient come from :func:`p2pfl.learn.functional.loss_and_logit_gradient`.
         """
         count = params.shape[0]
         inputs: list[Tensor] = []
@@ -511,79 +524,39 @@ class LinearStack:
         return per_row.detach().to(torch.float64), grad
 
 
-_class_first_exact: dict[tuple[int, torch.dtype], bool] = {}
+def _vmapped_gradient(
+    model: nn.Module,
+    layout: ParamLayout,
+    buffers: dict[str, Tensor],
+    params: Tensor,
+    x: Tensor,
+    y: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Each row's mean loss ``[B]`` (float64) and gradient ``[B, P]`` on its minibatch, for a
+    module that batches under ``vmap`` (training mode, ``buffers`` left unchanged).
 
-
-def loss_and_logit_gradient(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """Each row's mean cross-entropy ``[B]`` (float64) over its examples and the gradient of
-    their sum with respect to ``logits [B, N, C]`` (labels ``y [B, N]``).
-
-    The same bits as ``F.cross_entropy(logits.reshape(-1, C), y.reshape(-1),
-    reduction="none").view(B, -1).mean(dim=1)`` and autograd's gradient of its sum. PyTorch's
-    log-softmax and its backward over a short last dimension (10 classes) pay a per-row
-    overhead that costs more than the rest of a training step's arithmetic; laid out class
-    first (``[C, B * N]``), the same kernels run vectorised across the rows, about ten times
-    faster. For fewer classes than the CPU's vector width both layouts take each row's sums
-    class by class in order with the same vectorised ``exp`` and ``log``; whether they agree
-    for a class count is checked once per process against the plain expression
-    (:func:`_class_first_trains_alike`), which is used wherever they do not. Non-finite logits (a
-    diverged model) give the same values, NaN where the plain expression has NaN, though a
-    NaN's sign bit may differ.
+    As in :meth:`LinearStack.gradient`, the loss and its gradient with respect to the logits
+    are :func:`~p2pfl.learn.functional.loss_and_logit_gradient`'s, and the layers' backward
+    starts from there, here by autograd through the vmapped forward. That gives the bits of
+    autograd through ``vmap`` of the whole loss (``F.cross_entropy`` included, whose batching
+    rule runs as several Python decompositions a step).
     """
-    if _class_first_trains_alike(logits.shape[-1], logits.dtype):
-        return _class_first(logits, y)
-    return _plain(logits, y)
+    from torch.func import vmap
 
-
-def _plain(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    count, _, classes = logits.shape
-    leaf = logits.detach().requires_grad_()
+    leaves = row_params(layout, params, leaves=True)
     with torch.enable_grad():
-        flat = F.cross_entropy(leaf.reshape(-1, classes), y.reshape(-1), reduction="none")
-        per_row = flat.view(count, -1).mean(dim=1)
-        (grad,) = torch.autograd.grad(per_row.sum(), leaf)
-    return per_row.detach().to(torch.float64), grad
-
-
-def _class_first(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    count, examples, classes = logits.shape
-    columns = count * examples
-    _, log_p = class_first_log_softmax(logits)
-    target = y.reshape(1, columns)
-    # nll_loss with reduction "none" is -log_p at the label
-    per_row = log_p[:, :columns].gather(0, target).neg_().view(count, examples).mean(dim=1)
-    # Backward as autograd takes it: d(sum of row means)/d(loss) is 1 / N (mean's backward
-    # divides the expanded ones by N), nll's backward puts its negation at the label.
-    share = logits.new_ones(count, 1).expand(count, examples).div(examples)
-    grad = torch.zeros_like(log_p)
-    grad[:, :columns].scatter_(0, target, share.reshape(1, columns).neg())
-    by_class = torch._log_softmax_backward_data(grad, log_p, 0, logits.dtype)
-    # back to [B, N, C] in the layout autograd's gradient had (the matrix products after it
-    # must see the same layout to round the same)
-    incoming = by_class[:, :columns].view(classes, count, examples).permute(1, 2, 0)
-    return per_row.to(torch.float64), incoming.contiguous()
-
-
-def _class_first_trains_alike(classes: int, dtype: torch.dtype) -> bool:
-    """Whether :func:`_class_first` gives :func:`_plain`'s bits, loss and gradient, for
-    ``classes`` classes on this CPU: checked once on 4,112 fixed rows of logits spread over
-    scales from 0 to 60 (where a different summation order disagrees on some rows). A private
-    generator keeps the global random stream untouched."""
-    key = (classes, dtype)
-    known = _class_first_exact.get(key)
-    if known is None:
-        generator = torch.Generator().manual_seed(0)
-        shape = (257, 16, classes)
-        scale = torch.rand(*shape[:2], 1, generator=generator, dtype=dtype) * 60
-        logits = torch.randn(*shape, generator=generator, dtype=dtype) * scale
-        y = torch.randint(0, classes, shape[:2], generator=generator)
-        fast, plain = _class_first(logits, y), _plain(logits, y)
-        known = all(
-            torch.equal(a.view(torch.int8), b.view(torch.int8))
-            for a, b in zip(fast, plain, strict=True)
+        logits = vmap(_logits, in_dims=(None, 0, None, 0))(model, leaves, buffers, x)
+        per_row, incoming = loss_and_logit_gradient(logits.detach(), y)
+        # Row b's logits depend on row b's parameters only, so each row's gradient is node
+        # b's own.
+        grads = torch.autograd.grad(
+            logits,
+            list(leaves.values()),
+            grad_outputs=incoming,
+            allow_unused=True,
+            materialize_grads=True,
         )
-        _class_first_exact[key] = known
-    return known
+    return per_row, flat_grads(layout, dict(zip(leaves, grads, strict=True)), params.shape[0])
 
 
 def _single(layout: ParamLayout, vectors: Tensor, row: int) -> dict[str, Tensor]:

@@ -40,7 +40,8 @@ def mean_loss(
     x: Tensor,
     y: Tensor,
 ) -> Tensor:
-    """Mean cross-entropy of ``model`` with ``params`` and ``buffers`` on ``(x, y)``."""
+    """Mean cross-entropy of ``model`` with ``params`` and ``buffers`` on ``(x, y)``: the loss
+    an SPSA probe measures (:func:`p2pfl.learn.spsa.module_loss`), without a gradient."""
     # Imported here: torch.func costs a third of a second to import, which a node start or
     # a Linear/ReLU simulation (which never calls this in batched form) need not pay twice.
     from torch.func import functional_call
@@ -57,19 +58,28 @@ def row_gradient(
     x: Tensor,
     y: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """Loss and ``[1, P]`` gradient of one row ``[1, P]`` on a minibatch, by plain autograd.
+    """Mean loss ``[1]`` (float64) and ``[1, P]`` gradient of one row ``[1, P]`` on a
+    minibatch, by plain autograd through the module from :func:`loss_and_logit_gradient`'s
+    logit gradient (the loss every learner trains on).
 
     ``buffers`` are updated in place as the module updates them (BatchNorm running stats):
     this is the one-by-one path every module supports.
     """
+    from torch.func import functional_call
+
     leaves = row_params(layout, row, leaves=True)
     single = {name: leaf[0] for name, leaf in leaves.items()}
     with torch.enable_grad():
-        loss = mean_loss(model, single, buffers, x, y)
+        logits = functional_call(model, (single, dict(buffers)), (x,))
+        loss, incoming = loss_and_logit_gradient(logits.detach().unsqueeze(0), y.unsqueeze(0))
         grads = torch.autograd.grad(
-            loss, list(leaves.values()), allow_unused=True, materialize_grads=True
+            logits,
+            list(leaves.values()),
+            grad_outputs=incoming[0],
+            allow_unused=True,
+            materialize_grads=True,
         )
-    return loss.detach(), flat_grads(layout, dict(zip(leaves, grads, strict=True)), 1)
+    return loss, flat_grads(layout, dict(zip(leaves, grads, strict=True)), 1)
 
 
 CLASS_FIRST_PAD = 64
@@ -77,7 +87,59 @@ CLASS_FIRST_PAD = 64
 CPU's float vector width: 8 on AVX2, 16 on AVX-512, up to 64 on SVE), so that PyTorch's
 softmax kernel computes every real column in its vector loop, never in its scalar tail."""
 _class_first_exact: dict[tuple[int, torch.dtype], bool] = {}
-"""Per (classes, dtype): whether the class-first layout reproduces ``F.cross_entropy``."""
+"""Per (classes, dtype): whether the class-first layout reproduces ``F.cross_entropy`` and
+its gradient (:func:`_class_first_agrees`)."""
+
+
+def loss_and_logit_gradient(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row's mean cross-entropy ``[B]`` (float64) over its examples and the gradient of
+    their sum with respect to ``logits [B, N, C]`` (labels ``y [B, N]``): the training loss of
+    every learner and every gradient path (:class:`~p2pfl.learn.batched.LinearStack`'s
+    written-out backward, autograd through a vmapped forward, :func:`row_gradient`), whose
+    backward takes it from there.
+
+    The same bits as ``F.cross_entropy(logits.reshape(-1, C), y.reshape(-1),
+    reduction="none").view(B, -1).mean(dim=1)`` and autograd's gradient of its sum. PyTorch's
+    log-softmax and its backward over a short last dimension (10 classes) pay a per-row
+    overhead that costs more than the rest of a training step's arithmetic; laid out class
+    first (``[C, B * N]``), the same kernels run vectorised across the rows, about ten times
+    faster. Where the class-first layout does not give the plain expression's bits for the
+    class count (:func:`_class_first_agrees`), the plain expression is used. Non-finite
+    logits (a diverged model) give the same values, NaN where the plain expression has NaN,
+    though a NaN's sign bit may differ.
+    """
+    if _class_first_agrees(logits.shape[-1], logits.dtype):
+        return _class_first_training(logits, y)
+    return _plain_training(logits, y)
+
+
+def _plain_training(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    count, _, classes = logits.shape
+    leaf = logits.detach().requires_grad_()
+    with torch.enable_grad():
+        flat = F.cross_entropy(leaf.reshape(-1, classes), y.reshape(-1), reduction="none")
+        per_row = flat.view(count, -1).mean(dim=1)
+        (grad,) = torch.autograd.grad(per_row.sum(), leaf)
+    return per_row.detach().to(torch.float64), grad
+
+
+def _class_first_training(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    count, examples, classes = logits.shape
+    columns = count * examples
+    _, log_p = class_first_log_softmax(logits)
+    target = y.reshape(1, columns)
+    # nll_loss with reduction "none" is -log_p at the label
+    per_row = log_p[:, :columns].gather(0, target).neg_().view(count, examples).mean(dim=1)
+    # Backward as autograd takes it: d(sum of row means)/d(loss) is 1 / N (mean's backward
+    # divides the expanded ones by N), nll's backward puts its negation at the label.
+    share = logits.new_ones(count, 1).expand(count, examples).div(examples)
+    grad = torch.zeros_like(log_p)
+    grad[:, :columns].scatter_(0, target, share.reshape(1, columns).neg())
+    by_class = torch._log_softmax_backward_data(grad, log_p, 0, logits.dtype)
+    # back to [B, N, C] in the layout autograd's gradient had (the matrix products after it
+    # must see the same layout to round the same)
+    incoming = by_class[:, :columns].view(classes, count, examples).permute(1, 2, 0)
+    return per_row.to(torch.float64), incoming.contiguous()
 
 
 @torch.no_grad()
@@ -96,9 +158,9 @@ def score_logits(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     is the order the last-dimension kernel takes when the class count is below the CPU's
     vector width (fewer than 16 classes on AVX-512, 8 on AVX2) and both use the same
     vectorised ``exp`` and ``log``. Whether the two agree for a class count is checked once
-    per process on a fixed probe (:func:`_class_first_agrees`); where they do not (more
-    classes, another CPU), the plain expression is used, so the result never depends on the
-    layout.
+    per process on a fixed probe (:func:`_class_first_agrees`, which training's
+    :func:`loss_and_logit_gradient` asks too); where they do not (more classes, another CPU),
+    the plain expression is used, so the result never depends on the layout.
 
     Args:
         logits: ``[B, N, C]`` logits of B models on the N test examples.
@@ -167,23 +229,27 @@ def _plain_scores(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _class_first_agrees(classes: int, dtype: torch.dtype) -> bool:
-    """Whether :func:`score_logits`' class-first layout gives ``F.cross_entropy``'s bits for
-    ``classes`` classes on this CPU: checked once on 16,384 fixed rows of logits spread over
-    scales from 0 to 60 (a different summation order disagrees on a few percent of such rows).
-    A private generator keeps the global random stream untouched."""
+    """Whether the class-first layout gives the plain expressions' bits for ``classes``
+    classes on this CPU, both where it is used: each example's loss as ``F.cross_entropy``
+    gives it (:func:`score_logits`) and each row's mean loss and its gradient as autograd
+    gives them (:func:`loss_and_logit_gradient`). Checked once per process on 16,384 fixed
+    rows of logits spread over scales from 0 to 60 (a different summation order disagrees on
+    a few percent of such rows). A private generator keeps the global random stream
+    untouched."""
     key = (classes, dtype)
     known = _class_first_exact.get(key)
     if known is not None:
         return known
     generator = torch.Generator().manual_seed(0)
-    rows = 1 << 14
-    scale = torch.rand(rows, 1, generator=generator, dtype=dtype) * 60
-    logits = (torch.randn(rows, classes, generator=generator, dtype=dtype) * scale).view(
-        1, rows, classes
+    count, examples = 1 << 10, 16
+    scale = torch.rand(count, examples, 1, generator=generator, dtype=dtype) * 60
+    logits = torch.randn(count, examples, classes, generator=generator, dtype=dtype) * scale
+    y = torch.randint(0, classes, (count, examples), generator=generator)
+    flat, labels = logits.view(1, -1, classes), y.view(-1)
+    got, _, _ = _class_first_losses(flat, labels)
+    agrees = torch.equal(got[0], F.cross_entropy(flat[0], labels, reduction="none")) and all(
+        torch.equal(a.view(torch.int8), b.view(torch.int8))
+        for a, b in zip(_class_first_training(logits, y), _plain_training(logits, y), strict=True)
     )
-    y = torch.randint(0, classes, (rows,), generator=generator)
-    expected = F.cross_entropy(logits[0], y, reduction="none")
-    got, _, _ = _class_first_losses(logits, y)
-    agrees = torch.equal(got[0], expected)
     _class_first_exact[key] = agrees
     return agrees

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from p2pfl.errors import ConfigError
+from p2pfl.learn._config import check_params
 
 SEED_MASK = 2**64 - 1
 MAX_PARAMETERS = 100_000_000
@@ -304,22 +305,15 @@ def count_parameters(
 
 
 def _check_params(name: str, factory: ModelFactory, params: Mapping[str, Any]) -> None:
-    signature = inspect.signature(factory)
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
-    accepted = [
-        p.name
-        for p in signature.parameters.values()
-        if p.kind is p.KEYWORD_ONLY and p.name != "seed"
-    ]
-    for key, value in params.items():
-        if not takes_any and key not in accepted:
-            allowed = ", ".join(accepted) if accepted else "no parameters"
-            raise ConfigError(
-                f"model_params.{key}",
-                value,
-                f"model {name!r} takes {allowed} (when switching models, drop the other "
-                "model's parameters: model_params = {})",
-            )
+    check_params(
+        "model_params",
+        f"model {name!r}",
+        factory,
+        params,
+        fixed=("seed",),
+        keyword_only=True,
+        hint=" (when switching models, drop the other model's parameters: model_params = {})",
+    )
 
 
 def _count(module: nn.Module) -> int:

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from p2pfl.checks import check_number
+from p2pfl.checks import check_int, check_number
 from p2pfl.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "sam")
@@ -60,6 +60,63 @@ SAM_NORM_EPS = 1e-12
 """Added to ``||g||`` in SAM's ascent step so that a zero gradient gives a zero step."""
 LR_SCHEDULES = ("constant", "step", "cosine")
 STATE_POLICIES = ("keep", "reset")
+
+
+@dataclass(frozen=True, slots=True)
+class Range:
+    """The allowed values of a finite number setting (``open_min`` / ``open_max`` exclude the
+    bound itself)."""
+
+    minimum: float | None = None
+    maximum: float | None = None
+    open_min: bool = False
+    open_max: bool = False
+
+    def check(self, key: str, value: object) -> float:
+        """``value`` as a float if it is in range.
+
+        Raises:
+            ConfigError: it is not (:func:`p2pfl.checks.check_number`'s wording).
+        """
+        return check_number(
+            key,
+            value,
+            minimum=self.minimum,
+            maximum=self.maximum,
+            open_min=self.open_min,
+            open_max=self.open_max,
+        )
+
+
+RANGES: dict[str, Range] = {
+    "lr": Range(0, open_min=True),
+    "momentum": Range(0, 1, open_max=True),
+    "weight_decay": Range(0),
+    "betas": Range(0, 1, open_max=True),
+    "eps": Range(0, open_min=True),
+    "lr_gamma": Range(0, open_min=True),
+    "lr_min": Range(0),
+    "rho": Range(0, open_min=True),
+}
+"""The optimiser's number settings by ``[learner]`` key (``betas``: each of the two), written
+once: :class:`OptimizerSettings` checks them and the ``[learner]`` schema
+(:class:`p2pfl.learn.settings.LearnerSettings`) declares them."""
+
+
+def momentum_refusal(optimizer: str, momentum: float) -> str | None:
+    """What is allowed if ``momentum`` does not go with ``optimizer``, else None (the one
+    wording of the rule, for :class:`OptimizerSettings` and the ``[learner]`` schema)."""
+    if momentum and optimizer not in ("sgd", "sam"):
+        return "0 unless optimizer is 'sgd' or 'sam' (adam and adamw have betas)"
+    return None
+
+
+def nesterov_refusal(optimizer: str, momentum: float, nesterov: bool) -> str | None:
+    """What is allowed if ``nesterov`` does not go with ``optimizer`` and ``momentum``, else
+    None (as :func:`momentum_refusal`)."""
+    if nesterov and (optimizer not in ("sgd", "sam") or not momentum):
+        return "true only with optimizer 'sgd' or 'sam' and momentum > 0"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,28 +153,20 @@ class OptimizerSettings:
             raise ConfigError(
                 "optimizer_state", self.state_policy, f"one of {', '.join(STATE_POLICIES)}"
             )
-        check_number("lr", self.lr, minimum=0, open_min=True)
-        check_number("momentum", self.momentum, minimum=0, maximum=1, open_max=True)
-        check_number("weight_decay", self.weight_decay, minimum=0)
-        check_number("eps", self.eps, minimum=0, open_min=True)
-        check_number("lr_gamma", self.lr_gamma, minimum=0, open_min=True)
-        check_number("lr_min", self.lr_min, minimum=0)
+        for key in ("lr", "momentum", "weight_decay", "eps", "lr_gamma", "lr_min", "rho"):
+            RANGES[key].check(key, getattr(self, key))
         for index, beta in enumerate(self.betas):
-            check_number(f"betas[{index}]", beta, minimum=0, maximum=1, open_max=True)
+            RANGES["betas"].check(f"betas[{index}]", beta)
         if len(self.betas) != 2:
             raise ConfigError("betas", list(self.betas), "two numbers in [0, 1)")
-        check_number("rho", self.rho, minimum=0, open_min=True)
-        if self.nesterov and (not self.sgd_rule or self.momentum == 0):
-            raise ConfigError(
-                "nesterov", self.nesterov, "true only with optimizer sgd or sam, momentum > 0"
-            )
-        if self.momentum and not self.sgd_rule:
-            raise ConfigError(
-                "momentum", self.momentum, "0 unless optimizer is sgd or sam (adam: betas)"
-            )
-        for key, value in (("lr_step_size", self.lr_step_size), ("rounds", self.total_rounds)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(key, value, "an int >= 1")
+        refusal = momentum_refusal(self.name, self.momentum)
+        if refusal is not None:
+            raise ConfigError("momentum", self.momentum, refusal)
+        refusal = nesterov_refusal(self.name, self.momentum, self.nesterov)
+        if refusal is not None:
+            raise ConfigError("nesterov", self.nesterov, refusal)
+        check_int("lr_step_size", self.lr_step_size, 1)
+        check_int("rounds", self.total_rounds, 1)
 
     @property
     def sgd_rule(self) -> bool:

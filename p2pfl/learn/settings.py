@@ -32,10 +32,30 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
 from p2pfl.learn.models import MODELS, PYTHON_PREFIX
-from p2pfl.learn.optim import DEFAULT_RHO, OptimizerSettings
+from p2pfl.learn.optim import (
+    DEFAULT_RHO,
+    RANGES,
+    OptimizerSettings,
+    momentum_refusal,
+    nesterov_refusal,
+)
 from p2pfl.schema import Strict, config_error
 
 DEFAULT_HIDDEN = (32,)
+
+
+def _in_range(key: str) -> Any:
+    """The pydantic bounds of optimiser setting ``key``, from :data:`p2pfl.learn.optim.RANGES`
+    (which :class:`~p2pfl.learn.optim.OptimizerSettings` checks too)."""
+    bounds = RANGES[key]
+    low, high = bounds.minimum, bounds.maximum
+    return Field(
+        gt=low if bounds.open_min else None,
+        ge=None if bounds.open_min else low,
+        lt=high if bounds.open_max else None,
+        le=None if bounds.open_max else high,
+        allow_inf_nan=False,
+    )
 
 
 class LearnerSettings(Strict):
@@ -47,25 +67,22 @@ class LearnerSettings(Strict):
         default=None, description="mlp hidden widths (shortcut for model_params.hidden)"
     )
     optimizer: Literal["sgd", "adam", "adamw", "sam"] = "sgd"
-    lr: float = Field(default=0.1, gt=0.0, allow_inf_nan=False)
-    momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
+    lr: Annotated[float, _in_range("lr")] = 0.1
+    momentum: Annotated[float, _in_range("momentum")] = 0.0
     nesterov: bool = False
-    weight_decay: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
-    betas: list[Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(
+    weight_decay: Annotated[float, _in_range("weight_decay")] = 0.0
+    betas: list[Annotated[float, _in_range("betas")]] = Field(
         default_factory=lambda: [0.9, 0.999], min_length=2, max_length=2
     )
-    eps: float = Field(default=1e-8, gt=0.0, allow_inf_nan=False)
+    eps: Annotated[float, _in_range("eps")] = 1e-8
     lr_schedule: Literal["constant", "step", "cosine"] = "constant"
     lr_step_size: int = Field(default=1, ge=1, description="rounds between step decays")
-    lr_gamma: float = Field(default=0.1, gt=0.0, allow_inf_nan=False)
-    lr_min: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
+    lr_gamma: Annotated[float, _in_range("lr_gamma")] = 0.1
+    lr_min: Annotated[float, _in_range("lr_min")] = 0.0
     optimizer_state: Literal["keep", "reset"] = "keep"
     batch_size: int = Field(default=32, ge=1)
-    rho: float | None = Field(
-        default=None,
-        gt=0.0,
-        allow_inf_nan=False,
-        description="sam: ascent step radius (unset: 0.05)",
+    rho: Annotated[float | None, _in_range("rho")] = Field(
+        default=None, description="sam: ascent step radius (unset: 0.05)"
     )
 
     @field_validator("model")
@@ -93,15 +110,18 @@ class LearnerSettings(Strict):
     @field_validator("momentum")
     @classmethod
     def _momentum_for_sgd(cls, momentum: float, info: ValidationInfo) -> float:
-        if momentum and info.data.get("optimizer", "sgd") not in ("sgd", "sam"):
-            raise ValueError("0 unless optimizer is 'sgd' or 'sam' (adam and adamw have betas)")
+        refusal = momentum_refusal(info.data.get("optimizer", "sgd"), momentum)
+        if refusal is not None:
+            raise ValueError(refusal)
         return momentum
 
     @field_validator("nesterov")
     @classmethod
     def _nesterov_needs_momentum(cls, nesterov: bool, info: ValidationInfo) -> bool:
-        if nesterov and not info.data.get("momentum"):
-            raise ValueError("true only with optimizer 'sgd' or 'sam' and momentum > 0")
+        optimizer = info.data.get("optimizer", "sgd")
+        refusal = nesterov_refusal(optimizer, info.data.get("momentum", 0.0), nesterov)
+        if refusal is not None:
+            raise ValueError(refusal)
         return nesterov
 
     @field_validator("rho")

@@ -1,5 +1,11 @@
 """A :class:`~p2pfl.learn.base.Learner` that trains a torch classifier on cross-entropy.
 
+Training is the simulator's: the learner holds a :class:`~p2pfl.learn.batched.BatchedLearner`
+and trains its one row with :meth:`~p2pfl.learn.batched.BatchedLearner.train_rows`, the step
+loop the simulator runs for many nodes at once (the same sampling, gradient, loss and
+optimiser step; a Linear/ReLU stack through its written-out backward). So a node started from
+the vector and sampler state a simulated node has returns that node's vector bit for bit.
+
 Determinism: minibatches come from a private ``torch.Generator`` seeded from ``seed``. The
 learner walks a shuffled order of its training set and reshuffles when it runs out, carrying
 its place across :meth:`TorchLearner.train` calls. So two learners built from the same seed
@@ -14,7 +20,6 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
-from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -22,21 +27,17 @@ from torch import Tensor, nn
 from p2pfl.checks import check_int
 from p2pfl.errors import ConfigError
 from p2pfl.learn.base import EvalResult, TrainResult
+from p2pfl.learn.batched import BatchedLearner, Shares
 from p2pfl.learn.datasets import ArrayDataset
-from p2pfl.learn.functional import row_gradient, score_logits
-from p2pfl.learn.optim import (
-    OptimizerSettings,
-    OptimizerState,
-    optimizer_step,
-    stack_states,
-    step_gradient,
-    unstack_states,
-)
+from p2pfl.learn.functional import score_logits
+from p2pfl.learn.optim import OptimizerSettings
 from p2pfl.learn.sampling import MinibatchSampler
-from p2pfl.learn.spsa import ProbeResult, module_loss, projected_gradients
-from p2pfl.params import ParamLayout, flatten, layout_of, load_vector
+from p2pfl.learn.spsa import ProbeResult
+from p2pfl.params import ParamLayout, flatten, load_vector
 
 EVAL_BATCH_SIZE = 4096
+NODE = 0
+"""The key of the learner's one node in its :class:`~p2pfl.learn.batched.BatchedLearner`."""
 
 TensorPair = tuple[Tensor, Tensor]
 
@@ -50,9 +51,9 @@ class TorchLearner:
     ``optimizer_state`` policy of :mod:`p2pfl.learn.optim`) and the module's buffers
     (BatchNorm running statistics). None of these is ever sent.
 
-    The forward, loss and gradient are :mod:`p2pfl.learn.functional`'s and the update is
-    :func:`p2pfl.learn.optim.optimizer_step`, the code the simulator's
-    :class:`~p2pfl.learn.batched.BatchedLearner` runs for many nodes at once.
+    Training runs through a one-row :class:`~p2pfl.learn.batched.BatchedLearner`, the code
+    the simulator runs for many nodes at once (see the module docstring); evaluation scores
+    the logits with :func:`p2pfl.learn.functional.score_logits`, as the simulator does.
     """
 
     def __init__(
@@ -98,21 +99,22 @@ class TorchLearner:
         self._train_x, self._train_y = _as_pair("train", train)
         self._test_x, self._test_y = _as_pair("test", test)
         self._model = model
-        self._layout = layout_of(model)
         self._initial = flatten(model)
         if not any(p.requires_grad for p in model.parameters()):
             raise ConfigError("model", type(model).__name__, "a module with trainable parameters")
-        self._buffers = dict(model.named_buffers())
         _check_forward(model, self._train_x[:2])
-        self._optimizer = optimizer
-        self._state = OptimizerState()
+        self._trainer = BatchedLearner(model, optimizer, tuple(self._train_x.shape[1:]))
+        # The module's own buffers: one-by-one training (BatchNorm) updates the running
+        # statistics in them, and evaluate runs the module.
+        self._trainer.use_buffers(NODE, dict(model.named_buffers()))
+        self._data = Shares(self._train_x, self._train_y, torch.zeros(1, dtype=torch.int64))
         self._sampler = MinibatchSampler(len(self._train_y), batch_size, seed=seed)
         self._lock = threading.Lock()
 
     @property
     def layout(self) -> ParamLayout:
         """The layout of every vector this learner takes and returns."""
-        return self._layout
+        return self._trainer.layout
 
     @property
     def num_samples(self) -> int:
@@ -127,7 +129,7 @@ class TorchLearner:
     @property
     def optimizer(self) -> OptimizerSettings:
         """The optimiser and learning-rate schedule."""
-        return self._optimizer
+        return self._trainer.optimizer
 
     def initial_vector(self) -> Tensor:
         """A new copy of the parameters the model had when the learner was built."""
@@ -144,37 +146,17 @@ class TorchLearner:
             ConfigError: ``vector`` does not match :attr:`layout` or ``steps < 0``.
         """
         check_int("steps", steps, 0)
-        if vector.shape != (self._layout.size,):
-            raise ConfigError("vector", tuple(vector.shape), f"a vector of {self._layout.size}")
+        self._check_vector(vector)
         with self._lock:
-            settings = self._optimizer
             row = vector.detach().to(torch.float32).clone().unsqueeze(0)
-            self._state.begin(settings, row[0])
-            state = stack_states(settings, [self._state], self._layout.size)
-            lrs = [settings.lr_at(0 if round is None else round)]
-            self._model.train()
-            total_loss = torch.zeros((), dtype=torch.float64)
-            for step in range(steps):
-                index = self._sampler.next_batch()
-                gradient = partial(
-                    row_gradient,
-                    self._model,
-                    self._layout,
-                    buffers=self._buffers,
-                    x=self._train_x[index],
-                    y=self._train_y[index],
-                )
-                loss, grads = step_gradient(settings, gradient, row)
-                counts = [self._state.steps + step + 1]
-                optimizer_step(settings, row, grads, state, lrs=lrs, step_counts=counts)
-                total_loss += loss
-            unstack_states(state, [self._state], steps)
-            self._state.finish(settings, row[0])
+            rounds = [0 if round is None else round]
+            total = self._trainer.train_rows(
+                [NODE], row, self._data, [self._sampler], steps, rounds
+            )
             load_vector(self._model, row[0])
-            mean_loss = float(total_loss) / steps if steps else math.nan
             return TrainResult(
                 vector=row[0].clone(),
-                loss=mean_loss,
+                loss=float(total[0]) / steps if steps else math.nan,
                 samples=steps * self._sampler.batch_size,
                 steps=steps,
             )
@@ -186,16 +168,10 @@ class TorchLearner:
         Raises:
             ConfigError: ``vector`` does not match :attr:`layout`.
         """
-        if vector.shape != (self._layout.size,):
-            raise ConfigError("vector", tuple(vector.shape), f"a vector of {self._layout.size}")
+        self._check_vector(vector)
         with self._lock:
-
-            def batches() -> tuple[Tensor, Tensor]:
-                index = self._sampler.next_batch()
-                return self._train_x[index], self._train_y[index]
-
-            loss = module_loss(self._model, self._layout, self._buffers)
-            return projected_gradients(loss, vector, seeds, eps, batches)
+            data = (self._train_x, self._train_y)
+            return self._trainer.probe(NODE, vector, data, self._sampler, seeds, eps)
 
     def evaluate(self, vector: Tensor) -> EvalResult:
         """Mean cross-entropy and accuracy of ``vector`` on the test set (forward passes in
@@ -220,6 +196,11 @@ class TorchLearner:
                 )
                 loss, accuracy = score_logits(logits.unsqueeze(0), self._test_y)
             return EvalResult(loss=float(loss[0]), accuracy=float(accuracy[0]), samples=n)
+
+    def _check_vector(self, vector: Tensor) -> None:
+        size = self._trainer.layout.size
+        if vector.shape != (size,):
+            raise ConfigError("vector", tuple(vector.shape), f"a vector of {size}")
 
 
 def _check_forward(model: nn.Module, x: Tensor) -> None:

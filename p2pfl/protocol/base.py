@@ -93,6 +93,7 @@ from p2pfl.wire import Envelope, MessageKind
 # three times a global's lookup (an IntEnum's, eight).
 _DONE = Phase.DONE
 _HISTORY = MessageKind.HISTORY
+_FLOAT32 = torch.float32
 
 
 class BaseCore(abc.ABC):
@@ -135,6 +136,8 @@ class BaseCore(abc.ABC):
         self._identity = identity
         self.round = start_round
         self.vector = vector.detach().to(device="cpu", dtype=torch.float32).clone()
+        self._shape = self.vector.shape
+        """The model's shape, which no mode changes: read on every message and training."""
         self.samples = samples
         self._rng = rng
         self._peers = PeerSet(
@@ -268,12 +271,15 @@ class BaseCore(abc.ABC):
                     self._left_training = False
                     return []
                 self._machine.expect(Phase.TRAINING, "TrainingFinished")
-                if trained.shape != self.vector.shape or not trained.is_floating_point():
+                if trained.shape != self._shape or not trained.is_floating_point():
                     raise LocalProtocolError(
                         f"trained vector {trained.dtype} {list(trained.shape)}, expected a "
-                        f"float vector of shape {list(self.vector.shape)}"
+                        f"float vector of shape {list(self._shape)}"
                     )
-                own = trained.detach().to(device="cpu", dtype=torch.float32).clone()
+                if trained.dtype is _FLOAT32 and trained.is_cpu and not trained.requires_grad:
+                    own = trained.clone()  # what the general line below does, in one call
+                else:
+                    own = trained.detach().to(device="cpu", dtype=torch.float32).clone()
                 self._last_loss = float(loss)
                 return self._on_trained(own, float(loss), int(steps))
             case DeadlineReached():
@@ -291,8 +297,14 @@ class BaseCore(abc.ABC):
     def next_deadline(self) -> float | None:
         """When to deliver ``DeadlineReached``; a timer already due is reported as the last
         ``now``, so the answer is never in the past."""
-        deadline = None if self.finished else self._deadline()
-        return None if deadline is None else max(deadline, self._now)
+        # Asked after every event: compared by hand rather than through ``finished`` and max().
+        if self._machine.phase is _DONE:
+            return None
+        deadline = self._deadline()
+        if deadline is None:
+            return None
+        now = self._now
+        return deadline if deadline > now else now
 
     def _checkpoint(self, round: int, vector: torch.Tensor) -> SaveCheckpoint:
         """``SaveCheckpoint`` of ``vector`` as the start of ``round``, with the latest
@@ -331,7 +343,7 @@ class BaseCore(abc.ABC):
         if event.envelope.kind is _HISTORY and self._histories is not None:
             return self._on_history(event)
         try:
-            update = parse_model_update(event, self._peers, self.vector.shape, self._chains)
+            update = parse_model_update(event, self._peers, self._shape, self._chains)
         except MissingBase:
             return []  # a lost link of a delta chain: resumes at the sender's next keyframe
         except RemoteProtocolError as exc:
@@ -344,7 +356,7 @@ class BaseCore(abc.ABC):
         assert histories is not None
         try:
             check_sender(event, self._peers)
-            histories.receive(event.peer, event.envelope, self.vector.shape)
+            histories.receive(event.peer, event.envelope, self._shape)
         except RemoteProtocolError as exc:
             return [PeerMisbehaved(event.peer, str(exc))]
         return []

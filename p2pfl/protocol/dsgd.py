@@ -66,12 +66,18 @@ from p2pfl.protocol.phases import DSGD_TRANSITIONS, Phase
 from p2pfl.wire import Envelope
 
 _COLLECTING = Phase.COLLECTING
+_ACCEPTED = Offer.ACCEPTED
+_CONFLICT = Offer.CONFLICT
 """Bound once: read on every message (an enum member off its class is a slower lookup)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Trained:
-    """The own model of the round being collected, and what is needed to report it."""
+    """The own model of the round being collected, and what is needed to report it.
+
+    Never changed once made (a gossip step makes a new one); not frozen only because a frozen
+    dataclass sets each of its eleven fields through ``object.__setattr__``, once a round.
+    """
 
     vector: torch.Tensor
     envelope: Envelope
@@ -158,12 +164,14 @@ class DsgdCore(BaseCore):
     def _on_update(self, update: ModelUpdate) -> list[Action]:
         exchange = self._exchange
         offer = self._buffer.offer(update, exchange)
-        if offer is Offer.CONFLICT:
-            return [PeerMisbehaved(update.sender, f"two different models for round {update.round}")]
-        if offer is Offer.ACCEPTED and update.round == exchange:
+        if offer is _ACCEPTED:
+            if update.round != exchange:
+                return []
             if self._peers.is_connected_neighbour(update.sender):
                 self._ready.add(update.sender.raw)
             return self._close_if_complete()
+        if offer is _CONFLICT:
+            return [PeerMisbehaved(update.sender, f"two different models for round {update.round}")]
         return []
 
     def _on_trained(self, trained: torch.Tensor, loss: float, steps: int) -> list[Action]:
@@ -179,8 +187,10 @@ class DsgdCore(BaseCore):
         self._machine.goto(Phase.COLLECTING)
         recipients = self._peers.connected()
         sends: list[Action] = [Send(peer, envelope) for peer in recipients]
-        sends += self._gossip_histories(recipients, trained)
-        return sends + self._close_if_complete()
+        if self._histories is not None:
+            sends += self._gossip_histories(recipients, trained)
+        sends += self._close_if_complete()
+        return sends
 
     def _on_deadline(self) -> list[Action]:
         deadline = self._deadline()
@@ -189,7 +199,7 @@ class DsgdCore(BaseCore):
         return []
 
     def _deadline(self) -> float | None:
-        if self._machine.phase is Phase.COLLECTING and self._trained is not None:
+        if self._machine.phase is _COLLECTING and self._trained is not None:
             return self._trained.collect_until
         return None
 

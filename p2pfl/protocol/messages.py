@@ -26,9 +26,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from p2pfl.codec import CODECS, decode_vector, encode_vector
+from p2pfl.codec import CODECS, Dense, decode_vector, encode_vector
 from p2pfl.errors import RemoteProtocolError, WireError
 from p2pfl.identity import Identity, NodeId
 from p2pfl.numerics import all_finite
@@ -199,11 +200,14 @@ def _decode_checked(
     envelope: Envelope, base: torch.Tensor | None = None
 ) -> torch.Tensor | RemoteProtocolError:
     """The payload (plus ``base``) as an owned float32 tensor, or the defect that refuses it."""
+    spec = envelope.spec
     try:
-        decoded = decode_vector(envelope.spec, envelope.payload)
+        # Without owned, decode_vector may view the payload (a driver's receive buffer); a
+        # delta is added to its base below, into a new tensor.
+        decoded = decode_vector(spec, envelope.payload, owned=base is None)
     except WireError as exc:
         return RemoteProtocolError(f"undecodable model: {exc}")
-    codec = CODECS.get(envelope.spec.codec)
+    codec = CODECS.get(spec.codec)
     if base is None and codec is not None and codec.delta:
         return RemoteProtocolError(f"a {codec.name} payload that names no base model")
     if base is not None:
@@ -214,10 +218,12 @@ def _decode_checked(
             if all_finite(decoded)
             else RemoteProtocolError("model holds NaN or infinite values")
         )
-    if not all_finite(decoded):
+    # Dense gives a fresh contiguous float32 CPU tensor: numpy reads it in place (all_finite
+    # would first check all of that, at twice the cost of the test itself).
+    finite = bool(np.isfinite(decoded.numpy()).all()) if codec is Dense else all_finite(decoded)
+    if not finite:
         return RemoteProtocolError("model holds NaN or infinite values")
-    # decode_vector may view the payload (a driver's receive buffer): own the memory.
-    return decoded.clone()
+    return decoded
 
 
 def check_sender(event: MessageReceived, peers: PeerSet) -> None:

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from p2pfl.errors import ConfigError
 from p2pfl.learn import MinibatchSampler, TorchLearner
-from p2pfl.learn.batched import BatchedLearner, LinearStack, Shares, loss_and_logit_gradient
+from p2pfl.learn.batched import BatchedLearner, LinearStack, Shares
+from p2pfl.learn.functional import loss_and_logit_gradient
 from p2pfl.learn.models import build_model
 from p2pfl.learn.optim import OptimizerSettings
 from p2pfl.params import flatten, layout_of
@@ -20,10 +21,13 @@ NODES = 3
 STEPS = 5
 BATCH = 8
 
-# Adam divides each gradient coordinate by its own running scale, so a coordinate whose
-# gradient is at float-rounding level (the batched and one-by-one convolutions sum in
-# different orders) can move by up to lr per step in either direction; at lr 1e-3 LeNet-5
-# differs by 1.7e-5 after 5 steps. The agreement is checked at lr 1e-4, where it is 2e-6.
+# A node (TorchLearner) trains its one row through BatchedLearner.train_rows. A Linear/ReLU
+# stack's rows and the one-by-one fallback's give the same bits in any group; a vmapped
+# convolution over three rows sums in another order than over one, so there the agreement
+# is to rounding. Adam divides each gradient coordinate by its own running scale, so a
+# coordinate whose gradient is at float-rounding level can move by up to lr per step in
+# either direction; at lr 1e-3 LeNet-5 differs by 1.7e-5 after 5 steps. The agreement is
+# checked at lr 1e-4, where it is 2e-6.
 OPTIMIZERS = {
     "sgd": OptimizerSettings(name="sgd", lr=0.05),
     "sgd-nesterov": OptimizerSettings(
@@ -79,7 +83,9 @@ def _compare(
     *,
     calls: int = 1,
     rounds: tuple[int, ...] = (0, 0, 0),
+    exact: bool = False,
 ) -> BatchedLearner:
+    """Train NODES nodes together and each alone as a node does; ``exact``: bit for bit."""
     data = [_data(shape, node) for node in range(NODES)]
     starts = torch.stack([flatten(build(node)) for node in range(NODES)])
     singles = [
@@ -103,7 +109,11 @@ def _compare(
             result = singles[n].train(expected[n], STEPS, round=rounds[n] + call)
             expected[n] = result.vector
             assert abs(float(losses[n]) - result.loss) < 1e-5
+            if exact:  # the simulator records the node's mean loss as a float32
+                assert float(losses[n]) == float(torch.tensor(result.loss, dtype=torch.float32))
     for n in range(NODES):
+        if exact:
+            assert torch.equal(vectors[n], expected[n]), f"node {n}"
         assert torch.allclose(vectors[n], expected[n], atol=1e-5, rtol=0), (
             f"node {n}: {(vectors[n] - expected[n]).abs().max()}"
         )
@@ -115,8 +125,25 @@ def _compare(
 @pytest.mark.parametrize("model", MODELS)
 def test_batched_equals_one_by_one_after_5_steps(model: str, optimizer: str) -> None:
     build, shape = MODELS[model]
-    learner = _compare(build, shape, OPTIMIZERS[optimizer])
+    learner = _compare(build, shape, OPTIMIZERS[optimizer], exact=model == "mlp")
     assert learner.batched and learner.notice is None
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_a_node_trains_as_a_simulated_group_of_one_bit_for_bit(model: str) -> None:
+    build, shape = MODELS[model]
+    settings = OptimizerSettings(name="adam", lr=1e-2, lr_schedule="step", lr_gamma=0.5)
+    x, y = _data(shape, 0)
+    node = TorchLearner(build(0), (x, y), (x, y), batch_size=BATCH, optimizer=settings, seed=4)
+    simulated = BatchedLearner(build(0), settings, shape)
+    sampler = MinibatchSampler(len(y), BATCH, seed=4)
+    vector = node.initial_vector()
+    for call in range(3):  # Adam's moments and step count carried across calls alike
+        result = node.train(vector, STEPS, round=call)
+        rows, losses = simulated.train([0], vector[None], [(x, y)], [sampler], STEPS, [call])
+        assert torch.equal(result.vector, rows[0]) and not torch.equal(result.vector, vector)
+        assert float(losses[0]) == float(torch.tensor(result.loss, dtype=torch.float32))
+        vector = rows[0] * 0.5  # as if a merge changed the model between trainings
 
 
 def test_state_carries_across_calls_and_schedule_follows_each_nodes_round() -> None:
@@ -132,7 +159,7 @@ def test_state_carries_across_calls_and_schedule_follows_each_nodes_round() -> N
 def test_reset_policy_agrees_between_paths() -> None:
     build, shape = MODELS["mlp"]
     settings = OptimizerSettings(name="adam", lr=1e-2, state_policy="reset")
-    _compare(build, shape, settings, calls=2)
+    _compare(build, shape, settings, calls=2, exact=True)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "sam"])
@@ -193,12 +220,12 @@ def test_batchnorm_falls_back_to_one_by_one_with_a_notice() -> None:
     assert len(notices) == 1 and "\n" not in notices[0]
     assert "one node at a time" in notices[0] and "_BatchNormNet" in notices[0]
     # the fallback trains each node as TorchLearner does, running statistics included
-    fallback = _compare(_batchnorm, (12,), OPTIMIZERS["sgd-nesterov"])
+    fallback = _compare(_batchnorm, (12,), OPTIMIZERS["sgd-nesterov"], exact=True)
     assert not fallback.batched
     for node in range(NODES):
         assert fallback._node_buffers[node]["norm.num_batches_tracked"] == STEPS
     # SAM's two forward passes a step update the running statistics twice, in both paths
-    sam = _compare(_batchnorm, (12,), OPTIMIZERS["sam"])
+    sam = _compare(_batchnorm, (12,), OPTIMIZERS["sam"], exact=True)
     for node in range(NODES):
         assert sam._node_buffers[node]["norm.num_batches_tracked"] == 2 * STEPS
 
@@ -314,3 +341,31 @@ def test_loss_and_logit_gradient_are_cross_entropys_bits(classes: int) -> None:
     torch.testing.assert_close(loss, expected.detach().to(torch.float64), **exact)
     torch.testing.assert_close(grad, expected_grad, **exact)
     assert bool(loss.isnan().any()) and not bool(loss.isnan().all())
+
+
+@pytest.mark.parametrize("model", ["cnn1d", "lenet5", "group-layer-norm"])
+def test_vmapped_gradient_is_autograd_of_the_vmapped_loss_bit_for_bit(model: str) -> None:
+    # The loss and its logit gradient come from loss_and_logit_gradient, outside vmap; the
+    # bits are those of autograd through vmap of F.cross_entropy itself.
+    from torch.func import functional_call, vmap
+
+    build, shape = MODELS[model]
+    learner = BatchedLearner(build(0), OPTIMIZERS["sgd"], shape)
+    generator = torch.Generator().manual_seed(5)
+    params = torch.stack([flatten(build(n)) for n in range(NODES)])
+    x = torch.randn(NODES, 16, *shape, generator=generator)
+    y = torch.randint(0, 3, (NODES, 16), generator=generator)
+
+    def loss(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(functional_call(learner.model, params, (x,)), y)
+
+    leaves = {
+        slot.name: params[:, slot.span].view(NODES, *slot.shape).clone().requires_grad_()
+        for slot in learner.layout.slots
+    }
+    per_row = vmap(loss)(leaves, x, y)
+    grads = torch.autograd.grad(per_row.sum(), list(leaves.values()))
+    expected = torch.cat([g.reshape(NODES, -1) for g in grads], dim=1)
+    got_loss, got = learner._vmap_gradient(params, x, y)
+    assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+    assert torch.equal(got_loss, per_row.detach().to(torch.float64))

@@ -127,3 +127,30 @@ def test_user_factory_without_seed_is_seeded_through_fork_rng() -> None:
         flatten(first), flatten(build_model(name, {"width": 8}, (64,), 10, seed=2))
     )
     assert count_parameters(name, {"width": 8}, (64,), 10) == 64 * 8 + 8 + 16 + 8 * 10 + 10
+
+
+def test_every_builder_words_an_unknown_parameter_alike() -> None:
+    """A model, dataset or partition parameter that the builder does not take: one check,
+    naming the dotted key, the value and what the builder takes (a node config's [data]
+    table runs it too: tests/test_config.py)."""
+    from p2pfl.learn import make_dataset, make_partition
+
+    cases = [
+        (
+            lambda: build_model("mlp", {"width": 3}, (12,), 3, seed=0),
+            "model_params.width = 3: model 'mlp' takes hidden (when switching models",
+        ),
+        (
+            lambda: make_dataset("gaussian_mixture", width=3),
+            "dataset_params.width = 3: "
+            "dataset 'gaussian_mixture' takes n_samples, dim, num_classes, seed, separation",
+        ),
+        (
+            lambda: make_partition("iid", [0, 1, 2], 2, seed=0, width=3),
+            "partition_params.width = 3: partition 'iid' takes no parameters",
+        ),
+    ]
+    for build, expected in cases:
+        with pytest.raises(ConfigError) as info:
+            build()
+        assert str(info.value).startswith(expected), str(info.value)

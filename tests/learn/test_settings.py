@@ -67,3 +67,34 @@ def test_p2pfl_imports_without_the_simulator_extras() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        {"lr": 0.0},
+        {"momentum": 1.0},
+        {"weight_decay": -1.0},
+        {"eps": 0.0},
+        {"lr_gamma": 0.0},
+        {"lr_min": -0.5},
+        {"betas": [0.9, 1.0]},
+        {"optimizer": "sam", "rho": 0.0},
+        {"optimizer": "adam", "momentum": 0.5},
+        {"momentum": 0.0, "nesterov": True},
+        {"lr_step_size": 0},
+    ],
+)
+def test_a_node_config_and_the_python_optimiser_refuse_alike(table: dict[str, object]) -> None:
+    """One rule and one wording per optimiser setting, whether it comes from a [learner]
+    table or from OptimizerSettings in Python (a TorchLearner built by hand)."""
+    from p2pfl.learn.optim import OptimizerSettings
+
+    with pytest.raises(ConfigError) as from_table:
+        parse_learner_settings(table)
+    arguments = {"name" if key == "optimizer" else key: value for key, value in table.items()}
+    if "betas" in arguments:
+        arguments["betas"] = tuple(arguments["betas"])  # type: ignore[arg-type]
+    with pytest.raises(ConfigError) as from_python:
+        OptimizerSettings(**arguments)  # type: ignore[arg-type]
+    assert str(from_table.value) == f"learner.{from_python.value}"

@@ -210,3 +210,18 @@ def test_a_model_that_does_not_fit_the_data_is_refused_at_construction() -> None
     three_d = nn.Sequential(nn.Linear(12, 12), nn.Unflatten(1, (3, 4)))
     with pytest.raises(ConfigError, match=r"logits, not \(2, 3, 4\)"):
         TorchLearner(three_d, (x, y), (x, y), lr=0.1, batch_size=2, seed=0)
+
+
+def test_batchnorm_running_statistics_are_the_modules_and_evaluation_uses_them() -> None:
+    from torch import nn
+
+    data = gaussian_mixture(40, 4, 2, seed=0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+    learner = TorchLearner(model, data, data, lr=0.1, batch_size=8, seed=0)
+    vector = learner.initial_vector()
+    before = learner.evaluate(vector)
+    learner.train(vector, 3)
+    norm = learner.model[1]
+    assert isinstance(norm, nn.BatchNorm1d) and int(norm.num_batches_tracked) == 3
+    assert norm.running_mean is not None and bool(norm.running_mean.abs().sum() > 0)
+    assert learner.evaluate(vector) != before  # the same parameters, the new statistics

@@ -106,3 +106,43 @@ def test_an_interrupt_while_a_round_settles_loses_none_of_its_rows() -> None:
         record.record(0, 1, now=1.0, train_loss=0.0, vector=torch.ones(4), traffic=Traffic())
     assert [row[1] for row in record.rows] == [0, 1]
     assert len(record.rounds) == 1
+
+
+def test_a_large_round_is_evaluated_in_trimmed_slices_with_the_same_bits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from p2pfl.learn.batched import BatchedLearner
+    from p2pfl.learn.models import build_model
+    from p2pfl.learn.optim import OptimizerSettings
+
+    model = build_model("mlp", {"hidden": [8]}, (16,), 4, seed=0)
+    learner = BatchedLearner(model, OptimizerSettings(name="sgd", lr=0.1), (16,))
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(1500, 16, generator=generator)  # 21 rows scored together
+    y = torch.randint(0, 4, (1500,), generator=generator)
+    rows = learner.evaluation_rows(len(x))
+    assert rows == 21
+    nodes = 200
+    size = sum(p.numel() for p in model.parameters())
+    vectors = torch.randn(nodes, size, generator=generator) * 0.5
+    whole_loss, whole_accuracy = learner.evaluate(vectors, x, y)
+
+    calls: list[int] = []
+    trims: list[int] = []
+
+    def evaluate(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(batch.shape[0])
+        return learner.evaluate(batch, x, y)
+
+    monkeypatch.setattr(metrics, "trim_heap", lambda: trims.append(1))
+    monkeypatch.setattr(metrics, "EVALUATION_SLICE_BYTES", 50 * size * 4)  # 50 models a slice
+    recorder = MetricsRecorder(num_nodes=nodes, evaluate=evaluate, evaluation_rows=rows)
+    losses, accuracies = recorder._evaluate(0, vectors)
+    assert calls == [42] * 4 + [32]  # multiples of 21 rows, about 50 models each
+    assert len(trims) == len(calls) - 1
+    assert losses == whole_loss.tolist() and accuracies == whole_accuracy.tolist()
+
+    calls.clear()
+    unknown = MetricsRecorder(num_nodes=nodes, evaluate=evaluate)  # rows unknown: one call
+    assert unknown._evaluate(0, vectors) == (whole_loss.tolist(), whole_accuracy.tolist())
+    assert calls == [nodes]

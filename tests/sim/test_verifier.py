@@ -132,6 +132,27 @@ def test_every_delivery_waits_for_its_verdict_and_the_process_ends(
     assert _gone(verifier.pid)
 
 
+def test_records_split_between_reads_are_verified_in_order() -> None:
+    # One write larger than the pipe (1 MiB): the child's first read ends inside a record,
+    # whose rest comes with the next read. A bad signature after that point is still named
+    # at its own ticket, and every one before it verifies.
+    messages = [index.to_bytes(4, "big") * 30 for index in range(6_000)]  # 221-byte records
+    signatures = [SIGNER.sign(message) for message in messages]
+    bad = 5_000
+    signatures[bad] = bytes([signatures[bad][0] ^ 1]) + signatures[bad][1:]
+    verifier = VerifierProcess(batch=1 << 30)  # everything in one write, at the first wait
+    try:
+        for message, signature in zip(messages, signatures, strict=True):
+            verifier.submit(SIGNER.node_id.raw, signature, message)
+        verifier.wait(bad - 1)
+        assert verifier.known == bad
+        with pytest.raises(BadSignature):
+            verifier.wait(bad)
+    finally:
+        verifier.close()
+    assert _gone(verifier.pid)
+
+
 class _Tamper:
     """Byzantine node 0 flips one bit of the signature of every frame it sends after its
     first (which goes out intact, so the run is under way when the bad one comes)."""

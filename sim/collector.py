@@ -15,10 +15,13 @@ paths), so collection is not simply turned off.
 
 What :class:`RunCollector` does instead, for the length of a run: the objects the setup
 built are frozen out of every scan (``gc.freeze``: cores, data, keys; they live as long as
-the run), automatic collection is off, and :meth:`RunCollector.tick` (called by the engine
-once per node-round) runs one full collection when the net number of tracked objects
-allocated since the last one (``gc.get_count()[0]``, which counts allocations less frees
-while collection is off) exceeds the number that survived it, or :data:`FLOOR`. So the
+the run) unless the host program froze objects of its own (unfreezing at the end would thaw
+those too), automatic collection is off, and :meth:`RunCollector.tick` (called by the engine
+once per node-round and once per timer) runs one full collection when the net number of
+tracked objects allocated since the last one (``gc.get_count()[0]``, which counts
+allocations less frees while collection is off) exceeds the number that survived it, or
+:data:`FLOOR`. The survivors are counted, not listed: those of the previous collection plus
+the net allocations since, less what the collection found unreachable. So the
 collector scans each surviving object about once per doubling (amortised O(1) per object,
 like CPython's rule but without its four-fold rescans and its young-generation passes), and
 cyclic garbage never holds more than as many objects as the run keeps alive (or
@@ -38,19 +41,30 @@ between two: small runs would otherwise collect every few hundred allocations.""
 
 class RunCollector:
     """The collection policy of one run (see the module docstring); a context manager that
-    restores the interpreter's collection state (enabled or not, nothing frozen) on exit."""
+    restores the interpreter's collection state (enabled or not, and what was frozen) on
+    exit. Entering it again while it is active changes nothing."""
 
     def __init__(self, floor: int = FLOOR) -> None:
         self.floor = floor
         self.collections = 0
         """Full collections run so far (for tests and benchmarks)."""
         self._limit = floor
+        self._survivors = 0
         self._was_enabled = False
+        self._froze = False
+        self._depth = 0
 
     def __enter__(self) -> RunCollector:
+        self._depth += 1
+        if self._depth > 1:
+            return self
         self._was_enabled = gc.isenabled()
         gc.disable()
-        gc.freeze()
+        # gc.unfreeze() thaws everything frozen: freeze only if the host froze nothing.
+        self._froze = gc.get_freeze_count() == 0
+        if self._froze:
+            gc.freeze()
+        self._survivors = 0
         self._limit = self.floor
         return self
 
@@ -60,7 +74,11 @@ class RunCollector:
         error: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        gc.unfreeze()
+        self._depth -= 1
+        if self._depth:
+            return
+        if self._froze:
+            gc.unfreeze()
         if self._was_enabled:
             gc.enable()
 
@@ -72,8 +90,9 @@ class RunCollector:
 
     def collect(self) -> None:
         """One full collection now; the next is due when as many objects again are added."""
-        gc.collect()
+        added = gc.get_count()[0]
+        unreachable = gc.collect()
         self.collections += 1
-        # The survivors (the frozen setup objects are not in any generation): listing them
-        # costs about what the collection did, once per doubling.
-        self._limit = max(self.floor, len(gc.get_objects(generation=2)))
+        # Counted, not listed: a list of every survivor costs 8 bytes each at the run's peak.
+        self._survivors = max(0, self._survivors + added - unreachable)
+        self._limit = max(self.floor, self._survivors)

@@ -119,10 +119,12 @@ VERIFY_ASIDE_AFTER_FRAMES = 1_000
 """Frames a run verifies in the loop's thread before it starts a verifier process
 (:mod:`sim.verifier`) for the rest; a run of at least this many nodes starts one at once.
 
-Measured (2 cores, loaded): starting and ending the process costs the loop 0.7 ms and each
-frame handed to it 0.5 us, against 107 us to verify one in the loop; but the child answers
-its first verdict 50-105 ms after it starts (a Python interpreter importing ``cryptography``),
-and a delivery may wait for that. 1,000 frames are about that long verified in the loop, so
+Measured (2 cores, loaded; session 4, with OpenSSL): starting and ending the process costs
+the loop 0.7 ms and each frame handed to it 0.5 us, against 107 us to verify one in the loop;
+but the child answered its first verdict 50-105 ms after it started, and a delivery may wait
+for that. Since session 5 both sides use libsodium (about 55 us a verify, and the child no
+longer imports ``cryptography``), which moves both figures about alike: 1,000 frames are
+still roughly the child's start-up verified in the loop, so
 a run that has framed that many (likely to frame as many again) or frames that many per
 round gains from then on, and a short run of a few nodes never pays a start-up."""
 WORLD = -1
@@ -439,6 +441,7 @@ class Engine(WorldState):
     def _to_event(self, node: int, item: _Item) -> Event | None:
         match item:
             case _Timer(at):
+                self.collector.tick()  # a stretch without finished rounds still collects
                 return DeadlineReached() if self._armed[node] == at else None
             case _TrainingDue(incarnation):
                 if incarnation != self._incarnation[node]:

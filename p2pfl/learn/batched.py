@@ -165,7 +165,13 @@ class BatchedLearner:
         self._node_buffers: dict[int, dict[str, Tensor]] = {}
         # A Linear/ReLU stack without buffers is known to batch; anything else is probed.
         self._stack = LinearStack.of(model, self.layout)
-        self.notice = None if self._stack is not None else self._probe(tuple(sample_shape))
+        if self._stack is not None:
+            self.notice = None
+        else:
+            # The probe may train a step (dropout draws): building a learner must not move
+            # the process's random stream, or a node's later training would differ.
+            with torch.random.fork_rng(devices=[]):
+                self.notice = self._probe(tuple(sample_shape))
         self.batched = self.notice is None
         if self.notice is not None and log is not None:
             log(self.notice)

@@ -225,3 +225,14 @@ def test_batchnorm_running_statistics_are_the_modules_and_evaluation_uses_them()
     assert isinstance(norm, nn.BatchNorm1d) and int(norm.num_batches_tracked) == 3
     assert norm.running_mean is not None and bool(norm.running_mean.abs().sum() > 0)
     assert learner.evaluate(vector) != before  # the same parameters, the new statistics
+
+
+def test_building_a_learner_leaves_the_random_stream_alone() -> None:
+    # Dropout does not batch under vmap, so the learner's probe trains a plain step, which
+    # draws dropout masks; a node's later training must not depend on that probe.
+    data = gaussian_mixture(64, 3, 4, seed=0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 4))
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    TorchLearner(model, data, data, lr=0.1, batch_size=8, seed=0)
+    assert torch.equal(torch.get_rng_state(), before)

@@ -82,7 +82,7 @@ class Merger:
         Raises:
             LocalProtocolError: the rule returned a tensor of another shape than ``own``.
         """
-        if weights is None and updates and self._finite is not None:
+        if weights is None and own_weight is None and updates and self._finite is not None:
             merged = self._merge_finite(self._finite, own, updates)
             if merged is not None:
                 return merged

@@ -220,3 +220,13 @@ def test_a_subclass_that_changes_one_entry_only_gets_the_general_call() -> None:
         own, [_update(torch.ones(3))], own_round=0
     )
     assert torch.equal(merged, torch.full((3,), 0.5))
+
+
+def test_an_explicit_own_weight_is_honoured_without_explicit_weights() -> None:
+    own = torch.zeros(5)
+    updates = [_sender_update(1, torch.ones(5), samples=1)]
+    merger = Merger(WeightedMean(), own_weight=1.0, layout=None)
+    # own weight 3 against one sample: a quarter of the way to the received model
+    merged = merger.merge(own, updates, own_round=3, own_weight=3.0)
+    assert torch.allclose(merged, torch.full((5,), 0.25))
+    assert torch.allclose(merger.merge(own, updates, own_round=3), torch.full((5,), 0.5))

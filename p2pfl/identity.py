@@ -115,7 +115,7 @@ def verifies_attached(key: bytes, signed_message: bytes | bytearray | memoryview
     if len(key) != NODE_ID_BYTES:  # libsodium reads 32 bytes of key whatever it is handed
         return False
     try:
-        crypto_sign_open(bytes(signed_message), key)
+        crypto_sign_open(bytes(signed_message), bytes(key))
     except BadSignatureError:
         return False
     return True

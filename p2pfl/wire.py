@@ -144,8 +144,10 @@ class Envelope:
     memo: dict[str, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
     """Values this process derived from the envelope's immutable content (e.g. its decoded
     model, see :func:`p2pfl.protocol.messages.decode_model`), computed once and shared by
-    every receiver of the same object. Not part of the message: never on the wire, fresh on
-    every new envelope (``dataclasses.replace`` included), ignored by ``==``."""
+    every receiver of the same object, and the header bytes :func:`seal` made (what
+    :func:`encode_header` sends). Not a field of the message: only ever a copy of what the
+    fields determine, fresh on every new envelope (``dataclasses.replace`` included),
+    ignored by ``==``."""
 
     def header_fields(self) -> dict[str, Any]:
         """Every header entry except the signature, as it is signed.

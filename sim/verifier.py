@@ -45,14 +45,12 @@ from collections import deque
 from pathlib import Path
 
 from p2pfl.errors import BadSignature
-from p2pfl.identity import NodeId, verifies_attached
+from p2pfl.identity import NODE_ID_BYTES, SIGNATURE_BYTES, NodeId, verifies_attached
 from sim.interrupts import children_ignore_sigint, ignore_interrupts
 
 RECORD = struct.Struct(">32sI")
 """The fixed part of a record: public key, then the length of the signature and the signed
 bytes that follow it."""
-READ_BYTES = 1 << 20
-"""The most the child reads from its pipe at once (the pipe's size, :data:`PIPE_BYTES`)."""
 ANSWER_EVERY = 16
 """Verdicts the child answers per write while it works through what it read: a read can hold
 a round's burst of a thousand records (tens of milliseconds of work), and the engine may be
@@ -72,6 +70,8 @@ PIPE_BYTES = 1 << 20
 standard workload writes 1,000 records of 221 bytes in a burst, which the loop should be
 able to write while the child is still starting (50-105 ms) or behind, without blocking;
 the default 64 KiB pipe holds about 300."""
+READ_BYTES = PIPE_BYTES
+"""The most the child reads from its pipe at once: the pipe's size."""
 CLOSE_TIMEOUT = 10.0
 """Seconds :meth:`VerifierProcess.close` waits for a child that has nothing left to do."""
 
@@ -119,7 +119,17 @@ class VerifierProcess:
         return self._process.pid
 
     def submit(self, key: bytes, signature: bytes, signed: bytes) -> int:
-        """Queue a signature check of ``signed``; returns its ticket for :meth:`wait`."""
+        """Queue a signature check of ``signed``; returns its ticket for :meth:`wait`.
+
+        Raises:
+            ValueError: ``key`` is not 32 bytes or ``signature`` not 64 (the child splits a
+                record by these lengths, so another length would check other bytes).
+        """
+        if len(key) != NODE_ID_BYTES or len(signature) != SIGNATURE_BYTES:
+            raise ValueError(
+                f"a record needs a {NODE_ID_BYTES}-byte key and a {SIGNATURE_BYTES}-byte "
+                f"signature, got {len(key)} and {len(signature)}"
+            )
         buffer = self._buffer
         buffer += RECORD.pack(key, len(signature) + len(signed))
         buffer += signature

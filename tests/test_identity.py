@@ -255,3 +255,6 @@ def test_verifies_refuses_malformed_input_without_raising() -> None:
     assert not verifies(key, signature + b"\x00", MESSAGE)
     assert not verifies_attached(key, signature[:63])
     assert not verifies_attached(key, b"")
+    # Any bytes-like key, as the old OpenSSL path took
+    assert verifies(bytearray(key), signature, MESSAGE)
+    assert verifies_attached(memoryview(key), signature + MESSAGE)

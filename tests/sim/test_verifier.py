@@ -369,3 +369,15 @@ def test_a_verifier_that_will_not_start_leaves_verification_in_the_loop(
     engine.run()
     assert engine.recorder.csv_text() == reference.recorder.csv_text()
     assert [entry["event"] for entry in engine.events_log] == ["verifier_unavailable"]
+
+
+def test_a_record_of_another_key_or_signature_length_is_refused_before_it_is_queued() -> None:
+    verifier = VerifierProcess()
+    try:
+        with pytest.raises(ValueError, match="32-byte key and a 64-byte signature"):
+            verifier.submit(b"k" * 32, b"s" * 63, b"message")
+        with pytest.raises(ValueError, match="got 31 and 64"):
+            verifier.submit(b"k" * 31, b"s" * 64, b"message")
+        assert verifier.submitted == 0
+    finally:
+        verifier.close()

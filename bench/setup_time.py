@@ -27,7 +27,7 @@ from sim.scenario import parse_scenario
 FIGURES = {
     "setup CPU": re.compile(r"^setup: ([0-9.]+) s CPU"),
     "setup wall": re.compile(r"^setup: [0-9.]+ s CPU, ([0-9.]+) s wall"),
-    "peak RSS": re.compile(r"^peak RSS: ([0-9.]+) GB"),
+    "peak RSS": re.compile(r"^peak RSS: ([0-9.]+) GiB"),
 }
 
 
@@ -53,7 +53,7 @@ def main() -> None:
     phase("")
     cpu, wall = time.process_time() - started_cpu, time.perf_counter() - started
     print(f"setup: {cpu:.2f} s CPU, {wall:.2f} s wall, {args.nodes} nodes")
-    print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")
+    print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def peak_rss_gb() -> float:
+def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
@@ -161,7 +161,7 @@ def main() -> None:
     build_seconds = time.perf_counter() - build_started
     print(
         f"setup (data, keys, cores): {build_seconds:.2f} s wall, "
-        f"{time.process_time() - build_cpu:.2f} s CPU, peak RSS {peak_rss_gb():.2f} GB"
+        f"{time.process_time() - build_cpu:.2f} s CPU, peak RSS {peak_rss_gib():.2f} GiB"
     )
     started[0], started_cpu = time.perf_counter(), time.process_time()
     started_children = children_cpu()
@@ -185,7 +185,7 @@ def main() -> None:
         f" ({aside:.2f} s of it in child processes)"
     )
     print(f"main-thread CPU: {thread_cpu:.2f} s")
-    print(f"peak RSS after the run: {peak_rss_gb():.2f} GB")
+    print(f"peak RSS after the run: {peak_rss_gib():.2f} GiB")
     if not args.no_floor:
         floor = measure_floor(engine, models=node_rounds, rounds=args.rounds, steps=2)
         print(f"floor (sign+verify per model, batched training): {floor:.2f} s")
@@ -202,7 +202,7 @@ _FIGURES = {
 
 def _unit(figure: str) -> str:
     if "RSS" in figure:
-        return "GB"
+        return "GiB"
     return "ms" if figure.endswith("(ms)") else "s"
 
 

@@ -219,36 +219,15 @@ def test_the_process_ends_when_the_run_is_cut(
     assert _gone(verifier.pid)
 
 
-def test_the_process_ends_when_its_engine_process_dies() -> None:
+def _child_of_an_engine_that_dies(submits: str) -> tuple[int, str]:
+    """Run an engine process that submits records (``submits``: Python lines using ``v``) and
+    ends without closing its verifier, as if killed; wait until the child is gone too.
+    Returns the child's pid and the engine process's stderr, which the child shares."""
     script = (
         "import os, sys\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
         "from sim.verifier import VerifierProcess\n"
-        "v = VerifierProcess()\n"
-        "v.submit(bytes(32), bytes(64), b'x' * 100)\n"
-        "print(v.pid, flush=True)\n"
-        "os._exit(0)  # no close(): as if killed\n"
-    )
-    output = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
-    )
-    pid = int(output.stdout)
-    deadline = time.monotonic() + 30
-    while not _gone(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _gone(pid)
-
-
-def test_the_process_ends_quietly_when_its_engine_dies_with_records_written() -> None:
-    # Records already in the pipe are verified after the engine is gone; the verdicts have
-    # nowhere to go, and the child must end without a traceback on the shared terminal.
-    script = (
-        "import os, sys\n"
-        f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "from sim.verifier import VerifierProcess\n"
-        "v = VerifierProcess(batch=1)\n"
-        "for _ in range(200):\n"
-        "    v.submit(bytes(32), bytes(64), b'x' * 100)\n"
+        f"{submits}"
         "print(v.pid, flush=True)\n"
         "os._exit(0)  # no close(): as if killed\n"
     )
@@ -258,8 +237,26 @@ def test_the_process_ends_quietly_when_its_engine_dies_with_records_written() ->
     pid, deadline = int(output.stdout), time.monotonic() + 30
     while not _gone(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
+    return pid, output.stderr
+
+
+def test_the_process_ends_when_its_engine_process_dies() -> None:
+    pid, _ = _child_of_an_engine_that_dies(
+        "v = VerifierProcess()\nv.submit(bytes(32), bytes(64), b'x' * 100)\n"
+    )
     assert _gone(pid)
-    assert "Traceback" not in output.stderr, output.stderr
+
+
+def test_the_process_ends_quietly_when_its_engine_dies_with_records_written() -> None:
+    # Records already in the pipe are verified after the engine is gone; the verdicts have
+    # nowhere to go, and the child must end without a traceback on the shared terminal.
+    pid, stderr = _child_of_an_engine_that_dies(
+        "v = VerifierProcess(batch=1)\n"
+        "for _ in range(200):\n"
+        "    v.submit(bytes(32), bytes(64), b'x' * 100)\n"
+    )
+    assert _gone(pid)
+    assert "Traceback" not in stderr, stderr
 
 
 def test_results_are_identical_with_the_process_on_and_off(recording: list[_Recording]) -> None:

@@ -136,6 +136,17 @@ class Codec(abc.ABC):
                 add up to its size.
         """
 
+    @classmethod
+    def decode_owned(cls, spec: PayloadSpec, payload: Payload, limits: Limits) -> torch.Tensor:
+        """:meth:`decode` into memory of its own (``decode_vector``'s ``owned``): a codec may
+        view the payload, so this copies what it gives unless the codec knows better.
+
+        Raises:
+            DecodeError: as :meth:`decode`.
+            FrameTooLarge: as :meth:`decode`.
+        """
+        return cls.decode(spec, payload, limits).clone()
+
     @staticmethod
     @abc.abstractmethod
     def decode(spec: PayloadSpec, payload: Payload, limits: Limits) -> torch.Tensor:
@@ -235,10 +246,7 @@ def decode_vector(
         raise DecodeError(f"payload codec {spec.codec!r} is not one of {sorted(CODECS)}")
     if not owned:
         return codec.decode(spec, payload, limits)
-    if codec is Dense:
-        return Dense.decode_copy(spec, payload, limits)
-    # Another codec (a plug-in's too) may view the payload: copy what it gives.
-    return codec.decode(spec, payload, limits).clone()
+    return codec.decode_owned(spec, payload, limits)
 
 
 @register_codec
@@ -269,9 +277,9 @@ class Dense(Codec):
             flat = _swap_bytes(flat)
         return flat.to(torch.float32).reshape(spec.shape)
 
-    @staticmethod
-    def decode_copy(spec: PayloadSpec, payload: Payload, limits: Limits) -> torch.Tensor:
-        """:meth:`decode` into memory of its own (``decode_vector``'s ``owned``).
+    @classmethod
+    def decode_owned(cls, spec: PayloadSpec, payload: Payload, limits: Limits) -> torch.Tensor:
+        """:meth:`decode` into memory of its own, copying the payload once.
 
         Raises:
             DecodeError: as :meth:`decode`.

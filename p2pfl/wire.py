@@ -263,11 +263,6 @@ def signed_bytes(fields: Mapping[str, Any]) -> bytes:
     return SIGNING_CONTEXT + _canonical(dict(fields))
 
 
-def _signed_bytes_of(envelope: Envelope) -> bytes:
-    """:func:`signed_bytes` of ``envelope``'s header fields, which are built in order."""
-    return SIGNING_CONTEXT + _pack_ordered(envelope.header_fields())
-
-
 def seal(
     identity: Identity,
     kind: MessageKind,
@@ -312,11 +307,8 @@ def seal(
         signature=signature,
         meta=meta_dict,
     )
-    # The header is the signed map with the signature added (see _signed_of_header): kept
-    # for encode_header, which would otherwise build and pack the same map again.
-    envelope.memo[_HEADER] = (
-        _MAP9 + signed[1 : -len(_VERSION_ENTRY)] + _SIG_ENTRY + signature + _VERSION_ENTRY
-    )
+    # Kept for encode_header, which would otherwise build and pack the same map again.
+    envelope.memo[_HEADER] = _header_of_signed(signed, signature)
     return envelope
 
 
@@ -331,16 +323,19 @@ _VERSION_ENTRY = msgpack.packb("v") + msgpack.packb(PROTOCOL_VERSION)
 """The last entry of every header and of every map that is signed."""
 
 
+def _header_of_signed(signed: bytes, signature: bytes) -> bytes:
+    """The header: the signed map (8 entries, ``v`` last) with the ``sig`` entry added where
+    canonical order puts it, before ``v``. A msgpack map is its head (the entry count)
+    followed by its entries' encodings, so this is a splice; :func:`_signed_of_header` is its
+    inverse."""
+    return _MAP9 + signed[1 : -len(_VERSION_ENTRY)] + _SIG_ENTRY + signature + _VERSION_ENTRY
+
+
 def encode_header(envelope: Envelope) -> bytes:
     header: bytes | None = envelope.memo.get(_HEADER)
     if header is not None:
         return header
-    fields = envelope.header_fields()
-    # "sig" sorts between "s" and "v": rebuild the map in that order rather than sort it.
-    version = fields.pop("v")
-    fields["sig"] = envelope.signature
-    fields["v"] = version
-    return _pack_ordered(fields)
+    return _header_of_signed(_pack_ordered(envelope.header_fields()), envelope.signature)
 
 
 def frame_parts(envelope: Envelope) -> tuple[bytes, memoryview]:
@@ -461,21 +456,12 @@ def _parse_body(body: bytes | bytearray | memoryview, limits: Limits) -> tuple[E
 
 
 def _signed_of_header(envelope: Envelope, header_bytes: memoryview) -> bytes:
-    """:func:`_signed_bytes_of` ``envelope``, cut from its canonical header's bytes.
-
-    A msgpack map is its head (the entry count) followed by its entries' encodings, so the
-    signed map (every entry but ``sig``, in the same order and forms) is the header with the
-    ``sig`` entry cut out and the count one less. In canonical order ``sig`` is the one but
-    last entry, before ``v``.
-    """
+    """:func:`signed_bytes` of ``envelope``'s fields, cut from its header's bytes: the inverse
+    of :func:`_header_of_signed`, for a header already checked to be canonical (nine entries
+    in order, ``v`` last and a 64-byte ``sig`` before it). Had it not been, the bytes cut
+    would not carry the signature, which fails closed."""
     tail = len(_SIG_ENTRY) + SIGNATURE_BYTES + len(_VERSION_ENTRY)
-    if (
-        envelope.version == PROTOCOL_VERSION
-        and header_bytes[:1] == _MAP9
-        and header_bytes[-tail:] == _SIG_ENTRY + envelope.signature + _VERSION_ENTRY
-    ):
-        return b"".join((SIGNING_CONTEXT, _MAP8, header_bytes[1:-tail], _VERSION_ENTRY))
-    return _signed_bytes_of(envelope)  # (no canonical header of this version differs)
+    return b"".join((SIGNING_CONTEXT, _MAP8, header_bytes[1:-tail], _VERSION_ENTRY))
 
 
 def _check_digest(envelope: Envelope) -> None:

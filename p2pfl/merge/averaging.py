@@ -104,10 +104,7 @@ class WeightedMean:
         # per merge, which is most of a merge's time for small models.
         row_finite = _finite_flags(rows)
         listed = weights.tolist()
-        keep = [
-            ok and math.isfinite(weight) and weight >= 0.0
-            for ok, weight in zip(row_finite, listed, strict=True)
-        ]
+        keep = [ok and _usable(weight) for ok, weight in zip(row_finite, listed, strict=True)]
         if all(keep):
             kept = listed
         else:
@@ -115,7 +112,7 @@ class WeightedMean:
             kept = [weight for weight, ok in zip(listed, keep, strict=True) if ok]
         own_ok = all_finite(own_flat)
         own_weight = float(ctx.own_weight)
-        if not own_ok or not (own_weight >= 0.0 and own_weight != float("inf")):
+        if not own_ok or not _usable(own_weight):
             own_weight = 0.0
         merged = _weighted(own_flat, rows, kept, own_weight)
         if merged is None:
@@ -142,12 +139,14 @@ class WeightedMean:
             The merged ``[P]`` vector (a new tensor), or None when the general path must
             decide: a weight is negative, or the weights sum to zero or overflow.
         """
-        for weight in weights:
-            if not (weight >= 0.0 and weight != float("inf")):
-                return None
-        if not (own_weight >= 0.0 and own_weight != float("inf")):
+        if not (all(map(_usable, weights)) and _usable(own_weight)):
             return None
         return _weighted(own, rows, weights, own_weight)
+
+
+def _usable(weight: float) -> bool:
+    """Whether a weight takes part in a weighted mean: finite and not negative (NaN is not)."""
+    return weight >= 0.0 and weight != float("inf")
 
 
 def _weighted(

@@ -26,10 +26,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from p2pfl.codec import CODECS, Dense, decode_vector, encode_vector
+from p2pfl.codec import CODECS, decode_vector, encode_vector
 from p2pfl.errors import RemoteProtocolError, WireError
 from p2pfl.identity import Identity, NodeId
 from p2pfl.numerics import all_finite
@@ -218,10 +217,7 @@ def _decode_checked(
             if all_finite(decoded)
             else RemoteProtocolError("model holds NaN or infinite values")
         )
-    # Dense gives a fresh contiguous float32 CPU tensor: numpy reads it in place (all_finite
-    # would first check all of that, at twice the cost of the test itself).
-    finite = bool(np.isfinite(decoded.numpy()).all()) if codec is Dense else all_finite(decoded)
-    if not finite:
+    if not all_finite(decoded):
         return RemoteProtocolError("model holds NaN or infinite values")
     return decoded
 

@@ -316,10 +316,10 @@ _HEADER = "header"
 """The :attr:`Envelope.memo` key of the header bytes :func:`seal` made."""
 _MAP9, _MAP8 = b"\x89", b"\x88"
 """msgpack's one-byte heads of a map of 9 entries (a header) and of 8 (what is signed)."""
-_SIG_ENTRY = msgpack.packb("sig") + b"\xc4\x40"
+_SIG_ENTRY: bytes = msgpack.packb("sig") + b"\xc4\x40"
 """The signature's key and the head of its value (bin8 of 64 bytes), which the signature's
 bytes follow."""
-_VERSION_ENTRY = msgpack.packb("v") + msgpack.packb(PROTOCOL_VERSION)
+_VERSION_ENTRY: bytes = msgpack.packb("v") + msgpack.packb(PROTOCOL_VERSION)
 """The last entry of every header and of every map that is signed."""
 
 

@@ -270,17 +270,16 @@ class BatchedLearner:
         # samplers would give step by step (each node draws from its own sampler only).
         picks = torch.stack([sampler.next_batches(steps) for sampler in samplers])
         self.model.train()
+        buffers = None if self.batched else self._buffers_of(nodes[0])
         for step in range(steps):
             x, y = _gather(datasets, picks[:, step])
-            if self.batched:
+            if buffers is None:
                 gradient = partial(self._vmap_gradient, x=x, y=y)
-                loss, grads = step_gradient(settings, gradient, params)
             else:
-                buffers = self._buffers_of(nodes[0])
                 gradient = partial(
                     row_gradient, self.model, self.layout, buffers=buffers, x=x[0], y=y[0]
                 )
-                loss, grads = step_gradient(settings, gradient, params)
+            loss, grads = step_gradient(settings, gradient, params)
             counts = [state.steps + step + 1 for state in states]
             optimizer_step(settings, params, grads, stacked, lrs=lrs, step_counts=counts)
             total += loss
@@ -354,7 +353,7 @@ class BatchedLearner:
 
         forward = vmap(_logits, in_dims=(None, 0, None, None))
         parts = []
-        rows = max(1, EVAL_BUDGET // max(min(len(x), EVAL_EXAMPLES), 1))
+        rows = self.evaluation_rows(len(x))
         for start in range(0, count, rows):
             params = row_params(self.layout, vectors[start : start + rows])
             parts.append(

@@ -103,10 +103,15 @@ once: :class:`OptimizerSettings` checks them and the ``[learner]`` schema
 (:class:`p2pfl.learn.settings.LearnerSettings`) declares them."""
 
 
+SGD_RULES = ("sgd", "sam")
+"""Optimisers whose update is SGD's (``sam`` is SGD at another gradient): momentum and
+Nesterov apply to them only."""
+
+
 def momentum_refusal(optimizer: str, momentum: float) -> str | None:
     """What is allowed if ``momentum`` does not go with ``optimizer``, else None (the one
     wording of the rule, for :class:`OptimizerSettings` and the ``[learner]`` schema)."""
-    if momentum and optimizer not in ("sgd", "sam"):
+    if momentum and optimizer not in SGD_RULES:
         return "0 unless optimizer is 'sgd' or 'sam' (adam and adamw have betas)"
     return None
 
@@ -114,7 +119,7 @@ def momentum_refusal(optimizer: str, momentum: float) -> str | None:
 def nesterov_refusal(optimizer: str, momentum: float, nesterov: bool) -> str | None:
     """What is allowed if ``nesterov`` does not go with ``optimizer`` and ``momentum``, else
     None (as :func:`momentum_refusal`)."""
-    if nesterov and (optimizer not in ("sgd", "sam") or not momentum):
+    if nesterov and (optimizer not in SGD_RULES or not momentum):
         return "true only with optimizer 'sgd' or 'sam' and momentum > 0"
     return None
 
@@ -153,8 +158,9 @@ class OptimizerSettings:
             raise ConfigError(
                 "optimizer_state", self.state_policy, f"one of {', '.join(STATE_POLICIES)}"
             )
-        for key in ("lr", "momentum", "weight_decay", "eps", "lr_gamma", "lr_min", "rho"):
-            RANGES[key].check(key, getattr(self, key))
+        for key, bounds in RANGES.items():
+            if key != "betas":  # two numbers, checked one by one below
+                bounds.check(key, getattr(self, key))
         for index, beta in enumerate(self.betas):
             RANGES["betas"].check(f"betas[{index}]", beta)
         if len(self.betas) != 2:
@@ -171,7 +177,7 @@ class OptimizerSettings:
     @property
     def sgd_rule(self) -> bool:
         """Whether the update is SGD's (``sgd``, and ``sam``, which is SGD at another gradient)."""
-        return self.name in ("sgd", "sam")
+        return self.name in SGD_RULES
 
     @property
     def state_names(self) -> tuple[str, ...]:

@@ -18,7 +18,7 @@ SEED_MASK = 2**64 - 1
 class MinibatchSampler:
     """Indices of successive minibatches over ``num_samples`` examples."""
 
-    __slots__ = ("_cursor", "_generator", "_order", "_size", "batch_size", "num_samples")
+    __slots__ = ("_cursor", "_generator", "_order", "batch_size", "num_samples")
 
     def __init__(self, num_samples: int, batch_size: int, *, seed: int) -> None:
         """Start a fresh walk.
@@ -38,8 +38,7 @@ class MinibatchSampler:
         self._generator = torch.Generator(device="cpu")
         self._generator.manual_seed(seed & SEED_MASK)
         self._order = torch.empty(0, dtype=torch.int64)
-        self._size = 0  # len(self._order), kept as an int: len() of a tensor is a slow call
-        self._cursor = 0
+        self._cursor = num_samples  # at the end of an (empty) order: the first take shuffles
 
     def next_batch(self) -> Tensor:
         """The next ``batch_size`` example indices (int64)."""
@@ -55,14 +54,15 @@ class MinibatchSampler:
         """The next ``needed`` indices of the walk, reshuffling whenever the order runs out."""
         parts = []
         while needed:
-            if self._cursor == self._size:
+            if self._cursor == self.num_samples:
                 self._order = torch.randperm(self.num_samples, generator=self._generator)
-                self._size = self.num_samples
                 self._cursor = 0
             cursor = self._cursor
-            take = min(needed, self._size - cursor)
+            take = min(needed, self.num_samples - cursor)
             # A whole fresh order is returned as it is (nobody writes to it) instead of sliced.
-            parts.append(self._order if take == self._size else self._order[cursor : cursor + take])
+            parts.append(
+                self._order if take == self.num_samples else self._order[cursor : cursor + take]
+            )
             self._cursor = cursor + take
             needed -= take
         if not parts:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from p2pfl.checks import check_int
 from p2pfl.errors import ConfigError
 from p2pfl.learn.base import EvalResult, TrainResult
-from p2pfl.learn.batched import BatchedLearner, Shares
+from p2pfl.learn.batched import EVAL_EXAMPLES, BatchedLearner, Shares
 from p2pfl.learn.datasets import ArrayDataset
 from p2pfl.learn.functional import score_logits
 from p2pfl.learn.optim import OptimizerSettings
@@ -35,7 +35,6 @@ from p2pfl.learn.sampling import MinibatchSampler
 from p2pfl.learn.spsa import ProbeResult
 from p2pfl.params import ParamLayout, flatten, load_vector
 
-EVAL_BATCH_SIZE = 4096
 NODE = 0
 """The key of the learner's one node in its :class:`~p2pfl.learn.batched.BatchedLearner`."""
 
@@ -190,8 +189,8 @@ class TorchLearner:
             with torch.no_grad():
                 logits = torch.cat(
                     [
-                        self._model(self._test_x[start : start + EVAL_BATCH_SIZE])
-                        for start in range(0, n, EVAL_BATCH_SIZE)
+                        self._model(self._test_x[start : start + EVAL_EXAMPLES])
+                        for start in range(0, n, EVAL_EXAMPLES)
                     ]
                 )
                 loss, accuracy = score_logits(logits.unsqueeze(0), self._test_y)

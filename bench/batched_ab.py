@@ -16,34 +16,20 @@ seeds; the script also says whether their results are bit-identical.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
+from node_training import CLASSES, MODELS
+from sim_throughput import best_per_call, load_module
 
 from p2pfl.learn import MinibatchSampler, build_model
 from p2pfl.learn import batched as this_tree
 from p2pfl.learn.optim import OptimizerSettings
 from p2pfl.params import flatten
 
-MODELS = {"mlp": ({"hidden": [32]}, (64,)), "cnn1d": ({}, (40,)), "lenet5": ({}, (1, 28, 28))}
-CLASSES = 10
 EXAMPLES = 64
-
-
-def load(tree: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "baseline_batched", tree / "p2pfl" / "learn" / "batched.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def main() -> None:
@@ -67,34 +53,27 @@ def main() -> None:
         [flatten(build_model(args.model, options, shape, CLASSES, seed=n)) for n in range(8)]
     )
     start = start.repeat(-(-rows // 8), 1)[:rows]
+    baseline = load_module(args.baseline / "p2pfl" / "learn" / "batched.py", "baseline_batched")
     sides: dict[str, dict[str, Any]] = {}
-    for name, module in (("baseline", load(args.baseline)), ("this tree", this_tree)):
+    for name, module in (("baseline", baseline), ("this tree", this_tree)):
         learner = module.BatchedLearner(
             build_model(args.model, options, shape, CLASSES, seed=0), settings, shape
         )
         shares = module.Shares(x, y, torch.arange(rows) * EXAMPLES)
         samplers = [MinibatchSampler(EXAMPLES, args.batch, seed=n) for n in range(rows)]
-        sides[name] = {"learner": learner, "shares": shares, "samplers": samplers, "best": 1e9}
-    results = {}
-    for name, side in sides.items():  # warm-up, and the bit-identity check
-        results[name] = side["learner"].train(
+        sides[name] = {"learner": learner, "shares": shares, "samplers": samplers}
+
+    def contender(side: dict[str, Any]) -> Callable[[], Any]:
+        return lambda: side["learner"].train(
             list(range(rows)), start, side["shares"], side["samplers"], args.steps, [0] * rows
         )
+
+    contenders = {name: contender(side) for name, side in sides.items()}
+    # The warm-up, and the bit-identity check.
+    results = {name: call() for name, call in contenders.items()}
     same = all(torch.equal(a, b) for a, b in zip(*results.values(), strict=True))
-    for _ in range(args.repeats):
-        for side in sides.values():
-            started = time.thread_time()
-            for _ in range(args.calls):
-                side["learner"].train(
-                    list(range(rows)),
-                    start,
-                    side["shares"],
-                    side["samplers"],
-                    args.steps,
-                    [0] * rows,
-                )
-            side["best"] = min(side["best"], (time.thread_time() - started) / args.calls)
-    base, ours = sides["baseline"]["best"], sides["this tree"]["best"]
+    best = best_per_call(contenders, calls=args.calls, repeats=args.repeats)
+    base, ours = best["baseline"], best["this tree"]
     print(
         f"{args.model}, {rows} rows, {args.steps} steps of batch {args.batch}: first call bit-identical: {same}"
     )

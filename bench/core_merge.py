@@ -20,11 +20,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from sim_throughput import best_per_call
 
 from p2pfl.identity import Identity
 from p2pfl.merge import MergeContext
@@ -100,13 +101,14 @@ def main() -> None:
     results = [merger.merge(own, updates, own_round=3) for merger in mergers.values()]
     for result in results[1:]:
         assert torch.equal(results[0].view(torch.int32), result.view(torch.int32))
-    best = dict.fromkeys(mergers, float("inf"))
-    for _ in range(args.repeat):
-        for name, merger in mergers.items():
-            started = time.thread_time()
-            for _ in range(args.calls):
-                merger.merge(own, updates, own_round=3)
-            best[name] = min(best[name], (time.thread_time() - started) / args.calls)
+    best = best_per_call(
+        {
+            name: partial(merger.merge, own, updates, own_round=3)
+            for name, merger in mergers.items()
+        },
+        calls=args.calls,
+        repeats=args.repeat,
+    )
     for name, seconds in best.items():
         print(f"{name:>12}: {seconds * 1e6:6.1f} us a merge (best of {args.repeat})")
     for name in mergers:

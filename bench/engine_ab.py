@@ -22,12 +22,10 @@ from __future__ import annotations
 import argparse
 import gc
 import hashlib
-import importlib.util
 import statistics
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this tree's packages, not the ones the venv has installed
@@ -36,20 +34,10 @@ import torch  # noqa: E402
 
 import sim.engine  # noqa: E402
 import sim.run  # noqa: E402
-from bench.sim_throughput import workload  # noqa: E402
+from bench.sim_throughput import load_module, workload  # noqa: E402
 from sim.scenario import parse_scenario  # noqa: E402
 
 NODES = 1000
-
-
-def _load(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("sim.engine_baseline", path)
-    if spec is None or spec.loader is None:
-        raise SystemExit(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def main() -> None:
@@ -60,7 +48,10 @@ def main() -> None:
     parser.add_argument("--serial", action="store_true", help="workers = False in both")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    engines = {"baseline": _load(args.baseline), "this tree": sim.engine}
+    engines = {
+        "baseline": load_module(args.baseline, "sim.engine_baseline"),
+        "this tree": sim.engine,
+    }
     scenario = parse_scenario(workload(NODES, args.rounds))
     node_rounds = NODES * args.rounds
     cpu: dict[str, list[float]] = {label: [] for label in engines}

@@ -14,9 +14,11 @@ same bits (they must).
 from __future__ import annotations
 
 import argparse
-import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
+from sim_throughput import best_per_call
 
 from p2pfl.learn import batched, functional
 from p2pfl.learn.batched import BatchedLearner
@@ -49,16 +51,22 @@ def main() -> None:
         "class-first": functional.score_logits,
     }
     print(f"{args.nodes} models x {args.examples} test examples, MLP 64-32-10, one torch thread")
+    results: dict[str, Any] = {}
+
+    def contender(name: str, scorer: Callable[..., object]) -> Callable[[], object]:
+        def evaluate() -> None:
+            batched.score_logits = scorer  # type: ignore[assignment]
+            results[name] = learner.evaluate(vectors, x, y)
+
+        return evaluate
+
     for budget in BUDGETS:
         batched.EVAL_BUDGET = budget
-        best = {name: float("inf") for name in scorers}
-        results = {}
-        for _ in range(args.repeat):
-            for name, scorer in scorers.items():
-                batched.score_logits = scorer  # type: ignore[assignment]
-                started = time.thread_time()
-                results[name] = learner.evaluate(vectors, x, y)
-                best[name] = min(best[name], time.thread_time() - started)
+        best = best_per_call(
+            {name: contender(name, scorer) for name, scorer in scorers.items()},
+            calls=1,
+            repeats=args.repeat,
+        )
         same = all(
             torch.equal(a, b) for a, b in zip(results["plain"], results["class-first"], strict=True)
         )

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
 
 import torch
+from sim_throughput import best_per_call
 
 from p2pfl.learn import MinibatchSampler, TorchLearner, build_model
 from p2pfl.learn.batched import BatchedLearner, Shares
@@ -39,16 +39,6 @@ SHAPES = {
 }
 EXAMPLES_PER_NODE = 64
 CLASSES = 10
-
-
-def best_of(repeats: int, run: Callable[[], None]) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return min(times)
 
 
 def measure(name: str, nodes: int, steps: int, batch: int, repeats: int) -> tuple[float, float]:
@@ -94,8 +84,16 @@ def measure(name: str, nodes: int, steps: int, batch: int, repeats: int) -> tupl
     def together() -> None:
         batched.train(list(range(nodes)), vectors, shares, samplers, steps, [0] * nodes)
 
+    one_by_one()  # warm-up calls
+    together()
+    best = best_per_call(
+        {"one by one": one_by_one, "batched": together},
+        calls=1,
+        repeats=repeats,
+        clock=time.perf_counter,
+    )
     work = nodes * steps
-    return work / best_of(repeats, one_by_one), work / best_of(repeats, together)
+    return work / best["one by one"], work / best["batched"]
 
 
 def main() -> None:

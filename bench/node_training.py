@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.func  # see main()
-from sim_throughput import compare
+from sim_throughput import best_per_call, compare
 
 from p2pfl.learn import MinibatchSampler, TorchLearner, build_model
 from p2pfl.learn.batched import BatchedLearner, Shares
@@ -72,12 +72,12 @@ def measure(name: str, args: argparse.Namespace) -> tuple[float, float]:
     )
     build = time.thread_time() - started
     vector = learner.train(learner.initial_vector(), args.steps).vector
-    best = float("inf")
-    for _ in range(args.repeats):
-        started = time.thread_time()
-        for _ in range(args.calls):
-            vector = learner.train(vector, args.steps).vector
-        best = min(best, (time.thread_time() - started) / args.calls)
+
+    def train() -> None:
+        nonlocal vector
+        vector = learner.train(vector, args.steps).vector
+
+    best = best_per_call({name: train}, calls=args.calls, repeats=args.repeats)[name]
     return best * 1e3, build * 1e3
 
 
@@ -95,13 +95,13 @@ def measure_batched(name: str, args: argparse.Namespace) -> float:
     nodes = list(range(rows))
     vectors = flatten(model).repeat(rows, 1)
     vectors, _ = learner.train(nodes, vectors, shares, samplers, args.steps, [0] * rows)
+
+    def train() -> None:
+        nonlocal vectors
+        vectors, _ = learner.train(nodes, vectors, shares, samplers, args.steps, [0] * rows)
+
     calls = max(1, args.calls // 10)
-    best = float("inf")
-    for _ in range(args.repeats):
-        started = time.thread_time()
-        for _ in range(calls):
-            vectors, _ = learner.train(nodes, vectors, shares, samplers, args.steps, [0] * rows)
-        best = min(best, (time.thread_time() - started) / calls)
+    best = best_per_call({name: train}, calls=calls, repeats=args.repeats)[name]
     return best * 1e3
 
 

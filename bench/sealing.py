@@ -5,10 +5,10 @@ float32 model (MLP 64-32-10) sealed as one ``MODEL_UPDATE`` with ``meta = {"deg"
 framed, parsed and decoded as the simulator does once per node-round, and the Ed25519
 signatures of a round's frames checked by a verifier child process (:mod:`sim.verifier`).
 
-Each step is timed in-process, best of ``--reps`` runs of ``--calls`` calls (microseconds
-per call): the best run is the one least disturbed by the other processes of a shared
-machine, and short runs (100 calls, a few milliseconds) let some fit between two
-preemptions even at a load average of 8. ``loop path`` is the sum of the steps the
+Each step is timed in-process, the steps taking turns, best of ``--reps`` runs of
+``--calls`` calls (microseconds per call): the best run is the one least disturbed by the
+other processes of a shared machine, and short runs (100 calls, a few milliseconds) let some
+fit between two preemptions even at a load average of 8. ``loop path`` is the sum of the steps the
 simulator's loop thread runs per node-round (seal, frame, parse, submit to the verifier,
 decode); ``child per frame`` is the verifier process's CPU time per record (from /proc, over
 ``--frames`` records of 50 signers) and ``submit`` the loop's CPU time per record handed
@@ -29,10 +29,10 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from sim_throughput import best_per_call
 
 from p2pfl.identity import Identity
 from p2pfl.protocol import messages
@@ -42,17 +42,6 @@ from sim.verifier import VerifierProcess
 PARAMETERS = 2410
 """MLP 64-32-10: 64*32 + 32 + 32*10 + 10."""
 SIGNERS = 50
-
-
-def best_us(call: Callable[[], object], calls: int, reps: int) -> float:
-    """Microseconds per call of ``call``: the best of ``reps`` runs of ``calls`` calls."""
-    best = float("inf")
-    for _ in range(reps):
-        started = time.perf_counter()
-        for _ in range(calls):
-            call()
-        best = min(best, time.perf_counter() - started)
-    return best / calls * 1e6
 
 
 def process_cpu(pid: int) -> float:
@@ -98,14 +87,16 @@ def measure(calls: int, reps: int, frames: int) -> dict[str, float]:
         # A fresh parse per call: the decoded model is kept on the envelope it came from.
         return messages.decode_model(parse_frame(frame)[0], torch.Size([PARAMETERS]))
 
-    figures = {
-        "seal": best_us(lambda: sealer.seal(vector, 3), calls, reps),
-        "sign": best_us(lambda: identity.sign(signed), calls, reps),
-        "encode_frame": best_us(lambda: encode_frame(envelope), calls, reps),
-        "parse_frame": best_us(lambda: parse_frame(frame), calls, reps),
-        "parse+decode": best_us(decode, calls, reps),
-        "verify": best_us(lambda: parsed.sender.verify(parsed.signature, signed), calls, reps),
+    steps = {
+        "seal": lambda: sealer.seal(vector, 3),
+        "sign": lambda: identity.sign(signed),
+        "encode_frame": lambda: encode_frame(envelope),
+        "parse_frame": lambda: parse_frame(frame),
+        "parse+decode": decode,
+        "verify": lambda: parsed.sender.verify(parsed.signature, signed),
     }
+    best = best_per_call(steps, calls=calls, repeats=reps, clock=time.perf_counter)
+    figures = {step: seconds * 1e6 for step, seconds in best.items()}
     figures["decode"] = figures.pop("parse+decode") - figures["parse_frame"]
     figures["child per frame"], figures["submit"] = verifier_costs(frames)
     figures["loop path"] = (

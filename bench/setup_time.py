@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import re
-import resource
 import time
 from pathlib import Path
 
 import torch
-from sim_throughput import compare, workload
+from sim_throughput import compare, peak_rss_gib, workload
 
 from sim.run import build_engine
 from sim.scenario import parse_scenario
@@ -53,7 +52,7 @@ def main() -> None:
     phase("")
     cpu, wall = time.process_time() - started_cpu, time.perf_counter() - started
     print(f"setup: {cpu:.2f} s CPU, {wall:.2f} s wall, {args.nodes} nodes")
-    print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+    print(f"peak RSS: {peak_rss_gib():.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ machine better than either figure.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import resource
@@ -40,7 +41,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -204,6 +207,45 @@ def _unit(figure: str) -> str:
     if "RSS" in figure:
         return "GiB"
     return "ms" if figure.endswith("(ms)") else "s"
+
+
+def load_module(path: Path, name: str) -> ModuleType:
+    """The Python file at ``path`` (e.g. another tree's version of a module), imported as a
+    separate module ``name`` beside this tree's, without touching ``sys.path``."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def best_per_call(
+    contenders: Mapping[str, Callable[[], object]],
+    *,
+    calls: int,
+    repeats: int,
+    clock: Callable[[], float] = time.thread_time,
+) -> dict[str, float]:
+    """Seconds per call of each contender, by ``clock``: the best over ``repeats`` runs of
+    ``calls`` calls, keyed in ``contenders``' order.
+
+    The contenders take turns within each repeat, so on a shared machine they see the same
+    load on average, and the best run of each is its least disturbed one. The order of the
+    turns is reversed every other repeat (as ``bench/engine_ab.py`` does) so that no side
+    always runs first, right after another side has warmed or thrashed the caches. No warm-up
+    call is made: callers make their own (most check the contenders' results first)."""
+    best = dict.fromkeys(contenders, float("inf"))
+    names = list(contenders)
+    for repeat in range(repeats):
+        for name in names if repeat % 2 == 0 else reversed(names):
+            call = contenders[name]
+            started = clock()
+            for _ in range(calls):
+                call()
+            best[name] = min(best[name], (clock() - started) / calls)
+    return best
 
 
 def compare(

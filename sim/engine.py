@@ -522,8 +522,13 @@ class Engine(WorldState):
                 batch = _Delivery(node, received, size, ticket, [receiver], connections)
                 batch_at = arrival
                 continue
-            if kind is Emit and action.name != "digest_mismatch":
-                continue  # a record a device logs; it changes nothing here (one per round)
+            if kind is Emit:
+                # A record a device logs (one per round) changes nothing here, except the
+                # report of a mode that checks its peers' model digests (spsa) finding some
+                # differ. Logging schedules nothing, so a batch being built stays open.
+                if action.name == "digest_mismatch":
+                    self.log({"node": node, "event": "digest_mismatch", **action.fields})
+                continue
             if batch is not None:
                 self.push(batch_at, batch.receivers[0], batch)
                 batch = None
@@ -568,11 +573,6 @@ class Engine(WorldState):
                     if not self._stopped[node]:
                         self._stopped[node] = True
                         self._finished += 1
-                case Emit(name="digest_mismatch", fields=fields):
-                    # A mode that checks its peers' model digests (spsa) found some differ.
-                    self.log({"node": node, "event": "digest_mismatch", **fields})
-                case Emit():
-                    pass
                 case _:
                     raise TypeError(f"engine cannot carry out {action!r}")
             all_up = self.network.all_up()

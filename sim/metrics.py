@@ -349,9 +349,6 @@ class MetricsRecorder:
             skipped = [float("nan")] * vectors.shape[0]
             return skipped, skipped
         slices = self._evaluation_slices(vectors)
-        if len(slices) == 1:
-            test_loss, test_accuracy = self.evaluate(vectors)
-            return test_loss.tolist(), test_accuracy.tolist()
         losses: list[float] = []
         accuracies: list[float] = []
         for index, rows in enumerate(slices):

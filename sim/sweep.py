@@ -194,6 +194,18 @@ def run_one(
     ).summary
 
 
+def _read_finished(
+    runs: Sequence[SweepRun], source: str, summaries: dict[int, dict[str, Any]]
+) -> None:
+    """Add to ``summaries`` every run of ``runs`` it lacks whose directory says the run
+    finished (:func:`finished_summary`), as ``--resume`` and an interrupted sweep need."""
+    for run in runs:
+        if run.index not in summaries:
+            summary = finished_summary(run, source)
+            if summary is not None:
+                summaries[run.index] = summary
+
+
 def finished_summary(run: SweepRun, source: str) -> dict[str, Any] | None:
     """The summary of ``run`` if its directory holds a finished run of the same scenario.
 
@@ -265,10 +277,7 @@ def run_sweep(
     make_directory("--out", out)
     summaries: dict[int, dict[str, Any]] = {}
     if resume:
-        for run in runs:
-            summary = finished_summary(run, source)
-            if summary is not None:
-                summaries[run.index] = summary
+        _read_finished(runs, source, summaries)
     todo = [run for run in runs if run.index not in summaries]
     if on_done is not None and summaries:
         on_done(len(summaries), len(runs))
@@ -280,11 +289,7 @@ def run_sweep(
     if interrupted:
         # A worker may have written its whole run just before it was stopped, with its result
         # still on the way: the directory says it finished, so the table keeps it.
-        for run in todo:
-            if run.index not in summaries:
-                summary = finished_summary(run, source)
-                if summary is not None:
-                    summaries[run.index] = summary
+        _read_finished(todo, source, summaries)
     table = out / "sweep.csv"
     done = [run for run in runs if run.index in summaries]
     write_table(runs, summaries, table)
